@@ -1,0 +1,474 @@
+//! One bit per 4 KiB guest page over one guest-physical range, stored as `u64` words in the same
+//! layout the kernel uses for KVM_GET_DIRTY_LOG / IOMMU_HWPT_GET_DIRTY_BITMAP: bit `i` of word `j`
+//! is page `64 * j + i`. Keeping the kernel layout makes harvesting a word-wise OR, not a bit loop.
+
+use vm_memory::GuestAddress;
+
+/// log2 of the tracking granule.
+pub const PAGE_SHIFT: u32 = 12;
+/// The tracking granule: one bit covers this many bytes of guest memory.
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// Errors of [`DirtyBitmap`] operations; each names the pages involved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DirtyBitmapError {
+    /// The base address of a bitmap must be page aligned.
+    #[error("bitmap base {base:#x} is not aligned to {PAGE_SIZE:#x}")]
+    UnalignedBase {
+        /// The rejected base GPA.
+        base: u64,
+    },
+    /// The range would wrap the 64-bit guest-physical space.
+    #[error("range at {start:#x} with {len_bytes:#x} bytes wraps the address space")]
+    Overflow {
+        /// Start GPA.
+        start: u64,
+        /// Length in bytes.
+        len_bytes: u64,
+    },
+    /// A page index or address range falls outside the bitmap.
+    #[error("pages {first_page}..{end_page} are outside the bitmap's {pages} pages")]
+    OutOfRange {
+        /// First offending page (relative to the bitmap base).
+        first_page: u64,
+        /// One past the last offending page.
+        end_page: u64,
+        /// Pages covered by the bitmap.
+        pages: u64,
+    },
+    /// An address lies below the bitmap base.
+    #[error("address {gpa:#x} is below the bitmap base {base:#x}")]
+    BelowBase {
+        /// The offending GPA.
+        gpa: u64,
+        /// The bitmap base GPA.
+        base: u64,
+    },
+}
+
+/// A dirty bitmap over `[base, base + pages * PAGE_SIZE)`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    base: GuestAddress,
+    pages: u64,
+    words: Vec<u64>,
+}
+
+impl std::fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The words can be megabytes; print the shape and the population only.
+        f.debug_struct("DirtyBitmap")
+            .field("base", &format_args!("{:#x}", self.base.0))
+            .field("pages", &self.pages)
+            .field("dirty", &self.count())
+            .finish()
+    }
+}
+
+/// Number of `u64` words needed for `pages` bits.
+fn words_for(pages: u64) -> usize {
+    usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX)
+}
+
+impl DirtyBitmap {
+    /// An all-clean bitmap covering `len_bytes` from `base`, rounded up to whole pages.
+    pub fn new(base: GuestAddress, len_bytes: u64) -> Result<Self, DirtyBitmapError> {
+        if base.0 % PAGE_SIZE != 0 {
+            return Err(DirtyBitmapError::UnalignedBase { base: base.0 });
+        }
+        let pages = len_bytes.div_ceil(PAGE_SIZE);
+        base.0
+            .checked_add(pages * PAGE_SIZE)
+            .ok_or(DirtyBitmapError::Overflow {
+                start: base.0,
+                len_bytes,
+            })?;
+        Ok(DirtyBitmap {
+            base,
+            pages,
+            words: vec![0; words_for(pages)],
+        })
+    }
+
+    /// First GPA covered.
+    pub fn base(&self) -> GuestAddress {
+        self.base
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Bytes covered (`pages * PAGE_SIZE`).
+    pub fn len_bytes(&self) -> u64 {
+        self.pages * PAGE_SIZE
+    }
+
+    /// The raw words in kernel layout; bits past `pages()` are always zero.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Page index (relative to the base) of `gpa`, if `gpa` lies inside the bitmap.
+    pub fn page_of(&self, gpa: GuestAddress) -> Result<u64, DirtyBitmapError> {
+        let off = gpa
+            .0
+            .checked_sub(self.base.0)
+            .ok_or(DirtyBitmapError::BelowBase {
+                gpa: gpa.0,
+                base: self.base.0,
+            })?;
+        let page = off >> PAGE_SHIFT;
+        if page >= self.pages {
+            return Err(DirtyBitmapError::OutOfRange {
+                first_page: page,
+                end_page: page + 1,
+                pages: self.pages,
+            });
+        }
+        Ok(page)
+    }
+
+    fn check_pages(&self, first_page: u64, npages: u64) -> Result<(), DirtyBitmapError> {
+        match first_page.checked_add(npages) {
+            Some(end) if end <= self.pages => Ok(()),
+            end => Err(DirtyBitmapError::OutOfRange {
+                first_page,
+                end_page: end.unwrap_or(u64::MAX),
+                pages: self.pages,
+            }),
+        }
+    }
+
+    /// Mark page `page` dirty.
+    pub fn set(&mut self, page: u64) -> Result<(), DirtyBitmapError> {
+        self.check_pages(page, 1)?;
+        // page < pages, so the index fits the word vector.
+        self.words[(page / 64) as usize] |= 1 << (page % 64);
+        Ok(())
+    }
+
+    /// Is page `page` dirty? Pages outside the bitmap are reported clean.
+    pub fn test(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Mark `npages` pages from `first_page` dirty, a word at a time.
+    pub fn set_pages(&mut self, first_page: u64, npages: u64) -> Result<(), DirtyBitmapError> {
+        self.check_pages(first_page, npages)?;
+        let (mut p, end) = (first_page, first_page + npages);
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(p / 64) as usize] |= mask;
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// Mark every page touched by `[gpa, gpa + len_bytes)` dirty: partial pages at both ends count
+    /// (round outward: over-report, never under-report).
+    pub fn mark_range(
+        &mut self,
+        gpa: GuestAddress,
+        len_bytes: u64,
+    ) -> Result<(), DirtyBitmapError> {
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let last = gpa
+            .0
+            .checked_add(len_bytes - 1)
+            .ok_or(DirtyBitmapError::Overflow {
+                start: gpa.0,
+                len_bytes,
+            })?;
+        let first_page = self.page_of(gpa)?;
+        let last_page = self.page_of(GuestAddress(last))?;
+        self.set_pages(first_page, last_page - first_page + 1)
+    }
+
+    /// OR a kernel-format bitmap into this one: bit `i` of `src[j]` is page `first_page + 64*j + i`.
+    ///
+    /// `src` may run past the end of the bitmap (kernel bitmaps are rounded up to whole words), but
+    /// a *set* bit past the end is an error: dropping it would lose a dirty page.
+    pub fn or_words(&mut self, first_page: u64, src: &[u64]) -> Result<(), DirtyBitmapError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        if first_page > self.pages {
+            return Err(DirtyBitmapError::OutOfRange {
+                first_page,
+                end_page: first_page.saturating_add(src.len() as u64 * 64),
+                pages: self.pages,
+            });
+        }
+        // Validate before touching anything so an error leaves the bitmap unchanged.
+        let room = self.pages - first_page;
+        for (j, &w) in src.iter().enumerate() {
+            let start = j as u64 * 64;
+            if w == 0 || start + 64 <= room {
+                continue;
+            }
+            let valid = room.saturating_sub(start);
+            let excess = if valid >= 64 { 0 } else { w >> valid };
+            if excess != 0 {
+                let bad = start + valid + u64::from(excess.trailing_zeros());
+                return Err(DirtyBitmapError::OutOfRange {
+                    first_page: first_page + bad,
+                    end_page: first_page + bad + 1,
+                    pages: self.pages,
+                });
+            }
+        }
+        let shift = (first_page % 64) as u32;
+        let w0 = (first_page / 64) as usize;
+        let last_word = self.words.len();
+        if shift == 0 {
+            // The common (aligned) case: a straight word OR the compiler vectorises.
+            let n = src.len().min(last_word - w0.min(last_word));
+            for (d, s) in self.words[w0..w0 + n].iter_mut().zip(&src[..n]) {
+                *d |= *s;
+            }
+        } else {
+            for (j, &w) in src.iter().enumerate() {
+                if w == 0 {
+                    continue;
+                }
+                let lo = w0 + j;
+                if lo < last_word {
+                    self.words[lo] |= w << shift;
+                }
+                if lo + 1 < last_word {
+                    self.words[lo + 1] |= w >> (64 - shift);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// OR another bitmap covering a sub-range (or the same range) of this one into it.
+    pub fn or_bitmap(&mut self, other: &DirtyBitmap) -> Result<(), DirtyBitmapError> {
+        if other.pages == 0 {
+            return Ok(());
+        }
+        let first = self.page_of(other.base)?;
+        self.check_pages(first, other.pages)?;
+        self.or_words(first, &other.words)
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Number of dirty pages in `[first_page, first_page + npages)`.
+    pub fn count_range(&self, first_page: u64, npages: u64) -> u64 {
+        let end = first_page.saturating_add(npages).min(self.pages);
+        let mut n = 0;
+        let mut p = first_page;
+        while p < end {
+            let bit = p % 64;
+            let k = (64 - bit).min(end - p);
+            let mask = if k == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << k) - 1) << bit
+            };
+            n += u64::from((self.words[(p / 64) as usize] & mask).count_ones());
+            p += k;
+        }
+        n
+    }
+
+    /// True when no page is dirty.
+    pub fn is_clean(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// Clear every bit.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Iterate the dirty page indices (relative to the base) in ascending order.
+    pub fn iter_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(j, &w)| {
+            let mut rest = w;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                Some(j as u64 * 64 + u64::from(bit))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bm(pages: u64) -> DirtyBitmap {
+        DirtyBitmap::new(GuestAddress(0x10_0000), pages * PAGE_SIZE).expect("valid bitmap")
+    }
+
+    #[test]
+    fn new_rejects_unaligned_base_and_wrap() {
+        assert_eq!(
+            DirtyBitmap::new(GuestAddress(0x1001), 4096),
+            Err(DirtyBitmapError::UnalignedBase { base: 0x1001 })
+        );
+        assert!(matches!(
+            DirtyBitmap::new(GuestAddress(u64::MAX - 0xfff), 0x2000),
+            Err(DirtyBitmapError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn new_rounds_length_up_to_pages() {
+        let b = DirtyBitmap::new(GuestAddress(0), 4097).expect("valid");
+        assert_eq!(b.pages(), 2);
+        assert_eq!(b.words().len(), 1);
+    }
+
+    #[test]
+    fn set_test_count_clear_every_page() {
+        for pages in [1u64, 63, 64, 65, 130] {
+            let mut b = bm(pages);
+            for p in 0..pages {
+                assert!(!b.test(p));
+                b.set(p).expect("in range");
+                assert!(b.test(p));
+                assert_eq!(b.count(), p + 1);
+            }
+            assert!(b.set(pages).is_err());
+            assert!(!b.test(pages));
+            b.clear();
+            assert!(b.is_clean());
+        }
+    }
+
+    #[test]
+    fn set_pages_matches_single_bit_sets_exhaustively() {
+        let pages = 200;
+        for first in 0..pages {
+            for n in 0..=(pages - first).min(140) {
+                let mut a = bm(pages);
+                let mut b = bm(pages);
+                a.set_pages(first, n).expect("in range");
+                for p in first..first + n {
+                    b.set(p).expect("in range");
+                }
+                assert_eq!(a, b, "first {first} n {n}");
+                assert_eq!(a.count_range(first, n), n);
+                assert_eq!(a.count_range(0, pages), n);
+            }
+        }
+    }
+
+    #[test]
+    fn mark_range_rounds_outward() {
+        let mut b = bm(8);
+        b.mark_range(GuestAddress(0x10_0000 + 4095), 2)
+            .expect("in range");
+        assert_eq!(b.iter_pages().collect::<Vec<_>>(), vec![0, 1]);
+        b.clear();
+        b.mark_range(GuestAddress(0x10_0000 + 3 * 4096 + 5), 1)
+            .expect("in range");
+        assert_eq!(b.iter_pages().collect::<Vec<_>>(), vec![3]);
+        assert!(b
+            .mark_range(GuestAddress(0x10_0000 + 7 * 4096), 4097)
+            .is_err());
+        assert!(b.mark_range(GuestAddress(0x1000), 1).is_err());
+        b.mark_range(GuestAddress(0), 0).expect("empty is a no-op");
+    }
+
+    #[test]
+    fn or_words_every_alignment_equals_bitwise_reference() {
+        let pages = 300u64;
+        // A pattern with bits in every word position, including bit 63.
+        let src: Vec<u64> = vec![0x8000_0000_0000_0001, 0xdead_beef_0123_4567, u64::MAX, 0x10];
+        for first in 0..(pages - 256) {
+            let mut fast = bm(pages);
+            fast.or_words(first, &src).expect("in range");
+            let mut slow = bm(pages);
+            for (j, w) in src.iter().enumerate() {
+                for i in 0..64 {
+                    if w & (1 << i) != 0 {
+                        slow.set(first + j as u64 * 64 + i).expect("in range");
+                    }
+                }
+            }
+            assert_eq!(fast, slow, "first_page {first}");
+        }
+    }
+
+    #[test]
+    fn or_words_rejects_set_bits_past_end_without_side_effects() {
+        let mut b = bm(70);
+        // Word 1 covers pages 64..128; only 64..70 exist.
+        assert_eq!(
+            b.or_words(0, &[1, 1 << 6]),
+            Err(DirtyBitmapError::OutOfRange {
+                first_page: 70,
+                end_page: 71,
+                pages: 70
+            })
+        );
+        assert!(b.is_clean(), "a rejected OR must not apply partially");
+        // Clear bits past the end are fine (kernel bitmaps are word-rounded).
+        b.or_words(0, &[1, 1 << 5]).expect("in range");
+        assert_eq!(b.iter_pages().collect::<Vec<_>>(), vec![0, 69]);
+        // Unaligned start with bits shifted past the end.
+        let mut c = bm(70);
+        assert!(c.or_words(10, &[1 << 60]).is_err());
+        c.or_words(10, &[1 << 59]).expect("page 69");
+        assert!(c.test(69));
+        assert!(bm(10).or_words(11, &[1]).is_err());
+    }
+
+    #[test]
+    fn or_bitmap_places_sub_bitmap_at_its_gpa() {
+        let mut big = bm(256);
+        let mut small =
+            DirtyBitmap::new(GuestAddress(0x10_0000 + 100 * 4096), 20 * 4096).expect("valid");
+        small.set(0).expect("in range");
+        small.set(19).expect("in range");
+        big.or_bitmap(&small).expect("inside");
+        assert_eq!(big.iter_pages().collect::<Vec<_>>(), vec![100, 119]);
+        let outside =
+            DirtyBitmap::new(GuestAddress(0x10_0000 + 250 * 4096), 20 * 4096).expect("valid");
+        assert!(big.or_bitmap(&outside).is_err());
+    }
+
+    #[test]
+    fn iter_pages_lists_exactly_the_set_bits() {
+        let mut b = bm(1000);
+        let want: Vec<u64> = (0..1000).filter(|p| p % 7 == 0 || p % 64 == 63).collect();
+        for &p in &want {
+            b.set(p).expect("in range");
+        }
+        assert_eq!(b.iter_pages().collect::<Vec<_>>(), want);
+        assert_eq!(b.count(), want.len() as u64);
+    }
+
+    #[test]
+    fn page_of_checks_bounds() {
+        let b = bm(4);
+        assert_eq!(b.page_of(GuestAddress(0x10_0000 + 3 * 4096 + 7)), Ok(3));
+        assert!(b.page_of(GuestAddress(0x10_0000 + 4 * 4096)).is_err());
+        assert!(matches!(
+            b.page_of(GuestAddress(0)),
+            Err(DirtyBitmapError::BelowBase { .. })
+        ));
+    }
+}

@@ -1,0 +1,15 @@
+//! Dirty-page tracking: sources → one GPA bitmap per region → coalesced ranges.
+//!
+//! Every [`DirtySource`] (KVM dirty log, KVM dirty ring, VMM-side writes, device DMA) ORs its bits
+//! into the same [`DirtyBitmap`]; [`DirtyRanges`] then turns the union into `(first_page, npages)`
+//! runs, so a page reported by two sources is still sent once per iteration.
+
+mod bitmap;
+mod ranges;
+mod source;
+mod vmm_writes;
+
+pub use bitmap::{DirtyBitmap, DirtyBitmapError, PAGE_SHIFT, PAGE_SIZE};
+pub use ranges::{coalesce, DirtyRanges, PageRun};
+pub use source::{DirtySource, DirtySourceError, GpaRange, SourceKind};
+pub use vmm_writes::{VmmWriteSource, VmmWriteSourceError};
