@@ -1,0 +1,160 @@
+//! The one error type of the API and the one place where errors become HTTP status codes.
+
+use std::error::Error as StdError;
+
+/// An API call that did not succeed. Handlers return it; the server turns it into a status code and a
+/// `{"error": "..."}` body whose text is [`error_chain`] of the error.
+///
+/// Messages say what went wrong and, where the caller can act, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or asks for something impossible (400).
+    #[error("{reason}")]
+    BadRequest { reason: String },
+    /// A request body that did not parse into the endpoint's type (400).
+    #[error("invalid body for {endpoint}")]
+    InvalidBody {
+        endpoint: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No endpoint at this path (404).
+    #[error("no endpoint {path}: see api/openapi.yaml for the endpoints under /api/v1/")]
+    NotFound { path: String },
+    /// The endpoint exists but not with this method (405).
+    #[error("{path} does not accept {method}: use {allowed}")]
+    MethodNotAllowed {
+        path: String,
+        method: String,
+        allowed: &'static str,
+    },
+    /// The VMM has no VM for an operation that needs one (409).
+    #[error("no VM in this VMM: boot one, or receive one with vm.receive-migration")]
+    NoVm,
+    /// A migration is already in flight (409).
+    #[error("a migration is already running: watch it with GET vm.migration or stop it with vm.migration-cancel")]
+    MigrationRunning,
+    /// `vm.migration-cancel` without a migration in flight (409).
+    #[error("no migration is running: there is nothing to cancel")]
+    NoMigrationRunning,
+    /// The VM is in a state that does not allow the operation (409).
+    #[error("cannot {operation} while the VM is {state}")]
+    InvalidState {
+        operation: &'static str,
+        state: String,
+    },
+    /// Any other conflict with the VMM's current state (409).
+    #[error("{reason}")]
+    Conflict { reason: String },
+    /// The request body is larger than the server accepts (413).
+    #[error("request body exceeds {limit_bytes} bytes: API bodies are small JSON objects")]
+    PayloadTooLarge { limit_bytes: usize },
+    /// The VMM failed while doing what was asked (500).
+    #[error("{reason}")]
+    Internal { reason: String },
+    /// The VMM cannot answer right now, e.g. it did not answer within the server's deadline (503).
+    #[error("{reason}")]
+    Unavailable { reason: String },
+}
+
+impl ApiError {
+    /// The HTTP status code for this error: the only mapping from errors to statuses in tern.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            ApiError::BadRequest { .. } | ApiError::InvalidBody { .. } => 400,
+            ApiError::NotFound { .. } => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::NoVm
+            | ApiError::MigrationRunning
+            | ApiError::NoMigrationRunning
+            | ApiError::InvalidState { .. }
+            | ApiError::Conflict { .. } => 409,
+            ApiError::PayloadTooLarge { .. } => 413,
+            ApiError::Internal { .. } => 500,
+            ApiError::Unavailable { .. } => 503,
+        }
+    }
+
+    /// An internal error whose text is the whole chain of `err`, for handlers that wrap a VMM error.
+    pub fn internal(err: &(dyn StdError + 'static)) -> Self {
+        ApiError::Internal {
+            reason: error_chain(err),
+        }
+    }
+
+    /// The JSON body sent for this error: `{"error": "<chain>"}`.
+    pub fn to_body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": error_chain(self) })
+    }
+}
+
+/// `err` and its sources joined by `": "`. Error messages do not interpolate their source, so this is
+/// how the whole story reaches the user (once, at the edge).
+pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_cover_each_class() {
+        let bad_json = serde_json::from_str::<u32>("x").unwrap_err();
+        let cases: Vec<(ApiError, u16)> = vec![
+            (ApiError::BadRequest { reason: "r".into() }, 400),
+            (
+                ApiError::InvalidBody {
+                    endpoint: "vm.x",
+                    source: bad_json,
+                },
+                400,
+            ),
+            (ApiError::NotFound { path: "/p".into() }, 404),
+            (
+                ApiError::MethodNotAllowed {
+                    path: "/p".into(),
+                    method: "GET".into(),
+                    allowed: "PUT",
+                },
+                405,
+            ),
+            (ApiError::NoVm, 409),
+            (ApiError::MigrationRunning, 409),
+            (ApiError::NoMigrationRunning, 409),
+            (
+                ApiError::InvalidState {
+                    operation: "pause",
+                    state: "paused".into(),
+                },
+                409,
+            ),
+            (ApiError::Conflict { reason: "c".into() }, 409),
+            (ApiError::PayloadTooLarge { limit_bytes: 1 }, 413),
+            (ApiError::Internal { reason: "i".into() }, 500),
+            (ApiError::Unavailable { reason: "u".into() }, 503),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.status_code(), code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn body_carries_the_source_chain() {
+        let source = serde_json::from_str::<u32>("\"x\"").unwrap_err();
+        let err = ApiError::InvalidBody {
+            endpoint: "vm.send-migration",
+            source,
+        };
+        let body = err.to_body();
+        let text = body["error"].as_str().unwrap();
+        assert!(text.starts_with("invalid body for vm.send-migration: invalid type"), "{text}");
+    }
+}

@@ -1,0 +1,455 @@
+//! Request and response bodies of the REST API (serde, snake_case, Cloud Hypervisor's names).
+//!
+//! These are the API's own types: the VMM converts them to and from its internal config and state,
+//! so a change here is a change of the public contract (`api/openapi.yaml` says the same thing, and
+//! `tests/openapi.rs` fails when the two drift apart).
+//!
+//! Request bodies are validated while they are parsed (`deny_unknown_fields`, URL syntax, ranges), so a
+//! handler never sees an invalid request: a bad body is a 400 before the VMM is asked anything.
+
+use serde::{Deserialize, Serialize};
+
+use crate::url::MigrationUrl;
+
+/// Answer to `GET vmm.ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    /// tern's version (`CARGO_PKG_VERSION` of the VMM).
+    pub version: String,
+    /// Process id of the VMM, so tools can tell a restarted VMM from the one they talked to.
+    pub pid: u32,
+    /// Optional capabilities of this build, e.g. `"dirty-ring"`, `"iommufd-dirty-tracking"`.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// Life-cycle state of the VM, as `vm.info` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Built (or received) but its vCPUs have not run yet.
+    Created,
+    Running,
+    Paused,
+    /// The guest shut down or `vm.shutdown` was called; the VMM process may still be up.
+    Shutdown,
+}
+
+impl VmState {
+    /// Every state, in declaration order (used by the spec test).
+    pub const ALL: [VmState; 4] = [
+        VmState::Created,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Shutdown,
+    ];
+}
+
+/// Summary of the VM's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfigInfo {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// The guest kernel or firmware image the VM booted from, if it was booted (not received).
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// How KVM dirty pages are tracked: `"log"` (dirty bitmap) or `"ring"` (dirty ring).
+    #[serde(default)]
+    pub dirty_tracking: Option<String>,
+}
+
+/// What the IOMMU behind a passthrough device can do for migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IommuCapabilities {
+    /// IOMMU backend: `"iommufd"` or `"vfio-type1"`.
+    pub backend: String,
+    /// The IOMMU tracks DMA writes itself (IOMMU_HWPT_SET_DIRTY_TRACKING / VFIO type1 dirty pages).
+    pub hw_dirty_tracking: bool,
+    /// The device reports its own DMA writes (VFIO device DMA logging).
+    pub device_dma_logging: bool,
+    /// The device implements VFIO migration v2, so its internal state can move with the VM.
+    pub vfio_migration: bool,
+}
+
+/// One device of the VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Stable id, as used in migration state (e.g. `"serial0"`, `"vfio0"`).
+    pub id: String,
+    /// Device model, e.g. `"serial"`, `"i8042"`, `"rtc"`, `"vfio-pci"`.
+    pub kind: String,
+    /// Host side of the device, e.g. a VFIO sysfs path or `"stdout"`.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Set for DMA-capable passthrough devices only.
+    #[serde(default)]
+    pub iommu: Option<IommuCapabilities>,
+}
+
+/// Answer to `GET vm.info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub config: VmConfigInfo,
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// What to do when a migration has not converged within `timeout_s`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutStrategy {
+    /// Give up: the source VM keeps running, the migration ends `cancelled`.
+    #[default]
+    Cancel,
+    /// Switch over anyway, accepting a longer downtime than `downtime_ms`.
+    Ignore,
+}
+
+/// Smallest and largest accepted `connections`.
+pub const CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
+/// Default `downtime_ms` of `vm.send-migration`.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Default `timeout_s` of `vm.send-migration`.
+pub const DEFAULT_TIMEOUT_S: u64 = 3600;
+
+/// Why a syntactically valid `vm.send-migration` body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendMigrationDataError {
+    #[error("connections is {connections}: use 1 to 16 parallel streams")]
+    ConnectionsOutOfRange { connections: u32 },
+    #[error("downtime_ms is 0: give the longest acceptable pause in milliseconds, e.g. 300")]
+    ZeroDowntime,
+    #[error("timeout_s is 0: give the migration's time budget in seconds, e.g. 3600")]
+    ZeroTimeout,
+    #[error("local migration needs a unix: destination url to pass memory file descriptors, not {url}")]
+    LocalNeedsUnix { url: String },
+}
+
+/// Body of `PUT vm.send-migration`. The migration starts in the background; the call returns at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SendMigrationFields")]
+pub struct VmSendMigrationData {
+    /// `tcp:HOST:PORT` or `unix:PATH` of a destination that called `vm.receive-migration`.
+    pub destination_url: MigrationUrl,
+    /// Same-host migration: guest memory is handed over as file descriptors, not copied.
+    pub local: bool,
+    /// Longest acceptable pause of the guest at switch-over, in milliseconds.
+    pub downtime_ms: u64,
+    /// Time budget of the whole migration, in seconds; see `timeout_strategy`.
+    pub timeout_s: u64,
+    pub timeout_strategy: TimeoutStrategy,
+    /// Bandwidth cap in megabits (10^6 bits) per second; 0 means unlimited.
+    pub max_bandwidth_mbps: u64,
+    /// Parallel streams for memory pages (1..=16).
+    pub connections: u32,
+    /// Throttle the vCPUs step by step when the guest dirties memory faster than the link sends it.
+    pub auto_converge: bool,
+}
+
+/// The wire shape of [`VmSendMigrationData`]: serde fills defaults and rejects unknown fields here,
+/// then `TryFrom` checks the values that serde cannot.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMigrationFields {
+    destination_url: MigrationUrl,
+    #[serde(default)]
+    local: bool,
+    #[serde(default = "default_downtime_ms")]
+    downtime_ms: u64,
+    #[serde(default = "default_timeout_s")]
+    timeout_s: u64,
+    #[serde(default)]
+    timeout_strategy: TimeoutStrategy,
+    #[serde(default)]
+    max_bandwidth_mbps: u64,
+    #[serde(default = "default_connections")]
+    connections: u32,
+    #[serde(default)]
+    auto_converge: bool,
+}
+
+fn default_downtime_ms() -> u64 {
+    DEFAULT_DOWNTIME_MS
+}
+
+fn default_timeout_s() -> u64 {
+    DEFAULT_TIMEOUT_S
+}
+
+fn default_connections() -> u32 {
+    *CONNECTIONS_RANGE.start()
+}
+
+impl TryFrom<SendMigrationFields> for VmSendMigrationData {
+    type Error = SendMigrationDataError;
+
+    fn try_from(f: SendMigrationFields) -> Result<Self, Self::Error> {
+        let data = VmSendMigrationData {
+            destination_url: f.destination_url,
+            local: f.local,
+            downtime_ms: f.downtime_ms,
+            timeout_s: f.timeout_s,
+            timeout_strategy: f.timeout_strategy,
+            max_bandwidth_mbps: f.max_bandwidth_mbps,
+            connections: f.connections,
+            auto_converge: f.auto_converge,
+        };
+        data.validate()?;
+        Ok(data)
+    }
+}
+
+impl VmSendMigrationData {
+    /// A request to `destination_url` with every other field at its default.
+    pub fn new(destination_url: MigrationUrl) -> Self {
+        VmSendMigrationData {
+            destination_url,
+            local: false,
+            downtime_ms: DEFAULT_DOWNTIME_MS,
+            timeout_s: DEFAULT_TIMEOUT_S,
+            timeout_strategy: TimeoutStrategy::default(),
+            max_bandwidth_mbps: 0,
+            connections: default_connections(),
+            auto_converge: false,
+        }
+    }
+
+    /// Checks the rules that types alone do not express. Parsing runs this; call it again after
+    /// building a request by hand.
+    pub fn validate(&self) -> Result<(), SendMigrationDataError> {
+        if !CONNECTIONS_RANGE.contains(&self.connections) {
+            return Err(SendMigrationDataError::ConnectionsOutOfRange {
+                connections: self.connections,
+            });
+        }
+        if self.downtime_ms == 0 {
+            return Err(SendMigrationDataError::ZeroDowntime);
+        }
+        if self.timeout_s == 0 {
+            return Err(SendMigrationDataError::ZeroTimeout);
+        }
+        if self.local && !self.destination_url.is_unix() {
+            return Err(SendMigrationDataError::LocalNeedsUnix {
+                url: self.destination_url.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The bandwidth cap in bytes per second, `None` when unlimited.
+    pub fn max_bandwidth_bytes_per_s(&self) -> Option<u64> {
+        (self.max_bandwidth_mbps != 0).then(|| self.max_bandwidth_mbps.saturating_mul(1_000_000 / 8))
+    }
+}
+
+/// Body of `PUT vm.receive-migration`. Returns once the destination listens on `receiver_url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmReceiveMigrationData {
+    /// `tcp:HOST:PORT` or `unix:PATH` to listen on for the incoming migration.
+    pub receiver_url: MigrationUrl,
+}
+
+/// Phase of the current (or last) migration of this VMM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// No migration has run in this VMM.
+    #[default]
+    None,
+    /// Connecting, exchanging the config, starting dirty tracking.
+    Setup,
+    /// Pre-copy iterations while the guest runs.
+    Active,
+    /// The guest is paused; the last pages and the device state are moving.
+    Completing,
+    Completed,
+    /// Ended by an error; `error` says why. The source VM keeps running.
+    Failed,
+    /// Ended by `vm.migration-cancel` or by `timeout_strategy: cancel`. The source VM keeps running.
+    Cancelled,
+}
+
+impl MigrationState {
+    /// Every state, in declaration order (used by the spec test).
+    pub const ALL: [MigrationState; 7] = [
+        MigrationState::None,
+        MigrationState::Setup,
+        MigrationState::Active,
+        MigrationState::Completing,
+        MigrationState::Completed,
+        MigrationState::Failed,
+        MigrationState::Cancelled,
+    ];
+
+    /// True once the migration can no longer change: completed, failed or cancelled.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+
+    /// True while a migration is in flight (a second one would conflict).
+    pub fn is_running(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Setup | MigrationState::Active | MigrationState::Completing
+        )
+    }
+}
+
+/// Dirty pages reported by each tracking source since the migration started. A page reported by
+/// two sources counts for both here, but is sent once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyPagesBySource {
+    /// KVM dirty log or dirty ring: vCPU writes.
+    pub kvm: u64,
+    /// Writes by the VMM's device emulation.
+    pub vmm: u64,
+    /// DMA by passthrough devices (IOMMU dirty tracking or device DMA logging).
+    pub dma: u64,
+}
+
+/// Answer to `GET vm.migration`: progress and, once terminal, the result of the migration.
+///
+/// The engine keeps its counters in atomics and snapshots them into this struct; every counter is
+/// cumulative since `setup` began, except the rates and `remaining_bytes`, which are current values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MigrationStatus {
+    pub status: MigrationState,
+    /// Pre-copy iteration in progress (1-based; 0 during setup).
+    pub iteration: u64,
+    /// Guest memory size being migrated.
+    pub total_bytes: u64,
+    /// Bytes of guest memory sent so far (all iterations, all connections).
+    pub transferred_bytes: u64,
+    /// Dirty bytes still to send as of the latest harvest.
+    pub remaining_bytes: u64,
+    /// Measured send rate over the last iteration.
+    pub bandwidth_bytes_per_s: u64,
+    /// Rate at which the guest and devices dirty pages, all sources united.
+    pub dirty_pages_per_s: u64,
+    pub dirty_pages_by_source: DirtyPagesBySource,
+    /// Downtime if the VM were paused now: remaining bytes and state size over the bandwidth.
+    pub expected_downtime_ms: u64,
+    /// vCPU throttle applied by auto-converge, in percent (0 when off).
+    pub cpu_throttle_percent: u8,
+    /// Guest pause measured at switch-over (set when `completed`).
+    pub downtime_ms: Option<u64>,
+    /// From the start of `setup` to the end (set once terminal).
+    pub total_time_ms: Option<u64>,
+    /// Time spent in `setup` (set once `active` began).
+    pub setup_time_ms: Option<u64>,
+    /// Why the migration failed or was cancelled, including the peer's reason when it sent one.
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse_send(v: serde_json::Value) -> Result<VmSendMigrationData, String> {
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn send_migration_fills_defaults() {
+        let data = parse_send(json!({"destination_url": "tcp:10.0.0.1:6000"})).unwrap();
+        assert_eq!(
+            data,
+            VmSendMigrationData::new(MigrationUrl::Tcp {
+                host: "10.0.0.1".into(),
+                port: 6000
+            })
+        );
+        assert_eq!(data.downtime_ms, 300);
+        assert_eq!(data.timeout_s, 3600);
+        assert_eq!(data.connections, 1);
+        assert_eq!(data.timeout_strategy, TimeoutStrategy::Cancel);
+        assert_eq!(data.max_bandwidth_bytes_per_s(), None);
+    }
+
+    #[test]
+    fn send_migration_round_trips_every_field() {
+        let mut data = VmSendMigrationData::new("unix:/x".parse().unwrap());
+        data.local = true;
+        data.downtime_ms = 5;
+        data.timeout_s = 9;
+        data.timeout_strategy = TimeoutStrategy::Ignore;
+        data.max_bandwidth_mbps = 800;
+        data.connections = 16;
+        data.auto_converge = true;
+        let text = serde_json::to_string(&data).unwrap();
+        assert_eq!(serde_json::from_str::<VmSendMigrationData>(&text).unwrap(), data);
+        assert_eq!(data.max_bandwidth_bytes_per_s(), Some(100_000_000));
+    }
+
+    #[test]
+    fn send_migration_rejects_bad_values_with_named_field() {
+        let cases = [
+            (json!({"destination_url": "tcp:h:1", "connections": 0}), "connections is 0"),
+            (json!({"destination_url": "tcp:h:1", "connections": 17}), "connections is 17"),
+            (json!({"destination_url": "tcp:h:1", "downtime_ms": 0}), "downtime_ms is 0"),
+            (json!({"destination_url": "tcp:h:1", "timeout_s": 0}), "timeout_s is 0"),
+            (json!({"destination_url": "tcp:h:1", "local": true}), "local migration needs a unix:"),
+            (json!({"destination_url": "tcp:h:1", "speed": 1}), "unknown field `speed`"),
+            (json!({"local": true}), "missing field `destination_url`"),
+            (json!({"destination_url": 5}), "invalid type"),
+            (json!({"destination_url": "ftp:h:1"}), "unknown scheme"),
+            (json!({"destination_url": "tcp:h:1", "timeout_strategy": "retry"}), "unknown variant `retry`"),
+            (json!({"destination_url": "tcp:h:1", "downtime_ms": -1}), "invalid value"),
+        ];
+        for (body, want) in cases {
+            let err = parse_send(body.clone()).unwrap_err();
+            assert!(err.contains(want), "{body}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn receive_migration_rejects_unknown_fields_and_bad_urls() {
+        let ok: VmReceiveMigrationData =
+            serde_json::from_value(json!({"receiver_url": "unix:/r"})).unwrap();
+        assert!(ok.receiver_url.is_unix());
+        let err = serde_json::from_value::<VmReceiveMigrationData>(
+            json!({"receiver_url": "unix:/r", "local": true}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `local`"), "{err}");
+        let err = serde_json::from_value::<VmReceiveMigrationData>(json!({"receiver_url": "tcp:h"}))
+            .unwrap_err();
+        assert!(err.to_string().contains("has no port"), "{err}");
+    }
+
+    #[test]
+    fn migration_state_names_are_snake_case_and_classified() {
+        let names: Vec<String> = MigrationState::ALL
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["none", "setup", "active", "completing", "completed", "failed", "cancelled"]
+        );
+        let terminal: Vec<_> = MigrationState::ALL.iter().filter(|s| s.is_terminal()).collect();
+        assert_eq!(terminal.len(), 3);
+        assert!(MigrationState::ALL
+            .iter()
+            .all(|s| !(s.is_terminal() && s.is_running())));
+    }
+
+    #[test]
+    fn migration_status_parses_partial_objects() {
+        // Older or newer engines may omit fields; a client must still read the rest.
+        let s: MigrationStatus =
+            serde_json::from_value(json!({"status": "active", "iteration": 3})).unwrap();
+        assert_eq!(s.status, MigrationState::Active);
+        assert_eq!(s.iteration, 3);
+        assert_eq!(s.downtime_ms, None);
+    }
+}
