@@ -1,3 +1,9 @@
 //! Thin wrappers over kernel uAPIs that the rust-vmm crates do not cover: one file per uAPI, `unsafe`
 //! only here.
 #![allow(unsafe_code)]
+
+pub mod dma_buffer;
+pub mod iommufd_hwpt_dirty;
+pub mod iommufd_test;
+pub mod iova;
+pub mod vfio_type1_dirty;
