@@ -11,3 +11,4 @@
 #![deny(unsafe_code)]
 
 pub mod dirty;
+pub mod protocol;

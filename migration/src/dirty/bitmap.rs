@@ -73,7 +73,7 @@ fn words_for(pages: u64) -> usize {
 impl DirtyBitmap {
     /// An all-clean bitmap covering `len_bytes` from `base`, rounded up to whole pages.
     pub fn new(base: GuestAddress, len_bytes: u64) -> Result<Self, DirtyBitmapError> {
-        if base.0 % PAGE_SIZE != 0 {
+        if !base.0.is_multiple_of(PAGE_SIZE) {
             return Err(DirtyBitmapError::UnalignedBase { base: base.0 });
         }
         let pages = len_bytes.div_ceil(PAGE_SIZE);

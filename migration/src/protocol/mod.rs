@@ -1,0 +1,50 @@
+//! The tern migration wire protocol, version 1.
+//!
+//! Every connection opens with a 12-byte preamble in *both* directions (`b"TERNMIG\0"` + `u32`
+//! version), so each side rejects a peer of another version before any frame. Then frames:
+//! `[tag u8][flags u8 = 0][reserved u16 = 0][len u32][crc32 u32][payload; len]`, little endian,
+//! CRC-32 over the first 8 header bytes and the payload, payload ≤ 64 MiB. Page data and state
+//! blobs travel as raw bytes (no JSON-in-JSON, no base64). Zero pages travel as markers.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source
+//!     participant D as destination
+//!     S->>D: preamble (magic, version)
+//!     D->>S: preamble (magic, version)
+//!     S->>D: Hello(session, index 0, connections N, local)
+//!     opt connections > 1 (index 1..N, memory only)
+//!         S->>D: preamble + Hello(session, index i)
+//!     end
+//!     opt local mode (Unix socket, same host)
+//!         S->>D: MemoryFd(gpa, len, offset) + memfd via SCM_RIGHTS, per region
+//!     end
+//!     S->>D: Config(bytes): D builds the VM (on the memfds in local mode)
+//!     loop pre-copy iterations (not in local mode)
+//!         S->>D: Memory(entries: Data | Zero, page bytes), chunk i on connection i mod N
+//!     end
+//!     Note over S: pause vCPUs, final claim of every source
+//!     S->>D: Memory(last dirty pages)
+//!     S->>D: StreamEnd on each extra connection
+//!     S->>D: VmState, VcpuState(id)…, DeviceState(id)…
+//!     S->>D: Complete
+//!     Note over D: join data connections, restore state, start the VM
+//!     D->>S: Ack
+//!     Note over S: report completed (the VMM exits)
+//!     Note over S,D: at any point either side may send Error(reason) and close;<br/>the source then resumes its VM, the destination drops its VM
+//! ```
+//!
+//! A page is always sent on the connection that owns its chunk (`chunk index mod N`), so a newer
+//! copy of a page can never overtake an older one on another connection.
+
+mod codec;
+mod frame;
+
+pub use codec::{
+    encode_frame, preamble, read_preamble, write_preamble, FrameReader, FrameWriter, ProtocolError,
+    HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES, PREAMBLE_BYTES, VERSION,
+};
+pub use frame::{
+    encode_memory_entries, Frame, FrameTag, Hello, MemoryEntry, MemoryFdInfo, PageEncoding,
+    PayloadError, MEMORY_ENTRY_BYTES,
+};
