@@ -12,9 +12,10 @@ pub enum ApiError {
     #[error("{reason}")]
     BadRequest { reason: String },
     /// A request body that did not parse into the endpoint's type (400).
-    #[error("invalid body for {endpoint}")]
+    #[error("invalid body for {endpoint} (schema {schema} in api/openapi.yaml)")]
     InvalidBody {
         endpoint: &'static str,
+        schema: &'static str,
         #[source]
         source: serde_json::Error,
     },
@@ -113,6 +114,7 @@ mod tests {
             (
                 ApiError::InvalidBody {
                     endpoint: "vm.x",
+                    schema: "X",
                     source: bad_json,
                 },
                 400,
@@ -151,10 +153,13 @@ mod tests {
         let source = serde_json::from_str::<u32>("\"x\"").unwrap_err();
         let err = ApiError::InvalidBody {
             endpoint: "vm.send-migration",
+            schema: "VmSendMigrationData",
             source,
         };
         let body = err.to_body();
         let text = body["error"].as_str().unwrap();
-        assert!(text.starts_with("invalid body for vm.send-migration: invalid type"), "{text}");
+        assert!(text.starts_with(
+            "invalid body for vm.send-migration (schema VmSendMigrationData in api/openapi.yaml): invalid type"
+        ), "{text}");
     }
 }

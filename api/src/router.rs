@@ -160,19 +160,44 @@ pub fn dispatch(
 }
 
 fn parse_body<T: DeserializeOwned>(endpoint: Endpoint, body: &[u8]) -> Result<T, ApiError> {
+    let schema = endpoint.request_schema().unwrap_or("request");
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest {
             reason: format!(
-                "{} needs a JSON body: see its {} schema in api/openapi.yaml",
+                "{} needs a JSON body: see its {schema} schema in api/openapi.yaml",
                 endpoint.name(),
-                endpoint.request_schema().unwrap_or("request")
             ),
         });
     }
-    serde_json::from_slice(body).map_err(|source| ApiError::InvalidBody {
+    let invalid = |source| ApiError::InvalidBody {
         endpoint: endpoint.name(),
+        schema,
         source,
-    })
+    };
+    // Two steps: syntax errors keep their line and column, and only an object is accepted (serde
+    // would also take a struct as a positional array, which no client means to send).
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest {
+            reason: format!(
+                "{} body must be a JSON object, not {}: see its {schema} schema in api/openapi.yaml",
+                endpoint.name(),
+                json_kind(&value)
+            ),
+        });
+    }
+    serde_json::from_value(value).map_err(invalid)
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 fn json<T: Serialize>(value: T) -> Result<Reply, ApiError> {
