@@ -12,3 +12,4 @@
 
 pub mod dirty;
 pub mod protocol;
+pub mod transport;

@@ -1,0 +1,239 @@
+//! Connections and listeners for `tcp:` and `unix:` URLs.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::url::MigrationUrl;
+
+/// Transport errors; each names the URL or operation.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Connecting to the destination failed.
+    #[error("connect to {url}")]
+    Connect {
+        /// Destination.
+        url: MigrationUrl,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Listening failed.
+    #[error("listen on {url}")]
+    Bind {
+        /// Listen address.
+        url: MigrationUrl,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting a connection failed.
+    #[error("accept on {url}")]
+    Accept {
+        /// Listen address.
+        url: MigrationUrl,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Configuring or duplicating a socket failed.
+    #[error("configure socket ({what})")]
+    Socket {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Sending a file descriptor failed.
+    #[error("send fd over unix socket")]
+    SendFd {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Local mode needs a Unix socket.
+    #[error("local migration needs a unix: url, got {url}")]
+    LocalNeedsUnix {
+        /// The URL given.
+        url: MigrationUrl,
+    },
+}
+
+/// One established migration connection.
+#[derive(Debug)]
+pub enum Connection {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix stream socket (can carry fds).
+    Unix(UnixStream),
+}
+
+impl Connection {
+    /// Connect to `url`.
+    pub fn connect(url: &MigrationUrl) -> Result<Self, TransportError> {
+        let err = |source| TransportError::Connect {
+            url: url.clone(),
+            source,
+        };
+        match url {
+            MigrationUrl::Tcp { host, port } => {
+                let addrs = (host.as_str(), *port).to_socket_addrs().map_err(err)?;
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
+                for a in addrs {
+                    match TcpStream::connect(a) {
+                        Ok(s) => {
+                            s.set_nodelay(true).map_err(|source| TransportError::Socket {
+                                what: "set TCP_NODELAY",
+                                source,
+                            })?;
+                            return Ok(Connection::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(err(last))
+            }
+            MigrationUrl::Unix(p) => UnixStream::connect(p).map(Connection::Unix).map_err(err),
+        }
+    }
+
+    /// A second handle on the same socket (one thread reads while another writes).
+    pub fn try_clone(&self) -> Result<Self, TransportError> {
+        let err = |source| TransportError::Socket {
+            what: "duplicate",
+            source,
+        };
+        Ok(match self {
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone().map_err(err)?),
+            Connection::Unix(s) => Connection::Unix(s.try_clone().map_err(err)?),
+        })
+    }
+
+    /// Shut both directions down; a blocked reader on a clone wakes with EOF.
+    pub fn shutdown(&self) {
+        // Already-closed sockets return ENOTCONN, which is the state we want.
+        let _ = match self {
+            Connection::Tcp(s) => s.shutdown(Shutdown::Both),
+            Connection::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Bound blocking reads (None = forever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), TransportError> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(t),
+            Connection::Unix(s) => s.set_read_timeout(t),
+        }
+        .map_err(|source| TransportError::Socket {
+            what: "set read timeout",
+            source,
+        })
+    }
+
+    /// The Unix socket, if this is one.
+    pub fn as_unix(&self) -> Option<&UnixStream> {
+        match self {
+            Connection::Unix(s) => Some(s),
+            Connection::Tcp(_) => None,
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.read(buf),
+            Connection::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write(buf),
+            Connection::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bound listener for the destination.
+#[derive(Debug)]
+pub enum MigrationListener {
+    /// TCP.
+    Tcp(TcpListener, MigrationUrl),
+    /// Unix; the socket file is removed on drop.
+    Unix(UnixListener, MigrationUrl, PathBuf),
+}
+
+impl MigrationListener {
+    /// Listen on `url`. A stale Unix socket file at the path is replaced; any other file is not.
+    pub fn bind(url: &MigrationUrl) -> Result<Self, TransportError> {
+        let err = |source| TransportError::Bind {
+            url: url.clone(),
+            source,
+        };
+        match url {
+            MigrationUrl::Tcp { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port)).map_err(err)?;
+                let port = l.local_addr().map_err(err)?.port();
+                let bound = MigrationUrl::Tcp {
+                    host: host.clone(),
+                    port,
+                };
+                Ok(MigrationListener::Tcp(l, bound))
+            }
+            MigrationUrl::Unix(p) => {
+                if let Ok(md) = std::fs::symlink_metadata(p) {
+                    if md.file_type().is_socket() {
+                        std::fs::remove_file(p).map_err(err)?;
+                    }
+                }
+                let l = UnixListener::bind(p).map_err(err)?;
+                Ok(MigrationListener::Unix(l, url.clone(), p.clone()))
+            }
+        }
+    }
+
+    /// The URL actually bound (a `tcp:` port 0 becomes the chosen port).
+    pub fn url(&self) -> &MigrationUrl {
+        match self {
+            MigrationListener::Tcp(_, u) | MigrationListener::Unix(_, u, _) => u,
+        }
+    }
+
+    /// Wait for the next connection.
+    pub fn accept(&self) -> Result<Connection, TransportError> {
+        let err = |source| TransportError::Accept {
+            url: self.url().clone(),
+            source,
+        };
+        match self {
+            MigrationListener::Tcp(l, _) => {
+                let (s, _) = l.accept().map_err(err)?;
+                s.set_nodelay(true).map_err(|source| TransportError::Socket {
+                    what: "set TCP_NODELAY",
+                    source,
+                })?;
+                Ok(Connection::Tcp(s))
+            }
+            MigrationListener::Unix(l, _, _) => Ok(Connection::Unix(l.accept().map_err(err)?.0)),
+        }
+    }
+}
+
+impl Drop for MigrationListener {
+    fn drop(&mut self) {
+        if let MigrationListener::Unix(_, _, p) = self {
+            // Best effort: the path may already be gone.
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
