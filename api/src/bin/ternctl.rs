@@ -1,1 +1,173 @@
-fn main() {}
+//! `ternctl`: command-line client for tern's REST API.
+//!
+//! `ternctl --api-socket PATH <command>`; one command per endpoint. Commands that return data print
+//! it as JSON on stdout; the others print nothing. On failure the server's error text goes to
+//! stderr and the exit status is 1 (2 for usage errors, as clap does).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tern_api::{
+    error_chain, ApiClient, MigrationUrl, TimeoutStrategy, VmReceiveMigrationData,
+    VmSendMigrationData,
+};
+
+#[path = "ternctl/watch.rs"]
+mod watch;
+
+#[derive(Debug, Parser)]
+#[command(name = "ternctl", version, about = "Control a tern VMM through its API socket")]
+struct Cli {
+    /// The VMM's API socket (tern --api-socket PATH).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Per-request timeout in seconds.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    request_timeout_s: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StrategyArg {
+    Cancel,
+    Ignore,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that the VMM answers (GET vmm.ping).
+    Ping,
+    /// Stop the VM and exit the VMM process (PUT vmm.shutdown).
+    ShutdownVmm,
+    /// Show the VM's state, configuration and devices (GET vm.info).
+    Info,
+    /// Pause the VM's vCPUs (PUT vm.pause).
+    Pause,
+    /// Resume a paused VM (PUT vm.resume).
+    Resume,
+    /// Shut the guest down; the VMM keeps running (PUT vm.shutdown).
+    Shutdown,
+    /// Start a live migration to a destination that is receiving (PUT vm.send-migration).
+    SendMigration {
+        /// tcp:HOST:PORT or unix:PATH of the destination.
+        #[arg(value_parser = parse_url)]
+        url: MigrationUrl,
+        /// Same host: hand guest memory over as file descriptors (needs a unix: URL).
+        #[arg(long)]
+        local: bool,
+        /// Longest acceptable guest pause at switch-over, in ms.
+        #[arg(long, value_name = "MS", default_value_t = tern_api::types::DEFAULT_DOWNTIME_MS)]
+        downtime_ms: u64,
+        /// Time budget of the whole migration, in seconds.
+        #[arg(long, value_name = "S", default_value_t = tern_api::types::DEFAULT_TIMEOUT_S)]
+        timeout_s: u64,
+        /// What to do when the budget runs out: cancel (VM stays here) or ignore (switch over).
+        #[arg(long, value_enum, default_value_t = StrategyArg::Cancel)]
+        timeout_strategy: StrategyArg,
+        /// Bandwidth cap in megabits per second (0 = unlimited).
+        #[arg(long, value_name = "MBPS", default_value_t = 0)]
+        max_bandwidth_mbps: u64,
+        /// Parallel streams (1 to 16).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        connections: u32,
+        /// Throttle vCPUs when the guest dirties memory faster than the link sends it.
+        #[arg(long)]
+        auto_converge: bool,
+    },
+    /// Listen for an incoming migration (PUT vm.receive-migration).
+    ReceiveMigration {
+        /// tcp:HOST:PORT or unix:PATH to listen on.
+        #[arg(value_parser = parse_url)]
+        url: MigrationUrl,
+    },
+    /// Show migration progress (GET vm.migration); --watch follows it to the end.
+    MigrationStatus {
+        /// Poll until the migration ends, drawing progress, then print a summary.
+        #[arg(long)]
+        watch: bool,
+        /// Poll interval for --watch, in ms.
+        #[arg(long, value_name = "MS", default_value_t = 200)]
+        interval_ms: u64,
+    },
+    /// Cancel the running migration; the VM keeps running here (PUT vm.migration-cancel).
+    MigrationCancel,
+}
+
+fn parse_url(s: &str) -> Result<MigrationUrl, String> {
+    s.parse().map_err(|e: tern_api::MigrationUrlError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = ApiClient::new(&cli.api_socket)
+        .with_timeout(Duration::from_secs(cli.request_timeout_s.max(1)));
+    match run(&client, cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ternctl: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<ExitCode, Box<dyn std::error::Error + 'static>>;
+
+fn run(client: &ApiClient, command: Command) -> CliResult {
+    match command {
+        Command::Ping => print_json(&client.vmm_ping()?),
+        Command::ShutdownVmm => client.vmm_shutdown()?,
+        Command::Info => print_json(&client.vm_info()?),
+        Command::Pause => client.vm_pause()?,
+        Command::Resume => client.vm_resume()?,
+        Command::Shutdown => client.vm_shutdown()?,
+        Command::SendMigration {
+            url,
+            local,
+            downtime_ms,
+            timeout_s,
+            timeout_strategy,
+            max_bandwidth_mbps,
+            connections,
+            auto_converge,
+        } => {
+            let data = VmSendMigrationData {
+                destination_url: url,
+                local,
+                downtime_ms,
+                timeout_s,
+                timeout_strategy: match timeout_strategy {
+                    StrategyArg::Cancel => TimeoutStrategy::Cancel,
+                    StrategyArg::Ignore => TimeoutStrategy::Ignore,
+                },
+                max_bandwidth_mbps,
+                connections,
+                auto_converge,
+            };
+            // Not validated here: the server's check is the one that counts, and its message is
+            // the same one the user would get from any other client.
+            client.vm_send_migration(&data)?
+        }
+        Command::ReceiveMigration { url } => {
+            client.vm_receive_migration(&VmReceiveMigrationData { receiver_url: url })?
+        }
+        Command::MigrationStatus { watch, interval_ms } => {
+            if watch {
+                return watch::watch(client, Duration::from_millis(interval_ms.max(10)));
+            }
+            print_json(&client.vm_migration_status()?)
+        }
+        Command::MigrationCancel => client.vm_migration_cancel()?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        // The API types always serialize; this only guards against a future non-string map key.
+        Err(e) => eprintln!("ternctl: cannot print the answer as JSON: {e}"),
+    }
+}

@@ -1,0 +1,267 @@
+//! `ternctl` end to end: the built binary against a server with a fake VMM.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use common::{FakeVmm, Harness};
+use tern_api::{
+    DirtyPagesBySource, MigrationState, MigrationStatus, MigrationUrl, TimeoutStrategy, VmState,
+};
+
+fn ternctl(h: &Harness, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .arg("--api-socket")
+        .arg(&h.socket)
+        .args(args)
+        .output()
+        .expect("ternctl runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn every_command_calls_its_endpoint() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    let commands: &[(&[&str], &str)] = &[
+        (&["ping"], "vmm.ping"),
+        (&["info"], "vm.info"),
+        (&["pause"], "vm.pause"),
+        (&["resume"], "vm.resume"),
+        (&["send-migration", "unix:/tmp/d.sock"], "vm.send-migration"),
+        (&["migration-status"], "vm.migration"),
+        (&["migration-cancel"], "vm.migration-cancel"),
+        (&["shutdown"], "vm.shutdown"),
+        (&["shutdown-vmm"], "vmm.shutdown"),
+    ];
+    for (args, endpoint) in commands {
+        let out = ternctl(&h, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(h.vmm.calls().last(), Some(endpoint), "{args:?}");
+    }
+    let h = Harness::start(Arc::new(FakeVmm::default()));
+    let out = ternctl(&h, &["receive-migration", "tcp:0.0.0.0:6000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        h.vmm.lock().received.as_ref().map(|d| d.receiver_url.clone()),
+        Some(MigrationUrl::Tcp {
+            host: "0.0.0.0".into(),
+            port: 6000
+        })
+    );
+}
+
+#[test]
+fn data_commands_print_json() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Paused));
+    let out = ternctl(&h, &["ping"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["version"], "9.9.9-fake");
+    let out = ternctl(&h, &["info"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["state"], "paused");
+    assert_eq!(v["devices"][1]["iommu"]["hw_dirty_tracking"], true);
+    let out = ternctl(&h, &["migration-status"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["status"], "none");
+}
+
+#[test]
+fn send_migration_flags_reach_the_handler() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    let out = ternctl(
+        &h,
+        &[
+            "send-migration",
+            "unix:/run/dst.sock",
+            "--local",
+            "--downtime-ms",
+            "7",
+            "--timeout-s",
+            "90",
+            "--timeout-strategy",
+            "ignore",
+            "--max-bandwidth-mbps",
+            "2500",
+            "--connections",
+            "3",
+            "--auto-converge",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sent = h.vmm.lock().sent.clone().unwrap();
+    assert_eq!(
+        sent.destination_url,
+        MigrationUrl::Unix {
+            path: "/run/dst.sock".into()
+        }
+    );
+    assert!(sent.local && sent.auto_converge);
+    assert_eq!(
+        (sent.downtime_ms, sent.timeout_s, sent.max_bandwidth_mbps, sent.connections),
+        (7, 90, 2500, 3)
+    );
+    assert_eq!(sent.timeout_strategy, TimeoutStrategy::Ignore);
+}
+
+#[test]
+fn failures_exit_nonzero_with_the_servers_error() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    // Rejected by the server's validation.
+    let out = ternctl(&h, &["send-migration", "tcp:h:1", "--connections", "99"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("connections is 99"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("HTTP 400"), "{}", stderr(&out));
+    // Rejected by the handler.
+    let out = ternctl(&h, &["resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot resume while the VM is running (HTTP 409)"),
+        "{}",
+        stderr(&out)
+    );
+    // A bad URL never leaves ternctl.
+    let out = ternctl(&h, &["send-migration", "localhost:6000"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown scheme \"localhost\""), "{}", stderr(&out));
+    assert_eq!(h.vmm.calls(), ["vm.resume"]);
+    // No server at all.
+    let gone = h.dir.path().join("nothing.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .arg("--api-socket")
+        .arg(&gone)
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
+}
+
+fn progress(state: MigrationState, iteration: u64, remaining: u64) -> MigrationStatus {
+    MigrationStatus {
+        status: state,
+        iteration,
+        total_bytes: 512 << 20,
+        transferred_bytes: iteration * (64 << 20),
+        remaining_bytes: remaining,
+        bandwidth_bytes_per_s: 1 << 30,
+        dirty_pages_per_s: 1000,
+        expected_downtime_ms: remaining / (1 << 20),
+        ..MigrationStatus::default()
+    }
+}
+
+#[test]
+fn watch_without_tty_prints_lines_then_summary() {
+    let vmm = FakeVmm::with_vm(VmState::Running);
+    {
+        let mut s = vmm.lock();
+        s.script.push_back(progress(MigrationState::Setup, 0, 512 << 20));
+        s.script.push_back(progress(MigrationState::Active, 1, 300 << 20));
+        s.script.push_back(progress(MigrationState::Active, 2, 20 << 20));
+        s.script.push_back(progress(MigrationState::Completing, 3, 1 << 20));
+        let mut done = progress(MigrationState::Completed, 3, 0);
+        done.downtime_ms = Some(6);
+        done.total_time_ms = Some(48);
+        done.setup_time_ms = Some(3);
+        done.dirty_pages_by_source = DirtyPagesBySource {
+            kvm: 1234,
+            vmm: 56,
+            dma: 7,
+        };
+        s.script.push_back(done);
+    }
+    let h = Harness::start(vmm);
+    let out = ternctl(&h, &["migration-status", "--watch", "--interval-ms", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, state) in ["setup", "active", "active", "completing", "completed"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            lines[i].starts_with(&format!("migration {state} iteration")),
+            "line {i}: {text}"
+        );
+    }
+    for want in [
+        "downtime:     6 ms",
+        "total time:   48 ms",
+        "setup time:   3 ms",
+        "iterations:   3",
+        "dirty pages:  kvm 1234, vmm 56, dma 7",
+        "(201326592 bytes) of 512.00 MiB",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn watch_exits_nonzero_on_failed_migration_with_its_error() {
+    let vmm = FakeVmm::with_vm(VmState::Running);
+    {
+        let mut s = vmm.lock();
+        s.script.push_back(progress(MigrationState::Active, 1, 1 << 20));
+        let mut failed = progress(MigrationState::Failed, 1, 1 << 20);
+        failed.error = Some("destination rejected frame 12: bad checksum".into());
+        s.script.push_back(failed);
+    }
+    let h = Harness::start(vmm);
+    let out = ternctl(&h, &["migration-status", "--watch", "--interval-ms", "10"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("migration failed\n"), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("migration failed: destination rejected frame 12: bad checksum"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn watch_refuses_when_no_migration_has_run() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    let out = ternctl(&h, &["migration-status", "--watch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no migration has run"), "{}", stderr(&out));
+}
+
+#[test]
+fn watch_reports_a_vmm_that_went_away() {
+    let vmm = FakeVmm::with_vm(VmState::Running);
+    vmm.lock()
+        .script
+        .push_back(progress(MigrationState::Completing, 4, 1 << 20));
+    let mut h = Harness::start(vmm);
+    let socket = h.socket.clone();
+    let server = h.server.take().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(["migration-status", "--watch", "--interval-ms", "100"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let ternctl see the first status, then stop the "source" as a finished migration would.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !h.vmm.calls().contains(&"vm.migration") {
+        assert!(std::time::Instant::now() < deadline, "ternctl never polled");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    server.shutdown().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("lost the VMM while the migration was completing"),
+        "{}",
+        stderr(&out)
+    );
+}
