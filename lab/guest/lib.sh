@@ -1,0 +1,98 @@
+# Shell helpers for the lab guest, sourced by /init and by the scenarios (/lab/lib.sh).
+
+# Fixed mtty instance UUIDs, so scenarios and tests can name them.
+MTTY_UUIDS="83b8f4f2-509f-382f-3c1e-e6bfe0fa1001 83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
+
+lab_log() { echo "lab: $*"; }
+
+# Prints the sysfs path of QEMU's edu device (1234:11e8), or nothing.
+edu_sysfs() {
+    for d in /sys/bus/pci/devices/*; do
+        if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
+            echo "$d"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Binds edu to vfio-pci (driver_override + drivers_probe).
+bind_edu_vfio() {
+    edu=$(edu_sysfs) || { lab_log "no edu device on the pci bus"; return 1; }
+    bdf=$(basename "$edu")
+    echo vfio-pci >"$edu/driver_override"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    driver=$(basename "$(readlink "$edu/driver")")
+    group=$(basename "$(readlink "$edu/iommu_group")")
+    lab_log "edu $bdf driver=$driver iommu_group=$group"
+    [ "$driver" = vfio-pci ]
+}
+
+# Creates the mtty instances of MTTY_UUIDS (type mtty-2: two ports each).
+create_mtty() {
+    types=/sys/class/mdev_bus/mtty/mdev_supported_types
+    for u in $MTTY_UUIDS; do
+        [ -e "/sys/bus/mdev/devices/$u" ] || echo "$u" >"$types/mtty-2/create" || return 1
+    done
+    lab_log "mtty instances: $(ls /sys/bus/mdev/devices | tr '\n' ' ')"
+}
+
+# Per-boot device preparation. Failures are reported, not fatal: the scenarios that need the device
+# fail with their own message.
+lab_setup() {
+    case "$1" in
+    vtd)
+        bind_edu_vfio || lab_log "WARNING: binding edu to vfio-pci failed"
+        ;;
+    mock) ;;
+    esac
+    create_mtty || lab_log "WARNING: creating mtty instances failed"
+    lab_log "kvm: $(ls /dev/kvm 2>&1) nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
+    lab_log "iommu: $(ls /dev/iommu 2>&1); vfio: $(ls /dev/vfio /dev/vfio/devices 2>/dev/null | tr '\n' ' ')"
+}
+
+# Usage: run_rust_tests BIN MIN_PASSED FILTER...
+# Runs the ignored (lab-only) tests of a `cargo test` executable matching any FILTER, one thread,
+# and succeeds only if the run passed and at least MIN_PASSED tests ran: a filter that matches
+# nothing must not read as a pass.
+run_rust_tests() {
+    bin=$1
+    min=$2
+    shift 2
+    out=/tmp/rust-tests.$$.log
+    "$bin" --ignored --test-threads=1 "$@" 2>&1 | tee "$out"
+    summary=$(grep '^test result:' "$out" | tail -1)
+    passed=$(echo "$summary" | sed -n 's/.* \([0-9][0-9]*\) passed.*/\1/p')
+    rm -f "$out"
+    if ! echo "$summary" | grep -q '^test result: ok'; then
+        lab_log "$bin: tests failed"
+        return 1
+    fi
+    if [ "${passed:-0}" -lt "$min" ]; then
+        lab_log "$bin: only ${passed:-0} tests ran, expected at least $min"
+        return 1
+    fi
+}
+
+# Usage: boot_linux_guest KERNEL LABEL
+# Boots KERNEL with /lab/linux/initramfs.cpio.gz under tern and checks that the guest's init saw the
+# marker on its command line and that tern exited 0.
+boot_linux_guest() {
+    kernel=$1
+    label=$2
+    marker="tern.marker=lab-$label-$$"
+    out=/tmp/linux-boot-$label.log
+    start=$(cut -d' ' -f1 /proc/uptime)
+    timeout -s KILL 600 tern --kernel "$kernel" --initramfs /lab/linux/initramfs.cpio.gz \
+        --cmdline "console=ttyS0 reboot=k panic=-1 quiet $marker" \
+        --memory 512M --cpus 2 --serial stdout >"$out" 2>&1
+    rc=$?
+    took=$(awk -v a="$start" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN { printf "%.1f", b - a }')
+    cat "$out"
+    lab_log "linux guest ($label) took ${took}s, tern exit $rc"
+    if ! grep 'TERN-LINUX-INIT-OK cmdline=' "$out" | grep -q "$marker"; then
+        lab_log "no TERN-LINUX-INIT-OK line carrying $marker"
+        return 1
+    fi
+    [ "$rc" -eq 0 ] || { lab_log "tern exited with $rc"; return 1; }
+}
