@@ -212,11 +212,7 @@ impl ApiClient {
         }
     }
 
-    fn call(
-        &self,
-        endpoint: Endpoint,
-        body: Option<&[u8]>,
-    ) -> Result<RawResponse, ApiClientError> {
+    fn call(&self, endpoint: Endpoint, body: Option<&[u8]>) -> Result<RawResponse, ApiClientError> {
         let resp = self.send_raw(endpoint.method().as_str(), &endpoint.path(), body)?;
         if (200..300).contains(&resp.status) {
             Ok(resp)
@@ -242,10 +238,7 @@ impl ApiClient {
     }
 }
 
-fn encode<T: serde::Serialize>(
-    endpoint: Endpoint,
-    value: &T,
-) -> Result<Vec<u8>, ApiClientError> {
+fn encode<T: serde::Serialize>(endpoint: Endpoint, value: &T) -> Result<Vec<u8>, ApiClientError> {
     serde_json::to_vec(value).map_err(|source| ApiClientError::Encode {
         endpoint: endpoint.name(),
         source,
@@ -372,9 +365,15 @@ mod tests {
             Err(ReadError::Malformed(m)) if m.contains("3 of 10")
         ));
         let raw = b"HTTP/1.1 200 OK\r\ncontent-le";
-        assert!(matches!(read_response(&mut &raw[..]), Err(ReadError::Malformed(_))));
+        assert!(matches!(
+            read_response(&mut &raw[..]),
+            Err(ReadError::Malformed(_))
+        ));
         let raw = b"SMTP ready\r\n\r\n";
-        assert!(matches!(read_response(&mut &raw[..]), Err(ReadError::Malformed(_))));
+        assert!(matches!(
+            read_response(&mut &raw[..]),
+            Err(ReadError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -108,6 +108,11 @@ pub enum TimeoutStrategy {
     Ignore,
 }
 
+impl TimeoutStrategy {
+    /// Every strategy, in declaration order (used by the spec test).
+    pub const ALL: [TimeoutStrategy; 2] = [TimeoutStrategy::Cancel, TimeoutStrategy::Ignore];
+}
+
 /// Smallest and largest accepted `connections`.
 pub const CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
 /// Default `downtime_ms` of `vm.send-migration`.
@@ -124,7 +129,9 @@ pub enum SendMigrationDataError {
     ZeroDowntime,
     #[error("timeout_s is 0: give the migration's time budget in seconds, e.g. 3600")]
     ZeroTimeout,
-    #[error("local migration needs a unix: destination url to pass memory file descriptors, not {url}")]
+    #[error(
+        "local migration needs a unix: destination url to pass memory file descriptors, not {url}"
+    )]
     LocalNeedsUnix { url: String },
 }
 
@@ -241,7 +248,8 @@ impl VmSendMigrationData {
 
     /// The bandwidth cap in bytes per second, `None` when unlimited.
     pub fn max_bandwidth_bytes_per_s(&self) -> Option<u64> {
-        (self.max_bandwidth_mbps != 0).then(|| self.max_bandwidth_mbps.saturating_mul(1_000_000 / 8))
+        (self.max_bandwidth_mbps != 0)
+            .then(|| self.max_bandwidth_mbps.saturating_mul(1_000_000 / 8))
     }
 }
 
@@ -386,24 +394,51 @@ mod tests {
         data.connections = 16;
         data.auto_converge = true;
         let text = serde_json::to_string(&data).unwrap();
-        assert_eq!(serde_json::from_str::<VmSendMigrationData>(&text).unwrap(), data);
+        assert_eq!(
+            serde_json::from_str::<VmSendMigrationData>(&text).unwrap(),
+            data
+        );
         assert_eq!(data.max_bandwidth_bytes_per_s(), Some(100_000_000));
     }
 
     #[test]
     fn send_migration_rejects_bad_values_with_named_field() {
         let cases = [
-            (json!({"destination_url": "tcp:h:1", "connections": 0}), "connections is 0"),
-            (json!({"destination_url": "tcp:h:1", "connections": 17}), "connections is 17"),
-            (json!({"destination_url": "tcp:h:1", "downtime_ms": 0}), "downtime_ms is 0"),
-            (json!({"destination_url": "tcp:h:1", "timeout_s": 0}), "timeout_s is 0"),
-            (json!({"destination_url": "tcp:h:1", "local": true}), "local migration needs a unix:"),
-            (json!({"destination_url": "tcp:h:1", "speed": 1}), "unknown field `speed`"),
+            (
+                json!({"destination_url": "tcp:h:1", "connections": 0}),
+                "connections is 0",
+            ),
+            (
+                json!({"destination_url": "tcp:h:1", "connections": 17}),
+                "connections is 17",
+            ),
+            (
+                json!({"destination_url": "tcp:h:1", "downtime_ms": 0}),
+                "downtime_ms is 0",
+            ),
+            (
+                json!({"destination_url": "tcp:h:1", "timeout_s": 0}),
+                "timeout_s is 0",
+            ),
+            (
+                json!({"destination_url": "tcp:h:1", "local": true}),
+                "local migration needs a unix:",
+            ),
+            (
+                json!({"destination_url": "tcp:h:1", "speed": 1}),
+                "unknown field `speed`",
+            ),
             (json!({"local": true}), "missing field `destination_url`"),
             (json!({"destination_url": 5}), "invalid type"),
             (json!({"destination_url": "ftp:h:1"}), "unknown scheme"),
-            (json!({"destination_url": "tcp:h:1", "timeout_strategy": "retry"}), "unknown variant `retry`"),
-            (json!({"destination_url": "tcp:h:1", "downtime_ms": -1}), "invalid value"),
+            (
+                json!({"destination_url": "tcp:h:1", "timeout_strategy": "retry"}),
+                "unknown variant `retry`",
+            ),
+            (
+                json!({"destination_url": "tcp:h:1", "downtime_ms": -1}),
+                "invalid value",
+            ),
         ];
         for (body, want) in cases {
             let err = parse_send(body.clone()).unwrap_err();
@@ -421,8 +456,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("unknown field `local`"), "{err}");
-        let err = serde_json::from_value::<VmReceiveMigrationData>(json!({"receiver_url": "tcp:h"}))
-            .unwrap_err();
+        let err =
+            serde_json::from_value::<VmReceiveMigrationData>(json!({"receiver_url": "tcp:h"}))
+                .unwrap_err();
         assert!(err.to_string().contains("has no port"), "{err}");
     }
 
@@ -430,13 +466,30 @@ mod tests {
     fn migration_state_names_are_snake_case_and_classified() {
         let names: Vec<String> = MigrationState::ALL
             .iter()
-            .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_owned())
+            .map(|s| {
+                serde_json::to_value(s)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
         assert_eq!(
             names,
-            ["none", "setup", "active", "completing", "completed", "failed", "cancelled"]
+            [
+                "none",
+                "setup",
+                "active",
+                "completing",
+                "completed",
+                "failed",
+                "cancelled"
+            ]
         );
-        let terminal: Vec<_> = MigrationState::ALL.iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = MigrationState::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(terminal.len(), 3);
         assert!(MigrationState::ALL
             .iter()

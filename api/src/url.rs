@@ -20,7 +20,9 @@ pub enum MigrationUrlError {
     InvalidPort { url: String, port: String },
     #[error("migration url {url:?} has an empty host: use tcp:HOST:PORT, e.g. tcp:127.0.0.1:6000")]
     EmptyHost { url: String },
-    #[error("migration url {url:?} has an empty path: use unix:PATH, e.g. unix:/run/tern/migrate.sock")]
+    #[error(
+        "migration url {url:?} has an empty path: use unix:PATH, e.g. unix:/run/tern/migrate.sock"
+    )]
     EmptyPath { url: String },
 }
 
@@ -45,13 +47,17 @@ impl FromStr for MigrationUrl {
 
     fn from_str(url: &str) -> Result<Self, Self::Err> {
         let Some((scheme, rest)) = url.split_once(':') else {
-            return Err(MigrationUrlError::MissingScheme { url: url.to_owned() });
+            return Err(MigrationUrlError::MissingScheme {
+                url: url.to_owned(),
+            });
         };
         match scheme {
             "tcp" => parse_tcp(url, rest),
             "unix" => {
                 if rest.is_empty() {
-                    return Err(MigrationUrlError::EmptyPath { url: url.to_owned() });
+                    return Err(MigrationUrlError::EmptyPath {
+                        url: url.to_owned(),
+                    });
                 }
                 Ok(MigrationUrl::Unix {
                     path: PathBuf::from(rest),
@@ -68,17 +74,23 @@ impl FromStr for MigrationUrl {
 fn parse_tcp(url: &str, rest: &str) -> Result<MigrationUrl, MigrationUrlError> {
     // The port is after the last colon, so bracketed IPv6 hosts (`[::1]:6000`) keep their colons.
     let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err(MigrationUrlError::MissingPort { url: url.to_owned() });
+        return Err(MigrationUrlError::MissingPort {
+            url: url.to_owned(),
+        });
     };
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if host.is_empty() {
-        return Err(MigrationUrlError::EmptyHost { url: url.to_owned() });
+        return Err(MigrationUrlError::EmptyHost {
+            url: url.to_owned(),
+        });
     }
     if port.is_empty() {
-        return Err(MigrationUrlError::MissingPort { url: url.to_owned() });
+        return Err(MigrationUrlError::MissingPort {
+            url: url.to_owned(),
+        });
     }
     let port = match port.parse::<u16>() {
         Ok(p) if p != 0 => p,
@@ -98,7 +110,9 @@ fn parse_tcp(url: &str, rest: &str) -> Result<MigrationUrl, MigrationUrlError> {
 impl fmt::Display for MigrationUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MigrationUrl::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            MigrationUrl::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
             MigrationUrl::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             MigrationUrl::Unix { path } => write!(f, "unix:{}", path.display()),
         }
@@ -162,7 +176,12 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["tcp:localhost:1", "tcp:[::1]:65535", "unix:/a/b", "unix:rel.sock"] {
+        for s in [
+            "tcp:localhost:1",
+            "tcp:[::1]:65535",
+            "unix:/a/b",
+            "unix:rel.sock",
+        ] {
             let url: MigrationUrl = s.parse().unwrap();
             assert_eq!(url.to_string(), s);
             assert_eq!(url.to_string().parse::<MigrationUrl>().unwrap(), url);
@@ -171,22 +190,46 @@ mod tests {
 
     #[test]
     fn parse_rejects_each_malformed_shape_with_its_variant() {
-        let cases: &[(&str, fn(&MigrationUrlError) -> bool)] = &[
-            ("127.0.0.1", |e| matches!(e, MigrationUrlError::MissingScheme { .. })),
-            ("http://x:1", |e| matches!(e, MigrationUrlError::UnknownScheme { .. })),
-            ("tcp:localhost", |e| matches!(e, MigrationUrlError::MissingPort { .. })),
-            ("tcp:localhost:", |e| matches!(e, MigrationUrlError::MissingPort { .. })),
-            ("tcp:localhost:0", |e| matches!(e, MigrationUrlError::InvalidPort { .. })),
-            ("tcp:localhost:65536", |e| matches!(e, MigrationUrlError::InvalidPort { .. })),
-            ("tcp:localhost:x1", |e| matches!(e, MigrationUrlError::InvalidPort { .. })),
-            ("tcp::6000", |e| matches!(e, MigrationUrlError::EmptyHost { .. })),
-            ("tcp:[]:6000", |e| matches!(e, MigrationUrlError::EmptyHost { .. })),
-            ("unix:", |e| matches!(e, MigrationUrlError::EmptyPath { .. })),
+        type Check = fn(&MigrationUrlError) -> bool;
+        let cases: &[(&str, Check)] = &[
+            ("127.0.0.1", |e| {
+                matches!(e, MigrationUrlError::MissingScheme { .. })
+            }),
+            ("http://x:1", |e| {
+                matches!(e, MigrationUrlError::UnknownScheme { .. })
+            }),
+            ("tcp:localhost", |e| {
+                matches!(e, MigrationUrlError::MissingPort { .. })
+            }),
+            ("tcp:localhost:", |e| {
+                matches!(e, MigrationUrlError::MissingPort { .. })
+            }),
+            ("tcp:localhost:0", |e| {
+                matches!(e, MigrationUrlError::InvalidPort { .. })
+            }),
+            ("tcp:localhost:65536", |e| {
+                matches!(e, MigrationUrlError::InvalidPort { .. })
+            }),
+            ("tcp:localhost:x1", |e| {
+                matches!(e, MigrationUrlError::InvalidPort { .. })
+            }),
+            ("tcp::6000", |e| {
+                matches!(e, MigrationUrlError::EmptyHost { .. })
+            }),
+            ("tcp:[]:6000", |e| {
+                matches!(e, MigrationUrlError::EmptyHost { .. })
+            }),
+            ("unix:", |e| {
+                matches!(e, MigrationUrlError::EmptyPath { .. })
+            }),
         ];
         for (input, check) in cases {
             let err = input.parse::<MigrationUrl>().unwrap_err();
             assert!(check(&err), "{input}: unexpected {err:?}");
-            assert!(err.to_string().contains(input), "{input}: message {err} lacks the url");
+            assert!(
+                err.to_string().contains(input),
+                "{input}: message {err} lacks the url"
+            );
         }
     }
 }

@@ -37,7 +37,10 @@ fn every_route_reaches_its_handler_method() {
     send.timeout_strategy = TimeoutStrategy::Ignore;
     c.vm_send_migration(&send).unwrap();
     assert_eq!(h.vmm.lock().sent.as_ref(), Some(&send));
-    assert_eq!(c.vm_migration_status().unwrap().status, MigrationState::Setup);
+    assert_eq!(
+        c.vm_migration_status().unwrap().status,
+        MigrationState::Setup
+    );
     c.vm_migration_cancel().unwrap();
     assert_eq!(
         c.vm_migration_status().unwrap().status,
@@ -118,10 +121,19 @@ fn handler_errors_map_to_status_and_json_error() {
 #[test]
 fn unknown_path_is_404_with_json_error() {
     let h = Harness::start(FakeVmm::with_vm(VmState::Running));
-    for path in ["/api/v1/vm.boot", "/", "/api/v1/vm.info/extra", "/api/v2/vm.info"] {
+    for path in [
+        "/api/v1/vm.boot",
+        "/",
+        "/api/v1/vm.info/extra",
+        "/api/v2/vm.info",
+    ] {
         let resp = h.client().send_raw("GET", path, None).unwrap();
         assert_eq!(resp.status, 404, "{path}");
-        assert!(resp.error_text().contains("no endpoint"), "{path}: {:?}", resp.error_text());
+        assert!(
+            resp.error_text().contains("no endpoint"),
+            "{path}: {:?}",
+            resp.error_text()
+        );
     }
     assert!(h.vmm.calls().is_empty());
 }
@@ -130,12 +142,20 @@ fn unknown_path_is_404_with_json_error() {
 fn wrong_method_is_405_with_allow_header() {
     let h = Harness::start(FakeVmm::with_vm(VmState::Running));
     for e in Endpoint::ALL {
-        let wrong = if e.method().as_str() == "GET" { "PUT" } else { "GET" };
+        let wrong = if e.method().as_str() == "GET" {
+            "PUT"
+        } else {
+            "GET"
+        };
         for method in [wrong, "POST", "DELETE"] {
             let resp = h.client().send_raw(method, &e.path(), None).unwrap();
             assert_eq!(resp.status, 405, "{method} {}", e.name());
             assert_eq!(resp.header("allow"), Some(e.method().as_str()));
-            assert!(resp.error_text().contains("does not accept"), "{}", resp.error_text());
+            assert!(
+                resp.error_text().contains("does not accept"),
+                "{}",
+                resp.error_text()
+            );
         }
     }
     assert!(h.vmm.calls().is_empty());
@@ -148,29 +168,92 @@ fn bad_bodies_are_400_naming_the_problem_and_never_reach_the_handler() {
         ("vm.send-migration", "", "needs a JSON body"),
         ("vm.send-migration", "{", "EOF while parsing"),
         ("vm.send-migration", "garbage", "expected value"),
-        ("vm.send-migration", "{}", "schema VmSendMigrationData in api/openapi.yaml"),
-        ("vm.send-migration", r#"["tcp:h:1", false, 1, 1, "cancel", 0, 1, false]"#, "must be a JSON object, not an array"),
-        ("vm.send-migration", "null", "must be a JSON object, not null"),
+        (
+            "vm.send-migration",
+            "{}",
+            "schema VmSendMigrationData in api/openapi.yaml",
+        ),
+        (
+            "vm.send-migration",
+            r#"["tcp:h:1", false, 1, 1, "cancel", 0, 1, false]"#,
+            "must be a JSON object, not an array",
+        ),
+        (
+            "vm.send-migration",
+            "null",
+            "must be a JSON object, not null",
+        ),
         ("vm.send-migration", "{}", "missing field `destination_url`"),
-        ("vm.send-migration", r#"{"destination_url": 7}"#, "invalid type: integer"),
-        ("vm.send-migration", r#"{"destination_url": "10.0.0.1:6000"}"#, "unknown scheme"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:host"}"#, "has no port"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:h:99999"}"#, "invalid port"),
-        ("vm.send-migration", r#"{"destination_url": "unix:"}"#, "empty path"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:h:1", "downtime": 5}"#, "unknown field `downtime`"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:h:1", "local": "yes"}"#, "invalid type: string"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:h:1", "connections": 64}"#, "connections is 64"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:h:1", "local": true}"#, "needs a unix:"),
-        ("vm.send-migration", r#"{"destination_url": "tcp:h:1", "timeout_strategy": "abort"}"#, "unknown variant `abort`"),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": 7}"#,
+            "invalid type: integer",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "10.0.0.1:6000"}"#,
+            "unknown scheme",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:host"}"#,
+            "has no port",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:h:99999"}"#,
+            "invalid port",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "unix:"}"#,
+            "empty path",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:h:1", "downtime": 5}"#,
+            "unknown field `downtime`",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:h:1", "local": "yes"}"#,
+            "invalid type: string",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:h:1", "connections": 64}"#,
+            "connections is 64",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:h:1", "local": true}"#,
+            "needs a unix:",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url": "tcp:h:1", "timeout_strategy": "abort"}"#,
+            "unknown variant `abort`",
+        ),
         ("vm.receive-migration", "{}", "missing field `receiver_url`"),
-        ("vm.receive-migration", r#"{"receiver_url": "tcp::1"}"#, "empty host"),
-        ("vm.receive-migration", r#"{"receiver_url": "unix:/x", "x": 1}"#, "unknown field `x`"),
+        (
+            "vm.receive-migration",
+            r#"{"receiver_url": "tcp::1"}"#,
+            "empty host",
+        ),
+        (
+            "vm.receive-migration",
+            r#"{"receiver_url": "unix:/x", "x": 1}"#,
+            "unknown field `x`",
+        ),
     ];
     for (name, body, want) in cases {
         let resp = put(&h, name, body);
         assert_eq!(resp.status, 400, "{name} {body}");
         let text = resp.error_text();
-        assert!(text.contains(want), "{name} {body}: {text:?} lacks {want:?}");
+        assert!(
+            text.contains(want),
+            "{name} {body}: {text:?} lacks {want:?}"
+        );
     }
     assert!(h.vmm.calls().is_empty(), "{:?}", h.vmm.calls());
 }
@@ -220,7 +303,11 @@ fn body_over_limit_is_413_with_length_or_chunked() {
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
     let resp = raw_exchange(&h.socket, &chunked);
-    assert!(resp.starts_with("HTTP/1.1 413"), "{}", &resp[..resp.len().min(200)]);
+    assert!(
+        resp.starts_with("HTTP/1.1 413"),
+        "{}",
+        &resp[..resp.len().min(200)]
+    );
     assert!(h.vmm.calls().is_empty());
 }
 
@@ -241,12 +328,18 @@ fn garbage_and_half_requests_do_not_stop_the_server() {
     };
     let h = Harness::start_with(FakeVmm::with_vm(VmState::Running), opts);
     let resp = raw_exchange(&h.socket, b"\x00\x01garbage\r\n\r\n");
-    assert!(resp.is_empty() || resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+        "{resp}"
+    );
     let resp = raw_exchange(
         &h.socket,
         b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
     );
-    assert!(resp.is_empty() || resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+        "{resp}"
+    );
     // A client that sends half a head and stalls is dropped after the header timeout.
     let mut stalled = UnixStream::connect(&h.socket).unwrap();
     stalled.write_all(b"GET /api/v1/vmm.pi").unwrap();

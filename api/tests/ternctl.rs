@@ -50,7 +50,11 @@ fn every_command_calls_its_endpoint() {
     let out = ternctl(&h, &["receive-migration", "tcp:0.0.0.0:6000"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
-        h.vmm.lock().received.as_ref().map(|d| d.receiver_url.clone()),
+        h.vmm
+            .lock()
+            .received
+            .as_ref()
+            .map(|d| d.receiver_url.clone()),
         Some(MigrationUrl::Tcp {
             host: "0.0.0.0".into(),
             port: 6000
@@ -105,7 +109,12 @@ fn send_migration_flags_reach_the_handler() {
     );
     assert!(sent.local && sent.auto_converge);
     assert_eq!(
-        (sent.downtime_ms, sent.timeout_s, sent.max_bandwidth_mbps, sent.connections),
+        (
+            sent.downtime_ms,
+            sent.timeout_s,
+            sent.max_bandwidth_mbps,
+            sent.connections
+        ),
         (7, 90, 2500, 3)
     );
     assert_eq!(sent.timeout_strategy, TimeoutStrategy::Ignore);
@@ -117,7 +126,11 @@ fn failures_exit_nonzero_with_the_servers_error() {
     // Rejected by the server's validation.
     let out = ternctl(&h, &["send-migration", "tcp:h:1", "--connections", "99"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("connections is 99"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("connections is 99"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("HTTP 400"), "{}", stderr(&out));
     // Rejected by the handler.
     let out = ternctl(&h, &["resume"]);
@@ -130,7 +143,11 @@ fn failures_exit_nonzero_with_the_servers_error() {
     // A bad URL never leaves ternctl.
     let out = ternctl(&h, &["send-migration", "localhost:6000"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("unknown scheme \"localhost\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown scheme \"localhost\""),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(h.vmm.calls(), ["vm.resume"]);
     // No server at all.
     let gone = h.dir.path().join("nothing.sock");
@@ -163,10 +180,14 @@ fn watch_without_tty_prints_lines_then_summary() {
     let vmm = FakeVmm::with_vm(VmState::Running);
     {
         let mut s = vmm.lock();
-        s.script.push_back(progress(MigrationState::Setup, 0, 512 << 20));
-        s.script.push_back(progress(MigrationState::Active, 1, 300 << 20));
-        s.script.push_back(progress(MigrationState::Active, 2, 20 << 20));
-        s.script.push_back(progress(MigrationState::Completing, 3, 1 << 20));
+        s.script
+            .push_back(progress(MigrationState::Setup, 0, 512 << 20));
+        s.script
+            .push_back(progress(MigrationState::Active, 1, 300 << 20));
+        s.script
+            .push_back(progress(MigrationState::Active, 2, 20 << 20));
+        s.script
+            .push_back(progress(MigrationState::Completing, 3, 1 << 20));
         let mut done = progress(MigrationState::Completed, 3, 0);
         done.downtime_ms = Some(6);
         done.total_time_ms = Some(48);
@@ -209,7 +230,8 @@ fn watch_exits_nonzero_on_failed_migration_with_its_error() {
     let vmm = FakeVmm::with_vm(VmState::Running);
     {
         let mut s = vmm.lock();
-        s.script.push_back(progress(MigrationState::Active, 1, 1 << 20));
+        s.script
+            .push_back(progress(MigrationState::Active, 1, 1 << 20));
         let mut failed = progress(MigrationState::Failed, 1, 1 << 20);
         failed.error = Some("destination rejected frame 12: bad checksum".into());
         s.script.push_back(failed);
@@ -217,7 +239,11 @@ fn watch_exits_nonzero_on_failed_migration_with_its_error() {
     let h = Harness::start(vmm);
     let out = ternctl(&h, &["migration-status", "--watch", "--interval-ms", "10"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout(&out).contains("migration failed\n"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("migration failed\n"),
+        "{}",
+        stdout(&out)
+    );
     assert!(
         stderr(&out).contains("migration failed: destination rejected frame 12: bad checksum"),
         "{}",
@@ -230,7 +256,11 @@ fn watch_refuses_when_no_migration_has_run() {
     let h = Harness::start(FakeVmm::with_vm(VmState::Running));
     let out = ternctl(&h, &["migration-status", "--watch"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no migration has run"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no migration has run"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -18,7 +18,11 @@ use tern_api::{
 mod watch;
 
 #[derive(Debug, Parser)]
-#[command(name = "ternctl", version, about = "Control a tern VMM through its API socket")]
+#[command(
+    name = "ternctl",
+    version,
+    about = "Control a tern VMM through its API socket"
+)]
 struct Cli {
     /// The VMM's API socket (tern --api-socket PATH).
     #[arg(long, value_name = "PATH")]
@@ -97,7 +101,8 @@ enum Command {
 }
 
 fn parse_url(s: &str) -> Result<MigrationUrl, String> {
-    s.parse().map_err(|e: tern_api::MigrationUrlError| e.to_string())
+    s.parse()
+        .map_err(|e: tern_api::MigrationUrlError| e.to_string())
 }
 
 fn main() -> ExitCode {

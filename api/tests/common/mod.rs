@@ -92,7 +92,7 @@ pub fn sample_info(state: VmState) -> VmInfo {
 
 impl ApiHandler for FakeVmm {
     fn vmm_ping(&self) -> Result<VmmPingResponse, ApiError> {
-        self.record("vmm.ping");
+        drop(self.record("vmm.ping"));
         Ok(VmmPingResponse {
             version: "9.9.9-fake".into(),
             pid: 4242,
@@ -101,7 +101,7 @@ impl ApiHandler for FakeVmm {
     }
 
     fn vmm_shutdown(&self) -> Result<(), ApiError> {
-        self.record("vmm.shutdown");
+        drop(self.record("vmm.shutdown"));
         Ok(())
     }
 

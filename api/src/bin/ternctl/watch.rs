@@ -11,7 +11,9 @@ use tern_api::{ApiClient, ApiClientError, MigrationState, MigrationStatus};
 /// Why watching stopped before the migration ended.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("no migration has run in this VMM: start one with send-migration (or receive-migration)")]
+    #[error(
+        "no migration has run in this VMM: start one with send-migration (or receive-migration)"
+    )]
     NoMigration,
     #[error("lost the VMM while the migration was {last}: a source exits after a successful migration, so ask the destination for the result")]
     VmmGone {

@@ -1,0 +1,350 @@
+//! `api/openapi.yaml` against the code: the route table, the request/response schemas, field names,
+//! required fields, defaults and enum values. Any drift fails here.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Map, Value};
+use tern_api::{
+    DeviceInfo, DirtyPagesBySource, Endpoint, IommuCapabilities, MigrationState, MigrationStatus,
+    TimeoutStrategy, VmConfigInfo, VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmState,
+    VmmPingResponse,
+};
+
+fn spec() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
+    let text = std::fs::read_to_string(path).expect("read openapi.yaml");
+    serde_yaml_ng::from_str(&text).expect("openapi.yaml is valid YAML")
+}
+
+fn schema<'a>(spec: &'a Value, name: &str) -> &'a Value {
+    spec["components"]["schemas"]
+        .get(name)
+        .unwrap_or_else(|| panic!("openapi.yaml has no schema {name}"))
+}
+
+/// Follows a `$ref` (or an `allOf` of one `$ref`) to its schema.
+fn resolve<'a>(spec: &'a Value, node: &'a Value) -> &'a Value {
+    let node = node.get("allOf").and_then(|all| all.get(0)).unwrap_or(node);
+    match node.get("$ref").and_then(Value::as_str) {
+        Some(r) => schema(spec, ref_name(r)),
+        None => node,
+    }
+}
+
+fn ref_name(r: &str) -> &str {
+    r.strip_prefix("#/components/schemas/")
+        .unwrap_or_else(|| panic!("unexpected $ref {r}"))
+}
+
+fn property_names(spec: &Value, name: &str) -> BTreeSet<String> {
+    schema(spec, name)["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("schema {name} has no properties"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn keys(value: &Value) -> BTreeSet<String> {
+    value
+        .as_object()
+        .expect("serialized to an object")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn send_data() -> VmSendMigrationData {
+    VmSendMigrationData::new("tcp:127.0.0.1:6000".parse().unwrap())
+}
+
+#[test]
+fn spec_paths_and_methods_match_the_route_table() {
+    let spec = spec();
+    assert_eq!(spec["servers"][0]["url"], "http://localhost/api/v1");
+    let mut in_spec = BTreeSet::new();
+    for (path, ops) in spec["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("operations").keys() {
+            in_spec.insert((method.to_uppercase(), format!("/api/v1{path}")));
+        }
+    }
+    let in_code: BTreeSet<_> = Endpoint::ALL
+        .iter()
+        .map(|e| (e.method().as_str().to_owned(), e.path()))
+        .collect();
+    assert_eq!(in_spec, in_code);
+}
+
+#[test]
+fn spec_bodies_name_the_types_the_router_uses() {
+    let spec = spec();
+    for e in Endpoint::ALL {
+        let op = &spec["paths"][format!("/{}", e.name())][e.method().as_str().to_lowercase()];
+        let request = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .map(ref_name);
+        assert_eq!(request, e.request_schema(), "{} request body", e.name());
+        if e.request_schema().is_some() {
+            assert_eq!(op["requestBody"]["required"], true, "{}", e.name());
+            for code in ["400", "413"] {
+                assert!(
+                    op["responses"].get(code).is_some(),
+                    "{} lacks {code}",
+                    e.name()
+                );
+            }
+        }
+        let ok = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .map(ref_name);
+        assert_eq!(ok, e.response_schema(), "{} 200 body", e.name());
+        let no_content = op["responses"].get("204").is_some();
+        assert_eq!(
+            no_content,
+            e.response_schema().is_none(),
+            "{} 204",
+            e.name()
+        );
+        assert!(
+            op["responses"].get("default").is_some(),
+            "{} default",
+            e.name()
+        );
+    }
+}
+
+#[test]
+fn every_ref_points_at_a_schema() {
+    fn walk(spec: &Value, node: &Value) {
+        match node {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if k == "$ref" {
+                        let r = v.as_str().expect("$ref is a string");
+                        if let Some(resp) = r.strip_prefix("#/components/responses/") {
+                            assert!(spec["components"]["responses"].get(resp).is_some(), "{r}");
+                        } else {
+                            schema(spec, ref_name(r));
+                        }
+                    } else {
+                        walk(spec, v);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(spec, v)),
+            _ => {}
+        }
+    }
+    let spec = spec();
+    walk(&spec, &spec);
+}
+
+#[test]
+fn schema_fields_match_serialized_types() {
+    let spec = spec();
+    let iommu = IommuCapabilities::default();
+    let device = DeviceInfo {
+        iommu: Some(iommu.clone()),
+        ..DeviceInfo::default()
+    };
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "VmmPingResponse",
+            serde_json::to_value(VmmPingResponse {
+                version: String::new(),
+                pid: 0,
+                features: vec![],
+            })
+            .unwrap(),
+        ),
+        (
+            "VmInfo",
+            serde_json::to_value(VmInfo {
+                state: VmState::Running,
+                config: VmConfigInfo::default(),
+                devices: vec![device.clone()],
+            })
+            .unwrap(),
+        ),
+        (
+            "VmConfigInfo",
+            serde_json::to_value(VmConfigInfo::default()).unwrap(),
+        ),
+        ("DeviceInfo", serde_json::to_value(&device).unwrap()),
+        ("IommuCapabilities", serde_json::to_value(&iommu).unwrap()),
+        (
+            "VmSendMigrationData",
+            serde_json::to_value(send_data()).unwrap(),
+        ),
+        (
+            "VmReceiveMigrationData",
+            serde_json::to_value(VmReceiveMigrationData {
+                receiver_url: "unix:/r".parse().unwrap(),
+            })
+            .unwrap(),
+        ),
+        (
+            "MigrationStatus",
+            serde_json::to_value(MigrationStatus::default()).unwrap(),
+        ),
+        (
+            "DirtyPagesBySource",
+            serde_json::to_value(DirtyPagesBySource::default()).unwrap(),
+        ),
+        ("ErrorBody", tern_api::ApiError::NoVm.to_body()),
+    ];
+    for (name, value) in cases {
+        assert_eq!(property_names(&spec, name), keys(&value), "schema {name}");
+        // Types match too: what the code emits is what the spec's type says.
+        for (field, v) in value.as_object().unwrap() {
+            let prop = resolve(&spec, &schema(&spec, name)["properties"][field]);
+            check_type(name, field, prop, v);
+        }
+    }
+}
+
+fn check_type(schema_name: &str, field: &str, prop: &Value, v: &Value) {
+    let ty = prop["type"].as_str();
+    let ok = match (ty, v) {
+        (_, Value::Null) => {
+            prop["nullable"] == true || schema_name == "DeviceInfo" && field == "iommu"
+        }
+        (Some("string"), Value::String(_)) => true,
+        (Some("integer"), Value::Number(n)) => n.is_u64() || n.is_i64(),
+        (Some("boolean"), Value::Bool(_)) => true,
+        (Some("array"), Value::Array(_)) => true,
+        (Some("object"), Value::Object(_)) => true,
+        _ => false,
+    };
+    assert!(
+        ok,
+        "{schema_name}.{field}: spec type {ty:?} (nullable {}) but code emits {v}",
+        prop["nullable"]
+    );
+}
+
+#[test]
+fn nullable_fields_are_the_options() {
+    let spec = spec();
+    // DeviceInfo.iommu is nullable through allOf, checked by check_type; the flat ones here.
+    for (name, value) in [
+        (
+            "MigrationStatus",
+            serde_json::to_value(MigrationStatus::default()).unwrap(),
+        ),
+        (
+            "VmConfigInfo",
+            serde_json::to_value(VmConfigInfo::default()).unwrap(),
+        ),
+    ] {
+        for (field, prop) in schema(&spec, name)["properties"].as_object().unwrap() {
+            let is_null = value[field].is_null();
+            assert_eq!(prop["nullable"] == true, is_null, "{name}.{field} nullable");
+        }
+    }
+}
+
+#[test]
+fn enum_values_match_serde_names() {
+    let spec = spec();
+    fn names<T: serde::Serialize>(all: &[T]) -> Vec<Value> {
+        all.iter()
+            .map(|v| serde_json::to_value(v).unwrap())
+            .collect()
+    }
+    let cases = [
+        ("VmState", names(&VmState::ALL)),
+        ("MigrationState", names(&MigrationState::ALL)),
+        ("TimeoutStrategy", names(&TimeoutStrategy::ALL)),
+    ];
+    for (name, values) in cases {
+        assert_eq!(
+            schema(&spec, name)["enum"],
+            Value::Array(values),
+            "enum {name}"
+        );
+    }
+}
+
+/// For request bodies: `required` lists exactly the fields whose absence serde refuses, each other
+/// field has a `default` equal to what serde fills in, and unknown fields are refused by both.
+fn check_request_schema<T>(spec: &Value, name: &str, full: Value)
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let s = schema(spec, name);
+    assert_eq!(
+        s["additionalProperties"], false,
+        "{name} must refuse unknown fields"
+    );
+    let mut with_extra = full.clone();
+    with_extra["surely_unknown"] = json!(1);
+    assert!(
+        serde_json::from_value::<T>(with_extra).is_err(),
+        "{name} accepts unknown fields"
+    );
+
+    let required: BTreeSet<String> = s["required"]
+        .as_array()
+        .map(|r| r.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default();
+    let mut minimal = Map::new();
+    for field in keys(&full) {
+        let mut without = full.as_object().unwrap().clone();
+        without.remove(&field);
+        let refused = serde_json::from_value::<T>(Value::Object(without)).is_err();
+        assert_eq!(
+            refused,
+            required.contains(&field),
+            "{name}.{field} required"
+        );
+        if refused {
+            minimal.insert(field.clone(), full[&field].clone());
+        }
+    }
+    let filled =
+        serde_json::to_value(serde_json::from_value::<T>(Value::Object(minimal)).unwrap()).unwrap();
+    for field in keys(&full) {
+        if required.contains(&field) {
+            continue;
+        }
+        let prop = resolve(spec, &s["properties"][&field]);
+        let default = prop
+            .get("default")
+            .unwrap_or_else(|| panic!("{name}.{field} is optional but has no default in the spec"));
+        assert_eq!(default, &filled[&field], "{name}.{field} default");
+    }
+}
+
+#[test]
+fn request_schemas_match_required_fields_defaults_and_strictness() {
+    let spec = spec();
+    let mut full = send_data();
+    full.local = true;
+    full.destination_url = "unix:/d".parse().unwrap();
+    check_request_schema::<VmSendMigrationData>(
+        &spec,
+        "VmSendMigrationData",
+        serde_json::to_value(full).unwrap(),
+    );
+    check_request_schema::<VmReceiveMigrationData>(
+        &spec,
+        "VmReceiveMigrationData",
+        json!({"receiver_url": "tcp:0.0.0.0:6000"}),
+    );
+}
+
+#[test]
+fn documented_connection_range_matches_validation() {
+    let spec = spec();
+    let prop = &schema(&spec, "VmSendMigrationData")["properties"]["connections"];
+    let (min, max) = (
+        prop["minimum"].as_u64().unwrap(),
+        prop["maximum"].as_u64().unwrap(),
+    );
+    for n in [min - 1, min, max, max + 1] {
+        let body = json!({"destination_url": "tcp:h:1", "connections": n});
+        let ok = serde_json::from_value::<VmSendMigrationData>(body).is_ok();
+        assert_eq!(ok, (min..=max).contains(&n), "connections {n}");
+    }
+}
