@@ -11,7 +11,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/tern-lab-kernel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 cd "$work"
-apt-get download linux-source-6.12 >/dev/null
+apt-get -o APT::Sandbox::User=root download linux-source-6.12 >/dev/null
 dpkg -x linux-source-6.12_*.deb deb
 tar -xf deb/usr/src/linux-source-6.12.tar.xz
 cd linux-source-6.12

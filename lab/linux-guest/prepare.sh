@@ -22,7 +22,7 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tern-linux-guest.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download "$pkg" >/dev/null)
+(cd "$work" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null)
 dpkg-deb -x "$work"/"$pkg"_*.deb "$work/deb"
 mkdir -p "$work/out"
 cp "$work"/deb/boot/vmlinuz-* "$work/out/vmlinuz"
