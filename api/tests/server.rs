@@ -463,3 +463,42 @@ fn migration_status_is_served_as_the_engine_filled_it() {
     let h = Harness::start(vmm);
     assert_eq!(h.client().vm_migration_status().unwrap(), status);
 }
+
+#[test]
+fn concurrent_clients_are_all_answered() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let c = h.client();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    c.vm_migration_status().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(h.vmm.calls().len(), 16 * 25);
+}
+
+#[test]
+fn keep_alive_connection_serves_several_requests_in_order() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    let resp = raw_exchange(
+        &h.socket,
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n\
+          PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n\
+          GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    // Bodies have no trailing newline, so split on the status-line prefix rather than on lines.
+    let statuses: Vec<&str> = resp
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|r| r.lines().next())
+        .collect();
+    assert_eq!(statuses, ["200 OK", "204 No Content", "200 OK"], "{resp}");
+    assert!(resp.contains(r#""state":"paused""#), "{resp}");
+    assert_eq!(h.vmm.calls(), ["vmm.ping", "vm.pause", "vm.info"]);
+}

@@ -42,7 +42,9 @@ pub fn watch(
         std::thread::sleep(interval);
         status = match client.vm_migration_status() {
             Ok(s) => s,
-            Err(source @ ApiClientError::Connect { .. }) => {
+            // Any transport failure (refused, reset, cut-off answer) means the VMM is gone or
+            // going; an HTTP error status means it is there and said no.
+            Err(source) if source.status().is_none() => {
                 view.finish();
                 return Err(WatchError::VmmGone {
                     last: state_name(status.status),
