@@ -1,7 +1,8 @@
 //! HTTP/1.1 server on a Unix socket: hyper on a current-thread tokio runtime owned by one API thread.
 //!
 //! - The socket is created mode 0600 with no window where it is reachable with looser permissions: it
-//!   is bound under a temporary name, chmod-ed, then renamed into place. A stale socket file (nothing
+//!   is bound under a temporary name, chmod-ed, then hard-linked into place (which, unlike rename,
+//!   never replaces an existing file). A stale socket file (nothing
 //!   accepting on it) is replaced; a live one or a non-socket file is an error.
 //! - Each call into the [`ApiHandler`] runs on tokio's blocking pool, so a slow handler delays only its
 //!   own request, and after [`ServerOptions::handler_timeout`] the client gets a 503 instead of waiting.
@@ -14,6 +15,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -65,8 +67,8 @@ pub enum ApiServerError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot move api socket into place at {path:?}")]
-    Rename {
+    #[error("cannot link api socket into place at {path:?}")]
+    Place {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -188,6 +190,7 @@ impl Drop for ApiServer {
 
 /// Binds a listening socket at `path` that is never reachable with a mode looser than 0600.
 fn bind_private(path: &Path) -> Result<StdUnixListener, ApiServerError> {
+    static STARTS: AtomicU64 = AtomicU64::new(0);
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(ApiServerError::BadSocketPath {
             path: path.to_owned(),
@@ -195,29 +198,39 @@ fn bind_private(path: &Path) -> Result<StdUnixListener, ApiServerError> {
     };
     remove_stale_socket(path)?;
     let mut tmp_name = name.to_owned();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    tmp_name.push(format!(
+        ".{}-{}.tmp",
+        std::process::id(),
+        STARTS.fetch_add(1, Ordering::Relaxed)
+    ));
     let tmp = dir.join(tmp_name);
-    // A leftover from a crashed start of this very process id; nothing can be using it.
+    // A leftover from a crashed process that had this pid; nothing can be using it.
     let _ = std::fs::remove_file(&tmp);
     let listener = StdUnixListener::bind(&tmp).map_err(|source| ApiServerError::Bind {
         path: tmp.clone(),
         source,
     })?;
+    // chmod before the socket is reachable under its real name; then link (not rename) it into
+    // place, because link fails if the name exists: two VMMs started on one path cannot silently
+    // replace each other's socket.
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| ApiServerError::SetMode {
             path: tmp.clone(),
             source,
         })
         .and_then(|()| {
-            std::fs::rename(&tmp, path).map_err(|source| ApiServerError::Rename {
-                path: path.to_owned(),
-                source,
+            std::fs::hard_link(&tmp, path).map_err(|source| match source.kind() {
+                io::ErrorKind::AlreadyExists => ApiServerError::SocketInUse {
+                    path: path.to_owned(),
+                },
+                _ => ApiServerError::Place {
+                    path: path.to_owned(),
+                    source,
+                },
             })
         });
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let _ = std::fs::remove_file(&tmp);
+    placed?;
     listener
         .set_nonblocking(true)
         .map_err(|source| ApiServerError::Bind {
