@@ -11,5 +11,6 @@
 #![deny(unsafe_code)]
 
 pub mod dirty;
+pub mod engine;
 pub mod protocol;
 pub mod transport;

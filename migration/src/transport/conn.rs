@@ -82,14 +82,16 @@ impl Connection {
         match url {
             MigrationUrl::Tcp { host, port } => {
                 let addrs = (host.as_str(), *port).to_socket_addrs().map_err(err)?;
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
+                let mut last =
+                    io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
                 for a in addrs {
                     match TcpStream::connect(a) {
                         Ok(s) => {
-                            s.set_nodelay(true).map_err(|source| TransportError::Socket {
-                                what: "set TCP_NODELAY",
-                                source,
-                            })?;
+                            s.set_nodelay(true)
+                                .map_err(|source| TransportError::Socket {
+                                    what: "set TCP_NODELAY",
+                                    source,
+                                })?;
                             return Ok(Connection::Tcp(s));
                         }
                         Err(e) => last = e,
@@ -119,6 +121,14 @@ impl Connection {
         let _ = match self {
             Connection::Tcp(s) => s.shutdown(Shutdown::Both),
             Connection::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Shut the read side down: a blocked reader wakes with EOF, writes still work.
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Connection::Tcp(s) => s.shutdown(Shutdown::Read),
+            Connection::Unix(s) => s.shutdown(Shutdown::Read),
         };
     }
 
@@ -218,10 +228,11 @@ impl MigrationListener {
         match self {
             MigrationListener::Tcp(l, _) => {
                 let (s, _) = l.accept().map_err(err)?;
-                s.set_nodelay(true).map_err(|source| TransportError::Socket {
-                    what: "set TCP_NODELAY",
-                    source,
-                })?;
+                s.set_nodelay(true)
+                    .map_err(|source| TransportError::Socket {
+                        what: "set TCP_NODELAY",
+                        source,
+                    })?;
                 Ok(Connection::Tcp(s))
             }
             MigrationListener::Unix(l, _, _) => Ok(Connection::Unix(l.accept().map_err(err)?.0)),

@@ -22,14 +22,16 @@ pub fn send_frame_with_fd(
     let mut buf = Vec::new();
     let tail = encode_frame(frame, &mut buf)?;
     buf.extend_from_slice(tail);
-    let sent = stream
-        .send_with_fd(&buf[..], fd.as_raw_fd())
-        .map_err(|e| TransportError::SendFd {
-            source: io::Error::from_raw_os_error(e.errno()),
-        })?;
+    let sent =
+        stream
+            .send_with_fd(&buf[..], fd.as_raw_fd())
+            .map_err(|e| TransportError::SendFd {
+                source: io::Error::from_raw_os_error(e.errno()),
+            })?;
     // The fd went with the first byte; the rest of a short send can follow as plain bytes.
     let mut w = stream;
-    io::Write::write_all(&mut w, &buf[sent..]).map_err(|source| TransportError::SendFd { source })?;
+    io::Write::write_all(&mut w, &buf[sent..])
+        .map_err(|source| TransportError::SendFd { source })?;
     Ok(())
 }
 

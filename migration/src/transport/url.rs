@@ -91,7 +91,9 @@ impl MigrationUrl {
 impl std::fmt::Display for MigrationUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            MigrationUrl::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            MigrationUrl::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
             MigrationUrl::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             MigrationUrl::Unix(p) => write!(f, "unix:{}", p.display()),
         }

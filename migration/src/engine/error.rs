@@ -1,0 +1,155 @@
+//! Engine errors and the one place that renders an error chain as text (stats, Error frames).
+
+use crate::dirty::{DirtyBitmapError, DirtySourceError};
+use crate::protocol::ProtocolError;
+use crate::transport::{SendFdError, TransportError};
+
+use super::host::HostError;
+
+/// Why a migration failed. Messages name the operation and the phase.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Parameters are inconsistent.
+    #[error("invalid migration parameters: {reason}")]
+    InvalidParams {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Connecting, listening or socket setup failed.
+    #[error("transport")]
+    Transport(#[source] TransportError),
+    /// Passing a memory fd failed.
+    #[error("send memory fd")]
+    SendFd(#[source] SendFdError),
+    /// A frame could not be sent or received.
+    #[error("protocol error while {during}")]
+    Protocol {
+        /// Phase.
+        during: &'static str,
+        /// Why.
+        #[source]
+        source: ProtocolError,
+    },
+    /// A VMM callback failed.
+    #[error("host")]
+    Host(#[source] HostError),
+    /// A dirty source failed; the migration stops so no dirty bit is lost.
+    #[error("dirty tracking")]
+    DirtySource(#[source] DirtySourceError),
+    /// Internal bitmap bookkeeping failed.
+    #[error("dirty bitmap")]
+    Bitmap(#[source] DirtyBitmapError),
+    /// Reading or writing guest memory failed.
+    #[error("guest memory access at {gpa:#x}+{len_bytes:#x}")]
+    GuestMemory {
+        /// GPA.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The peer sent an Error frame.
+    #[error("{peer} reported: {reason}")]
+    PeerError {
+        /// "destination" or "source".
+        peer: &'static str,
+        /// Its reason text.
+        reason: String,
+    },
+    /// The peer closed the connection or stopped answering.
+    #[error("{peer} went away while {during}: {detail}")]
+    PeerGone {
+        /// "destination" or "source".
+        peer: &'static str,
+        /// Phase.
+        during: &'static str,
+        /// What was observed.
+        detail: String,
+    },
+    /// A frame arrived that this phase does not allow.
+    #[error("unexpected {frame} frame while {during}")]
+    Unexpected {
+        /// Frame type.
+        frame: &'static str,
+        /// Phase.
+        during: &'static str,
+    },
+    /// Cancelled by the user.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// The timeout expired with the `cancel` strategy.
+    #[error("migration timed out after {elapsed_s} s (expected downtime {expected_downtime_ms} ms > limit {downtime_ms} ms)")]
+    Timeout {
+        /// Seconds elapsed.
+        elapsed_s: u64,
+        /// Last estimate.
+        expected_downtime_ms: u64,
+        /// Limit.
+        downtime_ms: u64,
+    },
+    /// Local mode needs file-backed guest memory.
+    #[error(
+        "local migration needs file-backed (memfd) guest memory; region at {gpa:#x} is anonymous"
+    )]
+    AnonymousMemory {
+        /// Region base.
+        gpa: u64,
+    },
+    /// A connection belongs to another session or has a bad index.
+    #[error("connection {index} has session {got:#x}, expected {expected:#x}")]
+    Session {
+        /// Connection index.
+        index: u16,
+        /// Session id received.
+        got: u64,
+        /// Session id of connection 0.
+        expected: u64,
+    },
+    /// A data connection failed.
+    #[error("data connection {index}")]
+    Lane {
+        /// Connection index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: Box<MigrationError>,
+    },
+    /// An engine thread panicked (a bug).
+    #[error("migration thread panicked")]
+    Panicked,
+}
+
+/// `e: cause: cause…` on one line, for stats, logs and Error frames.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let e = MigrationError::Protocol {
+            during: "receiving memory",
+            source: ProtocolError::Truncated {
+                what: "frame payload",
+                got: 3,
+                want: 9,
+            },
+        };
+        assert_eq!(
+            error_chain(&e),
+            "protocol error while receiving memory: stream truncated in frame payload: got 3 of 9 bytes"
+        );
+    }
+}

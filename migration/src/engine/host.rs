@@ -1,0 +1,111 @@
+//! What the engine needs from a VM: the source side ([`MigrationHost`]) and the destination side
+//! ([`MigrationTargetFactory`] builds a [`MigrationTarget`] from the source's config bytes).
+//!
+//! No method has a default body: a VMM that cannot do something returns a [`HostError`] that says
+//! what and why.
+
+use std::fs::File;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::dirty::DirtySource;
+
+/// Boxed cause from the VMM.
+pub type HostCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A VMM operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("vm {operation}")]
+pub struct HostError {
+    /// The operation, e.g. "pause", "save state", "build from config".
+    pub operation: &'static str,
+    /// Why.
+    #[source]
+    pub source: HostCause,
+}
+
+impl HostError {
+    /// Wrap any error as the failure of `operation`.
+    pub fn new(operation: &'static str, source: impl Into<HostCause>) -> Self {
+        HostError {
+            operation,
+            source: source.into(),
+        }
+    }
+}
+
+/// Everything the VM needs restored on the destination, as opaque bytes produced by the VMM (one
+/// serde encoding, no JSON-in-JSON). Each blob travels in its own frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationState {
+    /// VM-wide state (irqchip, clock, …).
+    pub vm: Vec<u8>,
+    /// Per-vCPU state, by vCPU index.
+    pub vcpus: Vec<(u32, Vec<u8>)>,
+    /// Per-device state, by device id.
+    pub devices: Vec<(String, Vec<u8>)>,
+}
+
+impl MigrationState {
+    /// Total bytes of all blobs.
+    pub fn len_bytes(&self) -> u64 {
+        let v: usize = self.vcpus.iter().map(|(_, b)| b.len()).sum();
+        let d: usize = self.devices.iter().map(|(_, b)| b.len()).sum();
+        (self.vm.len() + v + d) as u64
+    }
+}
+
+/// One guest memory region handed over as a file (local mode).
+#[derive(Debug)]
+pub struct LocalRegion {
+    /// Region base GPA.
+    pub gpa: GuestAddress,
+    /// Region length in bytes.
+    pub len_bytes: u64,
+    /// The memfd (or other shareable file) backing the region.
+    pub file: File,
+    /// Offset of the region in `file`.
+    pub file_offset: u64,
+}
+
+/// The source VM, as the engine sees it. Called from the migration thread.
+pub trait MigrationHost: Send {
+    /// The guest memory. In local mode every region must be file backed (memfd, `MAP_SHARED`).
+    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap>;
+    /// Opaque configuration bytes from which the destination builds an identical VM.
+    fn config(&mut self) -> Result<Vec<u8>, HostError>;
+    /// The dirty sources to union (KVM, VMM writes, DMA). Called once per migration; the engine
+    /// starts and stops them.
+    fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError>;
+    /// Stop every vCPU and device (the final claim follows).
+    fn pause(&mut self) -> Result<(), HostError>;
+    /// Undo [`MigrationHost::pause`] after a failed or cancelled migration.
+    fn resume(&mut self) -> Result<(), HostError>;
+    /// Save vCPU, VM and device state; called while paused.
+    fn save_state(&mut self) -> Result<MigrationState, HostError>;
+    /// Auto-converge: let the vCPUs run only `100 - percent` % of the time (0 = unthrottled).
+    fn throttle(&mut self, percent: u8) -> Result<(), HostError>;
+}
+
+/// The destination VM being filled.
+pub trait MigrationTarget: Send {
+    /// The guest memory. Outside local mode it must be zero-filled when created: zero pages the
+    /// source never populated are not written.
+    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap>;
+    /// Restore vCPU, VM and device state (after all memory has arrived).
+    fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError>;
+    /// Start running the guest. The source is told to finish only after this succeeds.
+    fn start(&mut self) -> Result<(), HostError>;
+}
+
+/// Builds the destination VM.
+pub trait MigrationTargetFactory {
+    /// Build a VM from the source's config bytes. `local` holds the source's memory regions in
+    /// local mode (map them `MAP_SHARED`, do not copy) and is empty otherwise.
+    fn create(
+        &mut self,
+        config: &[u8],
+        local: Vec<LocalRegion>,
+    ) -> Result<Box<dyn MigrationTarget>, HostError>;
+}

@@ -1,0 +1,317 @@
+//! Source-side sending: one writer thread per connection ("lane") fed through a bounded queue, so
+//! reading guest memory overlaps with socket writes and N connections run in parallel. Batches are
+//! recycled through a free list so no 4 MiB buffer is allocated (and page-faulted) per frame.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{Frame, FrameWriter};
+use crate::transport::{Connection, RateLimiter};
+
+use super::error::MigrationError;
+use super::pages::MemoryBatch;
+use super::stats::MigrationStats;
+
+/// Control frames the main thread queues behind memory on a lane.
+#[derive(Debug)]
+pub enum OwnedFrame {
+    /// VM state.
+    VmState(Vec<u8>),
+    /// vCPU state.
+    Vcpu(u32, Vec<u8>),
+    /// Device state.
+    Device(String, Vec<u8>),
+    /// End of migration.
+    Complete,
+    /// End of a data connection.
+    StreamEnd,
+    /// Failure reason.
+    Error(String),
+}
+
+impl OwnedFrame {
+    fn as_frame(&self) -> Frame<'_> {
+        match self {
+            OwnedFrame::VmState(b) => Frame::VmState(b),
+            OwnedFrame::Vcpu(id, b) => Frame::VcpuState { id: *id, bytes: b },
+            OwnedFrame::Device(id, b) => Frame::DeviceState { id, bytes: b },
+            OwnedFrame::Complete => Frame::Complete,
+            OwnedFrame::StreamEnd => Frame::StreamEnd,
+            OwnedFrame::Error(t) => Frame::Error(t),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum LaneItem {
+    Memory(MemoryBatch),
+    Frame(OwnedFrame),
+    Flush(Sender<()>),
+}
+
+#[derive(Debug, Default)]
+struct LaneCounters {
+    bytes: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Lane {
+    tx: Option<SyncSender<LaneItem>>,
+    handle: Option<JoinHandle<Result<(), MigrationError>>>,
+    conn: Connection,
+    counters: Arc<LaneCounters>,
+}
+
+/// The sending side of all connections.
+#[derive(Debug)]
+pub struct Lanes {
+    lanes: Vec<Lane>,
+    free_tx: Sender<MemoryBatch>,
+    free_rx: Receiver<MemoryBatch>,
+    stats: Arc<MigrationStats>,
+}
+
+/// Queue depth per lane: enough to keep the socket busy while the next batch is read.
+const QUEUE_DEPTH: usize = 3;
+const POLL: Duration = Duration::from_micros(200);
+
+fn lane_main(
+    mut w: FrameWriter<Connection>,
+    rx: Receiver<LaneItem>,
+    free: Sender<MemoryBatch>,
+    rate: Arc<RateLimiter>,
+    counters: Arc<LaneCounters>,
+    stats: Arc<MigrationStats>,
+) -> Result<(), MigrationError> {
+    while let Ok(item) = rx.recv() {
+        match item {
+            LaneItem::Memory(mut b) => {
+                let frame = Frame::Memory {
+                    entries: std::mem::take(&mut b.entries),
+                    data: &b.data[..b.data_len],
+                };
+                rate.throttle((b.data_len + frame_entries_len(&frame)) as u64);
+                let t = Instant::now();
+                let n = w.send(&frame).map_err(|source| MigrationError::Protocol {
+                    during: "sending memory",
+                    source,
+                })?;
+                let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
+                counters.bytes.fetch_add(n, Ordering::Relaxed);
+                stats.add_transferred(n);
+                stats.add_pages(b.data_pages(), b.zero_pages);
+                if let Frame::Memory { entries, .. } = frame {
+                    b.entries = entries;
+                }
+                b.clear();
+                // The main thread may be gone (failure path); then the batch is just dropped.
+                let _ = free.send(b);
+            }
+            LaneItem::Frame(f) => {
+                let n = w
+                    .send(&f.as_frame())
+                    .map_err(|source| MigrationError::Protocol {
+                        during: "sending state",
+                        source,
+                    })?;
+                stats.add_transferred(n);
+            }
+            LaneItem::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn frame_entries_len(f: &Frame<'_>) -> usize {
+    match f {
+        Frame::Memory { entries, .. } => entries.len() * crate::protocol::MEMORY_ENTRY_BYTES,
+        _ => 0,
+    }
+}
+
+impl Lanes {
+    /// Start one writer thread per connection (after the handshake).
+    pub fn start(
+        conns: Vec<Connection>,
+        rate: Arc<RateLimiter>,
+        stats: Arc<MigrationStats>,
+    ) -> Result<Self, MigrationError> {
+        let (free_tx, free_rx) = mpsc::channel();
+        let mut lanes = Vec::new();
+        for (i, conn) in conns.into_iter().enumerate() {
+            let writer = conn.try_clone().map_err(MigrationError::Transport)?;
+            let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+            let counters = Arc::new(LaneCounters::default());
+            let (f, r, c, s) = (
+                free_tx.clone(),
+                rate.clone(),
+                counters.clone(),
+                stats.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("tern-mig-lane{i}"))
+                .spawn(move || lane_main(FrameWriter::new(writer), rx, f, r, c, s))
+                .map_err(|source| {
+                    MigrationError::Transport(crate::transport::TransportError::Socket {
+                        what: "spawn lane thread",
+                        source,
+                    })
+                })?;
+            lanes.push(Lane {
+                tx: Some(tx),
+                handle: Some(handle),
+                conn,
+                counters,
+            });
+        }
+        Ok(Lanes {
+            lanes,
+            free_tx,
+            free_rx,
+            stats,
+        })
+    }
+
+    /// Number of lanes.
+    pub fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// A cleared batch from the free list, or a new one.
+    pub fn batch(&self) -> MemoryBatch {
+        self.free_rx.try_recv().unwrap_or_default()
+    }
+
+    /// Return an unused batch to the free list.
+    pub fn recycle(&self, mut b: MemoryBatch) {
+        b.clear();
+        let _ = self.free_tx.send(b);
+    }
+
+    /// Aggregate link bandwidth: per lane, bytes over time spent writing.
+    pub fn bandwidth_bytes_per_sec(&self) -> u64 {
+        self.lanes
+            .iter()
+            .map(|l| {
+                let b = l.counters.bytes.load(Ordering::Relaxed);
+                let ns = l.counters.busy_ns.load(Ordering::Relaxed);
+                if ns == 0 {
+                    0
+                } else {
+                    u64::try_from(u128::from(b) * 1_000_000_000 / u128::from(ns))
+                        .unwrap_or(u64::MAX)
+                }
+            })
+            .sum()
+    }
+
+    /// The error a dead lane thread ended with.
+    fn lane_error(&mut self, i: usize) -> MigrationError {
+        let lane = &mut self.lanes[i];
+        lane.tx = None;
+        let err = match lane.handle.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => MigrationError::Panicked,
+            _ => MigrationError::PeerGone {
+                peer: "destination",
+                during: "sending memory",
+                detail: "lane closed".to_owned(),
+            },
+        };
+        MigrationError::Lane {
+            index: i,
+            source: Box::new(err),
+        }
+    }
+
+    fn push(
+        &mut self,
+        i: usize,
+        mut item: LaneItem,
+        cancellable: bool,
+    ) -> Result<(), MigrationError> {
+        loop {
+            let Some(tx) = self.lanes[i].tx.as_ref() else {
+                return Err(self.lane_error(i));
+            };
+            match tx.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(self.lane_error(i)),
+                Err(TrySendError::Full(back)) => {
+                    if cancellable && self.stats.cancel_requested() {
+                        return Err(MigrationError::Cancelled);
+                    }
+                    item = back;
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+
+    /// Queue a memory batch on lane `i`.
+    pub fn send_batch(&mut self, i: usize, b: MemoryBatch) -> Result<(), MigrationError> {
+        self.push(i, LaneItem::Memory(b), true)
+    }
+
+    /// Queue a control frame on lane `i`.
+    pub fn send_frame(&mut self, i: usize, f: OwnedFrame) -> Result<(), MigrationError> {
+        self.push(i, LaneItem::Frame(f), false)
+    }
+
+    /// Wait until every lane has written everything queued so far.
+    pub fn flush(&mut self, cancellable: bool) -> Result<(), MigrationError> {
+        let mut waits = Vec::new();
+        for i in 0..self.lanes.len() {
+            let (tx, rx) = mpsc::channel();
+            self.push(i, LaneItem::Flush(tx), cancellable)?;
+            waits.push((i, rx));
+        }
+        for (i, rx) in waits {
+            loop {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(()) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.lane_error(i)),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if cancellable && self.stats.cancel_requested() {
+                            return Err(MigrationError::Cancelled);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Close every lane: try to queue `error` on lane 0, let the lanes drain for up to `grace`,
+    /// then shut the sockets so no thread stays blocked, and join them.
+    pub fn close(mut self, error: Option<String>, grace: Duration) {
+        if let (Some(text), Some(tx)) = (error, self.lanes.first().and_then(|l| l.tx.as_ref())) {
+            let _ = tx.try_send(LaneItem::Frame(OwnedFrame::Error(text)));
+        }
+        for l in &mut self.lanes {
+            l.tx = None;
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline
+            && self
+                .lanes
+                .iter()
+                .any(|l| l.handle.as_ref().is_some_and(|h| !h.is_finished()))
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for l in &mut self.lanes {
+            l.conn.shutdown();
+            if let Some(h) = l.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}

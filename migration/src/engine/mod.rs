@@ -1,0 +1,25 @@
+//! The migration engine: the source's pre-copy loop ([`start_send`]) and the destination's
+//! receiver ([`receive`]), the traits a VMM implements ([`MigrationHost`], [`MigrationTarget`],
+//! [`MigrationTargetFactory`]), convergence policy and live stats.
+
+mod error;
+mod host;
+mod lanes;
+mod pages;
+mod params;
+mod policy;
+mod precopy;
+mod receive;
+mod stats;
+
+pub use error::{error_chain, MigrationError};
+pub use host::{
+    HostCause, HostError, LocalRegion, MigrationHost, MigrationState, MigrationTarget,
+    MigrationTargetFactory,
+};
+pub use pages::{is_zero_page, MemoryBatch, PageWriter, BATCH_DATA_PAGES};
+pub use params::{SendParams, TimeoutStrategy};
+pub use policy::{decide, expected_downtime_ms, AutoConverge, Decision};
+pub use precopy::{send, start_send, MigrationOutcome, STATE_ESTIMATE_BYTES};
+pub use receive::{receive, receive_on};
+pub use stats::{DirtyPagesBySource, MigrationStats, MigrationStatsSnapshot, MigrationStatus};

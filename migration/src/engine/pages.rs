@@ -1,0 +1,350 @@
+//! Guest pages ⇄ memory frames. The source copies dirty pages into a reusable batch, turning
+//! all-zero pages into markers; the destination writes data pages and zeroes only pages it has
+//! populated before, so memory the guest never touched is never touched here either.
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::dirty::{DirtyBitmap, PAGE_SIZE};
+use crate::protocol::{MemoryEntry, PageEncoding};
+
+use super::error::MigrationError;
+
+/// Data pages per memory frame (4 MiB of payload).
+pub const BATCH_DATA_PAGES: usize = 1024;
+/// Entries per memory frame.
+pub const BATCH_MAX_ENTRIES: usize = 4096;
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// One memory frame being assembled.
+#[derive(Debug)]
+pub struct MemoryBatch {
+    /// Entry table.
+    pub entries: Vec<MemoryEntry>,
+    /// Page bytes; only `..data_len` is meaningful. Allocated once and reused, never re-zeroed.
+    pub data: Vec<u8>,
+    /// Bytes used in `data`.
+    pub data_len: usize,
+    /// Pages sent as zero markers in this batch.
+    pub zero_pages: u64,
+}
+
+impl Default for MemoryBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// True when every byte of `page` is zero. OR-folding 256-byte blocks vectorises well and exits
+/// early on the first non-zero block (most non-zero pages differ in their first bytes).
+pub fn is_zero_page(page: &[u8]) -> bool {
+    page.chunks(256)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+impl MemoryBatch {
+    /// An empty batch with room for [`BATCH_DATA_PAGES`] pages.
+    pub fn new() -> Self {
+        MemoryBatch {
+            entries: Vec::with_capacity(BATCH_MAX_ENTRIES),
+            data: vec![0; BATCH_DATA_PAGES * PAGE],
+            data_len: 0,
+            zero_pages: 0,
+        }
+    }
+
+    /// Empty it for reuse.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.data_len = 0;
+        self.zero_pages = 0;
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True when no further page fits.
+    pub fn is_full(&self) -> bool {
+        self.data_len + PAGE > self.data.len() || self.entries.len() >= BATCH_MAX_ENTRIES
+    }
+
+    /// Data pages in the batch.
+    pub fn data_pages(&self) -> u64 {
+        (self.data_len / PAGE) as u64
+    }
+
+    fn push_entry(&mut self, gpa: u64, encoding: PageEncoding) {
+        if let Some(last) = self.entries.last_mut() {
+            if last.encoding == encoding
+                && last.gpa.0 + last.len_bytes() == gpa
+                && last.npages < u32::MAX
+            {
+                last.npages += 1;
+                return;
+            }
+        }
+        self.entries.push(MemoryEntry {
+            gpa: GuestAddress(gpa),
+            npages: 1,
+            encoding,
+        });
+    }
+
+    /// Copy up to `npages` pages from `gpa` (inside one region) into the batch; returns how many
+    /// pages were taken before the batch filled up.
+    pub fn push_pages(
+        &mut self,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+        gpa: GuestAddress,
+        npages: u64,
+    ) -> Result<u64, MigrationError> {
+        let gm_err = |source, len_bytes| MigrationError::GuestMemory {
+            gpa: gpa.0,
+            len_bytes,
+            source,
+        };
+        let mut done = 0;
+        while done < npages && !self.is_full() {
+            // Take as many pages as fit in one slice lookup.
+            let room = ((self.data.len() - self.data_len) / PAGE) as u64;
+            let n = (npages - done).min(room);
+            let at = gpa.0 + done * PAGE_SIZE;
+            let len = n * PAGE_SIZE;
+            let slice = mem
+                .get_slice(GuestAddress(at), len as usize)
+                .map_err(|e| gm_err(e, len))?;
+            let mut taken = 0;
+            while taken < n && self.entries.len() < BATCH_MAX_ENTRIES {
+                let page = slice
+                    .subslice(taken as usize * PAGE, PAGE)
+                    .map_err(|e| gm_err(e.into(), PAGE_SIZE))?;
+                let dst = &mut self.data[self.data_len..self.data_len + PAGE];
+                page.copy_to(dst);
+                let page_gpa = at + taken * PAGE_SIZE;
+                if is_zero_page(dst) {
+                    self.zero_pages += 1;
+                    self.push_entry(page_gpa, PageEncoding::Zero);
+                } else {
+                    self.data_len += PAGE;
+                    self.push_entry(page_gpa, PageEncoding::Data);
+                }
+                taken += 1;
+            }
+            done += taken;
+            if taken < n {
+                break;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Applies memory frames to the destination's guest memory.
+#[derive(Debug)]
+pub struct PageWriter {
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    /// Per region: pages this writer has written data to (only those need zeroing later).
+    populated: Vec<DirtyBitmap>,
+    zero: Vec<u8>,
+    /// Data pages written.
+    pub data_pages: u64,
+    /// Zero markers received.
+    pub zero_pages: u64,
+}
+
+impl PageWriter {
+    /// A writer over `mem`, which must be zero-filled.
+    pub fn new(mem: GuestMemoryMmap<AtomicBitmap>) -> Result<Self, MigrationError> {
+        let mut populated = Vec::new();
+        for r in mem.iter() {
+            populated
+                .push(DirtyBitmap::new(r.start_addr(), r.len()).map_err(MigrationError::Bitmap)?);
+        }
+        Ok(PageWriter {
+            mem,
+            populated,
+            zero: vec![0; PAGE],
+            data_pages: 0,
+            zero_pages: 0,
+        })
+    }
+
+    fn region_index(&self, gpa: GuestAddress, len_bytes: u64) -> Option<usize> {
+        self.populated.iter().position(|b| {
+            gpa.0 >= b.base().0
+                && gpa
+                    .0
+                    .checked_add(len_bytes)
+                    .is_some_and(|end| end <= b.base().0 + b.len_bytes())
+        })
+    }
+
+    /// Write one memory frame's pages.
+    pub fn apply(&mut self, entries: &[MemoryEntry], data: &[u8]) -> Result<(), MigrationError> {
+        let mut off = 0usize;
+        for e in entries {
+            let len = e.len_bytes();
+            let outside = || MigrationError::GuestMemory {
+                gpa: e.gpa.0,
+                len_bytes: len,
+                source: vm_memory::GuestMemoryError::InvalidGuestAddress(e.gpa),
+            };
+            let idx = self.region_index(e.gpa, len).ok_or_else(outside)?;
+            let bm = &mut self.populated[idx];
+            let first = (e.gpa.0 - bm.base().0) / PAGE_SIZE;
+            match e.encoding {
+                PageEncoding::Data => {
+                    bm.set_pages(first, u64::from(e.npages))
+                        .map_err(MigrationError::Bitmap)?;
+                    // The codec checked that the data section matches the entries.
+                    let src = &data[off..off + len as usize];
+                    off += len as usize;
+                    self.mem
+                        .get_slice(e.gpa, len as usize)
+                        .map_err(|source| MigrationError::GuestMemory {
+                            gpa: e.gpa.0,
+                            len_bytes: len,
+                            source,
+                        })?
+                        .copy_from(src);
+                    self.data_pages += u64::from(e.npages);
+                }
+                PageEncoding::Zero => {
+                    self.zero_pages += u64::from(e.npages);
+                    let to_zero: Vec<u64> = (first..first + u64::from(e.npages))
+                        .filter(|&p| bm.test(p))
+                        .collect();
+                    let base = bm.base().0;
+                    for p in to_zero {
+                        let gpa = GuestAddress(base + p * PAGE_SIZE);
+                        self.mem
+                            .get_slice(gpa, PAGE)
+                            .map_err(|source| MigrationError::GuestMemory {
+                                gpa: gpa.0,
+                                len_bytes: PAGE_SIZE,
+                                source,
+                            })?
+                            .copy_from(&self.zero[..]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    fn mem(pages: usize) -> GuestMemoryMmap<AtomicBitmap> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x10_0000), pages * PAGE)]).expect("memory")
+    }
+
+    #[test]
+    fn zero_pages_become_markers_and_runs_merge() {
+        let m = mem(8);
+        m.write_slice(&[1], GuestAddress(0x10_0000 + 2 * 4096 + 4095))
+            .expect("write");
+        m.write_slice(&[1], GuestAddress(0x10_0000 + 3 * 4096))
+            .expect("write");
+        let mut b = MemoryBatch::new();
+        assert_eq!(
+            b.push_pages(&m, GuestAddress(0x10_0000), 8).expect("read"),
+            8
+        );
+        let e = |gpa: u64, n, encoding| MemoryEntry {
+            gpa: GuestAddress(gpa),
+            npages: n,
+            encoding,
+        };
+        assert_eq!(
+            b.entries,
+            vec![
+                e(0x10_0000, 2, PageEncoding::Zero),
+                e(0x10_2000, 2, PageEncoding::Data),
+                e(0x10_4000, 4, PageEncoding::Zero),
+            ]
+        );
+        assert_eq!(b.data_len, 2 * PAGE);
+        assert_eq!(b.zero_pages, 6);
+        assert_eq!(b.data[4095], 1);
+        assert_eq!(b.data[4096], 1);
+    }
+
+    #[test]
+    fn push_pages_stops_when_full_and_resumes() {
+        let m = mem(BATCH_DATA_PAGES + 10);
+        for p in 0..BATCH_DATA_PAGES + 10 {
+            m.write_slice(&[7], GuestAddress(0x10_0000 + (p * PAGE) as u64))
+                .expect("write");
+        }
+        let mut b = MemoryBatch::new();
+        let total = (BATCH_DATA_PAGES + 10) as u64;
+        let n = b
+            .push_pages(&m, GuestAddress(0x10_0000), total)
+            .expect("read");
+        assert_eq!(n, BATCH_DATA_PAGES as u64);
+        assert!(b.is_full());
+        b.clear();
+        let rest = GuestAddress(0x10_0000 + n * PAGE_SIZE);
+        assert_eq!(b.push_pages(&m, rest, total - n).expect("read"), 10);
+    }
+
+    #[test]
+    fn page_writer_round_trips_and_rezeroes_only_populated_pages() {
+        let src = mem(8);
+        let dst = mem(8);
+        src.write_slice(&[9; 4096], GuestAddress(0x10_1000))
+            .expect("write");
+        let mut b = MemoryBatch::new();
+        b.push_pages(&src, GuestAddress(0x10_0000), 8)
+            .expect("read");
+        let mut w = PageWriter::new(dst.clone()).expect("writer");
+        w.apply(&b.entries, &b.data[..b.data_len]).expect("apply");
+        let mut got = [0u8; 4096];
+        dst.read_slice(&mut got, GuestAddress(0x10_1000))
+            .expect("read");
+        assert_eq!(got, [9; 4096]);
+        // The page becomes zero at the source: the marker must clear it at the destination.
+        src.write_slice(&[0; 4096], GuestAddress(0x10_1000))
+            .expect("write");
+        b.clear();
+        b.push_pages(&src, GuestAddress(0x10_0000), 8)
+            .expect("read");
+        w.apply(&b.entries, &b.data[..b.data_len]).expect("apply");
+        dst.read_slice(&mut got, GuestAddress(0x10_1000))
+            .expect("read");
+        assert_eq!(got, [0; 4096]);
+        assert_eq!(w.data_pages, 1);
+        assert_eq!(w.zero_pages, 15);
+    }
+
+    #[test]
+    fn page_writer_rejects_pages_outside_memory() {
+        let mut w = PageWriter::new(mem(2)).expect("writer");
+        let e = MemoryEntry {
+            gpa: GuestAddress(0x10_1000),
+            npages: 2,
+            encoding: PageEncoding::Zero,
+        };
+        assert!(matches!(
+            w.apply(&[e], &[]),
+            Err(MigrationError::GuestMemory { gpa: 0x10_1000, .. })
+        ));
+    }
+
+    #[test]
+    fn is_zero_page_detects_any_nonzero_byte() {
+        let mut p = vec![0u8; PAGE];
+        assert!(is_zero_page(&p));
+        for i in [0, 255, 256, 4095] {
+            p[i] = 1;
+            assert!(!is_zero_page(&p), "byte {i}");
+            p[i] = 0;
+        }
+    }
+}

@@ -1,0 +1,663 @@
+//! The source side: handshake, pre-copy iterations (plan → per-chunk claim of every source into
+//! one bitmap → coalesce → send), convergence, switchover, and unwinding on any failure so the
+//! source VM keeps running.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::dirty::{
+    claim_union, ClaimUnionError, DirtyBitmap, DirtyRanges, DirtySource, GpaRange, PAGE_SIZE,
+};
+use crate::protocol::{
+    read_preamble, write_preamble, Frame, FrameReader, FrameWriter, Hello, MemoryFdInfo,
+    ProtocolError,
+};
+use crate::transport::{send_frame_with_fd, Connection, RateLimiter};
+
+use super::error::{error_chain, MigrationError};
+use super::host::MigrationHost;
+use super::lanes::{Lanes, OwnedFrame};
+use super::params::SendParams;
+use super::policy::{decide, expected_downtime_ms, AutoConverge, Decision};
+use super::stats::{MigrationStats, MigrationStatus};
+
+/// Allowance for vCPU/VM/device state in the downtime estimate (saved only once paused).
+pub const STATE_ESTIMATE_BYTES: u64 = 256 << 10;
+
+/// What the migration thread hands back: the host (resumed on failure) and the result.
+#[derive(Debug)]
+pub struct MigrationOutcome {
+    /// The source VM handle.
+    pub host: Box<dyn MigrationHost>,
+    /// `Ok` once the destination acknowledged; the source VM stays paused and should exit.
+    pub result: Result<(), MigrationError>,
+}
+
+impl std::fmt::Debug for dyn MigrationHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationHost")
+    }
+}
+
+/// Start an outgoing migration on its own thread. Progress is published in `stats`; cancel with
+/// [`MigrationStats::cancel`].
+pub fn start_send(
+    mut host: Box<dyn MigrationHost>,
+    params: SendParams,
+    stats: Arc<MigrationStats>,
+) -> std::io::Result<JoinHandle<MigrationOutcome>> {
+    std::thread::Builder::new()
+        .name("tern-migrate-src".into())
+        .spawn(move || {
+            let result = send(host.as_mut(), params, stats);
+            MigrationOutcome { host, result }
+        })
+}
+
+/// Run an outgoing migration on the calling thread.
+pub fn send(
+    host: &mut dyn MigrationHost,
+    params: SendParams,
+    stats: Arc<MigrationStats>,
+) -> Result<(), MigrationError> {
+    let mem = host.guest_memory();
+    let regions: Vec<(GuestAddress, u64)> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
+    stats.begin(regions.iter().map(|r| r.1).sum());
+    let mut s = Source {
+        host,
+        rate: Arc::new(RateLimiter::new(params.max_bandwidth_bytes_per_sec())),
+        params,
+        stats,
+        mem,
+        regions,
+        sources: Vec::new(),
+        sources_started: false,
+        paused: false,
+        ac: AutoConverge::default(),
+        control: None,
+        lanes: None,
+        peer: None,
+        watcher: None,
+        ranges: DirtyRanges::default(),
+        session: new_session_id(),
+        plan: Vec::new(),
+    };
+    let result = s.migrate();
+    let result = s.unwind(result);
+    match &result {
+        Ok(()) => s.stats.finish(MigrationStatus::Completed, None),
+        Err(MigrationError::Cancelled) => s.stats.finish(
+            MigrationStatus::Cancelled,
+            Some("migration cancelled".into()),
+        ),
+        Err(e) => {
+            log::error!("migration failed: {}", error_chain(e));
+            s.stats
+                .finish(MigrationStatus::Failed, Some(error_chain(e)))
+        }
+    }
+    result
+}
+
+/// Unique enough to tie the parallel connections of one migration together.
+fn new_session_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 40) ^ 0x7465_726e_6d69_6721
+}
+
+/// What the control-connection reader saw from the destination.
+#[derive(Debug)]
+enum PeerEvent {
+    Ack,
+    Error(String),
+    Gone(String),
+}
+
+fn spawn_watcher(conn: Connection) -> std::io::Result<(Receiver<PeerEvent>, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::Builder::new()
+        .name("tern-mig-peer".into())
+        .spawn(move || {
+            let mut r = FrameReader::new(conn);
+            loop {
+                let ev = match r.recv() {
+                    Ok(Frame::Ack) => PeerEvent::Ack,
+                    Ok(Frame::Error(t)) => PeerEvent::Error(t.to_owned()),
+                    Ok(f) => {
+                        PeerEvent::Gone(format!("sent an unexpected {} frame", f.tag().name()))
+                    }
+                    Err(ProtocolError::Closed) => PeerEvent::Gone("connection closed".into()),
+                    Err(e) => PeerEvent::Gone(error_chain(&e)),
+                };
+                let last = !matches!(ev, PeerEvent::Ack);
+                if tx.send(ev).is_err() || last {
+                    return;
+                }
+            }
+        })?;
+    Ok((rx, h))
+}
+
+struct Source<'h> {
+    host: &'h mut dyn MigrationHost,
+    params: SendParams,
+    stats: Arc<MigrationStats>,
+    rate: Arc<RateLimiter>,
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    regions: Vec<(GuestAddress, u64)>,
+    sources: Vec<Box<dyn DirtySource>>,
+    sources_started: bool,
+    paused: bool,
+    ac: AutoConverge,
+    control: Option<Connection>,
+    lanes: Option<Lanes>,
+    peer: Option<Receiver<PeerEvent>>,
+    watcher: Option<JoinHandle<()>>,
+    ranges: DirtyRanges,
+    session: u64,
+    /// Per region: the bits peeked at the start of the iteration.
+    plan: Vec<DirtyBitmap>,
+}
+
+fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
+    move |source| MigrationError::Protocol { during, source }
+}
+
+impl Source<'_> {
+    fn migrate(&mut self) -> Result<(), MigrationError> {
+        self.params.validate()?;
+        self.connect()?;
+        if self.params.local {
+            self.send_local_memory()?;
+        }
+        self.send_config()?;
+        let conns = self.connect_data()?;
+        self.lanes = Some(Lanes::start(conns, self.rate.clone(), self.stats.clone())?);
+        if !self.params.local {
+            self.sources = self.host.dirty_sources().map_err(MigrationError::Host)?;
+            if self.sources.is_empty() {
+                return Err(MigrationError::InvalidParams {
+                    reason: "the VM reported no dirty sources; pre-copy would lose writes".into(),
+                });
+            }
+            for s in &mut self.sources {
+                s.start().map_err(MigrationError::DirtySource)?;
+            }
+            self.sources_started = true;
+            self.plan = self
+                .regions
+                .iter()
+                .map(|&(b, l)| DirtyBitmap::new(b, l))
+                .collect::<Result<_, _>>()
+                .map_err(MigrationError::Bitmap)?;
+            self.stats.set_status(MigrationStatus::Active);
+            self.precopy()?;
+        }
+        self.switchover()
+    }
+
+    /// Open connection 0, exchange preambles, send Hello, start the peer watcher.
+    fn connect(&mut self) -> Result<(), MigrationError> {
+        let mut c =
+            Connection::connect(&self.params.destination).map_err(MigrationError::Transport)?;
+        self.handshake(&mut c, 0)?;
+        let watch = c.try_clone().map_err(MigrationError::Transport)?;
+        let (rx, h) = spawn_watcher(watch).map_err(|source| {
+            MigrationError::Transport(crate::transport::TransportError::Socket {
+                what: "spawn peer watcher",
+                source,
+            })
+        })?;
+        self.peer = Some(rx);
+        self.watcher = Some(h);
+        self.control = Some(c);
+        Ok(())
+    }
+
+    fn handshake(&self, c: &mut Connection, index: u16) -> Result<(), MigrationError> {
+        write_preamble(c).map_err(proto("sending the preamble"))?;
+        read_preamble(c).map_err(proto("reading the destination's preamble"))?;
+        FrameWriter::new(c)
+            .send(&Frame::Hello(Hello {
+                session: self.session(),
+                connection_index: index,
+                connections: self.params.connections,
+                local: self.params.local,
+            }))
+            .map_err(proto("sending hello"))?;
+        Ok(())
+    }
+
+    fn session(&self) -> u64 {
+        self.session
+    }
+
+    fn connect_data(&mut self) -> Result<Vec<Connection>, MigrationError> {
+        let control = self.control.as_ref().ok_or(MigrationError::PeerGone {
+            peer: "destination",
+            during: "connecting",
+            detail: "no control connection".into(),
+        })?;
+        let mut conns = vec![control.try_clone().map_err(MigrationError::Transport)?];
+        for i in 1..self.params.connections {
+            let mut c =
+                Connection::connect(&self.params.destination).map_err(MigrationError::Transport)?;
+            self.handshake(&mut c, i)?;
+            conns.push(c);
+        }
+        Ok(conns)
+    }
+
+    fn control(&mut self) -> Result<&mut Connection, MigrationError> {
+        self.control.as_mut().ok_or(MigrationError::PeerGone {
+            peer: "destination",
+            during: "sending",
+            detail: "no control connection".into(),
+        })
+    }
+
+    fn send_config(&mut self) -> Result<(), MigrationError> {
+        let cfg = self.host.config().map_err(MigrationError::Host)?;
+        let n = FrameWriter::new(self.control()?)
+            .send(&Frame::Config(&cfg))
+            .map_err(proto("sending config"))?;
+        self.stats.add_transferred(n);
+        Ok(())
+    }
+
+    fn send_local_memory(&mut self) -> Result<(), MigrationError> {
+        let mem = self.mem.clone();
+        let unix = self
+            .control()?
+            .as_unix()
+            .ok_or_else(|| MigrationError::InvalidParams {
+                reason: "local migration needs a unix: destination_url".into(),
+            })?
+            .try_clone()
+            .map_err(|source| {
+                MigrationError::Transport(crate::transport::TransportError::Socket {
+                    what: "duplicate",
+                    source,
+                })
+            })?;
+        for r in mem.iter() {
+            let fo = r.file_offset().ok_or(MigrationError::AnonymousMemory {
+                gpa: r.start_addr().0,
+            })?;
+            let info = MemoryFdInfo {
+                gpa: r.start_addr(),
+                len_bytes: r.len(),
+                file_offset: fo.start(),
+            };
+            send_frame_with_fd(&unix, &Frame::MemoryFd(info), fo.file())
+                .map_err(MigrationError::SendFd)?;
+        }
+        Ok(())
+    }
+
+    fn check_abort(&mut self, cancellable: bool) -> Result<(), MigrationError> {
+        if cancellable && self.stats.cancel_requested() {
+            return Err(MigrationError::Cancelled);
+        }
+        let ev = self.peer.as_ref().map(|p| p.try_recv());
+        match ev {
+            Some(Ok(PeerEvent::Error(reason))) => Err(MigrationError::PeerError {
+                peer: "destination",
+                reason,
+            }),
+            Some(Ok(PeerEvent::Gone(detail))) => Err(MigrationError::PeerGone {
+                peer: "destination",
+                during: "sending memory",
+                detail,
+            }),
+            Some(Ok(PeerEvent::Ack)) => Err(MigrationError::Unexpected {
+                frame: "ack",
+                during: "sending memory",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn lanes(&mut self) -> Result<&mut Lanes, MigrationError> {
+        self.lanes.as_mut().ok_or(MigrationError::PeerGone {
+            peer: "destination",
+            during: "sending",
+            detail: "connections closed".into(),
+        })
+    }
+
+    /// Every chunk of guest memory, in GPA order, with the lane that owns it.
+    fn chunks(&self) -> Vec<(GpaRange, usize)> {
+        let n = usize::from(self.params.connections.max(1));
+        let cb = self.params.chunk_bytes;
+        let mut v = Vec::new();
+        for &(base, len) in &self.regions {
+            let mut off = 0;
+            while off < len {
+                let l = cb.min(len - off);
+                let start = base.0 + off;
+                // Fixed chunk → lane mapping: a page always travels on the same connection, so a
+                // newer copy can never overtake an older one.
+                let lane = usize::try_from((start / cb) % n as u64).unwrap_or(0);
+                v.push((GpaRange::new(GuestAddress(start), l), lane));
+                off += l;
+            }
+        }
+        v
+    }
+
+    /// Claim `range` from every source into one bitmap, counting per source.
+    fn claim(&mut self, range: GpaRange, count: bool) -> Result<DirtyBitmap, MigrationError> {
+        let stats = &self.stats;
+        claim_union(&mut self.sources, range, |kind, n| {
+            if count {
+                stats.add_dirty(kind, n);
+            }
+        })
+        .map_err(|e| match e {
+            ClaimUnionError::Source(e) => MigrationError::DirtySource(e),
+            ClaimUnionError::Bitmap(e) => MigrationError::Bitmap(e),
+        })
+    }
+
+    /// Read and queue the pages of `bitmap` (or all of `range` when `bitmap` is None) on `lane`.
+    fn send_pages(
+        &mut self,
+        range: GpaRange,
+        bitmap: Option<&DirtyBitmap>,
+        lane: usize,
+        cancellable: bool,
+    ) -> Result<u64, MigrationError> {
+        let runs: Vec<(u64, u64)> = match bitmap {
+            Some(b) => {
+                self.ranges.fill_from(b);
+                self.ranges
+                    .runs()
+                    .iter()
+                    .map(|r| (range.start.0 + r.first_page * PAGE_SIZE, r.npages))
+                    .collect()
+            }
+            None => vec![(range.start.0, range.pages())],
+        };
+        let mem = self.mem.clone();
+        let mut pages = 0;
+        let lanes = self.lanes()?;
+        let mut batch = lanes.batch();
+        for (gpa, npages) in runs {
+            let mut done = 0;
+            while done < npages {
+                let at = GuestAddress(gpa + done * PAGE_SIZE);
+                let n = match batch.push_pages(&mem, at, npages - done) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        lanes.recycle(batch);
+                        return Err(e);
+                    }
+                };
+                done += n;
+                if batch.is_full() {
+                    let full = std::mem::replace(&mut batch, lanes.batch());
+                    lanes.send_batch(lane, full)?;
+                }
+            }
+            pages += npages;
+        }
+        if batch.is_empty() {
+            lanes.recycle(batch);
+        } else {
+            lanes.send_batch(lane, batch)?;
+        }
+        self.stats.mark_setup_done();
+        if cancellable && self.stats.cancel_requested() {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(pages)
+    }
+
+    fn precopy(&mut self) -> Result<(), MigrationError> {
+        let started = Instant::now();
+        let chunks = self.chunks();
+        // Iteration 0: every page. Claiming first clears what the sources already know (KVM's
+        // INITIALLY_SET bits) for pages about to be read anyway.
+        self.stats.set_iteration(0);
+        for &(range, lane) in &chunks {
+            self.check_abort(true)?;
+            self.claim(range, false)?;
+            self.send_pages(range, None, lane, true)?;
+        }
+        let mut sent_before = self.stats.snapshot().transferred_bytes;
+        let mut last_iter_bytes = sent_before;
+        let mut iteration = 0u64;
+        loop {
+            self.check_abort(true)?;
+            let t_iter = Instant::now();
+            for s in &mut self.sources {
+                s.sync().map_err(MigrationError::DirtySource)?;
+            }
+            let (planned, can_peek) = self.plan()?;
+            let remaining = planned * PAGE_SIZE;
+            self.stats.set_remaining(remaining);
+            let mut bw = self.lanes()?.bandwidth_bytes_per_sec();
+            let cap = self.rate.rate();
+            if cap != 0 && (bw == 0 || bw > cap) {
+                bw = cap;
+            }
+            self.stats.set_bandwidth(bw);
+            let expected = if can_peek {
+                expected_downtime_ms(remaining, STATE_ESTIMATE_BYTES, bw)
+            } else {
+                // Unknown remaining: estimate from the last iteration's volume.
+                expected_downtime_ms(last_iter_bytes, STATE_ESTIMATE_BYTES, bw)
+            };
+            self.stats.set_expected_downtime(expected);
+            match decide(
+                expected,
+                self.params.downtime_ms,
+                started.elapsed(),
+                self.params.timeout,
+                self.params.timeout_strategy,
+            ) {
+                Decision::Switchover => return Ok(()),
+                Decision::TimedOut => {
+                    return Err(MigrationError::Timeout {
+                        elapsed_s: started.elapsed().as_secs(),
+                        expected_downtime_ms: expected,
+                        downtime_ms: self.params.downtime_ms,
+                    })
+                }
+                Decision::Iterate => {}
+            }
+            if self.params.auto_converge {
+                if let Some(p) = self.ac.update(remaining, last_iter_bytes) {
+                    log::info!("auto-converge: throttling vCPUs to {p} %");
+                    self.host.throttle(p).map_err(MigrationError::Host)?;
+                    self.stats.set_throttle(p);
+                }
+            }
+            iteration += 1;
+            self.stats.set_iteration(iteration);
+            let mut union_pages = 0;
+            for &(range, lane) in &chunks {
+                if can_peek && !self.planned(range) {
+                    continue;
+                }
+                self.check_abort(true)?;
+                let bits = self.claim(range, true)?;
+                union_pages += self.send_pages(range, Some(&bits), lane, true)?;
+            }
+            let secs = t_iter.elapsed().as_secs_f64().max(1e-6);
+            self.stats
+                .set_dirty_rate((union_pages as f64 / secs) as u64);
+            let now = self.stats.snapshot().transferred_bytes;
+            last_iter_bytes = now - sent_before;
+            sent_before = now;
+        }
+    }
+
+    /// Peek every source into the per-region plan. Returns (planned pages, all sources peeked).
+    fn plan(&mut self) -> Result<(u64, bool), MigrationError> {
+        let mut all = true;
+        let mut planned = 0;
+        for (i, &(base, len)) in self.regions.iter().enumerate() {
+            let plan = &mut self.plan[i];
+            plan.clear();
+            for s in &mut self.sources {
+                let ok = s
+                    .peek(GpaRange::new(base, len), plan)
+                    .map_err(MigrationError::DirtySource)?;
+                all &= ok;
+            }
+            planned += plan.count();
+        }
+        Ok((planned, all))
+    }
+
+    fn planned(&self, range: GpaRange) -> bool {
+        self.plan.iter().any(|p| {
+            p.page_of(range.start)
+                .map(|first| p.count_range(first, range.pages()) > 0)
+                .unwrap_or(false)
+        })
+    }
+
+    fn switchover(&mut self) -> Result<(), MigrationError> {
+        self.stats.set_status(MigrationStatus::Completing);
+        self.host.pause().map_err(MigrationError::Host)?;
+        self.paused = true;
+        let paused_at = Instant::now();
+        if !self.params.local {
+            // Final claim of everything, with every vCPU and device stopped.
+            for s in &mut self.sources {
+                s.sync().map_err(MigrationError::DirtySource)?;
+            }
+            let mut remaining = 0;
+            for (range, lane) in self.chunks() {
+                self.check_abort(true)?;
+                let bits = self.claim(range, true)?;
+                remaining += self.send_pages(range, Some(&bits), lane, true)?;
+            }
+            self.stats.set_remaining(0);
+            log::info!("switchover: {remaining} pages after pause");
+        }
+        let state = self.host.save_state().map_err(MigrationError::Host)?;
+        self.check_abort(true)?;
+        let lanes = self.lanes()?;
+        for i in 1..lanes.len() {
+            lanes.send_frame(i, OwnedFrame::StreamEnd)?;
+        }
+        lanes.send_frame(0, OwnedFrame::VmState(state.vm))?;
+        for (id, b) in state.vcpus {
+            lanes.send_frame(0, OwnedFrame::Vcpu(id, b))?;
+        }
+        for (id, b) in state.devices {
+            lanes.send_frame(0, OwnedFrame::Device(id, b))?;
+        }
+        lanes.send_frame(0, OwnedFrame::Complete)?;
+        // Past this point the destination may run the guest: cancel no longer applies.
+        lanes.flush(false)?;
+        self.wait_ack()?;
+        let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.stats.set_downtime(downtime);
+        Ok(())
+    }
+
+    fn wait_ack(&mut self) -> Result<(), MigrationError> {
+        let gone = |detail: String| MigrationError::PeerGone {
+            peer: "destination",
+            during: "waiting for the final ack",
+            detail,
+        };
+        let peer = self
+            .peer
+            .as_ref()
+            .ok_or_else(|| gone("no control connection".into()))?;
+        match peer.recv_timeout(self.params.ack_timeout) {
+            Ok(PeerEvent::Ack) => Ok(()),
+            Ok(PeerEvent::Error(reason)) => Err(MigrationError::PeerError {
+                peer: "destination",
+                reason,
+            }),
+            Ok(PeerEvent::Gone(d)) => Err(gone(d)),
+            Err(RecvTimeoutError::Timeout) => Err(gone(format!(
+                "no ack within {} s",
+                self.params.ack_timeout.as_secs()
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(gone("reader stopped".into())),
+        }
+    }
+
+    /// A send failure usually means the destination gave up; prefer its stated reason.
+    fn refine(&self, e: MigrationError) -> MigrationError {
+        let wrote = matches!(
+            e,
+            MigrationError::Lane { .. } | MigrationError::Protocol { .. }
+        );
+        if !wrote {
+            return e;
+        }
+        match self
+            .peer
+            .as_ref()
+            .map(|p| p.recv_timeout(Duration::from_millis(500)))
+        {
+            Some(Ok(PeerEvent::Error(reason))) => MigrationError::PeerError {
+                peer: "destination",
+                reason,
+            },
+            _ => e,
+        }
+    }
+
+    /// Tear down: on failure tell the destination why and give the VM back, running.
+    fn unwind(&mut self, result: Result<(), MigrationError>) -> Result<(), MigrationError> {
+        let result = result.map_err(|e| self.refine(e));
+        let reason = result
+            .as_ref()
+            .err()
+            .map(|e| format!("source: {}", error_chain(e)));
+        match self.lanes.take() {
+            Some(l) => l.close(reason, Duration::from_secs(2)),
+            None => {
+                if let (Some(text), Some(c)) = (&reason, self.control.as_mut()) {
+                    let _ = FrameWriter::new(c).send(&Frame::Error(text));
+                }
+            }
+        }
+        if let Some(c) = self.control.take() {
+            c.shutdown();
+        }
+        if let Some(h) = self.watcher.take() {
+            let _ = h.join();
+        }
+        if self.sources_started {
+            for s in &mut self.sources {
+                if let Err(e) = s.stop() {
+                    log::warn!("stopping dirty tracking: {}", error_chain(&e));
+                }
+            }
+        }
+        if self.ac.percent() > 0 {
+            if let Err(e) = self.host.throttle(0) {
+                log::warn!("removing the vCPU throttle: {}", error_chain(&e));
+            }
+            self.stats.set_throttle(0);
+        }
+        if result.is_err() && self.paused {
+            if let Err(e) = self.host.resume() {
+                // The migration error stays the primary one; the resume failure is logged.
+                log::error!("resuming the source VM: {}", error_chain(&e));
+            } else {
+                self.paused = false;
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,354 @@
+//! The destination side: accept the source's connections, build the VM from its config, write
+//! memory frames (one thread per extra connection), restore state after every data connection
+//! ended, start the VM and acknowledge. Any failure is reported to the source as an Error frame
+//! carrying the reason, and the half-built VM is dropped.
+
+use std::fs::File;
+use std::io::{self, Read};
+
+use crate::protocol::{
+    read_preamble, write_preamble, Frame, FrameReader, FrameWriter, Hello, ProtocolError,
+    HEADER_BYTES, MEMORY_ENTRY_BYTES,
+};
+use crate::transport::{Connection, FdReader, MigrationListener, MigrationUrl};
+
+use super::error::{error_chain, MigrationError};
+use super::host::{LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory};
+use super::pages::PageWriter;
+use super::stats::{MigrationStats, MigrationStatus};
+
+/// Listen on `url`, receive one migration, and return the started VM.
+pub fn receive(
+    url: &MigrationUrl,
+    factory: &mut dyn MigrationTargetFactory,
+    stats: &MigrationStats,
+) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    let listener = MigrationListener::bind(url).map_err(MigrationError::Transport)?;
+    receive_on(&listener, factory, stats)
+}
+
+/// Receive one migration on an already bound listener.
+pub fn receive_on(
+    listener: &MigrationListener,
+    factory: &mut dyn MigrationTargetFactory,
+    stats: &MigrationStats,
+) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    stats.begin(0);
+    let result = run(listener, factory, stats);
+    match &result {
+        Ok(_) => stats.finish(MigrationStatus::Completed, None),
+        Err(e) => {
+            log::error!("incoming migration failed: {}", error_chain(e));
+            stats.finish(MigrationStatus::Failed, Some(error_chain(e)));
+        }
+    }
+    result
+}
+
+/// The control connection's reader: Unix sockets read with `recvmsg` to collect memfds.
+#[derive(Debug)]
+enum Incoming {
+    Plain(Connection),
+    Fds(FdReader),
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Incoming::Plain(c) => c.read(buf),
+            Incoming::Fds(r) => r.read(buf),
+        }
+    }
+}
+
+impl Incoming {
+    fn take_fd(&mut self) -> Option<File> {
+        match self {
+            Incoming::Plain(_) => None,
+            Incoming::Fds(r) => r.take_fd(),
+        }
+    }
+}
+
+fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
+    move |source| MigrationError::Protocol { during, source }
+}
+
+fn recv_error(e: ProtocolError, during: &'static str) -> MigrationError {
+    match e {
+        ProtocolError::Closed => MigrationError::PeerGone {
+            peer: "source",
+            during,
+            detail: "connection closed".into(),
+        },
+        source => MigrationError::Protocol { during, source },
+    }
+}
+
+/// Accept one connection and exchange preambles; a bad preamble is answered with an Error frame.
+fn accept(listener: &MigrationListener) -> Result<Connection, MigrationError> {
+    let mut c = listener.accept().map_err(MigrationError::Transport)?;
+    write_preamble(&mut c).map_err(proto("sending the preamble"))?;
+    if let Err(e) = read_preamble(&mut c) {
+        let err = MigrationError::Protocol {
+            during: "reading the source's preamble",
+            source: e,
+        };
+        let _ = FrameWriter::new(&mut c).send(&Frame::Error(&error_chain(&err)));
+        return Err(err);
+    }
+    Ok(c)
+}
+
+fn read_hello<R: Read>(r: &mut FrameReader<R>) -> Result<Hello, MigrationError> {
+    match r.recv() {
+        Ok(Frame::Hello(h)) => Ok(h),
+        Ok(f) => Err(MigrationError::Unexpected {
+            frame: f.tag().name(),
+            during: "waiting for hello",
+        }),
+        Err(e) => Err(recv_error(e, "waiting for hello")),
+    }
+}
+
+fn memory_frame_bytes(entries: usize, data: usize) -> u64 {
+    (HEADER_BYTES + 4 + entries * MEMORY_ENTRY_BYTES + data) as u64
+}
+
+/// One extra data connection: memory frames until StreamEnd.
+fn data_lane(
+    r: &mut FrameReader<Connection>,
+    pw: &mut PageWriter,
+    stats: &MigrationStats,
+) -> Result<(), MigrationError> {
+    loop {
+        match r.recv() {
+            Ok(Frame::Memory { entries, data }) => {
+                pw.apply(&entries, data)?;
+                stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
+            }
+            Ok(Frame::StreamEnd) => return Ok(()),
+            Ok(Frame::Error(reason)) => {
+                return Err(MigrationError::PeerError {
+                    peer: "source",
+                    reason: reason.to_owned(),
+                })
+            }
+            Ok(f) => {
+                return Err(MigrationError::Unexpected {
+                    frame: f.tag().name(),
+                    during: "receiving memory on a data connection",
+                })
+            }
+            Err(e) => return Err(recv_error(e, "receiving memory on a data connection")),
+        }
+    }
+}
+
+fn run(
+    listener: &MigrationListener,
+    factory: &mut dyn MigrationTargetFactory,
+    stats: &MigrationStats,
+) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    let control = accept(listener)?;
+    let writer = control.try_clone().map_err(MigrationError::Transport)?;
+    let mut w = FrameWriter::new(writer);
+    let result = run_control(listener, &control, factory, stats);
+    match result {
+        Ok(target) => {
+            w.send(&Frame::Ack)
+                .map_err(proto("sending the final ack"))?;
+            Ok(target)
+        }
+        Err(e) => {
+            // Tell the source why; it resumes its VM. It may already be gone.
+            let _ = w.send(&Frame::Error(&format!("destination: {}", error_chain(&e))));
+            control.shutdown();
+            Err(e)
+        }
+    }
+}
+
+fn run_control(
+    listener: &MigrationListener,
+    control: &Connection,
+    factory: &mut dyn MigrationTargetFactory,
+    stats: &MigrationStats,
+) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    let reader = control.try_clone().map_err(MigrationError::Transport)?;
+    let incoming = match reader {
+        Connection::Unix(u) => Incoming::Fds(FdReader::new(u)),
+        c @ Connection::Tcp(_) => Incoming::Plain(c),
+    };
+    let mut r = FrameReader::new(incoming);
+    let hello = read_hello(&mut r)?;
+    if hello.connection_index != 0 {
+        return Err(MigrationError::InvalidParams {
+            reason: format!(
+                "first connection has index {}, expected 0",
+                hello.connection_index
+            ),
+        });
+    }
+    if hello.local && control.as_unix().is_none() {
+        return Err(MigrationError::InvalidParams {
+            reason: "local migration over tcp".into(),
+        });
+    }
+    // The source opens every data connection before sending config.
+    let mut data: Vec<Option<FrameReader<Connection>>> =
+        (0..hello.connections).map(|_| None).collect();
+    let mut data_conns = Vec::new();
+    for _ in 1..hello.connections {
+        let c = accept(listener)?;
+        data_conns.push(c.try_clone().map_err(MigrationError::Transport)?);
+        let mut dr = FrameReader::new(c);
+        let h = read_hello(&mut dr)?;
+        if h.session != hello.session {
+            return Err(MigrationError::Session {
+                index: h.connection_index,
+                got: h.session,
+                expected: hello.session,
+            });
+        }
+        let slot = data
+            .get_mut(usize::from(h.connection_index))
+            .filter(|s| s.is_none() && h.connection_index != 0)
+            .ok_or(MigrationError::InvalidParams {
+                reason: format!("duplicate or bad connection index {}", h.connection_index),
+            })?;
+        *slot = Some(dr);
+    }
+
+    // Setup: memfds (local mode), then config.
+    let mut local = Vec::new();
+    let mut target = loop {
+        match r.recv() {
+            Ok(Frame::MemoryFd(info)) if hello.local => {
+                let file = r.get_mut().take_fd().ok_or(MigrationError::InvalidParams {
+                    reason: format!(
+                        "memory-fd frame for {:#x} arrived without a file descriptor",
+                        info.gpa.0
+                    ),
+                })?;
+                local.push(LocalRegion {
+                    gpa: info.gpa,
+                    len_bytes: info.len_bytes,
+                    file,
+                    file_offset: info.file_offset,
+                });
+            }
+            Ok(Frame::Config(cfg)) => {
+                break factory
+                    .create(cfg, std::mem::take(&mut local))
+                    .map_err(MigrationError::Host)?
+            }
+            Ok(Frame::Error(reason)) => {
+                return Err(MigrationError::PeerError {
+                    peer: "source",
+                    reason: reason.to_owned(),
+                })
+            }
+            Ok(f) => {
+                return Err(MigrationError::Unexpected {
+                    frame: f.tag().name(),
+                    during: "waiting for config",
+                })
+            }
+            Err(e) => return Err(recv_error(e, "waiting for config")),
+        }
+    };
+    let mem = target.guest_memory();
+    stats.set_total_bytes(
+        vm_memory::GuestMemoryBackend::iter(&mem)
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum(),
+    );
+    stats.set_status(MigrationStatus::Active);
+    stats.mark_setup_done();
+
+    let state = std::thread::scope(|scope| -> Result<MigrationState, MigrationError> {
+        let mut handles = Vec::new();
+        for (i, slot) in data.iter_mut().enumerate() {
+            let Some(mut dr) = slot.take() else { continue };
+            let mut pw = PageWriter::new(mem.clone())?;
+            let wake = control.try_clone().map_err(MigrationError::Transport)?;
+            handles.push((
+                i,
+                scope.spawn(move || {
+                    let res = data_lane(&mut dr, &mut pw, stats);
+                    if res.is_err() {
+                        // Wake the control loop so it reports this error to the source.
+                        wake.shutdown_read();
+                    }
+                    res
+                }),
+            ));
+        }
+        let mut pw = PageWriter::new(mem.clone())?;
+        let control_result = control_loop(&mut r, &mut pw, stats);
+        // Unblock data threads on failure; on success each has read StreamEnd.
+        if control_result.is_err() {
+            for c in &data_conns {
+                c.shutdown();
+            }
+        }
+        let mut lane_err = None;
+        for (i, h) in handles {
+            let res = h.join().unwrap_or(Err(MigrationError::Panicked));
+            if let (Err(e), None) = (res, &lane_err) {
+                lane_err = Some(MigrationError::Lane {
+                    index: i,
+                    source: Box::new(e),
+                });
+            }
+        }
+        match (control_result, lane_err) {
+            // A source-reported reason explains everything; otherwise the data error is the cause.
+            (Err(e @ MigrationError::PeerError { .. }), _) => Err(e),
+            (_, Some(e)) => Err(e),
+            (r, None) => r,
+        }
+    })?;
+
+    stats.set_status(MigrationStatus::Completing);
+    target.restore_state(state).map_err(MigrationError::Host)?;
+    target.start().map_err(MigrationError::Host)?;
+    Ok(target)
+}
+
+/// Memory and state on the control connection until Complete.
+fn control_loop(
+    r: &mut FrameReader<Incoming>,
+    pw: &mut PageWriter,
+    stats: &MigrationStats,
+) -> Result<MigrationState, MigrationError> {
+    let mut state = MigrationState::default();
+    loop {
+        match r.recv() {
+            Ok(Frame::Memory { entries, data }) => {
+                pw.apply(&entries, data)?;
+                stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
+            }
+            Ok(Frame::VmState(b)) => state.vm = b.to_vec(),
+            Ok(Frame::VcpuState { id, bytes }) => state.vcpus.push((id, bytes.to_vec())),
+            Ok(Frame::DeviceState { id, bytes }) => {
+                state.devices.push((id.to_owned(), bytes.to_vec()))
+            }
+            Ok(Frame::Complete) => return Ok(state),
+            Ok(Frame::Error(reason)) => {
+                return Err(MigrationError::PeerError {
+                    peer: "source",
+                    reason: reason.to_owned(),
+                })
+            }
+            Ok(f) => {
+                return Err(MigrationError::Unexpected {
+                    frame: f.tag().name(),
+                    during: "receiving memory and state",
+                })
+            }
+            Err(e) => return Err(recv_error(e, "receiving memory and state")),
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Migration progress, updated by the engine with atomics and read by the API thread at any time
+//! without waiting for the migration thread. Also carries the cancel request.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dirty::SourceKind;
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStatus {
+    /// Nothing started.
+    None,
+    /// Connecting, exchanging config.
+    Setup,
+    /// Pre-copy iterations.
+    Active,
+    /// VM paused, final copy and state.
+    Completing,
+    /// Done; the destination runs the guest.
+    Completed,
+    /// Failed; see `error`. The source VM runs.
+    Failed,
+    /// Cancelled by the user. The source VM runs.
+    Cancelled,
+}
+
+impl MigrationStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => MigrationStatus::Setup,
+            2 => MigrationStatus::Active,
+            3 => MigrationStatus::Completing,
+            4 => MigrationStatus::Completed,
+            5 => MigrationStatus::Failed,
+            6 => MigrationStatus::Cancelled,
+            _ => MigrationStatus::None,
+        }
+    }
+
+    /// True for completed, failed and cancelled.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+}
+
+/// Dirty pages reported per source kind (cumulative; a page reported by two kinds counts twice
+/// here but is sent once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyPagesBySource {
+    /// KVM dirty log / ring.
+    pub kvm: u64,
+    /// VMM-side writes.
+    pub vmm: u64,
+    /// Device DMA.
+    pub dma: u64,
+}
+
+/// A plain copy of the stats at one instant (what `GET vm.migration` returns).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatsSnapshot {
+    /// Status.
+    pub status: MigrationStatus,
+    /// Pre-copy iteration (0 = full copy).
+    pub iteration: u64,
+    /// Guest memory size in bytes.
+    pub total_bytes: u64,
+    /// Bytes put on the wire so far (frames, headers included).
+    pub transferred_bytes: u64,
+    /// Dirty bytes still to send, as of the last plan.
+    pub remaining_bytes: u64,
+    /// Measured link bandwidth in bytes per second.
+    pub bandwidth_bytes_per_sec: u64,
+    /// Pages dirtied per second in the last iteration.
+    pub dirty_pages_per_sec: u64,
+    /// Dirty pages per source kind.
+    pub dirty_pages: DirtyPagesBySource,
+    /// Pages sent as data.
+    pub data_pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Expected downtime if switching over now, in ms.
+    pub expected_downtime_ms: u64,
+    /// Current auto-converge throttle in percent.
+    pub throttle_percent: u64,
+    /// Measured downtime (pause → destination ack), once completed.
+    pub downtime_ms: Option<u64>,
+    /// Time since start (running) or start → end (finished), in ms.
+    pub total_time_ms: u64,
+    /// Time from start to the first memory frame, in ms.
+    pub setup_time_ms: Option<u64>,
+    /// Error chain of a failed migration.
+    pub error: Option<String>,
+}
+
+const UNSET: u64 = u64::MAX;
+
+/// Live, lock-free migration statistics plus the cancel flag. Share it as `Arc<MigrationStats>`.
+#[derive(Debug)]
+pub struct MigrationStats {
+    status: AtomicU8,
+    cancel: AtomicBool,
+    iteration: AtomicU64,
+    total_bytes: AtomicU64,
+    transferred_bytes: AtomicU64,
+    remaining_bytes: AtomicU64,
+    bandwidth: AtomicU64,
+    dirty_rate: AtomicU64,
+    dirty_kvm: AtomicU64,
+    dirty_vmm: AtomicU64,
+    dirty_dma: AtomicU64,
+    data_pages: AtomicU64,
+    zero_pages: AtomicU64,
+    expected_downtime_ms: AtomicU64,
+    throttle_percent: AtomicU64,
+    downtime_ms: AtomicU64,
+    start_unix_ms: AtomicU64,
+    end_unix_ms: AtomicU64,
+    setup_time_ms: AtomicU64,
+    // Written once when a migration fails; readers take the lock only to clone the text.
+    error: Mutex<Option<String>>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Default for MigrationStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn opt(v: u64) -> Option<u64> {
+    (v != UNSET).then_some(v)
+}
+
+impl MigrationStats {
+    /// Fresh stats, status `none`.
+    pub fn new() -> Self {
+        MigrationStats {
+            status: AtomicU8::new(0),
+            cancel: AtomicBool::new(false),
+            iteration: AtomicU64::new(0),
+            total_bytes: AtomicU64::new(0),
+            transferred_bytes: AtomicU64::new(0),
+            remaining_bytes: AtomicU64::new(0),
+            bandwidth: AtomicU64::new(0),
+            dirty_rate: AtomicU64::new(0),
+            dirty_kvm: AtomicU64::new(0),
+            dirty_vmm: AtomicU64::new(0),
+            dirty_dma: AtomicU64::new(0),
+            data_pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            expected_downtime_ms: AtomicU64::new(0),
+            throttle_percent: AtomicU64::new(0),
+            downtime_ms: AtomicU64::new(UNSET),
+            start_unix_ms: AtomicU64::new(0),
+            end_unix_ms: AtomicU64::new(UNSET),
+            setup_time_ms: AtomicU64::new(UNSET),
+            error: Mutex::new(None),
+            started: Mutex::new(None),
+        }
+    }
+
+    /// Ask the running migration to stop; the source VM keeps running. Has no effect once the
+    /// source has sent Complete.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Was cancel requested?
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Current status.
+    pub fn status(&self) -> MigrationStatus {
+        MigrationStatus::from_u8(self.status.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn begin(&self, total_bytes: u64) {
+        self.cancel.store(false, Ordering::SeqCst);
+        for a in [
+            &self.iteration,
+            &self.transferred_bytes,
+            &self.remaining_bytes,
+            &self.bandwidth,
+            &self.dirty_rate,
+            &self.dirty_kvm,
+            &self.dirty_vmm,
+            &self.dirty_dma,
+            &self.data_pages,
+            &self.zero_pages,
+            &self.expected_downtime_ms,
+            &self.throttle_percent,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.downtime_ms.store(UNSET, Ordering::Relaxed);
+        self.end_unix_ms.store(UNSET, Ordering::Relaxed);
+        self.setup_time_ms.store(UNSET, Ordering::Relaxed);
+        self.total_bytes.store(total_bytes, Ordering::Relaxed);
+        self.start_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.set_status(MigrationStatus::Setup);
+    }
+
+    pub(crate) fn set_status(&self, s: MigrationStatus) {
+        self.status.store(s as u8, Ordering::SeqCst);
+    }
+
+    pub(crate) fn set_total_bytes(&self, v: u64) {
+        self.total_bytes.store(v, Ordering::Relaxed);
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
+        started
+            .map(|s| u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn mark_setup_done(&self) {
+        if self.setup_time_ms.load(Ordering::Relaxed) == UNSET {
+            self.setup_time_ms
+                .store(self.elapsed_ms(), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn set_iteration(&self, v: u64) {
+        self.iteration.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_transferred(&self, bytes: u64) {
+        self.transferred_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_pages(&self, data: u64, zero: u64) {
+        self.data_pages.fetch_add(data, Ordering::Relaxed);
+        self.zero_pages.fetch_add(zero, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_remaining(&self, bytes: u64) {
+        self.remaining_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_bandwidth(&self, bytes_per_sec: u64) {
+        self.bandwidth.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_dirty_rate(&self, pages_per_sec: u64) {
+        self.dirty_rate.store(pages_per_sec, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_dirty(&self, kind: SourceKind, pages: u64) {
+        let a = match kind {
+            SourceKind::Kvm => &self.dirty_kvm,
+            SourceKind::Vmm => &self.dirty_vmm,
+            SourceKind::Dma => &self.dirty_dma,
+        };
+        a.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_expected_downtime(&self, ms: u64) {
+        self.expected_downtime_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_throttle(&self, percent: u8) {
+        self.throttle_percent
+            .store(u64::from(percent), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_downtime(&self, ms: u64) {
+        self.downtime_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Record the end of a migration: final status and, on failure, the error text.
+    pub(crate) fn finish(&self, status: MigrationStatus, error: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+        self.end_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        self.set_status(status);
+    }
+
+    /// A consistent-enough copy for display; never blocks on the migration thread.
+    pub fn snapshot(&self) -> MigrationStatsSnapshot {
+        let start = self.start_unix_ms.load(Ordering::Relaxed);
+        let total_time_ms = match opt(self.end_unix_ms.load(Ordering::Relaxed)) {
+            Some(end) => end.saturating_sub(start),
+            None if start == 0 => 0,
+            None => self.elapsed_ms(),
+        };
+        MigrationStatsSnapshot {
+            status: self.status(),
+            iteration: self.iteration.load(Ordering::Relaxed),
+            total_bytes: self.total_bytes.load(Ordering::Relaxed),
+            transferred_bytes: self.transferred_bytes.load(Ordering::Relaxed),
+            remaining_bytes: self.remaining_bytes.load(Ordering::Relaxed),
+            bandwidth_bytes_per_sec: self.bandwidth.load(Ordering::Relaxed),
+            dirty_pages_per_sec: self.dirty_rate.load(Ordering::Relaxed),
+            dirty_pages: DirtyPagesBySource {
+                kvm: self.dirty_kvm.load(Ordering::Relaxed),
+                vmm: self.dirty_vmm.load(Ordering::Relaxed),
+                dma: self.dirty_dma.load(Ordering::Relaxed),
+            },
+            data_pages: self.data_pages.load(Ordering::Relaxed),
+            zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            expected_downtime_ms: self.expected_downtime_ms.load(Ordering::Relaxed),
+            throttle_percent: self.throttle_percent.load(Ordering::Relaxed),
+            downtime_ms: opt(self.downtime_ms.load(Ordering::Relaxed)),
+            total_time_ms,
+            setup_time_ms: opt(self.setup_time_ms.load(Ordering::Relaxed)),
+            error: self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reflects_updates_and_serializes_snake_case() {
+        let s = MigrationStats::new();
+        assert_eq!(s.snapshot().status, MigrationStatus::None);
+        s.begin(1 << 30);
+        s.add_dirty(SourceKind::Dma, 5);
+        s.add_dirty(SourceKind::Kvm, 7);
+        s.add_transferred(100);
+        s.add_transferred(23);
+        s.set_status(MigrationStatus::Active);
+        let snap = s.snapshot();
+        assert_eq!(snap.status, MigrationStatus::Active);
+        assert_eq!(snap.transferred_bytes, 123);
+        assert_eq!(
+            snap.dirty_pages,
+            DirtyPagesBySource {
+                kvm: 7,
+                vmm: 0,
+                dma: 5
+            }
+        );
+        assert_eq!(snap.downtime_ms, None);
+        let json = serde_json::to_value(&snap).expect("serializes");
+        assert_eq!(json["status"], "active");
+        assert_eq!(json["dirty_pages"]["dma"], 5);
+        s.finish(
+            MigrationStatus::Failed,
+            Some("destination reported: boom".into()),
+        );
+        let snap = s.snapshot();
+        assert!(snap.status.is_final());
+        assert_eq!(snap.error.as_deref(), Some("destination reported: boom"));
+    }
+
+    #[test]
+    fn begin_resets_previous_run_and_cancel() {
+        let s = MigrationStats::new();
+        s.begin(10);
+        s.add_transferred(5);
+        s.cancel();
+        s.set_downtime(3);
+        s.finish(
+            MigrationStatus::Cancelled,
+            Some("migration cancelled".into()),
+        );
+        s.begin(20);
+        let snap = s.snapshot();
+        assert!(!s.cancel_requested());
+        assert_eq!(snap.transferred_bytes, 0);
+        assert_eq!(snap.downtime_ms, None);
+        assert_eq!(snap.error, None);
+        assert_eq!(snap.status, MigrationStatus::Setup);
+    }
+}
