@@ -113,7 +113,9 @@ impl Bus {
 /// Locks a device, recovering from a poisoned lock: a device that panicked in another vCPU thread must
 /// not take the whole VM down with a second panic here.
 pub fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -155,7 +157,10 @@ mod tests {
         bus.insert(dev(), 0x100, 0x10).unwrap();
         assert!(matches!(
             bus.insert(dev(), 0x10f, 1),
-            Err(BusError::Overlap { existing_base: 0x100, .. })
+            Err(BusError::Overlap {
+                existing_base: 0x100,
+                ..
+            })
         ));
         assert!(matches!(
             bus.insert(dev(), 0xf8, 0x10),

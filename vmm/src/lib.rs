@@ -1,2 +1,16 @@
-//! tern-vmm: builds and runs a KVM virtual machine (memory, vCPUs, platform devices) and exposes it to
-//! the API and migration layers.
+//! tern-vmm: builds and runs a KVM virtual machine — guest RAM in a memfd, vCPU threads that can be
+//! paused and whose full state can be read and written, platform devices — and exposes it to the API
+//! and migration layers.
+//!
+//! It refuses to guess: a configuration it cannot honour is an error naming the fix, never a silently
+//! degraded VM.
+#![deny(unsafe_code)]
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod device_manager;
+pub mod machine;
+pub mod sys;
+pub mod vstate;

@@ -1,0 +1,11 @@
+//! The built-in demo guest: tern's default workload and its migration oracle.
+//!
+//! The payload (guests/demo/demo.S, assembled at build time) dirties a working set at a chosen rate
+//! with content that is a pure function of (page, generation) and keeps re-verifying it; any page a
+//! migration loses shows up as `DEMO: CORRUPT` on the serial console.
+
+pub mod config;
+pub mod payload;
+pub mod setup;
+
+pub use config::DemoConfig;

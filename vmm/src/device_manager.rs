@@ -1,0 +1,189 @@
+//! Creates the VM's platform devices, places them on the I/O buses, and saves/restores their state as
+//! one closed, typed struct (a device without state handling does not compile in).
+
+use std::fs::OpenOptions;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use tern_devices::bus::{Bus, BusError};
+use tern_devices::legacy::cmos::{Cmos, CmosRestoreError, CmosState, CMOS_PORT, CMOS_PORT_LEN};
+use tern_devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use tern_devices::legacy::power::{SleepControl, SLEEP_CONTROL_LEN, SLEEP_CONTROL_PORT};
+use tern_devices::legacy::serial::{
+    SerialDevice, SerialDeviceState, SerialOutput, SerialRestoreError, COM1_IRQ, COM1_PORT,
+    COM_PORT_LEN,
+};
+use tern_devices::legacy::EventFdTrigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialConfig;
+
+/// Errors creating devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create an eventfd for {what}")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open serial output file {path}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot route the serial interrupt (irqfd on GSI {COM1_IRQ})")]
+    SerialIrq(#[source] kvm_ioctls::Error),
+    #[error("cannot place {what} on the I/O bus")]
+    Bus {
+        what: &'static str,
+        #[source]
+        source: BusError,
+    },
+    #[error(transparent)]
+    SerialRestore(#[from] SerialRestoreError),
+    #[error(transparent)]
+    CmosRestore(#[from] CmosRestoreError),
+}
+
+/// Every device's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    pub serial: SerialDeviceState,
+    pub cmos: CmosState,
+}
+
+/// Events devices raise towards the VMM.
+#[derive(Debug)]
+pub struct PlatformEvents {
+    /// The guest requested power-off (ACPI S5).
+    pub power_off: EventFd,
+    /// The guest pulsed the reset line (i8042).
+    pub reset: EventFd,
+}
+
+/// The platform devices and the port I/O bus they sit on.
+#[derive(Debug)]
+pub struct DeviceManager {
+    serial: Arc<Mutex<SerialDevice>>,
+    cmos: Arc<Mutex<Cmos>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    // Kept so the irqfd stays registered for the VM's lifetime.
+    _serial_irq: EventFd,
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
+}
+
+fn serial_output(config: &SerialConfig) -> Result<SerialOutput, DeviceError> {
+    Ok(match config {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::Off => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| DeviceError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+impl DeviceManager {
+    /// Creates the devices (fresh, or from `states`) and wires their interrupts into `vm`.
+    pub fn new(
+        vm: &VmFd,
+        serial_config: &SerialConfig,
+        states: Option<&DeviceStates>,
+    ) -> Result<(Self, PlatformEvents), DeviceError> {
+        let events = PlatformEvents {
+            power_off: eventfd("power-off")?,
+            reset: eventfd("reset")?,
+        };
+        let serial_irq = eventfd("the serial interrupt")?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(DeviceError::SerialIrq)?;
+        let trigger = || {
+            serial_irq
+                .try_clone()
+                .map(EventFdTrigger::new)
+                .map_err(|source| DeviceError::EventFd {
+                    what: "the serial interrupt",
+                    source,
+                })
+        };
+        let out = serial_output(serial_config)?;
+        let (serial, cmos) = match states {
+            Some(s) => (
+                SerialDevice::restore(trigger()?, out, &s.serial)?,
+                Cmos::restore(&s.cmos)?,
+            ),
+            None => (SerialDevice::new(trigger()?, out), Cmos::new()),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let cmos = Arc::new(Mutex::new(cmos));
+        let clone_evt = |evt: &EventFd, what| {
+            evt.try_clone()
+                .map(EventFdTrigger::new)
+                .map_err(|source| DeviceError::EventFd { what, source })
+        };
+        let i8042 = Arc::new(Mutex::new(I8042::new(clone_evt(&events.reset, "reset")?)));
+        let sleep = Arc::new(Mutex::new(SleepControl::new(clone_evt(
+            &events.power_off,
+            "power-off",
+        )?)));
+
+        let mut pio = Bus::new();
+        let place = |bus: &mut Bus, dev, base, len, what| {
+            bus.insert(dev, base, len)
+                .map_err(|source| DeviceError::Bus { what, source })
+        };
+        place(&mut pio, serial.clone(), COM1_PORT, COM_PORT_LEN, "COM1")?;
+        place(&mut pio, cmos.clone(), CMOS_PORT, CMOS_PORT_LEN, "CMOS RTC")?;
+        place(&mut pio, i8042, I8042_PORT, I8042_PORT_LEN, "i8042")?;
+        place(
+            &mut pio,
+            sleep,
+            SLEEP_CONTROL_PORT,
+            SLEEP_CONTROL_LEN,
+            "sleep control",
+        )?;
+        Ok((
+            Self {
+                serial,
+                cmos,
+                pio: Arc::new(pio),
+                mmio: Arc::new(Bus::new()),
+                _serial_irq: serial_irq,
+            },
+            events,
+        ))
+    }
+
+    /// The port I/O bus.
+    pub fn pio(&self) -> Arc<Bus> {
+        self.pio.clone()
+    }
+
+    /// The MMIO bus.
+    pub fn mmio(&self) -> Arc<Bus> {
+        self.mmio.clone()
+    }
+
+    /// Saves every device. vCPUs must be paused so no access is in flight.
+    pub fn save(&self) -> DeviceStates {
+        let lock =
+            |m: &Arc<Mutex<SerialDevice>>| m.lock().unwrap_or_else(|p| p.into_inner()).save();
+        DeviceStates {
+            serial: lock(&self.serial),
+            cmos: self.cmos.lock().unwrap_or_else(|p| p.into_inner()).save(),
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! A running VM: guest RAM, the KVM VM, vCPU threads and platform devices, built from a
+//! [`VmConfig`], paused/resumed/saved as one.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::regs::{self, BootEntry};
+use crate::arch::x86_64::{cpuid, linux, mptable, msr};
+use crate::config::{PayloadConfig, VmConfig};
+use crate::demo;
+use crate::device_manager::{DeviceError, DeviceManager, DeviceStates, PlatformEvents};
+use crate::vstate::memory::{GuestRam, MemoryError};
+use crate::vstate::vcpu::{self, VcpuHandle, VcpuRunner, VcpuStop, VcpuStopSink};
+use crate::vstate::vcpu_state::{VcpuState, VcpuStateError};
+use crate::vstate::vm::{Vm, VmError, VmState};
+
+/// Errors building or driving a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("cannot open {path}: is KVM available and may this user use it?")]
+    OpenKvm {
+        path: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("--cpus {asked} is more than this host's KVM allows ({max})")]
+    TooManyCpus { asked: u8, max: usize },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("cannot create vCPU {index}")]
+    CreateVcpu {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot configure vCPU {index}: {what}")]
+    ConfigureVcpu { index: u8, what: String },
+    #[error("cannot start vCPU thread {index}")]
+    SpawnVcpu {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the TSC frequency from KVM (needed by the demo guest)")]
+    TscFrequency(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    #[error(transparent)]
+    Msr(#[from] msr::MsrError),
+    #[error(transparent)]
+    Boot(#[from] linux::LinuxBootError),
+    #[error(transparent)]
+    Demo(#[from] demo::setup::DemoSetupError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error("vCPU {index} state")]
+    VcpuState {
+        index: u8,
+        #[source]
+        source: VcpuStateError,
+    },
+    #[error("saved state has {saved} vCPUs but the VM has {configured}")]
+    VcpuCountMismatch { saved: usize, configured: usize },
+    #[error("cannot wait for VM events")]
+    Epoll(#[source] std::io::Error),
+}
+
+/// How a machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachineExit {
+    /// ACPI power-off.
+    PowerOff,
+    /// i8042 reset, triple fault or KVM shutdown event: tern does not reboot, it exits.
+    GuestReset(String),
+    /// KVM could not run a vCPU.
+    Failed(String),
+}
+
+/// The state of a whole VM (not its memory).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: DeviceStates,
+}
+
+/// Collects vCPU stops and wakes the event loop.
+#[derive(Debug)]
+struct StopSignal {
+    event: EventFd,
+    stops: Mutex<Vec<VcpuStop>>,
+}
+
+impl VcpuStopSink for StopSignal {
+    fn vcpu_stopped(&self, stop: VcpuStop) {
+        self.stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stop);
+        let _ = self.event.write(1);
+    }
+}
+
+/// A built VM.
+#[derive(Debug)]
+pub struct Machine {
+    config: VmConfig,
+    // Drop order: vCPUs first (they use the VM and buses), then devices, VM, then RAM.
+    vcpus: Vec<VcpuHandle>,
+    devices: DeviceManager,
+    events: PlatformEvents,
+    stop: Arc<StopSignal>,
+    msr_indices: Vec<u32>,
+    vm: Vm,
+    ram: GuestRam,
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm, MachineError> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        MachineError::OpenKvm {
+            path: path.display().to_string(),
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        }
+    })?;
+    Kvm::new_with_path(&c_path).map_err(|source| MachineError::OpenKvm {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The largest vCPU count tern accepts on this host.
+pub fn max_vcpus(kvm: &Kvm) -> usize {
+    kvm.get_max_vcpus()
+        .min(usize::from(demo::setup::MAX_DEMO_VCPUS))
+}
+
+impl Machine {
+    /// Builds a VM from `config` and loads its payload; vCPUs are created but not started.
+    pub fn create(kvm_path: &Path, config: VmConfig) -> Result<Self, MachineError> {
+        let ram = GuestRam::new(config.memory_bytes)?;
+        Self::build(kvm_path, config, ram, None)
+    }
+
+    /// Rebuilds a VM from `config`, existing guest RAM and a saved state (the destination of a
+    /// migration); vCPUs are created, restored, and not started.
+    pub fn restore(
+        kvm_path: &Path,
+        config: VmConfig,
+        ram: GuestRam,
+        state: &MachineState,
+    ) -> Result<Self, MachineError> {
+        Self::build(kvm_path, config, ram, Some(state))
+    }
+
+    fn build(
+        kvm_path: &Path,
+        config: VmConfig,
+        ram: GuestRam,
+        state: Option<&MachineState>,
+    ) -> Result<Self, MachineError> {
+        let kvm = open_kvm(kvm_path)?;
+        let max = max_vcpus(&kvm);
+        if usize::from(config.cpus) > max || config.cpus == 0 {
+            return Err(MachineError::TooManyCpus {
+                asked: config.cpus,
+                max,
+            });
+        }
+        if let Some(s) = state {
+            if s.vcpus.len() != usize::from(config.cpus) {
+                return Err(MachineError::VcpuCountMismatch {
+                    saved: s.vcpus.len(),
+                    configured: usize::from(config.cpus),
+                });
+            }
+        }
+        vcpu::register_kick_signal().map_err(|e| MachineError::SpawnVcpu {
+            index: 0,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let vm = Vm::new(&kvm, &ram)?;
+        let (devices, events) =
+            DeviceManager::new(vm.fd(), &config.serial, state.map(|s| &s.devices))?;
+        let base_cpuid = cpuid::supported(&kvm)?;
+        let mut fds = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm
+                .fd()
+                .create_vcpu(u64::from(index))
+                .map_err(|source| MachineError::CreateVcpu { index, source })?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, config.cpus))
+                .map_err(|e| MachineError::ConfigureVcpu {
+                    index,
+                    what: format!("CPUID: {e}"),
+                })?;
+            fds.push(fd);
+        }
+        let msr_indices = match fds.first() {
+            Some(fd) => msr::saveable_msr_indices(&kvm, fd)?,
+            None => Vec::new(),
+        };
+
+        match state {
+            Some(state) => {
+                vm.restore_state(&state.vm)?;
+                for (index, (fd, s)) in fds.iter().zip(&state.vcpus).enumerate() {
+                    s.restore(fd).map_err(|source| MachineError::VcpuState {
+                        index: index as u8,
+                        source,
+                    })?;
+                }
+            }
+            None => {
+                let entries = load_payload(&config, &ram, &fds)?;
+                for (fd, entry) in fds.iter().zip(&entries) {
+                    regs::setup_vcpu(fd, entry)?;
+                    msr::write(fd, &msr::boot_msrs())?;
+                }
+            }
+        }
+
+        let stop = Arc::new(StopSignal {
+            event: EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Epoll)?,
+            stops: Mutex::new(Vec::new()),
+        });
+        let start_paused = state.is_some();
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (index, fd) in fds.into_iter().enumerate() {
+            let index = index as u8;
+            let runner = VcpuRunner {
+                index,
+                fd,
+                pio: devices.pio(),
+                mmio: devices.mmio(),
+                stop_sink: stop.clone(),
+            };
+            // New VMs start paused too; `start` lets them run once everything is in place.
+            let handle = VcpuHandle::spawn(runner, true)
+                .map_err(|source| MachineError::SpawnVcpu { index, source })?;
+            vcpus.push(handle);
+        }
+        let _ = start_paused;
+        Ok(Self {
+            config,
+            vcpus,
+            devices,
+            events,
+            stop,
+            msr_indices,
+            vm,
+            ram,
+        })
+    }
+
+    /// Lets every vCPU run.
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.resume();
+        }
+    }
+
+    /// Stops every vCPU and waits until none is inside KVM_RUN.
+    pub fn pause(&self) {
+        for v in &self.vcpus {
+            v.request_pause();
+        }
+        for v in &self.vcpus {
+            v.wait_paused();
+        }
+    }
+
+    /// Saves vCPU, VM and device state. The machine must be paused.
+    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| {
+                v.with_fd(|fd| VcpuState::save(fd, &self.msr_indices))
+                    .map_err(|source| MachineError::VcpuState {
+                        index: v.index(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            vcpus,
+            vm: self.vm.save_state()?,
+            devices: self.devices.save(),
+        })
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// File descriptors that become readable when the machine needs attention (guest power-off,
+    /// reset, vCPU stop). [`Machine::check_exit`] says what happened.
+    pub fn exit_fds(&self) -> [i32; 3] {
+        [
+            self.events.power_off.as_raw_fd(),
+            self.events.reset.as_raw_fd(),
+            self.stop.event.as_raw_fd(),
+        ]
+    }
+
+    /// Whether the guest has ended, consuming the pending events.
+    pub fn check_exit(&self) -> Option<MachineExit> {
+        if self.events.power_off.read().is_ok() {
+            return Some(MachineExit::PowerOff);
+        }
+        if self.events.reset.read().is_ok() {
+            return Some(MachineExit::GuestReset("i8042 reset".into()));
+        }
+        if self.stop.event.read().is_ok() {
+            let stops = self.stop.stops.lock().unwrap_or_else(|p| p.into_inner());
+            return stops.first().map(|s| match s {
+                VcpuStop::GuestShutdown { vcpu, reason } => {
+                    MachineExit::GuestReset(format!("vCPU {vcpu}: {reason}"))
+                }
+                VcpuStop::Failed { vcpu, reason } => {
+                    MachineExit::Failed(format!("vCPU {vcpu}: {reason}"))
+                }
+            });
+        }
+        None
+    }
+
+    /// Blocks until the guest ends.
+    pub fn wait_exit(&self) -> Result<MachineExit, MachineError> {
+        let epoll = Epoll::new().map_err(MachineError::Epoll)?;
+        for fd in self.exit_fds() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, fd as u64),
+                )
+                .map_err(MachineError::Epoll)?;
+        }
+        let mut ready = [EpollEvent::default(); 3];
+        loop {
+            if let Some(exit) = self.check_exit() {
+                return Ok(exit);
+            }
+            match epoll.wait(-1, &mut ready) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MachineError::Epoll(e)),
+            }
+        }
+    }
+}
+
+/// Loads the configured payload and returns each vCPU's entry.
+fn load_payload(
+    config: &VmConfig,
+    ram: &GuestRam,
+    fds: &[kvm_ioctls::VcpuFd],
+) -> Result<Vec<BootEntry>, MachineError> {
+    let mem = ram.memory();
+    mptable::write(mem, config.cpus)?;
+    match &config.payload {
+        PayloadConfig::Demo(demo_config) => {
+            let tsc_khz = fds
+                .first()
+                .map(|fd| fd.get_tsc_khz())
+                .transpose()
+                .map_err(MachineError::TscFrequency)?
+                .unwrap_or(0);
+            let entries =
+                demo::setup::load(mem, demo_config, config.cpus, ram.low_ram_end(), tsc_khz)?;
+            let entries: Vec<_> = entries.into_iter().map(BootEntry::Demo).collect();
+            if let Some(first) = entries.first() {
+                regs::write_boot_tables(mem, first)?;
+            }
+            Ok(entries)
+        }
+        PayloadConfig::Kernel { .. } => {
+            let boot = config
+                .payload
+                .kernel_boot()
+                .expect("kernel payload has a kernel boot");
+            let entry = linux::load(mem, ram.ranges(), &boot)?;
+            regs::write_boot_tables(mem, &entry)?;
+            // Only the boot vCPU starts at the kernel entry; the others wait for INIT/SIPI, which
+            // KVM's in-kernel LAPIC handles (their mp_state is UNINITIALIZED).
+            Ok(std::iter::once(entry)
+                .chain(std::iter::repeat_n(
+                    BootEntry::Ap,
+                    fds.len().saturating_sub(1),
+                ))
+                .collect())
+        }
+    }
+}

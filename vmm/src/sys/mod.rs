@@ -1,0 +1,7 @@
+//! Thin wrappers over kernel interfaces the rust-vmm crates lack: one file per interface, `unsafe`
+//! only here.
+#![allow(unsafe_code)]
+
+pub mod kvm_memslot;
+pub mod memfd;
+pub mod xsave;

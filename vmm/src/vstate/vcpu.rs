@@ -1,0 +1,315 @@
+//! vCPU threads: one per vCPU, running KVM_RUN and dispatching exits to the I/O buses; paused and
+//! resumed from another thread.
+//!
+//! Pausing: the controller sets the request, then kicks each vCPU thread with a signal until it
+//! acknowledges. A signal that lands just before the thread enters KVM_RUN is lost, so the kick is
+//! repeated every millisecond until the acknowledgement arrives; once paused, the thread has released
+//! its `VcpuFd` and the controller may read or write the vCPU's state through [`VcpuHandle::with_fd`].
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use tern_devices::bus::Bus;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the (empty) kick signal handler; its only job is to make KVM_RUN return EINTR.
+pub fn register_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), noop)
+}
+
+/// Why a vCPU stopped running the guest for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest reset or shut down the CPU (triple fault, KVM system event).
+    GuestShutdown { vcpu: u8, reason: String },
+    /// KVM could not run the vCPU.
+    Failed { vcpu: u8, reason: String },
+}
+
+/// Receives vCPU stops (implemented by the VMM's event loop).
+pub trait VcpuStopSink: Send + Sync {
+    fn vcpu_stopped(&self, stop: VcpuStop);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Exit,
+}
+
+#[derive(Debug)]
+struct Control {
+    request: Request,
+    paused: bool,
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+    fd: Mutex<VcpuFd>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The controller's side of a vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: u8,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a vCPU thread needs to run.
+pub struct VcpuRunner {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub stop_sink: Arc<dyn VcpuStopSink>,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner")
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl VcpuHandle {
+    /// Starts the vCPU thread. With `start_paused` the thread waits for [`VcpuHandle::resume`] before
+    /// entering the guest (restored vCPUs start that way).
+    pub fn spawn(runner: VcpuRunner, start_paused: bool) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                request: if start_paused {
+                    Request::Pause
+                } else {
+                    Request::Run
+                },
+                paused: false,
+                finished: false,
+            }),
+            changed: Condvar::new(),
+            fd: Mutex::new(runner.fd),
+        });
+        let index = runner.index;
+        let thread_shared = shared.clone();
+        let ctx = RunContext {
+            index,
+            pio: runner.pio,
+            mmio: runner.mmio,
+            stop_sink: runner.stop_sink,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || ctx.run(&thread_shared))?;
+        Ok(Self {
+            index,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // A failed kick (thread already gone) is harmless: the wait below sees `finished`.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Asks the vCPU to stop running the guest; does not wait.
+    pub fn request_pause(&self) {
+        lock(&self.shared.control).request = Request::Pause;
+        self.kick();
+    }
+
+    /// Waits until the vCPU acknowledged a pause (or its thread ended), re-kicking it meanwhile.
+    pub fn wait_paused(&self) {
+        let mut control = lock(&self.shared.control);
+        while !control.paused && !control.finished && control.request == Request::Pause {
+            let (c, timeout) = self
+                .shared
+                .changed
+                .wait_timeout(control, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner());
+            control = c;
+            if timeout.timed_out() && !control.paused {
+                self.kick();
+            }
+        }
+    }
+
+    /// Lets a paused vCPU run the guest again.
+    pub fn resume(&self) {
+        let mut control = lock(&self.shared.control);
+        control.request = Request::Run;
+        self.shared.changed.notify_all();
+    }
+
+    /// Runs `f` on the vCPU's file descriptor. Only meaningful while paused; while running it waits
+    /// for the next exit.
+    pub fn with_fd<R>(&self, f: impl FnOnce(&VcpuFd) -> R) -> R {
+        f(&lock(&self.shared.fd))
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn exit(mut self) {
+        self.stop_thread();
+    }
+
+    fn stop_thread(&mut self) {
+        {
+            let mut control = lock(&self.shared.control);
+            control.request = Request::Exit;
+            self.shared.changed.notify_all();
+        }
+        if let Some(thread) = self.thread.take() {
+            while !lock(&self.shared.control).finished {
+                let _ = thread.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+struct RunContext {
+    index: u8,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stop_sink: Arc<dyn VcpuStopSink>,
+}
+
+enum Outcome {
+    Continue,
+    Stop(VcpuStop),
+}
+
+impl RunContext {
+    fn run(self, shared: &Shared) {
+        loop {
+            {
+                let mut control = lock(&shared.control);
+                while control.request == Request::Pause {
+                    if !control.paused {
+                        control.paused = true;
+                        shared.changed.notify_all();
+                    }
+                    control = shared
+                        .changed
+                        .wait(control)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                control.paused = false;
+                if control.request == Request::Exit {
+                    break;
+                }
+            }
+            let outcome = {
+                let mut fd = lock(&shared.fd);
+                self.run_once(&mut fd)
+            };
+            if let Outcome::Stop(stop) = outcome {
+                self.stop_sink.vcpu_stopped(stop);
+                // Stay parked (not spinning) until the VMM tears the VM down.
+                let mut control = lock(&shared.control);
+                while control.request != Request::Exit {
+                    control.paused = true;
+                    shared.changed.notify_all();
+                    control = shared
+                        .changed
+                        .wait(control)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                break;
+            }
+        }
+        let mut control = lock(&shared.control);
+        control.finished = true;
+        shared.changed.notify_all();
+    }
+
+    fn run_once(&self, fd: &mut VcpuFd) -> Outcome {
+        let index = self.index;
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                Outcome::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.pio.write(u64::from(port), data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => Outcome::Continue,
+            Ok(VcpuExit::Shutdown) => Outcome::Stop(VcpuStop::GuestShutdown {
+                vcpu: index,
+                reason: "triple fault / CPU shutdown".into(),
+            }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Outcome::Stop(VcpuStop::GuestShutdown {
+                vcpu: index,
+                reason: format!("KVM system event {kind}"),
+            }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Outcome::Stop(VcpuStop::Failed {
+                vcpu: index,
+                reason: format!("KVM_RUN entry failure {reason:#x} on host cpu {cpu}"),
+            }),
+            Ok(VcpuExit::InternalError) => Outcome::Stop(VcpuStop::Failed {
+                vcpu: index,
+                reason: format!("KVM internal error at {}", describe_rip(fd)),
+            }),
+            Ok(other) => Outcome::Stop(VcpuStop::Failed {
+                vcpu: index,
+                reason: format!("unhandled exit {other:?}"),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
+            Err(e) => Outcome::Stop(VcpuStop::Failed {
+                vcpu: index,
+                reason: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+}
+
+fn describe_rip(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!("rip={:#x} cs={:#x} cpl={}", r.rip, s.cs.selector, s.cs.dpl),
+        _ => "unknown rip".into(),
+    }
+}
