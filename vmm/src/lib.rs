@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod device_manager;
+pub mod dirty;
 pub mod machine;
 pub mod sys;
 pub mod vstate;

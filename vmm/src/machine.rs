@@ -123,7 +123,7 @@ pub struct Machine {
     events: PlatformEvents,
     stop: Arc<StopSignal>,
     msr_indices: Vec<u32>,
-    vm: Vm,
+    vm: Arc<Vm>,
     ram: GuestRam,
 }
 
@@ -190,7 +190,7 @@ impl Machine {
             index: 0,
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-        let vm = Vm::new(&kvm, &ram)?;
+        let vm = Arc::new(Vm::new(&kvm, &ram)?);
         let (devices, events) =
             DeviceManager::new(vm.fd(), &config.serial, state.map(|s| &s.devices))?;
         let base_cpuid = cpuid::supported(&kvm)?;
@@ -314,6 +314,16 @@ impl Machine {
     /// The KVM VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// The KVM VM, shared (dirty-log sources keep it while a migration runs).
+    pub fn vm_shared(&self) -> Arc<Vm> {
+        self.vm.clone()
+    }
+
+    /// The vCPU threads.
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
     }
 
     /// File descriptors that become readable when the machine needs attention (guest power-off,
