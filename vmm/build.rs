@@ -1,10 +1,12 @@
-//! Assembles the built-in demo guest (guests/demo/demo.S) into a flat binary with GNU as + ld.
+//! Assembles tern's built-in guest code with GNU as + ld: the demo guest (a flat binary embedded in
+//! tern) and the probe kernels the loader tests boot (embedded in the tests, so the nested lab can run
+//! them without a toolchain).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Guest-physical address the payload is linked for (vmm/src/demo/layout.rs: `PAYLOAD_GPA`).
-const PAYLOAD_LINK_ADDR: &str = "0x100000";
+/// Guest-physical address the demo payload is linked for (vmm/src/demo/setup.rs: `PAYLOAD_GPA`).
+const DEMO_LINK_ADDR: u64 = 0x100000;
 
 fn run(cmd: &mut Command) {
     let status = cmd
@@ -13,18 +15,42 @@ fn run(cmd: &mut Command) {
     assert!(status.success(), "{cmd:?} failed with {status}");
 }
 
+/// Assembles `src` and links it at `link_addr` into `out/name` (flat binary or ELF).
+fn build(src: &Path, out: &Path, name: &str, link_addr: u64, flat: bool, entry: &str) {
+    println!("cargo:rerun-if-changed={}", src.display());
+    let obj = out.join(format!("{name}.o"));
+    run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src));
+    let mut ld = Command::new("ld");
+    ld.args(["-nostdlib", "-e", entry])
+        .arg(format!("-Ttext={link_addr:#x}"));
+    if flat {
+        ld.arg("--oformat=binary");
+    }
+    run(ld.arg("-o").arg(out.join(name)).arg(&obj));
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let src = manifest.join("../guests/demo/demo.S");
+    let guests = manifest.join("../guests");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
-    let obj = out.join("demo.o");
-    let bin = out.join("demo.bin");
-    println!("cargo:rerun-if-changed={}", src.display());
-    run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
-    run(Command::new("ld")
-        .args(["-nostdlib", "-e", "0", "--oformat=binary"])
-        .arg(format!("-Ttext={PAYLOAD_LINK_ADDR}"))
-        .arg("-o")
-        .arg(&bin)
-        .arg(&obj));
+    build(
+        &guests.join("demo/demo.S"),
+        &out,
+        "demo.bin",
+        DEMO_LINK_ADDR,
+        true,
+        "0",
+    );
+    let probe64 = guests.join("probe/probe64.S");
+    build(&probe64, &out, "probe64.elf", 0x100000, false, "_start");
+    // bzImage form: the 64-bit entry sits 0x200 bytes into the protected-mode kernel.
+    build(&probe64, &out, "probe64.bin", 0x100200, true, "_start");
+    build(
+        &guests.join("probe/probe_pvh.S"),
+        &out,
+        "probe_pvh.elf",
+        0x100000,
+        false,
+        "_start",
+    );
 }

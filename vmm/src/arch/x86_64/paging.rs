@@ -1,6 +1,6 @@
 //! Identity page tables for entering long mode directly.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::layout::{IDENTITY_MAP_BYTES, PDE_START, PDPTE_START, PML4_START};
 
@@ -49,7 +49,7 @@ use vm_memory::Address as _;
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Address, GuestMemoryMmap};
+    use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
 
     use super::*;
 
