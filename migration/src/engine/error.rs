@@ -30,9 +30,9 @@ pub enum MigrationError {
         #[source]
         source: ProtocolError,
     },
-    /// A VMM callback failed.
-    #[error("host")]
-    Host(#[source] HostError),
+    /// A VMM callback failed (its message names the operation).
+    #[error(transparent)]
+    Host(HostError),
     /// A dirty source failed; the migration stops so no dirty bit is lost.
     #[error("dirty tracking")]
     DirtySource(#[source] DirtySourceError),

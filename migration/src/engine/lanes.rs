@@ -28,8 +28,6 @@ pub enum OwnedFrame {
     Complete,
     /// End of a data connection.
     StreamEnd,
-    /// Failure reason.
-    Error(String),
 }
 
 impl OwnedFrame {
@@ -40,7 +38,6 @@ impl OwnedFrame {
             OwnedFrame::Device(id, b) => Frame::DeviceState { id, bytes: b },
             OwnedFrame::Complete => Frame::Complete,
             OwnedFrame::StreamEnd => Frame::StreamEnd,
-            OwnedFrame::Error(t) => Frame::Error(t),
         }
     }
 }
@@ -50,6 +47,19 @@ enum LaneItem {
     Memory(MemoryBatch),
     Frame(OwnedFrame),
     Flush(Sender<()>),
+}
+
+/// Shared by all lanes: set on failure so workers drop queued memory and lane 0 sends the reason.
+#[derive(Debug, Default)]
+struct Abort {
+    flag: std::sync::atomic::AtomicBool,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl Abort {
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -73,44 +83,79 @@ pub struct Lanes {
     free_tx: Sender<MemoryBatch>,
     free_rx: Receiver<MemoryBatch>,
     stats: Arc<MigrationStats>,
+    abort: Arc<Abort>,
 }
 
 /// Queue depth per lane: enough to keep the socket busy while the next batch is read.
 const QUEUE_DEPTH: usize = 3;
 const POLL: Duration = Duration::from_micros(200);
 
-fn lane_main(
-    mut w: FrameWriter<Connection>,
-    rx: Receiver<LaneItem>,
+struct LaneCtx {
+    index: usize,
     free: Sender<MemoryBatch>,
     rate: Arc<RateLimiter>,
     counters: Arc<LaneCounters>,
     stats: Arc<MigrationStats>,
+    abort: Arc<Abort>,
+}
+
+/// Sleep off a rate-limit debt in slices so an abort is noticed quickly.
+fn pace(ctx: &LaneCtx, bytes: u64) {
+    let mut left = ctx.rate.reserve(bytes);
+    while !left.is_zero() && !ctx.abort.is_set() {
+        let step = left.min(Duration::from_millis(20));
+        std::thread::sleep(step);
+        left -= step;
+    }
+}
+
+fn lane_main(
+    mut w: FrameWriter<Connection>,
+    rx: Receiver<LaneItem>,
+    ctx: LaneCtx,
 ) -> Result<(), MigrationError> {
-    while let Ok(item) = rx.recv() {
+    loop {
+        if ctx.abort.is_set() {
+            if ctx.index == 0 {
+                let reason = ctx.abort.reason.lock().map(|r| r.clone()).unwrap_or(None);
+                if let Some(text) = reason {
+                    // Between frames by construction, so the Error frame is well formed.
+                    let _ = w.send(&Frame::Error(&text));
+                }
+            }
+            return Ok(());
+        }
+        let item = match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(item) => item,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        };
         match item {
             LaneItem::Memory(mut b) => {
                 let frame = Frame::Memory {
                     entries: std::mem::take(&mut b.entries),
                     data: &b.data[..b.data_len],
                 };
-                rate.throttle((b.data_len + frame_entries_len(&frame)) as u64);
+                pace(&ctx, (b.data_len + frame_entries_len(&frame)) as u64);
+                if ctx.abort.is_set() {
+                    continue;
+                }
                 let t = Instant::now();
                 let n = w.send(&frame).map_err(|source| MigrationError::Protocol {
                     during: "sending memory",
                     source,
                 })?;
                 let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
-                counters.bytes.fetch_add(n, Ordering::Relaxed);
-                stats.add_transferred(n);
-                stats.add_pages(b.data_pages(), b.zero_pages);
+                ctx.counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
+                ctx.counters.bytes.fetch_add(n, Ordering::Relaxed);
+                ctx.stats.add_transferred(n);
+                ctx.stats.add_pages(b.data_pages(), b.zero_pages);
                 if let Frame::Memory { entries, .. } = frame {
                     b.entries = entries;
                 }
                 b.clear();
                 // The main thread may be gone (failure path); then the batch is just dropped.
-                let _ = free.send(b);
+                let _ = ctx.free.send(b);
             }
             LaneItem::Frame(f) => {
                 let n = w
@@ -119,14 +164,13 @@ fn lane_main(
                         during: "sending state",
                         source,
                     })?;
-                stats.add_transferred(n);
+                ctx.stats.add_transferred(n);
             }
             LaneItem::Flush(done) => {
                 let _ = done.send(());
             }
         }
     }
-    Ok(())
 }
 
 fn frame_entries_len(f: &Frame<'_>) -> usize {
@@ -144,20 +188,23 @@ impl Lanes {
         stats: Arc<MigrationStats>,
     ) -> Result<Self, MigrationError> {
         let (free_tx, free_rx) = mpsc::channel();
+        let abort = Arc::new(Abort::default());
         let mut lanes = Vec::new();
         for (i, conn) in conns.into_iter().enumerate() {
             let writer = conn.try_clone().map_err(MigrationError::Transport)?;
             let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
             let counters = Arc::new(LaneCounters::default());
-            let (f, r, c, s) = (
-                free_tx.clone(),
-                rate.clone(),
-                counters.clone(),
-                stats.clone(),
-            );
+            let ctx = LaneCtx {
+                index: i,
+                free: free_tx.clone(),
+                rate: rate.clone(),
+                counters: counters.clone(),
+                stats: stats.clone(),
+                abort: abort.clone(),
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("tern-mig-lane{i}"))
-                .spawn(move || lane_main(FrameWriter::new(writer), rx, f, r, c, s))
+                .spawn(move || lane_main(FrameWriter::new(writer), rx, ctx))
                 .map_err(|source| {
                     MigrationError::Transport(crate::transport::TransportError::Socket {
                         what: "spawn lane thread",
@@ -176,6 +223,7 @@ impl Lanes {
             free_tx,
             free_rx,
             stats,
+            abort,
         })
     }
 
@@ -289,11 +337,15 @@ impl Lanes {
         Ok(())
     }
 
-    /// Close every lane: try to queue `error` on lane 0, let the lanes drain for up to `grace`,
-    /// then shut the sockets so no thread stays blocked, and join them.
+    /// Close every lane. With `error`, queued memory is dropped and lane 0 sends the Error frame
+    /// next; lanes get up to `grace` to finish, then the sockets are shut so no thread stays
+    /// blocked, and all are joined.
     pub fn close(mut self, error: Option<String>, grace: Duration) {
-        if let (Some(text), Some(tx)) = (error, self.lanes.first().and_then(|l| l.tx.as_ref())) {
-            let _ = tx.try_send(LaneItem::Frame(OwnedFrame::Error(text)));
+        if let Some(text) = error {
+            if let Ok(mut r) = self.abort.reason.lock() {
+                *r = Some(text);
+            }
+            self.abort.flag.store(true, Ordering::SeqCst);
         }
         for l in &mut self.lanes {
             l.tx = None;

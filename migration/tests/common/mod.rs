@@ -91,6 +91,8 @@ pub struct FakeKvmSource {
     log: Arc<FakeKvmLog>,
     snapshot: Vec<DirtyBitmap>,
     pub fail_claim_after: Option<u64>,
+    /// Fail claims made while the guest is paused (the final claim).
+    pub fail_when_paused: Option<Arc<GuestCtl>>,
     claims: u64,
 }
 
@@ -105,6 +107,7 @@ impl FakeKvmSource {
             log,
             snapshot,
             fail_claim_after: None,
+            fail_when_paused: None,
             claims: 0,
         }
     }
@@ -187,7 +190,11 @@ impl DirtySource for FakeKvmSource {
     }
     fn claim(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<(), DirtySourceError> {
         self.claims += 1;
-        if self.fail_claim_after.is_some_and(|n| self.claims > n) {
+        let paused = self
+            .fail_when_paused
+            .as_ref()
+            .is_some_and(|c| c.paused.load(Ordering::SeqCst));
+        if paused || self.fail_claim_after.is_some_and(|n| self.claims > n) {
             return Err(DirtySourceError::Claim {
                 kind: SourceKind::Kvm,
                 range,
@@ -233,7 +240,7 @@ impl Guest {
                     if !c.paused.load(Ordering::SeqCst) {
                         for _ in 0..32 {
                             seq += 1;
-                            let gpa = if seq % 16 == 0 {
+                            let gpa = if seq.is_multiple_of(16) {
                                 // Sweep: every page of every region over time.
                                 sweep += 1;
                                 let mut k = sweep;
@@ -318,6 +325,7 @@ pub struct FakeHost {
     pub log: Arc<HostLog>,
     pub kvm: Arc<FakeKvmLog>,
     pub kvm_fail_claim_after: Option<u64>,
+    pub kvm_fail_when_paused: bool,
 }
 
 impl FakeHost {
@@ -340,6 +348,7 @@ impl FakeHost {
             log: Arc::new(HostLog::default()),
             kvm,
             kvm_fail_claim_after: None,
+            kvm_fail_when_paused: false,
         }
     }
 }
@@ -359,6 +368,9 @@ impl MigrationHost for FakeHost {
     fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError> {
         let mut kvm = FakeKvmSource::new(self.kvm.clone());
         kvm.fail_claim_after = self.kvm_fail_claim_after;
+        if self.kvm_fail_when_paused {
+            kvm.fail_when_paused = Some(self.guest.ctl.clone());
+        }
         let vmm = VmmWriteSource::new(&self.mem).map_err(|e| HostError::new("dirty sources", e))?;
         Ok(vec![Box::new(kvm), Box::new(vmm)])
     }
@@ -504,4 +516,16 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 pub fn sock_path() -> std::path::PathBuf {
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     std::env::temp_dir().join(format!("tern-mig-test-{}-{n}.sock", std::process::id()))
+}
+
+/// A handle to check the fake guest's run state after the host moved into the engine.
+pub struct FakeGuestView(Arc<GuestCtl>);
+
+impl FakeGuestView {
+    pub fn of(h: &FakeHost) -> Arc<Self> {
+        Arc::new(FakeGuestView(h.guest.ctl.clone()))
+    }
+    pub fn is_paused(&self) -> bool {
+        self.0.paused.load(Ordering::SeqCst)
+    }
 }
