@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{parse_memory_size, parse_serial, ConfigError, PayloadConfig, VmConfig};
+use crate::config::{
+    parse_dirty_tracking, parse_memory_size, parse_serial, ConfigError, PayloadConfig, VmConfig,
+};
 use crate::demo::DemoConfig;
 
 /// tern — a KVM VMM built for live migration of VMs with VFIO passthrough devices.
@@ -35,6 +37,10 @@ pub struct Cli {
     /// REST API socket. Alone (no kernel or guest), tern waits for an incoming migration.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// How KVM reports dirty pages during migration: log (dirty bitmap, cleared per chunk) or ring
+    /// (per-vCPU dirty ring; needs KVM_CAP_DIRTY_LOG_RING).
+    #[arg(long, default_value = "log", value_name = "log|ring")]
+    pub dirty_tracking: String,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
@@ -94,6 +100,7 @@ impl Cli {
             memory_bytes: parse_memory_size(&self.memory)?,
             payload,
             serial: parse_serial(&self.serial)?,
+            dirty_tracking: parse_dirty_tracking(&self.dirty_tracking)?,
         }))
     }
 }

@@ -26,6 +26,7 @@ fn demo_config(serial: &Path, cpus: u8) -> VmConfig {
             exit_after_s: None,
         }),
         serial: SerialConfig::File(serial.to_owned()),
+        dirty_tracking: Default::default(),
     }
 }
 

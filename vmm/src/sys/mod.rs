@@ -2,6 +2,7 @@
 //! only here.
 #![allow(unsafe_code)]
 
+pub mod kvm_dirty_log;
 pub mod kvm_memslot;
 pub mod memfd;
 pub mod xsave;
