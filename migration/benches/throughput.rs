@@ -1,0 +1,194 @@
+//! Single-connection loopback throughput of a whole tern migration (real engine: `start_send`
+//! and `receive_on`, one connection) vs a raw socket copy of the same number of bytes, measured
+//! in the same run. The guest is idle and every page is non-zero, so all of it travels as data;
+//! the tern time runs from `start_send` to the destination's ack. Target: ratio ≥ 0.8.
+//!
+//! Run: `cargo bench -p tern-migration --bench throughput`
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tern_migration::dirty::{DirtySource, VmmWriteSource, PAGE_SIZE};
+use tern_migration::engine::{
+    receive_on, start_send, HostError, LocalRegion, MigrationHost, MigrationState, MigrationStats,
+    MigrationTarget, MigrationTargetFactory, SendParams,
+};
+use tern_migration::transport::{MigrationListener, MigrationUrl};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const GUEST: usize = 512 << 20;
+
+type Mem = GuestMemoryMmap<AtomicBitmap>;
+
+fn guest() -> Mem {
+    let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST)]).expect("memory");
+    let page: Vec<u8> = (0..PAGE_SIZE as usize)
+        .map(|i| (i % 251) as u8 + 1)
+        .collect();
+    for p in 0..(GUEST as u64 / PAGE_SIZE) {
+        m.write_slice(&page, GuestAddress(p * PAGE_SIZE))
+            .expect("fill");
+    }
+    m
+}
+
+struct IdleHost(Mem);
+
+impl MigrationHost for IdleHost {
+    fn guest_memory(&self) -> Mem {
+        self.0.clone()
+    }
+    fn config(&mut self) -> Result<Vec<u8>, HostError> {
+        Ok(b"{}".to_vec())
+    }
+    fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError> {
+        let s = VmmWriteSource::new(&self.0).map_err(|e| HostError::new("dirty sources", e))?;
+        Ok(vec![Box::new(s)])
+    }
+    fn pause(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn save_state(&mut self) -> Result<MigrationState, HostError> {
+        Ok(MigrationState::default())
+    }
+    fn throttle(&mut self, _: u8) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
+struct Target(Mem);
+
+impl MigrationTarget for Target {
+    fn guest_memory(&self) -> Mem {
+        self.0.clone()
+    }
+    fn restore_state(&mut self, _: MigrationState) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn start(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
+/// Hands out the same pre-faulted destination memory each run, so both paths write into warm
+/// pages.
+struct Factory(Mem);
+
+impl MigrationTargetFactory for Factory {
+    fn create(
+        &mut self,
+        _: &[u8],
+        _: Vec<LocalRegion>,
+    ) -> Result<Box<dyn MigrationTarget>, HostError> {
+        Ok(Box::new(Target(self.0.clone())))
+    }
+}
+
+fn raw(tcp: bool, total: usize) -> f64 {
+    let (mut a, mut b): (Box<dyn Write + Send>, Box<dyn Read + Send>) = if tcp {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        (Box::new(a), Box::new(b))
+    } else {
+        let (a, b) = UnixStream::pair().expect("pair");
+        (Box::new(a), Box::new(b))
+    };
+    let rx = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0;
+        while got < total {
+            let n = b.read(&mut buf).expect("read");
+            assert!(n > 0, "raw peer closed early");
+            got += n;
+        }
+    });
+    let src = vec![0x5au8; 4 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        let n = src.len().min(total - sent);
+        a.write_all(&src[..n]).expect("write");
+        sent += n;
+    }
+    rx.join().expect("rx");
+    total as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Returns (bytes on the wire, bytes/s).
+fn tern(tcp: bool, src: &Mem, dst: &Mem, n: usize) -> (u64, f64) {
+    let url = if tcp {
+        MigrationUrl::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        }
+    } else {
+        MigrationUrl::Unix(
+            std::env::temp_dir().join(format!("tern-bench-{}-{n}.sock", std::process::id())),
+        )
+    };
+    let l = MigrationListener::bind(&url).expect("bind");
+    let url = l.url().clone();
+    let dst = dst.clone();
+    let rx = std::thread::spawn(move || {
+        let mut f = Factory(dst);
+        receive_on(&l, &mut f, &MigrationStats::new())
+            .map(|_| ())
+            .expect("receive");
+    });
+    let stats = Arc::new(MigrationStats::new());
+    let t = Instant::now();
+    let out = start_send(
+        Box::new(IdleHost(src.clone())),
+        SendParams::new(url),
+        stats.clone(),
+    )
+    .expect("spawn")
+    .join()
+    .expect("source");
+    let el = t.elapsed().as_secs_f64();
+    out.result.expect("migration");
+    rx.join().expect("rx");
+    let s = stats.snapshot();
+    assert_eq!(s.data_pages, GUEST as u64 / PAGE_SIZE);
+    (s.transferred_bytes, s.transferred_bytes as f64 / el)
+}
+
+fn main() {
+    let src = guest();
+    let dst: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST)]).expect("memory");
+    println!(
+        "single-connection loopback, {} MiB idle guest, every page data",
+        GUEST >> 20
+    );
+    println!(
+        "{:>6} {:>12} {:>12} {:>8}",
+        "link", "raw MB/s", "tern MB/s", "ratio"
+    );
+    let mut n = 0;
+    for tcp in [true, false] {
+        n += 1;
+        let (wire, _) = tern(tcp, &src, &dst, n); // warm-up: faults in the destination
+        let mut best_raw: f64 = 0.0;
+        let mut best_tern: f64 = 0.0;
+        for _ in 0..3 {
+            n += 1;
+            best_raw = best_raw.max(raw(tcp, wire as usize));
+            best_tern = best_tern.max(tern(tcp, &src, &dst, n).1);
+        }
+        println!(
+            "{:>6} {:>12.0} {:>12.0} {:>8.2}",
+            if tcp { "tcp" } else { "unix" },
+            best_raw / 1e6,
+            best_tern / 1e6,
+            best_tern / best_raw
+        );
+    }
+}
