@@ -9,9 +9,11 @@
 pub mod arch;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod device_manager;
 pub mod dirty;
 pub mod machine;
+pub mod migration;
 pub mod sys;
 pub mod vstate;

@@ -1,12 +1,18 @@
-//! `tern`: launch a VM from the command line and run it until the guest powers off.
+//! `tern`: launch a VM from the command line and run it until the guest powers off; with
+//! `--api-socket`, serve the REST API (migration, pause/resume, info) meanwhile, or wait for an
+//! incoming migration when no VM is given.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
+use tern_api::ApiServer;
 use tern_vmm::cli::Cli;
+use tern_vmm::config::parse_serial;
+use tern_vmm::control::{Controller, VmmExit};
 use tern_vmm::machine::{Machine, MachineExit};
 
-/// Prints an error and its whole source chain on one line.
+/// An error and its whole source chain on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -18,14 +24,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let Some(config) = cli.vm_config()? else {
-        return Err("waiting for an incoming migration needs the migration API, which this build does not have yet".into());
-    };
-    let machine = Machine::create(&cli.kvm_device, config)?;
-    machine.resume();
-    let exit = machine.wait_exit()?;
-    Ok(match exit {
+fn guest_exit_code(exit: &MachineExit) -> ExitCode {
+    match exit {
         MachineExit::PowerOff => ExitCode::SUCCESS,
         MachineExit::GuestReset(reason) => {
             eprintln!("tern: guest reset ({reason}); exiting");
@@ -34,6 +34,33 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         MachineExit::Failed(reason) => {
             eprintln!("tern: error: {reason}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let config = cli.vm_config()?;
+    let machine = config
+        .map(|c| Machine::create(&cli.kvm_device, c))
+        .transpose()?;
+    let Some(socket) = &cli.api_socket else {
+        let machine = machine.ok_or("nothing to run")?;
+        machine.resume();
+        return Ok(guest_exit_code(&machine.wait_exit()?));
+    };
+    if let Some(m) = &machine {
+        m.resume();
+    }
+    let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.serial)?, machine)?;
+    let server = ApiServer::start(socket, controller.clone() as Arc<dyn tern_api::ApiHandler>)?;
+    let exit = controller.run()?;
+    let _ = server.shutdown();
+    Ok(match exit {
+        VmmExit::Guest(e) => guest_exit_code(&e),
+        VmmExit::Requested => ExitCode::SUCCESS,
+        VmmExit::MigratedAway => {
+            eprintln!("tern: VM migrated away; exiting");
+            ExitCode::SUCCESS
         }
     })
 }

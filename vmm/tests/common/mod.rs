@@ -75,3 +75,118 @@ pub fn assert_clean_error(out: &Output, expected_fragment: &str) {
         "stderr lacks {expected_fragment:?}: {stderr}"
     );
 }
+
+/// A `tern` process with an API socket and its serial console in a file; killed on drop.
+pub struct TernProcess {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    pub serial: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl TernProcess {
+    /// Starts `tern --api-socket DIR/NAME.sock --serial file=DIR/NAME.log extra...`.
+    pub fn start(dir: &TempDir, name: &str, extra: &[&str]) -> Self {
+        let socket = dir.join(&format!("{name}.sock"));
+        let serial = dir.join(&format!("{name}.log"));
+        let stderr = dir.join(&format!("{name}.err"));
+        let child = Command::new(tern_bin())
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn tern");
+        let p = Self {
+            child,
+            socket,
+            serial,
+            stderr,
+        };
+        let start = Instant::now();
+        while !p.socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name}: API socket never appeared: {}",
+                p.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn client(&self) -> tern_api::ApiClient {
+        tern_api::ApiClient::new(&self.socket)
+    }
+
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; returns its status, or None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return Some(s);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// Waits until the serial log has `count` more demo progress lines than now, and returns the
+    /// new text. Panics on timeout.
+    pub fn wait_more_passes(&self, count: usize, timeout: Duration) -> String {
+        let before = demo_pass_count(&self.serial_text());
+        let start = Instant::now();
+        loop {
+            let text = self.serial_text();
+            if demo_pass_count(&text) >= before + count {
+                return text;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "guest made no progress: {text}\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TernProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Number of `DEMO: pass` lines in a serial log.
+pub fn demo_pass_count(text: &str) -> usize {
+    text.lines()
+        .filter(|l| l.starts_with("DEMO: pass "))
+        .count()
+}
+
+/// Asserts the demo guest's verifier never fired.
+pub fn assert_verifier_clean(text: &str) {
+    assert!(
+        !text.contains("CORRUPT") && !text.contains("FAULT"),
+        "guest verifier failed:\n{text}"
+    );
+}

@@ -1,0 +1,432 @@
+//! The VMM controller: owns the (optional) machine and the migration jobs, answers the REST API
+//! (`tern_api::ApiHandler`), and runs the main event loop that decides when tern exits.
+//!
+//! API handlers run on the API server's threads and only take the controller's lock briefly; every
+//! long operation (a migration) runs on its own thread and reports back through [`MigrationStats`]
+//! and the controller's wake eventfd.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tern_api::types::{
+    DirtyPagesBySource as ApiDirtyPages, MigrationState as ApiMigrationState, MigrationStatus,
+    VmConfigInfo, VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmState as ApiVmState,
+    VmmPingResponse,
+};
+use tern_api::{ApiError, ApiHandler, MigrationUrl as ApiUrl};
+use tern_migration::engine::{
+    error_chain, receive_on, start_send, MigrationStats, MigrationStatsSnapshot,
+    MigrationStatus as EngineStatus, SendParams, TimeoutStrategy,
+};
+use tern_migration::transport::{MigrationListener, MigrationUrl};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{PayloadConfig, SerialConfig};
+use crate::machine::{Machine, MachineExit};
+use crate::migration::host::MachineHost;
+use crate::migration::target::{ReceivedMachine, TernTargetFactory};
+
+/// How long a source that handed its VM over keeps answering the API (so a watcher sees
+/// `completed`) before it exits.
+const COMPLETED_GRACE: Duration = Duration::from_millis(500);
+
+/// Why the controller's loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmExit {
+    /// The guest ended (power-off, reset, failure).
+    Guest(MachineExit),
+    /// `vmm.shutdown`.
+    Requested,
+    /// The VM moved to another tern.
+    MigratedAway,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct MigrationJob {
+    stats: Arc<MigrationStats>,
+    outgoing: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    machine: Option<Arc<Machine>>,
+    run_state: RunState,
+    migration: Option<MigrationJob>,
+    exit: Option<VmmExit>,
+}
+
+/// The controller shared by the API threads and the main loop.
+#[derive(Debug)]
+pub struct Controller {
+    kvm_path: PathBuf,
+    serial: SerialConfig,
+    inner: Mutex<Inner>,
+    wake: EventFd,
+    received: Arc<ReceivedMachine>,
+    /// Background threads (migration watchers) hold the controller through this.
+    me: std::sync::Weak<Controller>,
+}
+
+fn internal(e: impl std::error::Error) -> ApiError {
+    ApiError::Internal {
+        reason: error_chain(&e),
+    }
+}
+
+impl Controller {
+    /// A controller, optionally with an already running machine.
+    pub fn new(
+        kvm_path: PathBuf,
+        serial: SerialConfig,
+        machine: Option<Machine>,
+    ) -> std::io::Result<Arc<Self>> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let received = ReceivedMachine::new()?;
+        Ok(Arc::new_cyclic(|me| Self {
+            kvm_path,
+            serial,
+            inner: Mutex::new(Inner {
+                machine: machine.map(Arc::new),
+                run_state: RunState::Running,
+                migration: None,
+                exit: None,
+            }),
+            wake,
+            received,
+            me: me.clone(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn request_exit(&self, exit: VmmExit) {
+        self.lock().exit.get_or_insert(exit);
+        let _ = self.wake.write(1);
+    }
+
+    fn running_migration(inner: &Inner) -> bool {
+        inner
+            .migration
+            .as_ref()
+            .is_some_and(|m| !m.stats.status().is_final())
+    }
+
+    /// Runs until the guest ends, `vmm.shutdown`, or the VM migrated away.
+    pub fn run(self: &Arc<Self>) -> std::io::Result<VmmExit> {
+        loop {
+            if let Some(m) = self.received.take() {
+                let mut inner = self.lock();
+                inner.machine = Some(m);
+                inner.run_state = RunState::Running;
+            }
+            let machine = self.lock().machine.clone();
+            if let Some(m) = &machine {
+                if let Some(exit) = m.check_exit() {
+                    let mut inner = self.lock();
+                    if let Some(job) = inner.migration.as_ref().filter(|j| j.outgoing) {
+                        job.stats.cancel();
+                    }
+                    inner.machine = None;
+                    inner.run_state = RunState::Shutdown;
+                    return Ok(VmmExit::Guest(exit));
+                }
+            }
+            // Bound first: an `if let` on `self.lock()` would hold the lock through the grace sleep
+            // and starve the API threads.
+            let requested = self.lock().exit.clone();
+            if let Some(exit) = requested {
+                if exit == VmmExit::MigratedAway {
+                    std::thread::sleep(COMPLETED_GRACE);
+                }
+                return Ok(exit);
+            }
+            let epoll = Epoll::new()?;
+            let mut fds = vec![self.wake.as_raw_fd(), self.received.ready_fd().as_raw_fd()];
+            if let Some(m) = &machine {
+                fds.extend(m.exit_fds());
+            }
+            for fd in &fds {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    *fd,
+                    EpollEvent::new(EventSet::IN, *fd as u64),
+                )?;
+            }
+            drop(machine);
+            let mut events = vec![EpollEvent::default(); fds.len()];
+            match epoll.wait(-1, &mut events) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            let _ = self.wake.read();
+        }
+    }
+}
+
+fn convert_url(url: &ApiUrl) -> MigrationUrl {
+    match url {
+        ApiUrl::Tcp { host, port } => MigrationUrl::Tcp {
+            host: host.clone(),
+            port: *port,
+        },
+        ApiUrl::Unix { path } => MigrationUrl::Unix(path.clone()),
+    }
+}
+
+fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
+    let status = match s.status {
+        EngineStatus::None => ApiMigrationState::None,
+        EngineStatus::Setup => ApiMigrationState::Setup,
+        EngineStatus::Active => ApiMigrationState::Active,
+        EngineStatus::Completing => ApiMigrationState::Completing,
+        EngineStatus::Completed => ApiMigrationState::Completed,
+        EngineStatus::Failed => ApiMigrationState::Failed,
+        EngineStatus::Cancelled => ApiMigrationState::Cancelled,
+    };
+    MigrationStatus {
+        status,
+        iteration: s.iteration,
+        total_bytes: s.total_bytes,
+        transferred_bytes: s.transferred_bytes,
+        remaining_bytes: s.remaining_bytes,
+        bandwidth_bytes_per_s: s.bandwidth_bytes_per_sec,
+        dirty_pages_per_s: s.dirty_pages_per_sec,
+        dirty_pages_by_source: ApiDirtyPages {
+            kvm: s.dirty_pages.kvm,
+            vmm: s.dirty_pages.vmm,
+            dma: s.dirty_pages.dma,
+        },
+        expected_downtime_ms: s.expected_downtime_ms,
+        cpu_throttle_percent: u8::try_from(s.throttle_percent).unwrap_or(u8::MAX),
+        downtime_ms: s.downtime_ms,
+        total_time_ms: status.is_terminal().then_some(s.total_time_ms),
+        setup_time_ms: s.setup_time_ms,
+        error: s.error.clone(),
+    }
+}
+
+impl ApiHandler for Controller {
+    fn vmm_ping(&self) -> Result<VmmPingResponse, ApiError> {
+        Ok(VmmPingResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            features: vec!["dirty-log-manual-clear".into(), "local-migration".into()],
+        })
+    }
+
+    fn vmm_shutdown(&self) -> Result<(), ApiError> {
+        if let Some(job) = &self.lock().migration {
+            job.stats.cancel();
+        }
+        self.request_exit(VmmExit::Requested);
+        Ok(())
+    }
+
+    fn vm_info(&self) -> Result<VmInfo, ApiError> {
+        let inner = self.lock();
+        let machine = inner.machine.as_ref().ok_or(ApiError::NoVm)?;
+        let config = machine.config();
+        let (kernel, cmdline) = match &config.payload {
+            PayloadConfig::Demo(d) => (
+                Some(format!(
+                    "built-in demo guest (mib={}, dirty-mib-per-s={})",
+                    d.mib, d.dirty_mib_per_s
+                )),
+                None,
+            ),
+            PayloadConfig::Kernel {
+                kernel, cmdline, ..
+            } => (Some(kernel.display().to_string()), Some(cmdline.clone())),
+        };
+        Ok(VmInfo {
+            state: match inner.run_state {
+                RunState::Running => ApiVmState::Running,
+                RunState::Paused => ApiVmState::Paused,
+                RunState::Shutdown => ApiVmState::Shutdown,
+            },
+            config: VmConfigInfo {
+                cpus: u32::from(config.cpus),
+                memory_bytes: config.memory_bytes,
+                kernel,
+                cmdline,
+                dirty_tracking: Some("log".into()),
+            },
+            devices: Vec::new(),
+        })
+    }
+
+    fn vm_pause(&self) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        if Self::running_migration(&inner) {
+            return Err(ApiError::MigrationRunning);
+        }
+        let machine = inner.machine.clone().ok_or(ApiError::NoVm)?;
+        machine.pause();
+        inner.run_state = RunState::Paused;
+        Ok(())
+    }
+
+    fn vm_resume(&self) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        if Self::running_migration(&inner) {
+            return Err(ApiError::MigrationRunning);
+        }
+        let machine = inner.machine.clone().ok_or(ApiError::NoVm)?;
+        machine.resume();
+        inner.run_state = RunState::Running;
+        Ok(())
+    }
+
+    fn vm_shutdown(&self) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        if Self::running_migration(&inner) {
+            return Err(ApiError::MigrationRunning);
+        }
+        let machine = inner.machine.take().ok_or(ApiError::NoVm)?;
+        machine.pause();
+        inner.run_state = RunState::Shutdown;
+        drop(inner);
+        drop(machine);
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    fn vm_send_migration(&self, data: VmSendMigrationData) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        if Self::running_migration(&inner) {
+            return Err(ApiError::MigrationRunning);
+        }
+        let machine = inner.machine.clone().ok_or(ApiError::NoVm)?;
+        if inner.run_state != RunState::Running {
+            return Err(ApiError::InvalidState {
+                operation: "send a migration",
+                state: "paused (resume it first)".into(),
+            });
+        }
+        let mut params = SendParams::new(convert_url(&data.destination_url));
+        params.local = data.local;
+        params.downtime_ms = data.downtime_ms;
+        params.timeout = Duration::from_secs(data.timeout_s);
+        params.timeout_strategy = match data.timeout_strategy {
+            tern_api::types::TimeoutStrategy::Cancel => TimeoutStrategy::Cancel,
+            tern_api::types::TimeoutStrategy::Ignore => TimeoutStrategy::Ignore,
+        };
+        params.max_bandwidth_mbps = data.max_bandwidth_mbps;
+        params.connections = u16::try_from(data.connections).map_err(|_| ApiError::BadRequest {
+            reason: format!("connections {} is out of range", data.connections),
+        })?;
+        params.auto_converge = data.auto_converge;
+        params.validate().map_err(|e| ApiError::BadRequest {
+            reason: error_chain(&e),
+        })?;
+        let stats = Arc::new(MigrationStats::new());
+        let handle = start_send(Box::new(MachineHost::new(machine)), params, stats.clone())
+            .map_err(internal)?;
+        inner.migration = Some(MigrationJob {
+            stats: stats.clone(),
+            outgoing: true,
+        });
+        drop(inner);
+        let controller = self.self_ref();
+        std::thread::Builder::new()
+            .name("tern-migrate-watch".into())
+            .spawn(move || {
+                let outcome = handle.join();
+                match outcome {
+                    Ok(o) if o.result.is_ok() => {
+                        log::info!("migration completed; this tern hands its VM over and exits");
+                        if let Some(c) = controller {
+                            c.request_exit(VmmExit::MigratedAway);
+                        }
+                    }
+                    Ok(o) => {
+                        if let Err(e) = &o.result {
+                            eprintln!(
+                                "tern: migration failed, VM keeps running here: {}",
+                                error_chain(e)
+                            );
+                        }
+                    }
+                    Err(_) => eprintln!("tern: migration thread panicked; VM state unknown"),
+                }
+            })
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    fn vm_receive_migration(&self, data: VmReceiveMigrationData) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        if inner.machine.is_some() {
+            return Err(ApiError::Conflict {
+                reason:
+                    "this tern already runs a VM: start a destination tern with only --api-socket"
+                        .into(),
+            });
+        }
+        if Self::running_migration(&inner) {
+            return Err(ApiError::MigrationRunning);
+        }
+        let url = convert_url(&data.receiver_url);
+        let listener = MigrationListener::bind(&url).map_err(|e| ApiError::BadRequest {
+            reason: format!("cannot listen on the receiver url: {}", error_chain(&e)),
+        })?;
+        let stats = Arc::new(MigrationStats::new());
+        inner.migration = Some(MigrationJob {
+            stats: stats.clone(),
+            outgoing: false,
+        });
+        let mut factory = TernTargetFactory {
+            kvm_path: self.kvm_path.clone(),
+            serial: self.serial.clone(),
+            received: self.received.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tern-migrate-dst".into())
+            .spawn(move || {
+                if let Err(e) = receive_on(&listener, &mut factory, &stats) {
+                    eprintln!("tern: incoming migration failed: {}", error_chain(&e));
+                }
+            })
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    fn vm_migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        Ok(match &self.lock().migration {
+            Some(job) => convert_status(&job.stats.snapshot()),
+            None => MigrationStatus::default(),
+        })
+    }
+
+    fn vm_migration_cancel(&self) -> Result<(), ApiError> {
+        let inner = self.lock();
+        match &inner.migration {
+            Some(job) if !job.stats.status().is_final() => {
+                job.stats.cancel();
+                Ok(())
+            }
+            _ => Err(ApiError::NoMigrationRunning),
+        }
+    }
+}
+
+impl Controller {
+    /// A strong reference to this controller for background threads, if it is shared (always, in
+    /// tern: the controller is created as an `Arc`).
+    fn self_ref(&self) -> Option<Arc<Controller>> {
+        self.me.upgrade()
+    }
+}

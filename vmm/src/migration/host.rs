@@ -1,0 +1,90 @@
+//! The running machine as the migration engine's source.
+
+use std::sync::Arc;
+
+use tern_migration::dirty::{DirtySource, VmmWriteSource};
+use tern_migration::engine::{HostError, MigrationHost, MigrationState};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestMemoryMmap;
+
+use super::state_codec::encode_state;
+use super::throttle::Throttle;
+use crate::machine::Machine;
+
+/// A [`MigrationHost`] over a shared [`Machine`]; the VMM keeps its own reference for the API.
+#[derive(Debug)]
+pub struct MachineHost {
+    machine: Arc<Machine>,
+    throttle: Option<Throttle>,
+}
+
+impl MachineHost {
+    /// Wraps `machine` for one outgoing migration.
+    pub fn new(machine: Arc<Machine>) -> Self {
+        Self {
+            machine,
+            throttle: None,
+        }
+    }
+
+    fn stop_throttle(&mut self) {
+        if let Some(mut t) = self.throttle.take() {
+            t.stop();
+        }
+    }
+}
+
+impl MigrationHost for MachineHost {
+    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+        self.machine.ram().memory().clone()
+    }
+
+    fn config(&mut self) -> Result<Vec<u8>, HostError> {
+        serde_json::to_vec(self.machine.config()).map_err(|e| HostError::new("encode config", e))
+    }
+
+    fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError> {
+        let kvm = crate::dirty::kvm_dirty_source(&self.machine)
+            .map_err(|e| HostError::new("create KVM dirty source", e))?;
+        let vmm = VmmWriteSource::new(self.machine.ram().memory())
+            .map_err(|e| HostError::new("create VMM-write dirty source", e))?;
+        Ok(vec![kvm, Box::new(vmm)])
+    }
+
+    fn pause(&mut self) -> Result<(), HostError> {
+        self.stop_throttle();
+        self.machine.pause();
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), HostError> {
+        self.stop_throttle();
+        self.machine.resume();
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<MigrationState, HostError> {
+        let state = self
+            .machine
+            .save_state()
+            .map_err(|e| HostError::new("save state", e))?;
+        encode_state(&state).map_err(|e| HostError::new("encode state", e))
+    }
+
+    fn throttle(&mut self, percent: u8) -> Result<(), HostError> {
+        if percent == 0 {
+            self.stop_throttle();
+            return Ok(());
+        }
+        if self.throttle.is_none() {
+            self.throttle = Some(
+                Throttle::new(self.machine.clone())
+                    .map_err(|e| HostError::new("start vCPU throttle", e))?,
+            );
+        }
+        if let Some(t) = &self.throttle {
+            t.set(percent);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! Machine state ⇄ the engine's opaque [`MigrationState`]: one serde_json encoding per blob, each in
+//! its own frame (vCPU i, VM, device by id) — never JSON inside JSON.
+
+use tern_migration::engine::MigrationState;
+
+use crate::device_manager::DeviceStates;
+use crate::machine::MachineState;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::VmState;
+
+const SERIAL_ID: &str = "serial0";
+const CMOS_ID: &str = "cmos0";
+
+/// The received state does not decode into a machine state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateCodecError {
+    #[error("cannot encode {what} state")]
+    Encode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot decode {what} state from the migration stream")]
+    Decode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("migration state lacks {what}")]
+    Missing { what: String },
+    #[error("migration state has vCPU indices {found:?}; expected 0..{expected}")]
+    VcpuIndices { found: Vec<u32>, expected: usize },
+    #[error("migration state has an unknown device '{id}'")]
+    UnknownDevice { id: String },
+}
+
+fn encode<T: serde::Serialize>(what: &str, v: &T) -> Result<Vec<u8>, StateCodecError> {
+    serde_json::to_vec(v).map_err(|source| StateCodecError::Encode {
+        what: what.into(),
+        source,
+    })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, StateCodecError> {
+    serde_json::from_slice(b).map_err(|source| StateCodecError::Decode {
+        what: what.into(),
+        source,
+    })
+}
+
+/// Splits a machine state into the engine's blobs.
+pub fn encode_state(state: &MachineState) -> Result<MigrationState, StateCodecError> {
+    let vcpus = state
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Ok((i as u32, encode(&format!("vCPU {i}"), v)?)))
+        .collect::<Result<Vec<_>, StateCodecError>>()?;
+    Ok(MigrationState {
+        vm: encode("VM", &state.vm)?,
+        vcpus,
+        devices: vec![
+            (SERIAL_ID.into(), encode(SERIAL_ID, &state.devices.serial)?),
+            (CMOS_ID.into(), encode(CMOS_ID, &state.devices.cmos)?),
+        ],
+    })
+}
+
+/// Rebuilds a machine state from the engine's blobs, refusing anything missing or unknown.
+pub fn decode_state(state: &MigrationState) -> Result<MachineState, StateCodecError> {
+    let mut vcpus: Vec<(u32, VcpuState)> = state
+        .vcpus
+        .iter()
+        .map(|(i, b)| Ok((*i, decode(&format!("vCPU {i}"), b)?)))
+        .collect::<Result<_, StateCodecError>>()?;
+    vcpus.sort_by_key(|(i, _)| *i);
+    let indices: Vec<u32> = vcpus.iter().map(|(i, _)| *i).collect();
+    if indices.iter().enumerate().any(|(pos, i)| pos as u32 != *i) {
+        return Err(StateCodecError::VcpuIndices {
+            found: indices,
+            expected: vcpus.len(),
+        });
+    }
+    let mut serial = None;
+    let mut cmos = None;
+    for (id, bytes) in &state.devices {
+        match id.as_str() {
+            SERIAL_ID => serial = Some(decode(SERIAL_ID, bytes)?),
+            CMOS_ID => cmos = Some(decode(CMOS_ID, bytes)?),
+            _ => return Err(StateCodecError::UnknownDevice { id: id.clone() }),
+        }
+    }
+    let missing = |what: &str| StateCodecError::Missing { what: what.into() };
+    Ok(MachineState {
+        vcpus: vcpus.into_iter().map(|(_, v)| v).collect(),
+        vm: decode::<VmState>("VM", &state.vm)?,
+        devices: DeviceStates {
+            serial: serial.ok_or_else(|| missing(SERIAL_ID))?,
+            cmos: cmos.ok_or_else(|| missing(CMOS_ID))?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_state_rejects_garbage_and_gaps() {
+        let bad = MigrationState {
+            vm: b"{not json".to_vec(),
+            vcpus: vec![],
+            devices: vec![],
+        };
+        assert!(matches!(
+            decode_state(&bad),
+            Err(StateCodecError::Decode { .. })
+        ));
+        let unknown = MigrationState {
+            vm: b"{}".to_vec(),
+            vcpus: vec![],
+            devices: vec![("gpu7".into(), b"{}".to_vec())],
+        };
+        assert!(matches!(
+            decode_state(&unknown),
+            Err(StateCodecError::UnknownDevice { .. })
+        ));
+    }
+}

@@ -1,0 +1,124 @@
+//! The destination side: build a machine from the source's config, fill its RAM, restore its state,
+//! start it, and hand it to the VMM loop.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tern_migration::engine::{
+    HostError, LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory,
+};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::state_codec::decode_state;
+use crate::config::{SerialConfig, VmConfig};
+use crate::machine::Machine;
+use crate::vstate::memory::GuestRam;
+
+/// Where a started destination machine is handed to the VMM loop.
+#[derive(Debug)]
+pub struct ReceivedMachine {
+    slot: Mutex<Option<Arc<Machine>>>,
+    ready: EventFd,
+}
+
+impl ReceivedMachine {
+    /// An empty slot; `ready` is signalled when a machine arrives.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            slot: Mutex::new(None),
+            ready: EventFd::new(libc::EFD_NONBLOCK)?,
+        }))
+    }
+
+    /// The eventfd signalled on arrival.
+    pub fn ready_fd(&self) -> &EventFd {
+        &self.ready
+    }
+
+    /// Takes the machine, if one arrived.
+    pub fn take(&self) -> Option<Arc<Machine>> {
+        let _ = self.ready.read();
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn put(&self, machine: Arc<Machine>) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(machine);
+        let _ = self.ready.write(1);
+    }
+}
+
+/// Builds destination machines for the engine.
+#[derive(Debug)]
+pub struct TernTargetFactory {
+    pub kvm_path: PathBuf,
+    /// The destination's own console setting (not the source's).
+    pub serial: SerialConfig,
+    pub received: Arc<ReceivedMachine>,
+}
+
+impl MigrationTargetFactory for TernTargetFactory {
+    fn create(
+        &mut self,
+        config: &[u8],
+        local: Vec<LocalRegion>,
+    ) -> Result<Box<dyn MigrationTarget>, HostError> {
+        let mut config: VmConfig =
+            serde_json::from_slice(config).map_err(|e| HostError::new("decode VM config", e))?;
+        config.serial = self.serial.clone();
+        let ram = match local.into_iter().next() {
+            None => GuestRam::new(config.memory_bytes)
+                .map_err(|e| HostError::new("create guest memory", e))?,
+            // All of tern's RAM regions live in one memfd, at their file offsets; the first
+            // region's file is that memfd.
+            Some(first) => GuestRam::from_file(first.file, config.memory_bytes)
+                .map_err(|e| HostError::new("map guest memory handed over", e))?,
+        };
+        Ok(Box::new(TernTarget {
+            kvm_path: self.kvm_path.clone(),
+            config,
+            ram,
+            machine: None,
+            received: self.received.clone(),
+        }))
+    }
+}
+
+/// One incoming VM.
+#[derive(Debug)]
+struct TernTarget {
+    kvm_path: PathBuf,
+    config: VmConfig,
+    ram: GuestRam,
+    machine: Option<Arc<Machine>>,
+    received: Arc<ReceivedMachine>,
+}
+
+impl MigrationTarget for TernTarget {
+    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+        self.ram.memory().clone()
+    }
+
+    fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError> {
+        let state = decode_state(&state).map_err(|e| HostError::new("decode state", e))?;
+        let machine = Machine::restore(
+            &self.kvm_path,
+            self.config.clone(),
+            self.ram.clone(),
+            &state,
+        )
+        .map_err(|e| HostError::new("restore machine", e))?;
+        self.machine = Some(Arc::new(machine));
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), HostError> {
+        let machine = self.machine.take().ok_or_else(|| {
+            HostError::new("start", "the source completed without sending the VM state")
+        })?;
+        machine.resume();
+        self.received.put(machine);
+        Ok(())
+    }
+}
