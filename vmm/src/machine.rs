@@ -12,11 +12,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{cpuid, linux, mptable, msr};
-use crate::config::{PayloadConfig, VmConfig};
+use crate::config::{DirtyTracking, PayloadConfig, VmConfig};
 use crate::demo;
 use crate::device_manager::{DeviceError, DeviceManager, DeviceStates, PlatformEvents};
+use crate::dirty::kvm_ring::{DirtyRings, RING_ENTRIES};
+use crate::sys::kvm_dirty_ring::{self, DirtyRingMapping, KvmDirtyRingError};
 use crate::vstate::memory::{GuestRam, MemoryError};
-use crate::vstate::vcpu::{self, VcpuHandle, VcpuRunner, VcpuStop, VcpuStopSink};
+use crate::vstate::vcpu::{
+    self, DirtyRingFullHandler, VcpuHandle, VcpuRunner, VcpuStop, VcpuStopSink,
+};
 use crate::vstate::vcpu_state::{VcpuState, VcpuStateError};
 use crate::vstate::vm::{Vm, VmError, VmState};
 
@@ -75,6 +79,8 @@ pub enum MachineError {
     VcpuCountMismatch { saved: usize, configured: usize },
     #[error("cannot wait for VM events")]
     Epoll(#[source] std::io::Error),
+    #[error("cannot set up the KVM dirty ring (--dirty-tracking ring)")]
+    DirtyRing(#[source] KvmDirtyRingError),
 }
 
 /// How a machine ended.
@@ -119,6 +125,8 @@ pub struct Machine {
     config: VmConfig,
     // Drop order: vCPUs first (they use the VM and buses), then devices, VM, then RAM.
     vcpus: Vec<VcpuHandle>,
+    // Dirty-ring hook: the mapped per-vCPU rings (`--dirty-tracking ring` only).
+    dirty_rings: Option<Arc<DirtyRings>>,
     devices: DeviceManager,
     events: PlatformEvents,
     stop: Arc<StopSignal>,
@@ -191,6 +199,14 @@ impl Machine {
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
         let vm = Arc::new(Vm::new(&kvm, &ram)?);
+        // Dirty-ring hook: KVM accepts the ring capability only before the first vCPU exists.
+        let ring_bytes = match config.dirty_tracking {
+            DirtyTracking::Ring => Some(
+                kvm_dirty_ring::enable(vm.fd(), RING_ENTRIES).map_err(MachineError::DirtyRing)?,
+            ),
+            DirtyTracking::Log => None,
+        };
+        let mut ring_maps = Vec::new();
         let (devices, events) =
             DeviceManager::new(vm.fd(), &config.serial, state.map(|s| &s.devices))?;
         let base_cpuid = cpuid::supported(&kvm)?;
@@ -200,6 +216,11 @@ impl Machine {
                 .fd()
                 .create_vcpu(u64::from(index))
                 .map_err(|source| MachineError::CreateVcpu { index, source })?;
+            if let Some(bytes) = ring_bytes {
+                ring_maps.push(
+                    DirtyRingMapping::map(&fd, index, bytes).map_err(MachineError::DirtyRing)?,
+                );
+            }
             fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, config.cpus))
                 .map_err(|e| MachineError::ConfigureVcpu {
                     index,
@@ -207,6 +228,8 @@ impl Machine {
                 })?;
             fds.push(fd);
         }
+        let dirty_rings =
+            ring_bytes.map(|_| Arc::new(DirtyRings::new(vm.clone(), &ram, ring_maps)));
         let msr_indices = match fds.first() {
             Some(fd) => msr::saveable_msr_indices(&kvm, fd)?,
             None => Vec::new(),
@@ -245,6 +268,9 @@ impl Machine {
                 pio: devices.pio(),
                 mmio: devices.mmio(),
                 stop_sink: stop.clone(),
+                dirty_ring: dirty_rings
+                    .clone()
+                    .map(|r| r as Arc<dyn DirtyRingFullHandler>),
             };
             // New VMs start paused too; `start` lets them run once everything is in place.
             let handle = VcpuHandle::spawn(runner, true)
@@ -255,6 +281,7 @@ impl Machine {
         Ok(Self {
             config,
             vcpus,
+            dirty_rings,
             devices,
             events,
             stop,
@@ -319,6 +346,11 @@ impl Machine {
     /// The KVM VM, shared (dirty-log sources keep it while a migration runs).
     pub fn vm_shared(&self) -> Arc<Vm> {
         self.vm.clone()
+    }
+
+    /// The KVM dirty rings, when the VM was built with `--dirty-tracking ring`.
+    pub fn dirty_rings(&self) -> Option<&Arc<DirtyRings>> {
+        self.dirty_rings.as_ref()
     }
 
     /// The vCPU threads.

@@ -81,11 +81,6 @@ impl SlotSnapshot {
         self.slot
     }
 
-    /// First GPA of the slot.
-    pub fn gpa(&self) -> u64 {
-        self.gpa
-    }
-
     /// Pages in the slot.
     pub fn pages(&self) -> u64 {
         self.pages
@@ -97,6 +92,7 @@ impl SlotSnapshot {
     }
 
     /// Dirty pages held.
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }

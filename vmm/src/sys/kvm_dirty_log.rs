@@ -122,8 +122,8 @@ pub fn clear_dirty_log(
     bitmap: &[u64],
 ) -> Result<(), KvmDirtyLogError> {
     let ends_at_slot_end = first_page.checked_add(num_pages) == Some(slot_pages);
-    let aligned = first_page % CLEAR_ALIGN_PAGES == 0
-        && (num_pages % CLEAR_ALIGN_PAGES == 0 || ends_at_slot_end)
+    let aligned = first_page.is_multiple_of(CLEAR_ALIGN_PAGES)
+        && (num_pages.is_multiple_of(CLEAR_ALIGN_PAGES) || ends_at_slot_end)
         && first_page.saturating_add(num_pages) <= slot_pages;
     let (Ok(num), true) = (u32::try_from(num_pages), aligned) else {
         return Err(KvmDirtyLogError::Unaligned {

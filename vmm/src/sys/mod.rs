@@ -3,6 +3,7 @@
 #![allow(unsafe_code)]
 
 pub mod kvm_dirty_log;
+pub mod kvm_dirty_ring;
 pub mod kvm_memslot;
 pub mod memfd;
 pub mod xsave;

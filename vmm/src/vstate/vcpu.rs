@@ -39,6 +39,14 @@ pub trait VcpuStopSink: Send + Sync {
     fn vcpu_stopped(&self, stop: VcpuStop);
 }
 
+/// Empties the KVM dirty rings when a vCPU exits with KVM_EXIT_DIRTY_RING_FULL (dirty-ring hook,
+/// implemented by `crate::dirty::kvm_ring::DirtyRings`). The vCPU cannot re-enter the guest until
+/// its ring is harvested and reset, so the vCPU thread does it itself, under the rings' own lock:
+/// no waiting on another thread, so a pause request is never blocked by a full ring.
+pub trait DirtyRingFullHandler: Send + Sync {
+    fn dirty_ring_full(&self, vcpu: u8) -> Result<(), String>;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
     Run,
@@ -79,6 +87,8 @@ pub struct VcpuRunner {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub stop_sink: Arc<dyn VcpuStopSink>,
+    /// Set when the VM uses the KVM dirty ring (`--dirty-tracking ring`).
+    pub dirty_ring: Option<Arc<dyn DirtyRingFullHandler>>,
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -113,6 +123,7 @@ impl VcpuHandle {
             pio: runner.pio,
             mmio: runner.mmio,
             stop_sink: runner.stop_sink,
+            dirty_ring: runner.dirty_ring,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -203,6 +214,7 @@ struct RunContext {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     stop_sink: Arc<dyn VcpuStopSink>,
+    dirty_ring: Option<Arc<dyn DirtyRingFullHandler>>,
 }
 
 enum Outcome {
@@ -294,6 +306,18 @@ impl RunContext {
                 vcpu: index,
                 reason: format!("KVM internal error at {}", describe_rip(fd)),
             }),
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL))
+                if self.dirty_ring.is_some() =>
+            {
+                // Dirty-ring hook: harvest + KVM_RESET_DIRTY_RINGS, then run again.
+                match self.dirty_ring.as_ref().map(|r| r.dirty_ring_full(index)) {
+                    Some(Err(reason)) => Outcome::Stop(VcpuStop::Failed {
+                        vcpu: index,
+                        reason: format!("dirty ring full and cannot be harvested: {reason}"),
+                    }),
+                    _ => Outcome::Continue,
+                }
+            }
             Ok(other) => Outcome::Stop(VcpuStop::Failed {
                 vcpu: index,
                 reason: format!("unhandled exit {other:?}"),
