@@ -32,6 +32,8 @@ use crate::migration::target::{ReceivedMachine, TernTargetFactory};
 /// How long a source that handed its VM over keeps answering the API (so a watcher sees
 /// `completed`) before it exits.
 const COMPLETED_GRACE: Duration = Duration::from_millis(500);
+/// How long `vmm.shutdown` waits before the API server stops, so its own 204 gets out.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
 /// Why the controller's loop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +149,10 @@ impl Controller {
             // and starve the API threads.
             let requested = self.lock().exit.clone();
             if let Some(exit) = requested {
-                if exit == VmmExit::MigratedAway {
-                    std::thread::sleep(COMPLETED_GRACE);
+                match exit {
+                    VmmExit::MigratedAway => std::thread::sleep(COMPLETED_GRACE),
+                    VmmExit::Requested => std::thread::sleep(SHUTDOWN_GRACE),
+                    VmmExit::Guest(_) => {}
                 }
                 return Ok(exit);
             }
