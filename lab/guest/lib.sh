@@ -83,7 +83,7 @@ boot_linux_guest() {
     marker="tern.marker=lab-$label-$$"
     out=/tmp/linux-boot-$label.log
     start=$(cut -d' ' -f1 /proc/uptime)
-    timeout -s KILL 600 tern --kernel "$kernel" --initramfs /lab/linux/initramfs.cpio.gz \
+    timeout -s KILL 300 tern --kernel "$kernel" --initramfs /lab/linux/initramfs.cpio.gz \
         --cmdline "console=ttyS0 reboot=k panic=-1 quiet $marker" \
         --memory 512M --cpus 2 --serial stdout >"$out" 2>&1
     rc=$?

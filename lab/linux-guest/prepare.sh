@@ -53,7 +53,7 @@ else
 fi
 
 root=$work/root
-mkdir -p "$root"/{bin,dev,proc}
+mkdir -p "$root"/{bin,dev,proc,sys}
 cp /bin/busybox "$root/bin/busybox"
 cp "$here/init" "$root/init"
 chmod 755 "$root/init"

@@ -3,7 +3,7 @@
 # tern boots its demo guest on nested KVM, the guest verifies its memory and tern exits cleanly.
 . /lab/lib.sh
 out=/tmp/demo-boot.log
-timeout -s KILL 600 tern --guest demo,mib=16,exit-after=5 --cpus 2 --memory 256M --serial stdout \
+timeout -s KILL 300 tern --guest demo,mib=16,exit-after=5 --cpus 2 --memory 256M --serial stdout \
     >"$out" 2>&1
 rc=$?
 cat "$out"
