@@ -7,7 +7,6 @@
 //! - `mtty_*`: either boot, with at least one mtty mdev created.
 
 use std::fs;
-use std::mem::size_of;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +23,7 @@ use tern_devices::sys::iommufd_test::{
     self, MOCK_APERTURE_START, MOCK_FLAGS_DEVICE_NO_DIRTY, MOCK_IO_PAGE_SIZE,
 };
 use tern_devices::sys::iova::Iova;
+use tern_devices::sys::uapi_size::argsz;
 use tern_devices::sys::vfio_type1_dirty;
 use vfio_bindings::bindings::vfio::{
     VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
@@ -88,7 +88,7 @@ fn set_bit(bitmap: &mut [u64], n: u64) {
 
 fn ioas_alloc(iommufd: &IommuFd) -> Result<u32> {
     let mut alloc = iommu_ioas_alloc {
-        size: size_of::<iommu_ioas_alloc>() as u32,
+        size: argsz::<iommu_ioas_alloc>(),
         ..Default::default()
     };
     iommufd
@@ -99,7 +99,7 @@ fn ioas_alloc(iommufd: &IommuFd) -> Result<u32> {
 
 fn hw_capabilities(iommufd: &IommuFd, dev_id: u32) -> Result<u64> {
     let mut info = iommu_hw_info {
-        size: size_of::<iommu_hw_info>() as u32,
+        size: argsz::<iommu_hw_info>(),
         dev_id,
         ..Default::default()
     };
@@ -116,7 +116,7 @@ fn hwpt_alloc(
     flags: u32,
 ) -> std::result::Result<u32, IommufdError> {
     let mut alloc = iommu_hwpt_alloc {
-        size: size_of::<iommu_hwpt_alloc>() as u32,
+        size: argsz::<iommu_hwpt_alloc>(),
         flags,
         dev_id,
         pt_id,
@@ -253,7 +253,7 @@ fn mock_get_dirty_bitmap_returns_exactly_the_marked_bits() -> Result<()> {
     let iommufd = IommuFd::new().context("opening /dev/iommu")?;
     let ioas = ioas_alloc(&iommufd)?;
     let dom = iommufd_test::mock_domain(&iommufd, ioas, 0)?;
-    let buf = DmaBuffer::new(LEN as usize)?;
+    let buf = DmaBuffer::new(usize::try_from(LEN)?)?;
     let mapping = buf.map_ioas(&iommufd, ioas, Iova(MOCK_APERTURE_START))?;
     let iova = mapping.iova();
     let hwpt = hwpt_alloc(&iommufd, dom.idev_id, ioas, IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
@@ -307,7 +307,7 @@ fn mock_get_dirty_bitmap_returns_exactly_the_marked_bits() -> Result<()> {
     mock_pages.fill(u64::MAX);
     iommufd_test::mark_dirty(&iommufd, hwpt, iova, LEN, &mock_pages)?;
     let chunk = Iova(iova.0 + (1 << 20));
-    let mut chunk_bitmap = vec![0u64; (2 << 20) / PAGE as usize / 64];
+    let mut chunk_bitmap = vec![0u64; (2 << 20) / 4096 / 64];
     iommufd_hwpt_dirty::get_dirty_bitmap(
         &iommufd,
         hwpt,

@@ -5,7 +5,6 @@
 //! time, so only its address leaves this module, and only into the kernel. A mapping borrows its
 //! buffer and unmaps in `Drop`, so the memory cannot be freed while a device can still reach it.
 
-use std::mem::size_of;
 use std::ptr::NonNull;
 
 use iommufd_bindings::iommufd::{
@@ -18,6 +17,7 @@ use vfio_ioctls::{VfioContainer, VfioError};
 use vmm_sys_util::errno;
 
 use super::iova::Iova;
+use super::uapi_size::argsz;
 
 /// Errors of DMA buffer allocation and mapping.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +141,7 @@ impl DmaBuffer {
         iova: Iova,
     ) -> Result<IoasMapping<'a>, DmaBufferError> {
         let map = iommu_ioas_map {
-            size: size_of::<iommu_ioas_map>() as u32,
+            size: argsz::<iommu_ioas_map>(),
             flags: iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA
                 | iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE
                 | iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE,
@@ -255,7 +255,7 @@ impl IoasMapping<'_> {
 impl Drop for IoasMapping<'_> {
     fn drop(&mut self) {
         let mut unmap = iommu_ioas_unmap {
-            size: size_of::<iommu_ioas_unmap>() as u32,
+            size: argsz::<iommu_ioas_unmap>(),
             ioas_id: self.ioas_id,
             iova: self.iova.0,
             length: self.len_bytes as u64,

@@ -6,8 +6,6 @@
 //! - GET_DIRTY_BITMAP returns success even when tracking is off (6.12 drops the driver's error), so
 //!   callers must keep their own enable state; this wrapper does not pretend to know it.
 
-use std::mem::size_of;
-
 use iommufd_bindings::iommufd::{
     iommu_hwpt_get_dirty_bitmap, iommu_hwpt_set_dirty_tracking,
     iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
@@ -20,6 +18,7 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::iova::{range_bitmap_words, Iova};
+use super::uapi_size::argsz;
 
 ioctl_io_nr!(
     IOMMU_HWPT_SET_DIRTY_TRACKING,
@@ -97,7 +96,7 @@ pub fn set_dirty_tracking(
     enable: bool,
 ) -> Result<(), HwptDirtyError> {
     let mut arg = iommu_hwpt_set_dirty_tracking {
-        size: size_of::<iommu_hwpt_set_dirty_tracking>() as u32,
+        size: argsz::<iommu_hwpt_set_dirty_tracking>(),
         flags: if enable {
             iommufd_hwpt_set_dirty_tracking_flags_IOMMU_HWPT_DIRTY_TRACKING_ENABLE
         } else {
@@ -149,7 +148,7 @@ pub fn get_dirty_bitmap(
     }
     bitmap.fill(0);
     let mut arg = iommu_hwpt_get_dirty_bitmap {
-        size: size_of::<iommu_hwpt_get_dirty_bitmap>() as u32,
+        size: argsz::<iommu_hwpt_get_dirty_bitmap>(),
         hwpt_id,
         flags: match mode {
             DirtyRead::ReadAndClear => 0,

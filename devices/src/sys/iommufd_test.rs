@@ -16,6 +16,7 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::iova::Iova;
+use super::uapi_size::argsz;
 
 ioctl_io_nr!(IOMMU_TEST_CMD, IOMMUFD_TYPE as u32, IOMMUFD_CMD_BASE + 32);
 
@@ -154,7 +155,7 @@ const _: () = {
 
 fn test_cmd<P>(op: u32, id: u32, payload: P) -> TestCmd<P> {
     TestCmd {
-        size: size_of::<TestCmd<P>>() as u32,
+        size: argsz::<TestCmd<P>>(),
         op,
         id,
         reserved: 0,

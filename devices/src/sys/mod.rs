@@ -6,4 +6,5 @@ pub mod dma_buffer;
 pub mod iommufd_hwpt_dirty;
 pub mod iommufd_test;
 pub mod iova;
+pub mod uapi_size;
 pub mod vfio_type1_dirty;

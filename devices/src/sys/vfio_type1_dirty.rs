@@ -22,6 +22,7 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::iova::{range_bitmap_words, Iova};
+use super::uapi_size::argsz;
 
 ioctl_io_nr!(VFIO_IOMMU_DIRTY_PAGES, VFIO_TYPE as u32, VFIO_BASE + 17);
 
@@ -78,7 +79,7 @@ pub fn stop_dirty_tracking(container: &VfioContainer) -> Result<(), Type1DirtyEr
 
 fn dirty_pages_control(container: &VfioContainer, flag: u32) -> Result<(), errno::Error> {
     let mut arg = vfio_iommu_type1_dirty_bitmap {
-        argsz: size_of::<vfio_iommu_type1_dirty_bitmap>() as u32,
+        argsz: argsz::<vfio_iommu_type1_dirty_bitmap>(),
         flags: flag,
         ..Default::default()
     };
@@ -126,7 +127,7 @@ pub fn get_dirty_bitmap(
     bitmap.fill(0);
     let mut arg = GetBitmapArg {
         header: vfio_iommu_type1_dirty_bitmap {
-            argsz: size_of::<GetBitmapArg>() as u32,
+            argsz: argsz::<GetBitmapArg>(),
             flags: VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
             ..Default::default()
         },
