@@ -51,7 +51,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `size_bytes` of zeroed guest RAM.
     pub fn new(size_bytes: u64) -> Result<Self, MemoryError> {
-        if size_bytes == 0 || size_bytes % PAGE_SIZE != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::InvalidSize { bytes: size_bytes });
         }
         let file = crate::sys::memfd::create("tern-guest-ram").map_err(MemoryError::CreateFile)?;
@@ -65,7 +65,7 @@ impl GuestRam {
 
     /// Maps an existing guest memory file (same-host migration hands one over).
     pub fn from_file(file: File, size_bytes: u64) -> Result<Self, MemoryError> {
-        if size_bytes == 0 || size_bytes % PAGE_SIZE != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::InvalidSize { bytes: size_bytes });
         }
         let actual = file.metadata().map_err(MemoryError::CreateFile)?.len();
