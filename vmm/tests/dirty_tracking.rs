@@ -14,8 +14,8 @@ use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, PAGE_SIZE};
 use tern_vmm::config::{DirtyTracking, PayloadConfig, SerialConfig, VmConfig};
 use tern_vmm::demo::setup::{layout, DemoLayout, PARAMS_GPA};
 use tern_vmm::demo::DemoConfig;
-use tern_vmm::dirty::kvm_dirty_source;
 use tern_vmm::dirty::kvm_ring::RING_ENTRIES;
+use tern_vmm::dirty::{kvm_dirty_source, KvmDirtyLog};
 use tern_vmm::machine::Machine;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -127,18 +127,43 @@ fn ws_pages(l: &DemoLayout, gpas: &BTreeSet<u64>) -> BTreeSet<u64> {
     gpas.range(l.working_set..l.end).copied().collect()
 }
 
+/// What a test runs against: the VM's configured source, or the dirty log forced into its
+/// get-and-clear fallback (what hosts without manual protection get).
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Log,
+    LogGetAndClear,
+    Ring,
+}
+
+impl Mode {
+    fn tracking(self) -> DirtyTracking {
+        match self {
+            Mode::Log | Mode::LogGetAndClear => DirtyTracking::Log,
+            Mode::Ring => DirtyTracking::Ring,
+        }
+    }
+}
+
+fn source(m: &Machine, mode: Mode) -> Box<dyn DirtySource> {
+    match mode {
+        Mode::LogGetAndClear => Box::new(KvmDirtyLog::new_get_and_clear(m.vm_shared(), m.ram())),
+        Mode::Log | Mode::Ring => kvm_dirty_source(m).expect("KVM dirty source"),
+    }
+}
+
 /// Start the source and claim everything once (the engine's iteration 0), with the VM paused.
-fn started(m: &Machine) -> Box<dyn DirtySource> {
-    let mut src = kvm_dirty_source(m).expect("KVM dirty source");
+fn started(m: &Machine, mode: Mode) -> Box<dyn DirtySource> {
+    let mut src = source(m, mode);
     src.start().expect("start dirty tracking");
     claim_all(m, src.as_mut());
     src.sync().unwrap();
     src
 }
 
-fn sync_covers_written_pages_and_stays_in_ram(tracking: DirtyTracking) {
-    let (m, l) = machine(1, 64, tracking);
-    let mut src = started(&m);
+fn sync_covers_written_pages_and_stays_in_ram(mode: Mode) {
+    let (m, l) = machine(1, 64, mode.tracking());
+    let mut src = started(&m, mode);
     // The VM never ran and everything was claimed: nothing may be dirty.
     let before_run = dirty_gpas(&peek_all(&m, src.as_mut()));
     assert!(
@@ -165,10 +190,10 @@ fn sync_covers_written_pages_and_stays_in_ram(tracking: DirtyTracking) {
     src.stop().unwrap();
 }
 
-fn write_after_claim_is_reported_again(tracking: DirtyTracking) {
+fn write_after_claim_is_reported_again(mode: Mode) {
     // 1 MiB working set at 64 MiB/s: the guest rewrites every page many times per run.
-    let (m, l) = machine(1, 64, tracking);
-    let mut src = started(&m);
+    let (m, l) = machine(1, 64, mode.tracking());
+    let mut src = started(&m, mode);
     run_for(&m, Duration::from_millis(200));
     src.sync().unwrap();
     let first = ws_pages(&l, &dirty_gpas(&claim_all(&m, src.as_mut())));
@@ -201,9 +226,9 @@ fn write_after_claim_is_reported_again(tracking: DirtyTracking) {
     src.stop().unwrap();
 }
 
-fn claim_clears_only_requested_chunk(tracking: DirtyTracking) {
-    let (m, l) = machine(2, 256, tracking);
-    let mut src = started(&m);
+fn claim_clears_only_requested_chunk(mode: Mode) {
+    let (m, l) = machine(2, 256, mode.tracking());
+    let mut src = started(&m, mode);
     run_for(&m, Duration::from_millis(300));
     src.sync().unwrap();
     let all = ws_pages(&l, &dirty_gpas(&peek_all(&m, src.as_mut())));
@@ -236,9 +261,9 @@ fn claim_clears_only_requested_chunk(tracking: DirtyTracking) {
     src.stop().unwrap();
 }
 
-fn idle_guest_reports_no_working_set_pages(tracking: DirtyTracking) {
-    let (m, l) = machine(4, 0, tracking);
-    let mut src = started(&m);
+fn idle_guest_reports_no_working_set_pages(mode: Mode) {
+    let (m, l) = machine(4, 0, mode.tracking());
+    let mut src = started(&m, mode);
     run_for(&m, Duration::from_millis(300));
     let c = cursors(&m);
     assert!(c.iter().all(|c| c.3 == 0), "idle guest wrote pages: {c:?}");
@@ -264,22 +289,22 @@ fn idle_guest_reports_no_working_set_pages(tracking: DirtyTracking) {
 
 #[test]
 fn log_sync_covers_written_pages_and_stays_in_ram() {
-    sync_covers_written_pages_and_stays_in_ram(DirtyTracking::Log);
+    sync_covers_written_pages_and_stays_in_ram(Mode::Log);
 }
 
 #[test]
 fn log_write_after_claim_is_reported_again() {
-    write_after_claim_is_reported_again(DirtyTracking::Log);
+    write_after_claim_is_reported_again(Mode::Log);
 }
 
 #[test]
 fn log_claim_clears_only_requested_chunk() {
-    claim_clears_only_requested_chunk(DirtyTracking::Log);
+    claim_clears_only_requested_chunk(Mode::Log);
 }
 
 #[test]
 fn log_idle_guest_reports_no_working_set_pages() {
-    idle_guest_reports_no_working_set_pages(DirtyTracking::Log);
+    idle_guest_reports_no_working_set_pages(Mode::Log);
 }
 
 #[test]
@@ -293,22 +318,22 @@ fn log_source_refuses_use_before_start() {
 
 #[test]
 fn ring_sync_covers_written_pages_and_stays_in_ram() {
-    sync_covers_written_pages_and_stays_in_ram(DirtyTracking::Ring);
+    sync_covers_written_pages_and_stays_in_ram(Mode::Ring);
 }
 
 #[test]
 fn ring_write_after_claim_is_reported_again() {
-    write_after_claim_is_reported_again(DirtyTracking::Ring);
+    write_after_claim_is_reported_again(Mode::Ring);
 }
 
 #[test]
 fn ring_claim_clears_only_requested_chunk() {
-    claim_clears_only_requested_chunk(DirtyTracking::Ring);
+    claim_clears_only_requested_chunk(Mode::Ring);
 }
 
 #[test]
 fn ring_idle_guest_reports_no_working_set_pages() {
-    idle_guest_reports_no_working_set_pages(DirtyTracking::Ring);
+    idle_guest_reports_no_working_set_pages(Mode::Ring);
 }
 
 #[test]
@@ -319,10 +344,11 @@ fn ring_full_exits_are_harvested_and_the_guest_keeps_running() {
     // harvests can keep them running.
     let mib = (RING_ENTRIES * u64::from(CPUS) * PAGE_SIZE * 5 / 4) >> 20;
     let (m, l) = machine(mib, 1024, DirtyTracking::Ring);
+    let mode = Mode::Ring;
     let rings = m.dirty_rings().expect("ring mode maps rings").clone();
     let entries = u64::from(rings.entries_per_ring());
     assert!(entries <= RING_ENTRIES);
-    let mut src = started(&m);
+    let mut src = started(&m, mode);
     let c0 = cursors(&m);
     run_for(&m, Duration::from_millis(1500));
     let c1 = cursors(&m);
@@ -360,10 +386,30 @@ fn ring_is_refused_before_start_and_log_has_no_rings() {
 #[test]
 #[ignore = "lab: needs the lab kernel's KVM (nested SVM); run with -- --ignored in the lab VM"]
 fn lab_ring_and_log_track_the_demo_guest() {
-    for t in [DirtyTracking::Log, DirtyTracking::Ring] {
+    for t in [Mode::Log, Mode::LogGetAndClear, Mode::Ring] {
         sync_covers_written_pages_and_stays_in_ram(t);
         write_after_claim_is_reported_again(t);
         claim_clears_only_requested_chunk(t);
         idle_guest_reports_no_working_set_pages(t);
     }
+}
+
+#[test]
+fn get_and_clear_sync_covers_written_pages_and_stays_in_ram() {
+    sync_covers_written_pages_and_stays_in_ram(Mode::LogGetAndClear);
+}
+
+#[test]
+fn get_and_clear_write_after_claim_is_reported_again() {
+    write_after_claim_is_reported_again(Mode::LogGetAndClear);
+}
+
+#[test]
+fn get_and_clear_claim_clears_only_requested_chunk() {
+    claim_clears_only_requested_chunk(Mode::LogGetAndClear);
+}
+
+#[test]
+fn get_and_clear_idle_guest_reports_no_working_set_pages() {
+    idle_guest_reports_no_working_set_pages(Mode::LogGetAndClear);
 }

@@ -143,6 +143,17 @@ impl KvmDirtyLog {
         }
     }
 
+    /// A source that does not use manual protection even where the host offers it: the
+    /// [`LogMode::GetAndClear`] fallback, for hosts without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and
+    /// for tests and benchmarks that compare both modes on one host. Manual protection is a
+    /// VM-wide setting, so it must not be mixed with a manual-protect source on the same VM.
+    pub fn new_get_and_clear(vm: Arc<Vm>, ram: &GuestRam) -> Self {
+        let mut s = Self::new(vm, ram);
+        s.mode = LogMode::GetAndClear;
+        s.manual_flags = 0;
+        s
+    }
+
     /// The mode this host allows (fixed at construction).
     pub fn mode(&self) -> LogMode {
         self.mode
