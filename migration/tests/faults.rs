@@ -405,6 +405,36 @@ mod tests {
     }
 
     #[test]
+    fn receiver_rejects_truncated_unchecked_page_data() {
+        let mut b = good_prefix();
+        let e = [MemoryEntry {
+            gpa: GuestAddress(0x4000),
+            npages: 2,
+            encoding: PageEncoding::Data,
+        }];
+        let mut w = FrameWriter::new(Vec::new());
+        w.send_memory_head(&e, 2 * 4096).expect("head");
+        b.extend(std::mem::take(w.get_mut()));
+        b.extend(vec![0x77u8; 4096 + 100]);
+        let (err, text) = feed(b);
+        assert!(
+            matches!(
+                err,
+                MigrationError::PageData {
+                    direction: "receive",
+                    gpa: 0x4000,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            text.contains("receive page data for 0x4000+0x2000"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn receiver_rejects_corrupted_stream_with_clear_error() {
         let mut b = good_prefix();
         let mut m = memory_frame();

@@ -107,6 +107,22 @@ mod tests {
     }
 
     #[test]
+    fn migrate_with_page_checksums_matches_memory() {
+        let host = FakeHost::new(anon_memory(), 256, 20);
+        let mem = host.mem.clone();
+        let r = run(
+            MigrationUrl::Unix(sock_path()),
+            host,
+            FakeFactory::default(),
+            |p| {
+                p.page_checksums = true;
+                p.connections = 2;
+            },
+        );
+        check_success(&r, &mem);
+    }
+
+    #[test]
     fn migrate_over_tcp_with_three_connections_matches_memory() {
         let host = FakeHost::new(anon_memory(), 512, 10);
         let mem = host.mem.clone();

@@ -50,6 +50,20 @@ pub enum MigrationError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// Streaming page bytes between guest memory and the connection failed (unchecked memory
+    /// frames: the peer died, the stream ended early, or the write failed).
+    #[error("{direction} page data for {gpa:#x}+{len_bytes:#x}")]
+    PageData {
+        /// "send" or "receive".
+        direction: &'static str,
+        /// GPA.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::VolatileMemoryError,
+    },
     /// The peer sent an Error frame.
     #[error("{peer} reported: {reason}")]
     PeerError {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Frame, FrameWriter};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, WriteVolatile};
+
+use crate::protocol::{Frame, FrameWriter, PageEncoding};
 use crate::transport::{Connection, RateLimiter};
 
 use super::error::MigrationError;
@@ -84,6 +87,7 @@ pub struct Lanes {
     free_rx: Receiver<MemoryBatch>,
     stats: Arc<MigrationStats>,
     abort: Arc<Abort>,
+    copy_data: bool,
 }
 
 /// Queue depth per lane: enough to keep the socket busy while the next batch is read.
@@ -92,6 +96,7 @@ const POLL: Duration = Duration::from_micros(200);
 
 struct LaneCtx {
     index: usize,
+    mem: GuestMemoryMmap<AtomicBitmap>,
     free: Sender<MemoryBatch>,
     rate: Arc<RateLimiter>,
     counters: Arc<LaneCounters>,
@@ -132,27 +137,33 @@ fn lane_main(
         };
         match item {
             LaneItem::Memory(mut b) => {
-                let frame = Frame::Memory {
-                    entries: std::mem::take(&mut b.entries),
-                    data: &b.data[..b.data_len],
-                };
-                pace(&ctx, (b.data_len + frame_entries_len(&frame)) as u64);
+                let wire = b.data_len + b.entries.len() * crate::protocol::MEMORY_ENTRY_BYTES;
+                pace(&ctx, wire as u64);
                 if ctx.abort.is_set() {
                     continue;
                 }
                 let t = Instant::now();
-                let n = w.send(&frame).map_err(|source| MigrationError::Protocol {
-                    during: "sending memory",
-                    source,
-                })?;
+                let n = if b.copies_data() {
+                    let frame = Frame::Memory {
+                        entries: std::mem::take(&mut b.entries),
+                        data: &b.data[..b.data_len],
+                    };
+                    let n = w.send(&frame).map_err(|source| MigrationError::Protocol {
+                        during: "sending memory",
+                        source,
+                    })?;
+                    if let Frame::Memory { entries, .. } = frame {
+                        b.entries = entries;
+                    }
+                    n
+                } else {
+                    send_unchecked(&mut w, &b, &ctx.mem)?
+                };
                 let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 ctx.counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
                 ctx.counters.bytes.fetch_add(n, Ordering::Relaxed);
                 ctx.stats.add_transferred(n);
                 ctx.stats.add_pages(b.data_pages(), b.zero_pages);
-                if let Frame::Memory { entries, .. } = frame {
-                    b.entries = entries;
-                }
                 b.clear();
                 // The main thread may be gone (failure path); then the batch is just dropped.
                 let _ = ctx.free.send(b);
@@ -173,17 +184,49 @@ fn lane_main(
     }
 }
 
-fn frame_entries_len(f: &Frame<'_>) -> usize {
-    match f {
-        Frame::Memory { entries, .. } => entries.len() * crate::protocol::MEMORY_ENTRY_BYTES,
-        _ => 0,
+/// Header and entry table, then each `Data` entry straight from guest memory to the socket.
+fn send_unchecked(
+    w: &mut FrameWriter<Connection>,
+    b: &MemoryBatch,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+) -> Result<u64, MigrationError> {
+    let head = w
+        .send_memory_head(&b.entries, b.data_len)
+        .map_err(|source| MigrationError::Protocol {
+            during: "sending memory",
+            source,
+        })?;
+    for e in b
+        .entries
+        .iter()
+        .filter(|e| e.encoding == PageEncoding::Data)
+    {
+        let len = e.len_bytes();
+        let slice =
+            mem.get_slice(e.gpa, len as usize)
+                .map_err(|source| MigrationError::GuestMemory {
+                    gpa: e.gpa.0,
+                    len_bytes: len,
+                    source,
+                })?;
+        w.get_mut()
+            .write_all_volatile(&slice)
+            .map_err(|source| MigrationError::PageData {
+                direction: "send",
+                gpa: e.gpa.0,
+                len_bytes: len,
+                source,
+            })?;
     }
+    Ok(head + b.data_len as u64)
 }
 
 impl Lanes {
     /// Start one writer thread per connection (after the handshake).
     pub fn start(
         conns: Vec<Connection>,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+        copy_data: bool,
         rate: Arc<RateLimiter>,
         stats: Arc<MigrationStats>,
     ) -> Result<Self, MigrationError> {
@@ -196,6 +239,7 @@ impl Lanes {
             let counters = Arc::new(LaneCounters::default());
             let ctx = LaneCtx {
                 index: i,
+                mem: mem.clone(),
                 free: free_tx.clone(),
                 rate: rate.clone(),
                 counters: counters.clone(),
@@ -224,6 +268,7 @@ impl Lanes {
             free_rx,
             stats,
             abort,
+            copy_data,
         })
     }
 
@@ -234,7 +279,9 @@ impl Lanes {
 
     /// A cleared batch from the free list, or a new one.
     pub fn batch(&self) -> MemoryBatch {
-        self.free_rx.try_recv().unwrap_or_default()
+        self.free_rx
+            .try_recv()
+            .unwrap_or_else(|_| MemoryBatch::with_mode(self.copy_data))
     }
 
     /// Return an unused batch to the free list.

@@ -3,7 +3,9 @@
 //! populated before, so memory the guest never touched is never touched here either.
 
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
+};
 
 use crate::dirty::{DirtyBitmap, PAGE_SIZE};
 use crate::protocol::{MemoryEntry, PageEncoding};
@@ -16,17 +18,27 @@ pub const BATCH_DATA_PAGES: usize = 1024;
 pub const BATCH_MAX_ENTRIES: usize = 4096;
 const PAGE: usize = PAGE_SIZE as usize;
 
+/// Data bytes per memory frame.
+const BATCH_DATA_BYTES: usize = BATCH_DATA_PAGES * PAGE;
+
 /// One memory frame being assembled.
+///
+/// With `copy_data` the page bytes are snapshotted into `data` (checksummed frames); without,
+/// each page is only copied through a 4 KiB bounce buffer for the zero check and the sender later
+/// writes the `Data` entries straight from guest memory (unchecked frames). A page changing in
+/// between is harmless: its dirty bit was set again after the claim, so it is resent.
 #[derive(Debug)]
 pub struct MemoryBatch {
     /// Entry table.
     pub entries: Vec<MemoryEntry>,
-    /// Page bytes; only `..data_len` is meaningful. Allocated once and reused, never re-zeroed.
+    /// Page bytes (copy mode); only `..data_len` is meaningful. Allocated once, never re-zeroed.
     pub data: Vec<u8>,
-    /// Bytes used in `data`.
+    /// Data bytes the entries cover.
     pub data_len: usize,
     /// Pages sent as zero markers in this batch.
     pub zero_pages: u64,
+    copy_data: bool,
+    bounce: Vec<u8>,
 }
 
 impl Default for MemoryBatch {
@@ -43,14 +55,30 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 }
 
 impl MemoryBatch {
-    /// An empty batch with room for [`BATCH_DATA_PAGES`] pages.
+    /// An empty batch with room for [`BATCH_DATA_PAGES`] pages, copying page data.
     pub fn new() -> Self {
+        Self::with_mode(true)
+    }
+
+    /// An empty batch; `copy_data` snapshots page bytes into the batch.
+    pub fn with_mode(copy_data: bool) -> Self {
         MemoryBatch {
             entries: Vec::with_capacity(BATCH_MAX_ENTRIES),
-            data: vec![0; BATCH_DATA_PAGES * PAGE],
+            data: if copy_data {
+                vec![0; BATCH_DATA_BYTES]
+            } else {
+                Vec::new()
+            },
             data_len: 0,
             zero_pages: 0,
+            copy_data,
+            bounce: if copy_data { Vec::new() } else { vec![0; PAGE] },
         }
+    }
+
+    /// Does the batch hold the page bytes?
+    pub fn copies_data(&self) -> bool {
+        self.copy_data
     }
 
     /// Empty it for reuse.
@@ -67,7 +95,7 @@ impl MemoryBatch {
 
     /// True when no further page fits.
     pub fn is_full(&self) -> bool {
-        self.data_len + PAGE > self.data.len() || self.entries.len() >= BATCH_MAX_ENTRIES
+        self.data_len + PAGE > BATCH_DATA_BYTES || self.entries.len() >= BATCH_MAX_ENTRIES
     }
 
     /// Data pages in the batch.
@@ -108,7 +136,7 @@ impl MemoryBatch {
         let mut done = 0;
         while done < npages && !self.is_full() {
             // Take as many pages as fit in one slice lookup.
-            let room = ((self.data.len() - self.data_len) / PAGE) as u64;
+            let room = ((BATCH_DATA_BYTES - self.data_len) / PAGE) as u64;
             let n = (npages - done).min(room);
             let at = gpa.0 + done * PAGE_SIZE;
             let len = n * PAGE_SIZE;
@@ -120,7 +148,11 @@ impl MemoryBatch {
                 let page = slice
                     .subslice(taken as usize * PAGE, PAGE)
                     .map_err(|e| gm_err(e.into(), PAGE_SIZE))?;
-                let dst = &mut self.data[self.data_len..self.data_len + PAGE];
+                let dst = if self.copy_data {
+                    &mut self.data[self.data_len..self.data_len + PAGE]
+                } else {
+                    &mut self.bounce[..]
+                };
                 page.copy_to(dst);
                 let page_gpa = at + taken * PAGE_SIZE;
                 if is_zero_page(dst) {
@@ -181,6 +213,72 @@ impl PageWriter {
         })
     }
 
+    fn zero_pages_in(&mut self, idx: usize, first: u64, npages: u32) -> Result<(), MigrationError> {
+        let bm = &self.populated[idx];
+        let to_zero: Vec<u64> = (first..first + u64::from(npages))
+            .filter(|&p| bm.test(p))
+            .collect();
+        let base = bm.base().0;
+        for p in to_zero {
+            let gpa = GuestAddress(base + p * PAGE_SIZE);
+            self.mem
+                .get_slice(gpa, PAGE)
+                .map_err(|source| MigrationError::GuestMemory {
+                    gpa: gpa.0,
+                    len_bytes: PAGE_SIZE,
+                    source,
+                })?
+                .copy_from(&self.zero[..]);
+        }
+        self.zero_pages += u64::from(npages);
+        Ok(())
+    }
+
+    /// Apply an unchecked memory frame: `Data` entries are read from `src` straight into guest
+    /// memory, in entry order.
+    pub fn apply_stream<S: ReadVolatile>(
+        &mut self,
+        entries: &[MemoryEntry],
+        src: &mut S,
+    ) -> Result<(), MigrationError> {
+        for e in entries {
+            let len = e.len_bytes();
+            let idx = self
+                .region_index(e.gpa, len)
+                .ok_or(MigrationError::GuestMemory {
+                    gpa: e.gpa.0,
+                    len_bytes: len,
+                    source: vm_memory::GuestMemoryError::InvalidGuestAddress(e.gpa),
+                })?;
+            let first = (e.gpa.0 - self.populated[idx].base().0) / PAGE_SIZE;
+            match e.encoding {
+                PageEncoding::Data => {
+                    self.populated[idx]
+                        .set_pages(first, u64::from(e.npages))
+                        .map_err(MigrationError::Bitmap)?;
+                    let mut slice = self.mem.get_slice(e.gpa, len as usize).map_err(|source| {
+                        MigrationError::GuestMemory {
+                            gpa: e.gpa.0,
+                            len_bytes: len,
+                            source,
+                        }
+                    })?;
+                    src.read_exact_volatile(&mut slice).map_err(|source| {
+                        MigrationError::PageData {
+                            direction: "receive",
+                            gpa: e.gpa.0,
+                            len_bytes: len,
+                            source,
+                        }
+                    })?;
+                    self.data_pages += u64::from(e.npages);
+                }
+                PageEncoding::Zero => self.zero_pages_in(idx, first, e.npages)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Write one memory frame's pages.
     pub fn apply(&mut self, entries: &[MemoryEntry], data: &[u8]) -> Result<(), MigrationError> {
         let mut off = 0usize;
@@ -198,8 +296,13 @@ impl PageWriter {
                 PageEncoding::Data => {
                     bm.set_pages(first, u64::from(e.npages))
                         .map_err(MigrationError::Bitmap)?;
-                    // The codec checked that the data section matches the entries.
-                    let src = &data[off..off + len as usize];
+                    // The codec checks the data section against the entries; a direct caller may not.
+                    let src =
+                        data.get(off..off + len as usize)
+                            .ok_or(MigrationError::Unexpected {
+                                frame: "memory",
+                                during: "applying pages: data shorter than the entries",
+                            })?;
                     off += len as usize;
                     self.mem
                         .get_slice(e.gpa, len as usize)
@@ -211,24 +314,7 @@ impl PageWriter {
                         .copy_from(src);
                     self.data_pages += u64::from(e.npages);
                 }
-                PageEncoding::Zero => {
-                    self.zero_pages += u64::from(e.npages);
-                    let to_zero: Vec<u64> = (first..first + u64::from(e.npages))
-                        .filter(|&p| bm.test(p))
-                        .collect();
-                    let base = bm.base().0;
-                    for p in to_zero {
-                        let gpa = GuestAddress(base + p * PAGE_SIZE);
-                        self.mem
-                            .get_slice(gpa, PAGE)
-                            .map_err(|source| MigrationError::GuestMemory {
-                                gpa: gpa.0,
-                                len_bytes: PAGE_SIZE,
-                                source,
-                            })?
-                            .copy_from(&self.zero[..]);
-                    }
-                }
+                PageEncoding::Zero => self.zero_pages_in(idx, first, e.npages)?,
             }
         }
         Ok(())

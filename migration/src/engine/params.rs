@@ -41,6 +41,9 @@ pub struct SendParams {
     pub chunk_bytes: u64,
     /// How long to wait for the destination's Ack after Complete.
     pub ack_timeout: Duration,
+    /// Checksum page bytes too (snapshot copy per page). Off: memory frames carry
+    /// `FLAG_DATA_UNCHECKED` (CRC over header and entry table) and pages move without a copy.
+    pub page_checksums: bool,
 }
 
 impl SendParams {
@@ -57,6 +60,7 @@ impl SendParams {
             auto_converge: false,
             chunk_bytes: 64 << 20,
             ack_timeout: Duration::from_secs(60),
+            page_checksums: false,
         }
     }
 

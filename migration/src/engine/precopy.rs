@@ -180,7 +180,13 @@ impl Source<'_> {
         }
         self.send_config()?;
         let conns = self.connect_data()?;
-        self.lanes = Some(Lanes::start(conns, self.rate.clone(), self.stats.clone())?);
+        self.lanes = Some(Lanes::start(
+            conns,
+            &self.mem,
+            self.params.page_checksums,
+            self.rate.clone(),
+            self.stats.clone(),
+        )?);
         if !self.params.local {
             self.sources = self.host.dirty_sources().map_err(MigrationError::Host)?;
             if self.sources.is_empty() {

@@ -6,8 +6,11 @@
 use std::fs::File;
 use std::io::{self, Read};
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
+
 use crate::protocol::{
-    read_preamble, write_preamble, Frame, FrameReader, FrameWriter, Hello, ProtocolError,
+    read_preamble, write_preamble, Frame, FrameReader, FrameWriter, Hello, ProtocolError, Received,
     HEADER_BYTES, MEMORY_ENTRY_BYTES,
 };
 use crate::transport::{Connection, FdReader, MigrationListener, MigrationUrl};
@@ -57,6 +60,18 @@ impl Read for Incoming {
         match self {
             Incoming::Plain(c) => c.read(buf),
             Incoming::Fds(r) => r.read(buf),
+        }
+    }
+}
+
+impl ReadVolatile for Incoming {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        match self {
+            Incoming::Plain(c) => c.read_volatile(buf),
+            Incoming::Fds(r) => r.read_volatile(buf),
         }
     }
 }
@@ -122,19 +137,24 @@ fn data_lane(
     stats: &MigrationStats,
 ) -> Result<(), MigrationError> {
     loop {
-        match r.recv() {
-            Ok(Frame::Memory { entries, data }) => {
+        match r.recv_streaming() {
+            Ok(Received::MemoryStream(entries)) => {
+                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
+                pw.apply_stream(&entries, r.get_mut())?;
+                stats.add_transferred(memory_frame_bytes(entries.len(), data as usize));
+            }
+            Ok(Received::Frame(Frame::Memory { entries, data })) => {
                 pw.apply(&entries, data)?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
             }
-            Ok(Frame::StreamEnd) => return Ok(()),
-            Ok(Frame::Error(reason)) => {
+            Ok(Received::Frame(Frame::StreamEnd)) => return Ok(()),
+            Ok(Received::Frame(Frame::Error(reason))) => {
                 return Err(MigrationError::PeerError {
                     peer: "source",
                     reason: reason.to_owned(),
                 })
             }
-            Ok(f) => {
+            Ok(Received::Frame(f)) => {
                 return Err(MigrationError::Unexpected {
                     frame: f.tag().name(),
                     during: "receiving memory on a data connection",
@@ -325,7 +345,17 @@ fn control_loop(
 ) -> Result<MigrationState, MigrationError> {
     let mut state = MigrationState::default();
     loop {
-        match r.recv() {
+        let frame = match r.recv_streaming() {
+            Ok(Received::MemoryStream(entries)) => {
+                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
+                pw.apply_stream(&entries, r.get_mut())?;
+                stats.add_transferred(memory_frame_bytes(entries.len(), data as usize));
+                continue;
+            }
+            Ok(Received::Frame(f)) => Ok(f),
+            Err(e) => Err(e),
+        };
+        match frame {
             Ok(Frame::Memory { entries, data }) => {
                 pw.apply(&entries, data)?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));

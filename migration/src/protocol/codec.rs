@@ -1,10 +1,16 @@
 //! Stream preamble and frame codec: `[tag u8][flags u8][reserved u16][len u32][crc32 u32]` then
 //! `len` payload bytes, all little endian. The CRC-32 (IEEE) covers the first 8 header bytes and the
 //! payload, so a flipped tag or length is caught as surely as a flipped page byte.
+//!
+//! One flag exists: [`FLAG_DATA_UNCHECKED`], only on memory frames. Then the CRC covers the header
+//! and the entry table but not the page bytes, which the sender writes straight from guest memory
+//! and the receiver reads straight into guest memory (no copy on either side). Checksumming page
+//! data needs a snapshot copy of each page while the guest runs; the unchecked form trades that
+//! for throughput (TCP checksums its segments; Unix sockets never leave the host).
 
 use std::io::{self, Read, Write};
 
-use super::frame::{Frame, FrameTag, PayloadError};
+use super::frame::{encode_memory_entries, Frame, FrameTag, MemoryEntry, PayloadError};
 
 /// First bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
@@ -16,6 +22,8 @@ pub const PREAMBLE_BYTES: usize = 12;
 pub const HEADER_BYTES: usize = 12;
 /// Largest payload accepted (state blobs larger than this must be split by the host).
 pub const MAX_PAYLOAD_BYTES: usize = 64 << 20;
+/// Memory frame flag: the CRC does not cover the data section.
+pub const FLAG_DATA_UNCHECKED: u8 = 1;
 /// Payload tails up to this size are copied into the header buffer to save a syscall.
 const COALESCE_TAIL_BYTES: usize = 64 << 10;
 
@@ -219,6 +227,35 @@ pub fn encode_frame<'a>(frame: &Frame<'a>, buf: &mut Vec<u8>) -> Result<&'a [u8]
     Ok(tail)
 }
 
+/// Encode the header and entry table of an unchecked memory frame whose `data_len` data bytes
+/// the caller writes next, straight from guest memory.
+pub fn encode_memory_head(
+    entries: &[MemoryEntry],
+    data_len: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    buf.clear();
+    buf.resize(HEADER_BYTES, 0);
+    encode_memory_entries(entries, buf);
+    let len = buf.len() - HEADER_BYTES + data_len;
+    if len > MAX_PAYLOAD_BYTES {
+        return Err(ProtocolError::TooLarge {
+            frame: FrameTag::Memory.name(),
+            len,
+            max: MAX_PAYLOAD_BYTES,
+        });
+    }
+    buf[0] = FrameTag::Memory as u8;
+    buf[1] = FLAG_DATA_UNCHECKED;
+    buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&buf[..8]);
+    h.update(&buf[HEADER_BYTES..]);
+    let crc = h.finalize();
+    buf[8..12].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
 /// Writes frames to a byte stream.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
@@ -255,6 +292,23 @@ impl<W: Write> FrameWriter<W> {
         self.inner.flush().map_err(werr)?;
         Ok((self.buf.len() + tail.len()) as u64)
     }
+
+    /// Send the header and entry table of an unchecked memory frame; the caller must write the
+    /// `data_len` data bytes next on [`FrameWriter::get_mut`]. Returns the bytes written.
+    pub fn send_memory_head(
+        &mut self,
+        entries: &[MemoryEntry],
+        data_len: usize,
+    ) -> Result<u64, ProtocolError> {
+        encode_memory_head(entries, data_len, &mut self.buf)?;
+        self.inner
+            .write_all(&self.buf)
+            .map_err(|source| ProtocolError::Write {
+                frame: FrameTag::Memory.name(),
+                source,
+            })?;
+        Ok(self.buf.len() as u64)
+    }
 }
 
 /// Reads frames from a byte stream into a reused buffer.
@@ -278,9 +332,7 @@ impl<R: Read> FrameReader<R> {
         &mut self.inner
     }
 
-    /// Read, check and decode the next frame. [`ProtocolError::Closed`] means a clean end of
-    /// stream between frames.
-    pub fn recv(&mut self) -> Result<Frame<'_>, ProtocolError> {
+    fn read_header(&mut self) -> Result<Header, ProtocolError> {
         let mut h = [0u8; HEADER_BYTES];
         let got = read_full(&mut self.inner, &mut h, "frame header")?;
         if got == 0 {
@@ -295,7 +347,9 @@ impl<R: Read> FrameReader<R> {
         }
         let tag = FrameTag::from_u8(h[0]).ok_or(ProtocolError::UnknownFrame { tag: h[0] })?;
         let frame = tag.name();
-        let reserved = u32::from(h[1]) | u32::from(u16::from_le_bytes([h[2], h[3]])) << 8;
+        let unchecked = tag == FrameTag::Memory && h[1] == FLAG_DATA_UNCHECKED;
+        let flags = if unchecked { 0 } else { h[1] };
+        let reserved = u32::from(flags) | u32::from(u16::from_le_bytes([h[2], h[3]])) << 8;
         if reserved != 0 {
             return Err(ProtocolError::Reserved {
                 frame,
@@ -310,40 +364,152 @@ impl<R: Read> FrameReader<R> {
                 max: MAX_PAYLOAD_BYTES,
             });
         }
-        let expected = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h[..8]);
+        Ok(Header {
+            tag,
+            unchecked,
+            len,
+            expected: u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
+            crc,
+        })
+    }
+
+    /// Read `n` payload bytes at `at` of the reused buffer.
+    fn read_payload(&mut self, at: usize, n: usize, want: usize) -> Result<(), ProtocolError> {
         // Grow only: re-zeroing megabytes per frame would cost as much as the copy itself.
-        if self.buf.len() < len {
-            self.buf.resize(len, 0);
+        if self.buf.len() < at + n {
+            self.buf.resize(at + n, 0);
         }
-        let payload = &mut self.buf[..len];
-        let got = read_full(&mut self.inner, payload, "frame payload")?;
-        if got < len {
+        let got = read_full(&mut self.inner, &mut self.buf[at..at + n], "frame payload")?;
+        if got < n {
             return Err(ProtocolError::Truncated {
                 what: "frame payload",
-                got,
-                want: len,
+                got: at + got,
+                want,
             });
         }
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&h[..8]);
-        hasher.update(payload);
-        let actual = hasher.finalize();
-        if actual != expected {
+        Ok(())
+    }
+
+    /// For an unchecked memory frame: read and verify the entry table; returns its length.
+    fn read_memory_table(&mut self, h: &mut Header) -> Result<usize, ProtocolError> {
+        let frame = h.tag.name();
+        let malformed = |source| ProtocolError::Malformed { frame, source };
+        if h.len < 4 {
+            return Err(malformed(PayloadError::Truncated {
+                field: "entry count",
+                need: 4,
+                offset: 0,
+                len: h.len,
+            }));
+        }
+        self.read_payload(0, 4, h.len)?;
+        let n = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let table = n
+            .checked_mul(super::frame::MEMORY_ENTRY_BYTES)
+            .and_then(|b| b.checked_add(4))
+            .filter(|&t| t <= h.len)
+            .ok_or_else(|| {
+                malformed(PayloadError::Truncated {
+                    field: "memory entries",
+                    need: n.saturating_mul(super::frame::MEMORY_ENTRY_BYTES),
+                    offset: 4,
+                    len: h.len,
+                })
+            })?;
+        self.read_payload(4, table - 4, h.len)?;
+        h.crc.update(&self.buf[..table]);
+        let actual = h.crc.clone().finalize();
+        if actual != h.expected {
             return Err(ProtocolError::Checksum {
                 frame,
-                expected,
+                expected: h.expected,
                 actual,
             });
         }
-        Frame::decode(tag, &self.buf[..len])
+        Ok(table)
+    }
+
+    /// Read, check and decode the next frame, with any memory data in the reader's buffer.
+    /// [`ProtocolError::Closed`] means a clean end of stream between frames.
+    pub fn recv(&mut self) -> Result<Frame<'_>, ProtocolError> {
+        let mut h = self.read_header()?;
+        let frame = h.tag.name();
+        if h.unchecked {
+            let table = self.read_memory_table(&mut h)?;
+            self.read_payload(table, h.len - table, h.len)?;
+        } else {
+            self.read_payload(0, h.len, h.len)?;
+            h.crc.update(&self.buf[..h.len]);
+            let actual = h.crc.finalize();
+            if actual != h.expected {
+                return Err(ProtocolError::Checksum {
+                    frame,
+                    expected: h.expected,
+                    actual,
+                });
+            }
+        }
+        Frame::decode(h.tag, &self.buf[..h.len])
             .map_err(|source| ProtocolError::Malformed { frame, source })
     }
+
+    /// Like [`FrameReader::recv`], but an unchecked memory frame is returned as
+    /// [`Received::MemoryStream`] with its page data still in the stream: the caller must then
+    /// read exactly the `Data` entries' bytes, in order, from [`FrameReader::get_mut`].
+    pub fn recv_streaming(&mut self) -> Result<Received<'_>, ProtocolError> {
+        let mut h = self.read_header()?;
+        if !h.unchecked {
+            let frame = h.tag.name();
+            self.read_payload(0, h.len, h.len)?;
+            h.crc.update(&self.buf[..h.len]);
+            let actual = h.crc.finalize();
+            if actual != h.expected {
+                return Err(ProtocolError::Checksum {
+                    frame,
+                    expected: h.expected,
+                    actual,
+                });
+            }
+            return Frame::decode(h.tag, &self.buf[..h.len])
+                .map(Received::Frame)
+                .map_err(|source| ProtocolError::Malformed { frame, source });
+        }
+        let table = self.read_memory_table(&mut h)?;
+        super::frame::decode_memory_table(&self.buf[..table], h.len - table)
+            .map(Received::MemoryStream)
+            .map_err(|source| ProtocolError::Malformed {
+                frame: h.tag.name(),
+                source,
+            })
+    }
+}
+
+#[derive(Debug)]
+struct Header {
+    tag: FrameTag,
+    unchecked: bool,
+    len: usize,
+    expected: u32,
+    crc: crc32fast::Hasher,
+}
+
+/// What [`FrameReader::recv_streaming`] returns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// A fully read and checked frame.
+    Frame(Frame<'a>),
+    /// An unchecked memory frame's (checked) entry table; the `Data` entries' bytes follow in
+    /// the stream.
+    MemoryStream(Vec<MemoryEntry>),
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::{Hello, MemoryEntry, MemoryFdInfo, PageEncoding};
+    use super::super::frame::{Hello, MemoryFdInfo, PageEncoding};
     use super::*;
+    use std::io::Read;
     use vm_memory::GuestAddress;
 
     fn hex(b: &[u8]) -> String {
@@ -471,6 +637,77 @@ mod tests {
         assert_eq!(&mem[HEADER_BYTES + 36..], &pg[..]);
     }
 
+    fn unchecked_frame(page: &[u8]) -> Vec<u8> {
+        let e = [MemoryEntry {
+            gpa: GuestAddress(0x3000),
+            npages: 1,
+            encoding: PageEncoding::Data,
+        }];
+        let mut w = FrameWriter::new(Vec::new());
+        w.send_memory_head(&e, page.len()).expect("head");
+        w.get_mut().extend_from_slice(page);
+        w.inner
+    }
+
+    #[test]
+    fn unchecked_memory_frame_golden_bytes_and_both_read_paths() {
+        let page = vec![0x11u8; 4096];
+        let b = unchecked_frame(&page);
+        // Independently computed (Python struct + zlib.crc32 over header[..8] + entry table).
+        assert_eq!(
+            hex(&b[..HEADER_BYTES + 20]),
+            "0301000014100000a896579e0100000000300000000000000100000000000000"
+        );
+        let want = Frame::Memory {
+            entries: vec![MemoryEntry {
+                gpa: GuestAddress(0x3000),
+                npages: 1,
+                encoding: PageEncoding::Data,
+            }],
+            data: &page,
+        };
+        assert_eq!(FrameReader::new(&b[..]).recv().expect("buffered"), want);
+        let mut r = FrameReader::new(&b[..]);
+        let Received::MemoryStream(entries) = r.recv_streaming().expect("streaming") else {
+            panic!("expected a memory stream");
+        };
+        assert_eq!(entries.len(), 1);
+        let mut rest = Vec::new();
+        r.get_mut().read_to_end(&mut rest).expect("data follows");
+        assert_eq!(rest, page);
+    }
+
+    #[test]
+    fn unchecked_memory_frame_still_checks_header_and_table() {
+        let page = vec![0x22u8; 4096];
+        let b = unchecked_frame(&page);
+        for i in 0..HEADER_BYTES + 20 {
+            let mut c = b.clone();
+            c[i] ^= 0x04;
+            assert!(FrameReader::new(&c[..]).recv().is_err(), "byte {i}");
+            assert!(
+                FrameReader::new(&c[..]).recv_streaming().is_err(),
+                "byte {i}"
+            );
+        }
+        // The flag is only valid on memory frames.
+        let mut ack = encode(&Frame::Ack);
+        ack[1] = FLAG_DATA_UNCHECKED;
+        assert!(matches!(
+            FrameReader::new(&ack[..]).recv(),
+            Err(ProtocolError::Reserved { .. })
+        ));
+        // A table claiming more entries than the payload holds.
+        let mut big = b.clone();
+        big[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(FrameReader::new(&big[..]).recv_streaming().is_err());
+        // Truncated data section.
+        assert!(matches!(
+            FrameReader::new(&b[..b.len() - 1]).recv(),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
     #[test]
     fn every_frame_type_round_trips() {
         let pg = page(7);
@@ -531,6 +768,8 @@ mod tests {
             if n >= HEADER_BYTES && next() % 2 == 0 {
                 b[0] = (next() % 12) as u8;
                 b[1..4].fill(0);
+                // Sometimes an unchecked memory frame (CRC over header + first bytes only).
+                b[1] = u8::from(b[0] == 3 && next() % 2 == 0);
                 let len = (n - HEADER_BYTES) as u32;
                 b[4..8].copy_from_slice(&len.to_le_bytes());
                 let mut h = crc32fast::Hasher::new();
@@ -541,6 +780,8 @@ mod tests {
             }
             let mut r = FrameReader::new(&b[..]);
             while r.recv().is_ok() {}
+            let mut r = FrameReader::new(&b[..]);
+            while r.recv_streaming().is_ok() {}
             let _ = read_preamble(&mut &b[..]);
         }
     }

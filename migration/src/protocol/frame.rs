@@ -310,6 +310,77 @@ pub fn encode_memory_entries(entries: &[MemoryEntry], out: &mut Vec<u8>) {
     }
 }
 
+/// Parse a memory frame's entry table; returns the entries and the data bytes they need.
+fn decode_entries(c: &mut Cursor<'_>) -> Result<(Vec<MemoryEntry>, u64), PayloadError> {
+    let n = c.u32("entry count")? as usize;
+    // Bound the allocation by what the payload can hold before trusting `n`.
+    if n > (c.buf.len() - c.pos) / MEMORY_ENTRY_BYTES {
+        return Err(PayloadError::Truncated {
+            field: "memory entries",
+            need: n.saturating_mul(MEMORY_ENTRY_BYTES),
+            offset: c.pos,
+            len: c.buf.len(),
+        });
+    }
+    let mut entries = Vec::with_capacity(n);
+    let mut need: u64 = 0;
+    for _ in 0..n {
+        let gpa = c.u64("entry gpa")?;
+        let npages = c.u32("entry pages")?;
+        let kind = c.u8("entry kind")?;
+        let pad = c.array::<3>("entry padding")?;
+        if npages == 0 {
+            return Err(PayloadError::Invalid {
+                field: "entry pages",
+                value: 0,
+            });
+        }
+        if pad != [0; 3] {
+            return Err(PayloadError::Invalid {
+                field: "entry padding",
+                value: u64::from(u32::from_le_bytes([pad[0], pad[1], pad[2], 0])),
+            });
+        }
+        let encoding = match kind {
+            0 => PageEncoding::Data,
+            1 => PageEncoding::Zero,
+            k => {
+                return Err(PayloadError::Invalid {
+                    field: "entry kind",
+                    value: u64::from(k),
+                })
+            }
+        };
+        let e = MemoryEntry {
+            gpa: GuestAddress(gpa),
+            npages,
+            encoding,
+        };
+        check_aligned_gpa(gpa, e.len_bytes())?;
+        need += e.data_bytes();
+        entries.push(e);
+    }
+    Ok((entries, need))
+}
+
+/// Parse the entry table of a memory frame whose data section (`data_len` bytes, not in `table`)
+/// follows unchecked in the stream.
+pub fn decode_memory_table(
+    table: &[u8],
+    data_len: usize,
+) -> Result<Vec<MemoryEntry>, PayloadError> {
+    let mut c = Cursor { buf: table, pos: 0 };
+    let (entries, need) = decode_entries(&mut c)?;
+    c.finish()?;
+    if need != data_len as u64 {
+        return Err(PayloadError::DataLength {
+            need,
+            have: data_len,
+        });
+    }
+    Ok(entries)
+}
+
 impl<'a> Frame<'a> {
     /// The wire tag.
     pub fn tag(&self) -> FrameTag {
@@ -400,54 +471,7 @@ impl<'a> Frame<'a> {
             FrameTag::Config => Frame::Config(c.rest()),
             FrameTag::VmState => Frame::VmState(c.rest()),
             FrameTag::Memory => {
-                let n = c.u32("entry count")? as usize;
-                // Bound the allocation by what the payload can hold before trusting `n`.
-                if n > (payload.len() - c.pos) / MEMORY_ENTRY_BYTES {
-                    return Err(PayloadError::Truncated {
-                        field: "memory entries",
-                        need: n.saturating_mul(MEMORY_ENTRY_BYTES),
-                        offset: c.pos,
-                        len: payload.len(),
-                    });
-                }
-                let mut entries = Vec::with_capacity(n);
-                let mut need: u64 = 0;
-                for _ in 0..n {
-                    let gpa = c.u64("entry gpa")?;
-                    let npages = c.u32("entry pages")?;
-                    let kind = c.u8("entry kind")?;
-                    let pad = c.array::<3>("entry padding")?;
-                    if npages == 0 {
-                        return Err(PayloadError::Invalid {
-                            field: "entry pages",
-                            value: 0,
-                        });
-                    }
-                    if pad != [0; 3] {
-                        return Err(PayloadError::Invalid {
-                            field: "entry padding",
-                            value: u64::from(u32::from_le_bytes([pad[0], pad[1], pad[2], 0])),
-                        });
-                    }
-                    let encoding = match kind {
-                        0 => PageEncoding::Data,
-                        1 => PageEncoding::Zero,
-                        k => {
-                            return Err(PayloadError::Invalid {
-                                field: "entry kind",
-                                value: u64::from(k),
-                            })
-                        }
-                    };
-                    let e = MemoryEntry {
-                        gpa: GuestAddress(gpa),
-                        npages,
-                        encoding,
-                    };
-                    check_aligned_gpa(gpa, e.len_bytes())?;
-                    need += e.data_bytes();
-                    entries.push(e);
-                }
+                let (entries, need) = decode_entries(&mut c)?;
                 let data = c.rest();
                 if need != data.len() as u64 {
                     return Err(PayloadError::DataLength {

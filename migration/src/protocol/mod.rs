@@ -4,7 +4,9 @@
 //! version), so each side rejects a peer of another version before any frame. Then frames:
 //! `[tag u8][flags u8 = 0][reserved u16 = 0][len u32][crc32 u32][payload; len]`, little endian,
 //! CRC-32 over the first 8 header bytes and the payload, payload ≤ 64 MiB. Page data and state
-//! blobs travel as raw bytes (no JSON-in-JSON, no base64). Zero pages travel as markers.
+//! blobs travel as raw bytes (no JSON-in-JSON, no base64). Zero pages travel as markers. Memory
+//! frames may carry flag [`FLAG_DATA_UNCHECKED`]: the CRC then covers header and entry table only,
+//! and page bytes move between guest memory and the socket without a copy.
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -41,10 +43,11 @@ mod codec;
 mod frame;
 
 pub use codec::{
-    encode_frame, preamble, read_preamble, write_preamble, FrameReader, FrameWriter, ProtocolError,
-    HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES, PREAMBLE_BYTES, VERSION,
+    encode_frame, encode_memory_head, preamble, read_preamble, write_preamble, FrameReader,
+    FrameWriter, ProtocolError, Received, FLAG_DATA_UNCHECKED, HEADER_BYTES, MAGIC,
+    MAX_PAYLOAD_BYTES, PREAMBLE_BYTES, VERSION,
 };
 pub use frame::{
-    encode_memory_entries, Frame, FrameTag, Hello, MemoryEntry, MemoryFdInfo, PageEncoding,
-    PayloadError, MEMORY_ENTRY_BYTES,
+    decode_memory_table, encode_memory_entries, Frame, FrameTag, Hello, MemoryEntry, MemoryFdInfo,
+    PageEncoding, PayloadError, MEMORY_ENTRY_BYTES,
 };

@@ -7,6 +7,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{ReadVolatile, WriteVolatile};
+use vm_memory::{VolatileMemoryError, VolatileSlice};
+
 use super::url::MigrationUrl;
 
 /// Transport errors; each names the URL or operation.
@@ -149,6 +153,31 @@ impl Connection {
         match self {
             Connection::Unix(s) => Some(s),
             Connection::Tcp(_) => None,
+        }
+    }
+}
+
+// Page data moves between guest memory and the socket without a bounce buffer.
+impl ReadVolatile for Connection {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        match self {
+            Connection::Tcp(s) => s.read_volatile(buf),
+            Connection::Unix(s) => s.read_volatile(buf),
+        }
+    }
+}
+
+impl WriteVolatile for Connection {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        match self {
+            Connection::Tcp(s) => s.write_volatile(buf),
+            Connection::Unix(s) => s.write_volatile(buf),
         }
     }
 }

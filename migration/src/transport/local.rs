@@ -8,6 +8,9 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::ReadVolatile;
+use vm_memory::{VolatileMemoryError, VolatileSlice};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::conn::TransportError;
@@ -77,6 +80,16 @@ impl FdReader {
     /// The oldest received fd not yet taken.
     pub fn take_fd(&mut self) -> Option<File> {
         self.fds.pop_front()
+    }
+}
+
+// Memory data never carries fds, so it can be read with plain reads straight into guest memory.
+impl ReadVolatile for FdReader {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        self.stream.read_volatile(buf)
     }
 }
 
