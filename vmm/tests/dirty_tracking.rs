@@ -15,7 +15,7 @@ use tern_vmm::config::{DirtyTracking, PayloadConfig, SerialConfig, VmConfig};
 use tern_vmm::demo::setup::{layout, DemoLayout, PARAMS_GPA};
 use tern_vmm::demo::DemoConfig;
 use tern_vmm::dirty::kvm_ring::RING_ENTRIES;
-use tern_vmm::dirty::{kvm_dirty_source, KvmDirtyLog};
+use tern_vmm::dirty::{kvm_dirty_source, KvmDirtyLog, LogMode};
 use tern_vmm::machine::Machine;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -412,4 +412,26 @@ fn get_and_clear_claim_clears_only_requested_chunk() {
 #[test]
 fn get_and_clear_idle_guest_reports_no_working_set_pages() {
     idle_guest_reports_no_working_set_pages(Mode::LogGetAndClear);
+}
+
+/// The engine's iteration 0 claims every chunk right after `start`, with no `sync` in between.
+/// Under INITIALLY_SET that first claim must take (and clear at KVM) every RAM page, or
+/// iteration 1 would resend the whole guest; without it, logging starts clean.
+#[test]
+fn log_first_claim_after_start_takes_initially_set_bits() {
+    let (m, _) = machine(1, 0, DirtyTracking::Log);
+    let mode = KvmDirtyLog::new(m.vm_shared(), m.ram()).mode();
+    let mut src = kvm_dirty_source(&m).unwrap();
+    src.start().unwrap();
+    let first = claim_all(&m, src.as_mut());
+    let ram_pages: u64 = m.ram().ranges().iter().map(|r| r.len / PAGE_SIZE).sum();
+    match mode {
+        LogMode::ManualProtect {
+            initially_set: true,
+        } => assert_eq!(first.count(), ram_pages, "{mode}"),
+        _ => assert_eq!(first.count(), 0, "{mode}"),
+    }
+    src.sync().unwrap();
+    assert_eq!(peek_all(&m, src.as_mut()).count(), 0, "the VM never ran");
+    src.stop().unwrap();
 }
