@@ -38,6 +38,21 @@ fn guest_exit_code(exit: &MachineExit) -> ExitCode {
     }
 }
 
+/// For the boot benchmark: `TERN_BENCH_T0_US` is the wall-clock time (µs since the epoch) at which
+/// the benchmark spawned tern; tern reports how long it took until its vCPUs were released into
+/// KVM_RUN.
+fn report_start_latency() {
+    let Some(t0) = std::env::var("TERN_BENCH_T0_US")
+        .ok()
+        .and_then(|v| v.parse::<u128>().ok())
+    else {
+        return;
+    };
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        eprintln!("tern-bench: vcpus_released_us={}", now.as_micros().saturating_sub(t0));
+    }
+}
+
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = cli.vm_config()?;
     let machine = config
@@ -46,10 +61,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let Some(socket) = &cli.api_socket else {
         let machine = machine.ok_or("nothing to run")?;
         machine.resume();
+        report_start_latency();
         return Ok(guest_exit_code(&machine.wait_exit()?));
     };
     if let Some(m) = &machine {
         m.resume();
+        report_start_latency();
     }
     let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.serial)?, machine)?;
     let server = ApiServer::start(socket, controller.clone() as Arc<dyn tern_api::ApiHandler>)?;
