@@ -223,3 +223,53 @@ impl Drop for DirtyRingMapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> VmFd {
+        let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
+        kvm.create_vm().expect("create VM")
+    }
+
+    #[test]
+    fn ring_is_refused_once_a_vcpu_exists() {
+        let vm = vm();
+        let _vcpu = vm.create_vcpu(0).expect("create vCPU");
+        match (supported(&vm), enable(&vm, 4096)) {
+            (None, Err(KvmDirtyRingError::Unsupported)) => {}
+            (Some((cap, _)), Err(KvmDirtyRingError::Enable { cap: c, source, .. })) => {
+                assert_eq!(c, cap);
+                assert_eq!(source.errno(), libc::EINVAL);
+            }
+            (s, r) => panic!("support {s:?}: enabling after vCPU creation gave {r:?}"),
+        }
+    }
+
+    #[test]
+    fn fresh_ring_maps_and_harvests_nothing() {
+        let vm = vm();
+        let Some((_, max)) = supported(&vm) else {
+            assert!(matches!(
+                enable(&vm, 4096),
+                Err(KvmDirtyRingError::Unsupported)
+            ));
+            return;
+        };
+        let bytes = enable(&vm, 4096).expect("enable dirty ring");
+        assert!(bytes.is_power_of_two() && bytes <= max && bytes >= host_page_size());
+        let vcpu = vm.create_vcpu(0).expect("create vCPU");
+        let mut ring = DirtyRingMapping::map(&vcpu, 0, bytes).expect("map ring");
+        assert_eq!(u64::from(ring.entries()) * ENTRY_BYTES, bytes);
+        let mut seen = 0;
+        assert_eq!(ring.harvest(|_, _| seen += 1), 0);
+        assert_eq!(seen, 0);
+        assert_eq!(reset_dirty_rings(&vm).expect("reset"), 0);
+        // A second enable is refused: the ring size is fixed for the VM's life.
+        assert!(matches!(
+            enable(&vm, 4096),
+            Err(KvmDirtyRingError::Enable { .. })
+        ));
+    }
+}
