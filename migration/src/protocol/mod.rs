@@ -41,13 +41,15 @@
 
 mod codec;
 mod frame;
+mod reader;
 
 pub use codec::{
-    encode_frame, encode_memory_head, preamble, read_preamble, write_preamble, FrameReader,
-    FrameWriter, ProtocolError, Received, FLAG_DATA_UNCHECKED, HEADER_BYTES, MAGIC,
-    MAX_PAYLOAD_BYTES, PREAMBLE_BYTES, VERSION,
+    encode_frame, encode_memory_head, preamble, read_preamble, write_preamble, FrameWriter,
+    ProtocolError, FLAG_DATA_UNCHECKED, HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES, PREAMBLE_BYTES,
+    VERSION,
 };
 pub use frame::{
     decode_memory_table, encode_memory_entries, Frame, FrameTag, Hello, MemoryEntry, MemoryFdInfo,
     PageEncoding, PayloadError, MEMORY_ENTRY_BYTES,
 };
+pub use reader::{FrameReader, Received};

@@ -1,0 +1,203 @@
+//! Frame reader: header checks, CRC verification, and for unchecked memory frames a streaming
+//! mode that leaves the page bytes in the stream for the caller to read into guest memory.
+
+use std::io::Read;
+
+use super::codec::{
+    read_full, ProtocolError, FLAG_DATA_UNCHECKED, HEADER_BYTES, MAX_PAYLOAD_BYTES,
+};
+use super::frame::{Frame, FrameTag, MemoryEntry, PayloadError};
+
+/// Reads frames from a byte stream into a reused buffer.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// Wrap a connection (the preamble is read separately).
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    fn read_header(&mut self) -> Result<Header, ProtocolError> {
+        let mut h = [0u8; HEADER_BYTES];
+        let got = read_full(&mut self.inner, &mut h, "frame header")?;
+        if got == 0 {
+            return Err(ProtocolError::Closed);
+        }
+        if got < HEADER_BYTES {
+            return Err(ProtocolError::Truncated {
+                what: "frame header",
+                got,
+                want: HEADER_BYTES,
+            });
+        }
+        let tag = FrameTag::from_u8(h[0]).ok_or(ProtocolError::UnknownFrame { tag: h[0] })?;
+        let frame = tag.name();
+        let unchecked = tag == FrameTag::Memory && h[1] == FLAG_DATA_UNCHECKED;
+        let flags = if unchecked { 0 } else { h[1] };
+        let reserved = u32::from(flags) | u32::from(u16::from_le_bytes([h[2], h[3]])) << 8;
+        if reserved != 0 {
+            return Err(ProtocolError::Reserved {
+                frame,
+                value: reserved,
+            });
+        }
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        if len > MAX_PAYLOAD_BYTES {
+            return Err(ProtocolError::TooLarge {
+                frame,
+                len,
+                max: MAX_PAYLOAD_BYTES,
+            });
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h[..8]);
+        Ok(Header {
+            tag,
+            unchecked,
+            len,
+            expected: u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
+            crc,
+        })
+    }
+
+    /// Read `n` payload bytes at `at` of the reused buffer.
+    fn read_payload(&mut self, at: usize, n: usize, want: usize) -> Result<(), ProtocolError> {
+        // Grow only: re-zeroing megabytes per frame would cost as much as the copy itself.
+        if self.buf.len() < at + n {
+            self.buf.resize(at + n, 0);
+        }
+        let got = read_full(&mut self.inner, &mut self.buf[at..at + n], "frame payload")?;
+        if got < n {
+            return Err(ProtocolError::Truncated {
+                what: "frame payload",
+                got: at + got,
+                want,
+            });
+        }
+        Ok(())
+    }
+
+    /// For an unchecked memory frame: read and verify the entry table; returns its length.
+    fn read_memory_table(&mut self, h: &mut Header) -> Result<usize, ProtocolError> {
+        let frame = h.tag.name();
+        let malformed = |source| ProtocolError::Malformed { frame, source };
+        if h.len < 4 {
+            return Err(malformed(PayloadError::Truncated {
+                field: "entry count",
+                need: 4,
+                offset: 0,
+                len: h.len,
+            }));
+        }
+        self.read_payload(0, 4, h.len)?;
+        let n = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let table = n
+            .checked_mul(super::frame::MEMORY_ENTRY_BYTES)
+            .and_then(|b| b.checked_add(4))
+            .filter(|&t| t <= h.len)
+            .ok_or_else(|| {
+                malformed(PayloadError::Truncated {
+                    field: "memory entries",
+                    need: n.saturating_mul(super::frame::MEMORY_ENTRY_BYTES),
+                    offset: 4,
+                    len: h.len,
+                })
+            })?;
+        self.read_payload(4, table - 4, h.len)?;
+        h.crc.update(&self.buf[..table]);
+        let actual = h.crc.clone().finalize();
+        if actual != h.expected {
+            return Err(ProtocolError::Checksum {
+                frame,
+                expected: h.expected,
+                actual,
+            });
+        }
+        Ok(table)
+    }
+
+    /// Read, check and decode the next frame, with any memory data in the reader's buffer.
+    /// [`ProtocolError::Closed`] means a clean end of stream between frames.
+    pub fn recv(&mut self) -> Result<Frame<'_>, ProtocolError> {
+        let mut h = self.read_header()?;
+        let frame = h.tag.name();
+        if h.unchecked {
+            let table = self.read_memory_table(&mut h)?;
+            self.read_payload(table, h.len - table, h.len)?;
+        } else {
+            self.read_payload(0, h.len, h.len)?;
+            h.crc.update(&self.buf[..h.len]);
+            let actual = h.crc.finalize();
+            if actual != h.expected {
+                return Err(ProtocolError::Checksum {
+                    frame,
+                    expected: h.expected,
+                    actual,
+                });
+            }
+        }
+        Frame::decode(h.tag, &self.buf[..h.len])
+            .map_err(|source| ProtocolError::Malformed { frame, source })
+    }
+
+    /// Like [`FrameReader::recv`], but an unchecked memory frame is returned as
+    /// [`Received::MemoryStream`] with its page data still in the stream: the caller must then
+    /// read exactly the `Data` entries' bytes, in order, from [`FrameReader::get_mut`].
+    pub fn recv_streaming(&mut self) -> Result<Received<'_>, ProtocolError> {
+        let mut h = self.read_header()?;
+        if !h.unchecked {
+            let frame = h.tag.name();
+            self.read_payload(0, h.len, h.len)?;
+            h.crc.update(&self.buf[..h.len]);
+            let actual = h.crc.finalize();
+            if actual != h.expected {
+                return Err(ProtocolError::Checksum {
+                    frame,
+                    expected: h.expected,
+                    actual,
+                });
+            }
+            return Frame::decode(h.tag, &self.buf[..h.len])
+                .map(Received::Frame)
+                .map_err(|source| ProtocolError::Malformed { frame, source });
+        }
+        let table = self.read_memory_table(&mut h)?;
+        super::frame::decode_memory_table(&self.buf[..table], h.len - table)
+            .map(Received::MemoryStream)
+            .map_err(|source| ProtocolError::Malformed {
+                frame: h.tag.name(),
+                source,
+            })
+    }
+}
+
+#[derive(Debug)]
+struct Header {
+    tag: FrameTag,
+    unchecked: bool,
+    len: usize,
+    expected: u32,
+    crc: crc32fast::Hasher,
+}
+
+/// What [`FrameReader::recv_streaming`] returns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// A fully read and checked frame.
+    Frame(Frame<'a>),
+    /// An unchecked memory frame's (checked) entry table; the `Data` entries' bytes follow in
+    /// the stream.
+    MemoryStream(Vec<MemoryEntry>),
+}
