@@ -133,6 +133,8 @@ fn lane_main(
         let item = match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(item) => item,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            // Closed with an abort pending: loop once more so lane 0 still sends the reason.
+            Err(mpsc::RecvTimeoutError::Disconnected) if ctx.abort.is_set() => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         };
         match item {
