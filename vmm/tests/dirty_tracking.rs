@@ -123,6 +123,47 @@ fn run_for(m: &Machine, d: Duration) {
     m.pause();
 }
 
+/// At most 8 GPAs of `set`, for failure messages.
+fn some(set: &BTreeSet<u64>) -> String {
+    let first: Vec<String> = set.iter().take(8).map(|g| format!("{g:#x}")).collect();
+    format!("{} pages, first {}", set.len(), first.join(" "))
+}
+
+/// Runs the guest until every vCPU has completed `passes` verification passes over its
+/// partition (S_PASSES at 0x08 of its parameter slot), or `limit` elapses; then pauses.
+fn run_until_passes(m: &Machine, passes: u64, limit: Duration) {
+    let t = std::time::Instant::now();
+    m.resume();
+    while t.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+        let done = (0..u64::from(CPUS)).all(|cpu| {
+            let at = GuestAddress(PARAMS_GPA + 0x100 + cpu * 0x80 + 0x08);
+            m.ram().memory().read_obj::<u64>(at).unwrap_or(0) >= passes
+        });
+        if done {
+            break;
+        }
+    }
+    m.pause();
+}
+
+/// Runs the guest until every vCPU has written at least `pages` pages since `before`, or
+/// `limit` elapses (slow hosts such as the nested lab); then pauses.
+fn run_until_written(m: &Machine, before: &[(u64, u64, u64, u64)], pages: u64, limit: Duration) {
+    let t = std::time::Instant::now();
+    m.resume();
+    std::thread::sleep(Duration::from_millis(500));
+    while t.elapsed() < limit
+        && cursors(m)
+            .iter()
+            .zip(before)
+            .any(|(a, b)| a.3 - b.3 < pages)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    m.pause();
+}
+
 fn ws_pages(l: &DemoLayout, gpas: &BTreeSet<u64>) -> BTreeSet<u64> {
     gpas.range(l.working_set..l.end).copied().collect()
 }
@@ -183,9 +224,9 @@ fn sync_covers_written_pages_and_stays_in_ram(mode: Mode) {
     );
     src.sync().unwrap();
     let dirty = dirty_gpas(&peek_all(&m, src.as_mut()));
-    let missing: Vec<_> = written.difference(&dirty).collect();
+    let missing: Vec<_> = written.difference(&dirty).take(8).collect();
     assert!(missing.is_empty(), "written but not reported: {missing:x?}");
-    let outside: Vec<_> = dirty.iter().filter(|&&g| !in_ram(&m, g)).collect();
+    let outside: Vec<_> = dirty.iter().filter(|&&g| !in_ram(&m, g)).take(8).collect();
     assert!(outside.is_empty(), "reported outside RAM: {outside:x?}");
     src.stop().unwrap();
 }
@@ -218,7 +259,7 @@ fn write_after_claim_is_reported_again(mode: Mode) {
     );
     src.sync().unwrap();
     let dirty = dirty_gpas(&peek_all(&m, src.as_mut()));
-    let missing: Vec<_> = rewritten.difference(&dirty).collect();
+    let missing: Vec<_> = rewritten.difference(&dirty).take(8).collect();
     assert!(
         missing.is_empty(),
         "rewritten after claim but not reported: {missing:x?}"
@@ -263,6 +304,10 @@ fn claim_clears_only_requested_chunk(mode: Mode) {
 
 fn idle_guest_reports_no_working_set_pages(mode: Mode) {
     let (m, l) = machine(4, 0, mode.tracking());
+    // A real (non-PVM) KVM installs a writable mapping on a read fault and, with logging on,
+    // marks the page dirty then: the guest's first ever read of a page counts as a write. Let the
+    // verifier read every page once before tracking starts (it never writes: mib rate 0).
+    run_until_passes(&m, 1, Duration::from_secs(30));
     let mut src = started(&m, mode);
     run_for(&m, Duration::from_millis(300));
     let c = cursors(&m);
@@ -271,8 +316,8 @@ fn idle_guest_reports_no_working_set_pages(mode: Mode) {
     let dirty = dirty_gpas(&claim_all(&m, src.as_mut()));
     assert!(
         ws_pages(&l, &dirty).is_empty(),
-        "idle working set reported dirty: {:x?}",
-        ws_pages(&l, &dirty)
+        "idle working set reported dirty: {}",
+        some(&ws_pages(&l, &dirty))
     );
     // Parameter block and stacks are written on every loop; a handful of pages, not the guest.
     assert!(
@@ -350,7 +395,9 @@ fn ring_full_exits_are_harvested_and_the_guest_keeps_running() {
     assert!(entries <= RING_ENTRIES);
     let mut src = started(&m, mode);
     let c0 = cursors(&m);
-    run_for(&m, Duration::from_millis(1500));
+    // Until every vCPU has rewritten its whole partition (more pages than its ring holds).
+    let partition = c0.iter().map(|c| c.1).min().unwrap_or(0);
+    run_until_written(&m, &c0, partition, Duration::from_secs(120));
     let c1 = cursors(&m);
     let (harvested, full_exits) = rings.counters();
     let written = written_between(&l, &c0, &c1);
