@@ -14,6 +14,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use tern_devices::bus::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+/// How long to wait for a pause acknowledgement before kicking again (a kick that lands just
+/// before the thread enters KVM_RUN is lost).
+const KICK_RETRY: Duration = Duration::from_micros(100);
+
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -160,7 +164,7 @@ impl VcpuHandle {
             let (c, timeout) = self
                 .shared
                 .changed
-                .wait_timeout(control, Duration::from_millis(1))
+                .wait_timeout(control, KICK_RETRY)
                 .unwrap_or_else(|p| p.into_inner());
             control = c;
             if timeout.timed_out() && !control.paused {
