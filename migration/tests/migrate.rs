@@ -101,9 +101,8 @@ mod tests {
             "the guest ran during the migration"
         );
         assert!(s.dirty_pages.kvm > 0 && s.dirty_pages.vmm > 0, "{s:?}");
-        // Zero pages travel as markers: far less than the guest size went over the wire.
-        assert!(s.zero_pages > 0);
-        assert!(s.transferred_bytes < s.total_bytes, "{s:?}");
+        // Never-written pages travel as markers (the idle test checks the volume).
+        assert!(s.zero_pages > 0, "{s:?}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ use super::params::SendParams;
 use super::policy::{decide, expected_downtime_ms, AutoConverge, Decision};
 use super::stats::{MigrationStats, MigrationStatus};
 
+mod finish;
+
 /// Allowance for vCPU/VM/device state in the downtime estimate (saved only once paused).
 pub const STATE_ESTIMATE_BYTES: u64 = 256 << 10;
 
@@ -533,137 +535,184 @@ impl Source<'_> {
                 .unwrap_or(false)
         })
     }
+}
 
-    fn switchover(&mut self) -> Result<(), MigrationError> {
-        self.stats.set_status(MigrationStatus::Completing);
-        self.host.pause().map_err(MigrationError::Host)?;
-        self.paused = true;
-        let paused_at = Instant::now();
-        if !self.params.local {
-            // Final claim of everything, with every vCPU and device stopped.
-            for s in &mut self.sources {
-                s.sync().map_err(MigrationError::DirtySource)?;
-            }
-            let mut remaining = 0;
-            for (range, lane) in self.chunks() {
-                self.check_abort(true)?;
-                let bits = self.claim(range, true)?;
-                remaining += self.send_pages(range, Some(&bits), lane, true)?;
-            }
-            self.stats.set_remaining(0);
-            log::info!("switchover: {remaining} pages after pause");
-        }
-        let state = self.host.save_state().map_err(MigrationError::Host)?;
-        self.check_abort(true)?;
-        let lanes = self.lanes()?;
-        for i in 1..lanes.len() {
-            lanes.send_frame(i, OwnedFrame::StreamEnd)?;
-        }
-        lanes.send_frame(0, OwnedFrame::VmState(state.vm))?;
-        for (id, b) in state.vcpus {
-            lanes.send_frame(0, OwnedFrame::Vcpu(id, b))?;
-        }
-        for (id, b) in state.devices {
-            lanes.send_frame(0, OwnedFrame::Device(id, b))?;
-        }
-        lanes.send_frame(0, OwnedFrame::Complete)?;
-        // Past this point the destination may run the guest: cancel no longer applies.
-        lanes.flush(false)?;
-        self.wait_ack()?;
-        let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.stats.set_downtime(downtime);
-        Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::{DirtySourceError, SourceKind};
+    use crate::engine::host::{
+        LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory,
+    };
+    use crate::engine::receive::receive_on;
+    use crate::engine::HostError;
+    use crate::transport::{MigrationListener, MigrationUrl};
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    const PAGES: u64 = 1024;
+
+    /// Reports `pages` once, at the first sync after start; logs every claim and whether the VM
+    /// was paused then.
+    struct OnceSource {
+        kind: SourceKind,
+        pages: Vec<u64>,
+        dirty: BTreeSet<u64>,
+        syncs: u32,
+        paused: Arc<AtomicBool>,
+        claims: Arc<Mutex<Vec<(GpaRange, bool)>>>,
     }
 
-    fn wait_ack(&mut self) -> Result<(), MigrationError> {
-        let gone = |detail: String| MigrationError::PeerGone {
-            peer: "destination",
-            during: "waiting for the final ack",
-            detail,
+    impl DirtySource for OnceSource {
+        fn kind(&self) -> SourceKind {
+            self.kind
+        }
+        fn start(&mut self) -> Result<(), DirtySourceError> {
+            Ok(())
+        }
+        fn stop(&mut self) -> Result<(), DirtySourceError> {
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), DirtySourceError> {
+            self.syncs += 1;
+            if self.syncs == 1 {
+                self.dirty.extend(self.pages.iter().copied());
+            }
+            Ok(())
+        }
+        fn peek(&mut self, r: GpaRange, out: &mut DirtyBitmap) -> Result<bool, DirtySourceError> {
+            for &p in &self.dirty {
+                if r.intersect(p * PAGE_SIZE, PAGE_SIZE).is_some() {
+                    let gpa = GuestAddress(p * PAGE_SIZE);
+                    out.mark_range(gpa, 1)
+                        .map_err(|source| DirtySourceError::OutputBitmap {
+                            kind: self.kind,
+                            range: r,
+                            source,
+                        })?;
+                }
+            }
+            Ok(true)
+        }
+        fn claim(&mut self, r: GpaRange, out: &mut DirtyBitmap) -> Result<(), DirtySourceError> {
+            self.claims
+                .lock()
+                .expect("log")
+                .push((r, self.paused.load(Ordering::SeqCst)));
+            self.peek(r, out)?;
+            self.dirty
+                .retain(|&p| r.intersect(p * PAGE_SIZE, PAGE_SIZE).is_none());
+            Ok(())
+        }
+    }
+
+    struct Host {
+        mem: GuestMemoryMmap<AtomicBitmap>,
+        paused: Arc<AtomicBool>,
+        claims: Arc<Mutex<Vec<(GpaRange, bool)>>>,
+    }
+
+    impl MigrationHost for Host {
+        fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+            self.mem.clone()
+        }
+        fn config(&mut self) -> Result<Vec<u8>, HostError> {
+            Ok(Vec::new())
+        }
+        fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError> {
+            let mk = |kind, pages: &[u64]| -> Box<dyn DirtySource> {
+                Box::new(OnceSource {
+                    kind,
+                    pages: pages.to_vec(),
+                    dirty: BTreeSet::new(),
+                    syncs: 0,
+                    paused: self.paused.clone(),
+                    claims: self.claims.clone(),
+                })
+            };
+            // Page 3 is reported by both: 5 reports, 4 distinct pages.
+            Ok(vec![
+                mk(SourceKind::Kvm, &[1, 2, 3]),
+                mk(SourceKind::Dma, &[3, 700]),
+            ])
+        }
+        fn pause(&mut self) -> Result<(), HostError> {
+            self.paused.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), HostError> {
+            self.paused.store(false, Ordering::SeqCst);
+            Ok(())
+        }
+        fn save_state(&mut self) -> Result<MigrationState, HostError> {
+            Ok(MigrationState::default())
+        }
+        fn throttle(&mut self, _: u8) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+
+    struct Target(GuestMemoryMmap<AtomicBitmap>);
+    impl MigrationTarget for Target {
+        fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+            self.0.clone()
+        }
+        fn restore_state(&mut self, _: MigrationState) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn start(&mut self) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+    struct Factory;
+    impl MigrationTargetFactory for Factory {
+        fn create(
+            &mut self,
+            _: &[u8],
+            _: Vec<LocalRegion>,
+        ) -> Result<Box<dyn MigrationTarget>, HostError> {
+            let m =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+                    .map_err(|e| HostError::new("allocate", e))?;
+            Ok(Box::new(Target(m)))
+        }
+    }
+
+    #[test]
+    fn send_unions_sources_and_makes_final_claim_while_paused() {
+        let path = std::env::temp_dir().join(format!("tern-precopy-{}.sock", std::process::id()));
+        let l = MigrationListener::bind(&MigrationUrl::Unix(path)).expect("bind");
+        let mut params = SendParams::new(l.url().clone());
+        params.chunk_bytes = 1 << 20;
+        let dst = std::thread::spawn(move || {
+            receive_on(&l, &mut Factory, &MigrationStats::new()).map(|_| ())
+        });
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .expect("memory");
+        let claims = Arc::new(Mutex::new(Vec::new()));
+        let mut host = Host {
+            mem,
+            paused: Arc::new(AtomicBool::new(false)),
+            claims: claims.clone(),
         };
-        let peer = self
-            .peer
-            .as_ref()
-            .ok_or_else(|| gone("no control connection".into()))?;
-        match peer.recv_timeout(self.params.ack_timeout) {
-            Ok(PeerEvent::Ack) => Ok(()),
-            Ok(PeerEvent::Error(reason)) => Err(MigrationError::PeerError {
-                peer: "destination",
-                reason,
-            }),
-            Ok(PeerEvent::Gone(d)) => Err(gone(d)),
-            Err(RecvTimeoutError::Timeout) => Err(gone(format!(
-                "no ack within {} s",
-                self.params.ack_timeout.as_secs()
-            ))),
-            Err(RecvTimeoutError::Disconnected) => Err(gone("reader stopped".into())),
-        }
-    }
-
-    /// A send failure usually means the destination gave up; prefer its stated reason.
-    fn refine(&self, e: MigrationError) -> MigrationError {
-        let wrote = matches!(
-            e,
-            MigrationError::Lane { .. } | MigrationError::Protocol { .. }
-        );
-        if !wrote {
-            return e;
-        }
-        match self
-            .peer
-            .as_ref()
-            .map(|p| p.recv_timeout(Duration::from_millis(500)))
-        {
-            Some(Ok(PeerEvent::Error(reason))) => MigrationError::PeerError {
-                peer: "destination",
-                reason,
-            },
-            _ => e,
-        }
-    }
-
-    /// Tear down: on failure tell the destination why and give the VM back, running.
-    fn unwind(&mut self, result: Result<(), MigrationError>) -> Result<(), MigrationError> {
-        let result = result.map_err(|e| self.refine(e));
-        let reason = result
-            .as_ref()
-            .err()
-            .map(|e| format!("source: {}", error_chain(e)));
-        match self.lanes.take() {
-            Some(l) => l.close(reason, Duration::from_secs(2)),
-            None => {
-                if let (Some(text), Some(c)) = (&reason, self.control.as_mut()) {
-                    let _ = FrameWriter::new(c).send(&Frame::Error(text));
-                }
-            }
-        }
-        if let Some(c) = self.control.take() {
-            c.shutdown();
-        }
-        if let Some(h) = self.watcher.take() {
-            let _ = h.join();
-        }
-        if self.sources_started {
-            for s in &mut self.sources {
-                if let Err(e) = s.stop() {
-                    log::warn!("stopping dirty tracking: {}", error_chain(&e));
-                }
-            }
-        }
-        if self.ac.percent() > 0 {
-            if let Err(e) = self.host.throttle(0) {
-                log::warn!("removing the vCPU throttle: {}", error_chain(&e));
-            }
-            self.stats.set_throttle(0);
-        }
-        if result.is_err() && self.paused {
-            if let Err(e) = self.host.resume() {
-                // The migration error stays the primary one; the resume failure is logged.
-                log::error!("resuming the source VM: {}", error_chain(&e));
-            } else {
-                self.paused = false;
-            }
-        }
-        result
+        let stats = Arc::new(MigrationStats::new());
+        send(&mut host, params, stats.clone()).expect("migration");
+        dst.join().expect("thread").expect("destination");
+        let s = stats.snapshot();
+        // Iteration 0 sends every page once; the 5 reports of 4 distinct pages add 4, not 5.
+        assert_eq!(s.data_pages + s.zero_pages, PAGES + 4, "{s:?}");
+        assert_eq!(s.dirty_pages.kvm, 3);
+        assert_eq!(s.dirty_pages.dma, 2);
+        // The last claim of every chunk, by every source, happened with the VM paused.
+        let log = claims.lock().expect("log");
+        let chunks = PAGES * PAGE_SIZE / (1 << 20);
+        let paused_claims = log.iter().filter(|(_, p)| *p).count() as u64;
+        assert_eq!(paused_claims, 2 * chunks, "{log:?}");
+        assert!(log
+            .iter()
+            .rev()
+            .take(paused_claims as usize)
+            .all(|(_, p)| *p));
     }
 }

@@ -1,0 +1,142 @@
+//! Switchover (pause, final claim, state, Complete, wait for the ack) and unwinding after a
+//! failure so the source VM keeps running.
+
+use super::*;
+
+impl Source<'_> {
+    pub(super) fn switchover(&mut self) -> Result<(), MigrationError> {
+        self.stats.set_status(MigrationStatus::Completing);
+        self.host.pause().map_err(MigrationError::Host)?;
+        self.paused = true;
+        let paused_at = Instant::now();
+        if !self.params.local {
+            // Final claim of everything, with every vCPU and device stopped.
+            for s in &mut self.sources {
+                s.sync().map_err(MigrationError::DirtySource)?;
+            }
+            let mut remaining = 0;
+            for (range, lane) in self.chunks() {
+                self.check_abort(true)?;
+                let bits = self.claim(range, true)?;
+                remaining += self.send_pages(range, Some(&bits), lane, true)?;
+            }
+            self.stats.set_remaining(0);
+            log::info!("switchover: {remaining} pages after pause");
+        }
+        let state = self.host.save_state().map_err(MigrationError::Host)?;
+        self.check_abort(true)?;
+        let lanes = self.lanes()?;
+        for i in 1..lanes.len() {
+            lanes.send_frame(i, OwnedFrame::StreamEnd)?;
+        }
+        lanes.send_frame(0, OwnedFrame::VmState(state.vm))?;
+        for (id, b) in state.vcpus {
+            lanes.send_frame(0, OwnedFrame::Vcpu(id, b))?;
+        }
+        for (id, b) in state.devices {
+            lanes.send_frame(0, OwnedFrame::Device(id, b))?;
+        }
+        lanes.send_frame(0, OwnedFrame::Complete)?;
+        // Past this point the destination may run the guest: cancel no longer applies.
+        lanes.flush(false)?;
+        self.wait_ack()?;
+        let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.stats.set_downtime(downtime);
+        Ok(())
+    }
+
+    fn wait_ack(&mut self) -> Result<(), MigrationError> {
+        let gone = |detail: String| MigrationError::PeerGone {
+            peer: "destination",
+            during: "waiting for the final ack",
+            detail,
+        };
+        let peer = self
+            .peer
+            .as_ref()
+            .ok_or_else(|| gone("no control connection".into()))?;
+        match peer.recv_timeout(self.params.ack_timeout) {
+            Ok(PeerEvent::Ack) => Ok(()),
+            Ok(PeerEvent::Error(reason)) => Err(MigrationError::PeerError {
+                peer: "destination",
+                reason,
+            }),
+            Ok(PeerEvent::Gone(d)) => Err(gone(d)),
+            Err(RecvTimeoutError::Timeout) => Err(gone(format!(
+                "no ack within {} s",
+                self.params.ack_timeout.as_secs()
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(gone("reader stopped".into())),
+        }
+    }
+
+    /// A send failure usually means the destination gave up; prefer its stated reason.
+    fn refine(&self, e: MigrationError) -> MigrationError {
+        let wrote = matches!(
+            e,
+            MigrationError::Lane { .. } | MigrationError::Protocol { .. }
+        );
+        if !wrote {
+            return e;
+        }
+        match self
+            .peer
+            .as_ref()
+            .map(|p| p.recv_timeout(Duration::from_millis(500)))
+        {
+            Some(Ok(PeerEvent::Error(reason))) => MigrationError::PeerError {
+                peer: "destination",
+                reason,
+            },
+            _ => e,
+        }
+    }
+
+    /// Tear down: on failure tell the destination why and give the VM back, running.
+    pub(super) fn unwind(
+        &mut self,
+        result: Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let result = result.map_err(|e| self.refine(e));
+        let reason = result
+            .as_ref()
+            .err()
+            .map(|e| format!("source: {}", error_chain(e)));
+        match self.lanes.take() {
+            Some(l) => l.close(reason, Duration::from_secs(2)),
+            None => {
+                if let (Some(text), Some(c)) = (&reason, self.control.as_mut()) {
+                    let _ = FrameWriter::new(c).send(&Frame::Error(text));
+                }
+            }
+        }
+        if let Some(c) = self.control.take() {
+            c.shutdown();
+        }
+        if let Some(h) = self.watcher.take() {
+            let _ = h.join();
+        }
+        if self.sources_started {
+            for s in &mut self.sources {
+                if let Err(e) = s.stop() {
+                    log::warn!("stopping dirty tracking: {}", error_chain(&e));
+                }
+            }
+        }
+        if self.ac.percent() > 0 {
+            if let Err(e) = self.host.throttle(0) {
+                log::warn!("removing the vCPU throttle: {}", error_chain(&e));
+            }
+            self.stats.set_throttle(0);
+        }
+        if result.is_err() && self.paused {
+            if let Err(e) = self.host.resume() {
+                // The migration error stays the primary one; the resume failure is logged.
+                log::error!("resuming the source VM: {}", error_chain(&e));
+            } else {
+                self.paused = false;
+            }
+        }
+        result
+    }
+}
