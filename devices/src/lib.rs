@@ -7,4 +7,5 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod sys;
