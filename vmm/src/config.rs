@@ -32,6 +32,16 @@ pub enum DirtyTracking {
     Ring,
 }
 
+impl DirtyTracking {
+    /// The name used on the command line and in `vm.info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyTracking::Log => "log",
+            DirtyTracking::Ring => "ring",
+        }
+    }
+}
+
 /// What runs in the VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PayloadConfig {

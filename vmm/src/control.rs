@@ -266,7 +266,7 @@ impl ApiHandler for Controller {
                 memory_bytes: config.memory_bytes,
                 kernel,
                 cmdline,
-                dirty_tracking: Some("log".into()),
+                dirty_tracking: Some(config.dirty_tracking.name().into()),
             },
             devices: Vec::new(),
         })
