@@ -25,8 +25,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn one_run(cpus: &str, memory: &str) -> (f64, f64, f64) {
-    let t0 = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+    let t0 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_micros();
+    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["--guest", "demo,mib=16,dirty-mib-per-s=16,exit-after=2"])
         .args(["--cpus", cpus, "--memory", memory, "--serial", "off"])
         .env("TERN_BENCH_T0_US", t0.to_string())
