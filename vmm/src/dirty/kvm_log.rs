@@ -250,16 +250,7 @@ impl DirtySource for KvmDirtyLog {
 
     fn peek(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, DirtySourceError> {
         self.check_started()?;
-        for s in &self.slots {
-            if let Some((first, end)) = s.page_span(range) {
-                s.or_into(first, end, out)
-                    .map_err(|source| DirtySourceError::OutputBitmap {
-                        kind: SourceKind::Kvm,
-                        range,
-                        source,
-                    })?;
-            }
-        }
+        super::snapshot::peek_slots(&self.slots, range, out)?;
         Ok(true)
     }
 

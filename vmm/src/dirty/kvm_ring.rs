@@ -265,17 +265,7 @@ impl DirtySource for KvmDirtyRing {
 
     fn peek(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, DirtySourceError> {
         self.check_started()?;
-        let s = self.rings.lock();
-        for slot in &s.slots {
-            if let Some((first, end)) = slot.page_span(range) {
-                slot.or_into(first, end, out)
-                    .map_err(|source| DirtySourceError::OutputBitmap {
-                        kind: SourceKind::Kvm,
-                        range,
-                        source,
-                    })?;
-            }
-        }
+        super::snapshot::peek_slots(&self.rings.lock().slots, range, out)?;
         Ok(true)
     }
 

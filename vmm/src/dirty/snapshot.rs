@@ -213,6 +213,27 @@ impl SlotSnapshot {
     }
 }
 
+/// ORs the snapshot bits of every slot that overlaps `range` into `out` without clearing them:
+/// `DirtySource::peek` for both KVM sources.
+pub fn peek_slots(
+    slots: &[SlotSnapshot],
+    range: GpaRange,
+    out: &mut DirtyBitmap,
+) -> Result<(), tern_migration::dirty::DirtySourceError> {
+    for slot in slots {
+        if let Some((first, end)) = slot.page_span(range) {
+            slot.or_into(first, end, out).map_err(|source| {
+                tern_migration::dirty::DirtySourceError::OutputBitmap {
+                    kind: tern_migration::dirty::SourceKind::Kvm,
+                    range,
+                    source,
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
