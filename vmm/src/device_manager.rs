@@ -4,7 +4,6 @@
 use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use tern_devices::bus::{Bus, BusError};
 use tern_devices::legacy::cmos::{Cmos, CmosRestoreError, CmosState, CMOS_PORT, CMOS_PORT_LEN};
@@ -18,6 +17,8 @@ use tern_devices::legacy::EventFdTrigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
+use crate::pci_manager::{PciManager, PciManagerError};
+use crate::vstate::vm::Vm;
 
 /// Errors creating devices.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum DeviceError {
     SerialRestore(#[from] SerialRestoreError),
     #[error(transparent)]
     CmosRestore(#[from] CmosRestoreError),
+    #[error("cannot set up the PCI bus")]
+    Pci(#[source] PciManagerError),
 }
 
 /// Every device's saved state.
@@ -71,6 +74,7 @@ pub struct DeviceManager {
     cmos: Arc<Mutex<Cmos>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    pci: PciManager,
     // Kept so the irqfd stays registered for the VM's lifetime.
     _serial_irq: EventFd,
 }
@@ -99,7 +103,8 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, DeviceError> {
 impl DeviceManager {
     /// Creates the devices (fresh, or from `states`) and wires their interrupts into `vm`.
     pub fn new(
-        vm: &VmFd,
+        vm: &Arc<Vm>,
+        memory_bytes: u64,
         serial_config: &SerialConfig,
         states: Option<&DeviceStates>,
     ) -> Result<(Self, PlatformEvents), DeviceError> {
@@ -108,7 +113,8 @@ impl DeviceManager {
             reset: eventfd("reset")?,
         };
         let serial_irq = eventfd("the serial interrupt")?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
+        vm.fd()
+            .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(DeviceError::SerialIrq)?;
         let trigger = || {
             serial_irq
@@ -155,12 +161,16 @@ impl DeviceManager {
             SLEEP_CONTROL_LEN,
             "sleep control",
         )?;
+        let pci = PciManager::new(vm.clone(), memory_bytes).map_err(DeviceError::Pci)?;
+        let mut mmio = Bus::new();
+        pci.place(&mut pio, &mut mmio).map_err(DeviceError::Pci)?;
         Ok((
             Self {
                 serial,
                 cmos,
                 pio: Arc::new(pio),
-                mmio: Arc::new(Bus::new()),
+                mmio: Arc::new(mmio),
+                pci,
                 _serial_irq: serial_irq,
             },
             events,
@@ -175,6 +185,11 @@ impl DeviceManager {
     /// The MMIO bus.
     pub fn mmio(&self) -> Arc<Bus> {
         self.mmio.clone()
+    }
+
+    /// The PCI bus.
+    pub fn pci(&self) -> &PciManager {
+        &self.pci
     }
 
     /// Saves every device. vCPUs must be paused so no access is in flight.

@@ -15,5 +15,6 @@ pub mod device_manager;
 pub mod dirty;
 pub mod machine;
 pub mod migration;
+pub mod pci_manager;
 pub mod sys;
 pub mod vstate;

@@ -207,8 +207,12 @@ impl Machine {
             DirtyTracking::Log => None,
         };
         let mut ring_maps = Vec::new();
-        let (devices, events) =
-            DeviceManager::new(vm.fd(), &config.serial, state.map(|s| &s.devices))?;
+        let (devices, events) = DeviceManager::new(
+            &vm,
+            config.memory_bytes,
+            &config.serial,
+            state.map(|s| &s.devices),
+        )?;
         let base_cpuid = cpuid::supported(&kvm)?;
         let mut fds = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
