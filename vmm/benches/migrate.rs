@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_api::types::{MigrationState, MigrationStatus, VmReceiveMigrationData, VmSendMigrationData};
+use tern_api::types::{
+    MigrationState, MigrationStatus, VmReceiveMigrationData, VmSendMigrationData,
+};
 use tern_api::ApiClient;
 
 const RUNS: usize = 5;
@@ -50,7 +52,11 @@ fn start(dir: &Path, name: &str, args: &[&str]) -> Tern {
 fn migrate_once(dir: &Path, guest: &str, memory: &str, mode: &str) -> Option<MigrationStatus> {
     let _ = std::fs::remove_file(dir.join("mig.sock"));
     let dst = start(dir, "dst", &[]);
-    let src = start(dir, "src", &["--guest", guest, "--memory", memory, "--cpus", "1"]);
+    let src = start(
+        dir,
+        "src",
+        &["--guest", guest, "--memory", memory, "--cpus", "1"],
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let (url, local) = match mode {
         "tcp" => {
@@ -66,7 +72,9 @@ fn migrate_once(dir: &Path, guest: &str, memory: &str, mode: &str) -> Option<Mig
     };
     let recv: VmReceiveMigrationData =
         serde_json::from_value(serde_json::json!({ "receiver_url": url })).ok()?;
-    ApiClient::new(&dst.socket).vm_receive_migration(&recv).ok()?;
+    ApiClient::new(&dst.socket)
+        .vm_receive_migration(&recv)
+        .ok()?;
     let send: VmSendMigrationData = serde_json::from_value(serde_json::json!({
         "destination_url": url,
         "local": local,
@@ -101,7 +109,11 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     println!("migration benchmark: median of {RUNS} runs, downtime target {DOWNTIME_TARGET_MS} ms");
     let workloads = [
-        ("512 MiB, 4 MiB hot set @ 70 MiB/s", "demo,mib=4,dirty-mib-per-s=70", "512M"),
+        (
+            "512 MiB, 4 MiB hot set @ 70 MiB/s",
+            "demo,mib=4,dirty-mib-per-s=70",
+            "512M",
+        ),
         ("1 GiB idle", "demo,mib=4,dirty-mib-per-s=0", "1G"),
     ];
     for (label, guest, memory) in workloads {

@@ -49,7 +49,10 @@ fn report_start_latency() {
         return;
     };
     if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        eprintln!("tern-bench: vcpus_released_us={}", now.as_micros().saturating_sub(t0));
+        eprintln!(
+            "tern-bench: vcpus_released_us={}",
+            now.as_micros().saturating_sub(t0)
+        );
     }
 }
 
