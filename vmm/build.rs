@@ -46,6 +46,14 @@ fn main() {
     // bzImage form: the 64-bit entry sits 0x200 bytes into the protected-mode kernel.
     build(&probe64, &out, "probe64.bin", 0x100200, true, "_start");
     build(
+        &guests.join("probe/probe_pci.S"),
+        &out,
+        "probe_pci.elf",
+        0x100000,
+        false,
+        "_start",
+    );
+    build(
         &guests.join("probe/probe_pvh.S"),
         &out,
         "probe_pvh.elf",
