@@ -49,6 +49,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
 };
+use serde::{Deserialize, Serialize};
 use tern_devices::bus::{Bus, BusError};
 use tern_devices::pci::bar::{BarKind, BarSpec};
 use tern_devices::pci::bus::{
@@ -57,7 +58,7 @@ use tern_devices::pci::bus::{
 use tern_devices::pci::config_io::{PciConfigIo, PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT};
 use tern_devices::pci::msi::{MsiMessage, MsiRouteError, MsiRouteSink};
 use tern_devices::pci::root::HostBridge;
-use tern_devices::pci::PciDevice;
+use tern_devices::pci::{PciDevice, PciDeviceState, PciStateError};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -116,6 +117,12 @@ pub enum PciManagerError {
     },
     #[error("no GSI left for {asked} more MSI vectors ({MAX_MSI_GSIS} in all)")]
     GsisExhausted { asked: u16 },
+    #[error("cannot restore a PCI function")]
+    Restore(#[source] PciStateError),
+    #[error("saved PCI state has a function in slot {slot}, which this VM does not have")]
+    UnknownFunction { slot: u8 },
+    #[error("saved PCI state lacks the function in slot {slot}")]
+    MissingFunction { slot: u8 },
 }
 
 /// What a GSI is routed to.
@@ -324,6 +331,12 @@ impl MsiRouteSink for DeviceMsiRoutes {
     }
 }
 
+/// Saved functions of bus 0, by slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciManagerState {
+    pub functions: Vec<(u8, PciDeviceState)>,
+}
+
 /// Bus 0, its windows and allocators, and the interrupt router.
 #[derive(Debug)]
 pub struct PciManager {
@@ -333,6 +346,8 @@ pub struct PciManager {
     io: AddressAllocator,
     mem64_base: u64,
     router: Arc<GsiRouter>,
+    // Typed handle next to the bus's `dyn` one, so restore can replace the bridge's state in place.
+    host_bridge: Arc<Mutex<HostBridge>>,
 }
 
 fn allocator(what: &'static str, base: u64, len: u64) -> Result<AddressAllocator, PciManagerError> {
@@ -370,7 +385,8 @@ impl PciManager {
             },
         ];
         let mut bus = PciBus::new(windows);
-        bus.add_device(Some(0), Arc::new(Mutex::new(HostBridge::new())))
+        let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
+        bus.add_device(Some(0), host_bridge.clone())
             .map_err(PciManagerError::Bus)?;
         Ok(Self {
             bus: Arc::new(Mutex::new(bus)),
@@ -379,6 +395,7 @@ impl PciManager {
             io: allocator("I/O", IO_WINDOW.0, IO_WINDOW.1)?,
             mem64_base,
             router: Arc::new(GsiRouter::new(vm)),
+            host_bridge,
         })
     }
 
@@ -488,18 +505,36 @@ impl PciManager {
         self.mem64_base
     }
 
-    /// Every function's state, by slot. The host bridge is the only function today.
-    pub fn save(
-        &self,
-    ) -> Result<Vec<(u8, tern_devices::pci::PciDeviceState)>, tern_devices::pci::PciStateError>
-    {
+    /// Every function's state, by slot. The host bridge is the only function today. vCPUs must be
+    /// paused so no configuration access is in flight.
+    pub fn save(&self) -> Result<PciManagerState, PciStateError> {
         let bus = self.bus();
-        bus.slots()
+        let functions = bus
+            .slots()
             .map(|(slot, d)| {
                 let d: &Mutex<dyn PciDevice> = d;
                 Ok((slot, d.lock().unwrap_or_else(|p| p.into_inner()).save()?))
             })
-            .collect()
+            .collect::<Result<_, PciStateError>>()?;
+        Ok(PciManagerState { functions })
+    }
+
+    /// Loads saved state into the existing functions (the destination of a migration). A state that
+    /// names a function this VM does not have, or lacks one it has, is refused before anything
+    /// changes. vCPUs must be paused.
+    pub fn restore(&self, state: &PciManagerState) -> Result<(), PciManagerError> {
+        let mut bridge = None;
+        for (slot, f) in &state.functions {
+            match (slot, f) {
+                (0, PciDeviceState::HostBridge(s)) => {
+                    bridge = Some(HostBridge::restore(s).map_err(PciManagerError::Restore)?)
+                }
+                (slot, _) => return Err(PciManagerError::UnknownFunction { slot: *slot }),
+            }
+        }
+        let bridge = bridge.ok_or(PciManagerError::MissingFunction { slot: 0 })?;
+        *self.host_bridge.lock().unwrap_or_else(|p| p.into_inner()) = bridge;
+        Ok(())
     }
 }
 
@@ -685,8 +720,33 @@ mod tests {
         pio.write(0xcf8, &0x8000_0004u32.to_le_bytes());
         pio.write(0xcfc, &[0x04]);
         let saved = m.save().unwrap();
-        assert_eq!(saved.len(), 1);
-        let tern_devices::pci::PciDeviceState::HostBridge(s) = &saved[0].1;
+        assert_eq!(saved.functions.len(), 1);
+        let (0, PciDeviceState::HostBridge(s)) = &saved.functions[0] else {
+            panic!("host bridge not in slot 0: {saved:?}");
+        };
         assert_eq!(s.config.regs[1] & 0xffff, 0x4);
+        // A new manager from that state shows the guest the same command register.
+        let json = serde_json::to_vec(&saved).unwrap();
+        let back: PciManagerState = serde_json::from_slice(&json).unwrap();
+        let r = PciManager::new(vm(), 16 << 20).unwrap();
+        let (pio, _) = buses(&r);
+        assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0);
+        r.restore(&back).unwrap();
+        assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0x4);
+        assert_eq!(cfg_read(&pio, 0, 0), 0x0008_1b36);
+        // Refused states leave the restored bridge as it was.
+        let mut fresh = back.clone();
+        let PciDeviceState::HostBridge(s) = &mut fresh.functions[0].1;
+        s.config.regs[1] = 0;
+        fresh.functions.push((3, fresh.functions[0].1.clone()));
+        assert!(matches!(
+            r.restore(&fresh),
+            Err(PciManagerError::UnknownFunction { slot: 3 })
+        ));
+        assert!(matches!(
+            r.restore(&PciManagerState { functions: vec![] }),
+            Err(PciManagerError::MissingFunction { slot: 0 })
+        ));
+        assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0x4);
     }
 }
