@@ -15,12 +15,7 @@ fn probe_output(memory: &str) -> String {
     let kernel = dir.join("probe-pci");
     std::fs::write(&kernel, PROBE_PCI_ELF).unwrap();
     let (out, timed_out) = run_tern(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--memory",
-            memory,
-        ],
+        &["--kernel", kernel.to_str().unwrap(), "--memory", memory],
         Duration::from_secs(60),
     );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
