@@ -75,8 +75,8 @@ pub struct DeviceManager {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci: PciManager,
-    // Kept so the irqfd stays registered for the VM's lifetime.
-    _serial_irq: EventFd,
+    // Registered as the COM1 irqfd for the VM's lifetime; cloned when the UART is restored.
+    serial_irq: EventFd,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
@@ -101,12 +101,12 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, DeviceError> {
 }
 
 impl DeviceManager {
-    /// Creates the devices (fresh, or from `states`) and wires their interrupts into `vm`.
+    /// Creates the devices in their reset state and wires their interrupts into `vm`
+    /// ([`DeviceManager::restore`] loads saved state later).
     pub fn new(
         vm: &Arc<Vm>,
         memory_bytes: u64,
         serial_config: &SerialConfig,
-        states: Option<&DeviceStates>,
     ) -> Result<(Self, PlatformEvents), DeviceError> {
         let events = PlatformEvents {
             power_off: eventfd("power-off")?,
@@ -126,15 +126,8 @@ impl DeviceManager {
                 })
         };
         let out = serial_output(serial_config)?;
-        let (serial, cmos) = match states {
-            Some(s) => (
-                SerialDevice::restore(trigger()?, out, &s.serial)?,
-                Cmos::restore(&s.cmos)?,
-            ),
-            None => (SerialDevice::new(trigger()?, out), Cmos::new()),
-        };
-        let serial = Arc::new(Mutex::new(serial));
-        let cmos = Arc::new(Mutex::new(cmos));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(trigger()?, out)));
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
         let clone_evt = |evt: &EventFd, what| {
             evt.try_clone()
                 .map(EventFdTrigger::new)
@@ -171,7 +164,7 @@ impl DeviceManager {
                 pio: Arc::new(pio),
                 mmio: Arc::new(mmio),
                 pci,
-                _serial_irq: serial_irq,
+                serial_irq,
             },
             events,
         ))
@@ -190,6 +183,28 @@ impl DeviceManager {
     /// The PCI bus.
     pub fn pci(&self) -> &PciManager {
         &self.pci
+    }
+
+    /// Loads saved state into the existing devices: a migration destination builds its devices
+    /// before the state arrives, so the switchover only pays for this.
+    pub fn restore(
+        &self,
+        states: &DeviceStates,
+        serial_config: &SerialConfig,
+    ) -> Result<(), DeviceError> {
+        let trigger = self
+            .serial_irq
+            .try_clone()
+            .map(EventFdTrigger::new)
+            .map_err(|source| DeviceError::EventFd {
+                what: "the serial interrupt",
+                source,
+            })?;
+        let serial = SerialDevice::restore(trigger, serial_output(serial_config)?, &states.serial)?;
+        let cmos = Cmos::restore(&states.cmos)?;
+        *self.serial.lock().unwrap_or_else(|p| p.into_inner()) = serial;
+        *self.cmos.lock().unwrap_or_else(|p| p.into_inner()) = cmos;
+        Ok(())
     }
 
     /// Saves every device. vCPUs must be paused so no access is in flight.

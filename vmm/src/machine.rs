@@ -158,25 +158,59 @@ impl Machine {
     /// Builds a VM from `config` and loads its payload; vCPUs are created but not started.
     pub fn create(kvm_path: &Path, config: VmConfig) -> Result<Self, MachineError> {
         let ram = GuestRam::new(config.memory_bytes)?;
-        Self::build(kvm_path, config, ram, None)
+        Self::build(kvm_path, config, ram, true)
     }
 
-    /// Rebuilds a VM from `config`, existing guest RAM and a saved state (the destination of a
-    /// migration); vCPUs are created, restored, and not started.
+    /// Rebuilds a VM from `config`, existing guest RAM and a saved state; vCPUs are created,
+    /// restored, and not started.
     pub fn restore(
         kvm_path: &Path,
         config: VmConfig,
         ram: GuestRam,
         state: &MachineState,
     ) -> Result<Self, MachineError> {
-        Self::build(kvm_path, config, ram, Some(state))
+        let machine = Self::create_incoming(kvm_path, config, ram)?;
+        machine.restore_state(state)?;
+        Ok(machine)
+    }
+
+    /// Builds a VM that will receive its state later (a migration destination, built when the
+    /// source's config arrives so that the switchover only loads state): no payload, vCPUs created
+    /// and not started.
+    pub fn create_incoming(
+        kvm_path: &Path,
+        config: VmConfig,
+        ram: GuestRam,
+    ) -> Result<Self, MachineError> {
+        Self::build(kvm_path, config, ram, false)
+    }
+
+    /// Loads a saved state into this VM. Its vCPUs must be paused (or never started).
+    pub fn restore_state(&self, state: &MachineState) -> Result<(), MachineError> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(MachineError::VcpuCountMismatch {
+                saved: state.vcpus.len(),
+                configured: self.vcpus.len(),
+            });
+        }
+        self.vm.restore_state(&state.vm)?;
+        for (handle, s) in self.vcpus.iter().zip(&state.vcpus) {
+            handle
+                .with_fd(|fd| s.restore(fd))
+                .map_err(|source| MachineError::VcpuState {
+                    index: handle.index(),
+                    source,
+                })?;
+        }
+        self.devices.restore(&state.devices, &self.config.serial)?;
+        Ok(())
     }
 
     fn build(
         kvm_path: &Path,
         config: VmConfig,
         ram: GuestRam,
-        state: Option<&MachineState>,
+        boot: bool,
     ) -> Result<Self, MachineError> {
         let kvm = open_kvm(kvm_path)?;
         let max = max_vcpus(&kvm);
@@ -185,14 +219,6 @@ impl Machine {
                 asked: config.cpus,
                 max,
             });
-        }
-        if let Some(s) = state {
-            if s.vcpus.len() != usize::from(config.cpus) {
-                return Err(MachineError::VcpuCountMismatch {
-                    saved: s.vcpus.len(),
-                    configured: usize::from(config.cpus),
-                });
-            }
         }
         vcpu::register_kick_signal().map_err(|e| MachineError::SpawnVcpu {
             index: 0,
@@ -207,12 +233,7 @@ impl Machine {
             DirtyTracking::Log => None,
         };
         let mut ring_maps = Vec::new();
-        let (devices, events) = DeviceManager::new(
-            &vm,
-            config.memory_bytes,
-            &config.serial,
-            state.map(|s| &s.devices),
-        )?;
+        let (devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
         let base_cpuid = cpuid::supported(&kvm)?;
         let mut fds = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -239,22 +260,11 @@ impl Machine {
             None => Vec::new(),
         };
 
-        match state {
-            Some(state) => {
-                vm.restore_state(&state.vm)?;
-                for (index, (fd, s)) in fds.iter().zip(&state.vcpus).enumerate() {
-                    s.restore(fd).map_err(|source| MachineError::VcpuState {
-                        index: index as u8,
-                        source,
-                    })?;
-                }
-            }
-            None => {
-                let entries = load_payload(&config, &ram, &fds)?;
-                for (fd, entry) in fds.iter().zip(&entries) {
-                    regs::setup_vcpu(fd, entry)?;
-                    msr::write(fd, &msr::boot_msrs())?;
-                }
+        if boot {
+            let entries = load_payload(&config, &ram, &fds)?;
+            for (fd, entry) in fds.iter().zip(&entries) {
+                regs::setup_vcpu(fd, entry)?;
+                msr::write(fd, &msr::boot_msrs())?;
             }
         }
 
@@ -262,7 +272,6 @@ impl Machine {
             event: EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Epoll)?,
             stops: Mutex::new(Vec::new()),
         });
-        let start_paused = state.is_some();
         let mut vcpus = Vec::with_capacity(fds.len());
         for (index, fd) in fds.into_iter().enumerate() {
             let index = index as u8;
@@ -281,7 +290,6 @@ impl Machine {
                 .map_err(|source| MachineError::SpawnVcpu { index, source })?;
             vcpus.push(handle);
         }
-        let _ = start_paused;
         Ok(Self {
             config,
             vcpus,

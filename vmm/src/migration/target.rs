@@ -75,48 +75,53 @@ impl MigrationTargetFactory for TernTargetFactory {
             Some(first) => GuestRam::from_file(first.file, config.memory_bytes)
                 .map_err(|e| HostError::new("map guest memory handed over", e))?,
         };
+        // Build the whole VM now, while the source is still iterating, so that the switchover
+        // only has to load state.
+        let machine = Machine::create_incoming(&self.kvm_path, config, ram)
+            .map_err(|e| HostError::new("build the incoming VM", e))?;
         Ok(Box::new(TernTarget {
-            kvm_path: self.kvm_path.clone(),
-            config,
-            ram,
-            machine: None,
+            machine: Some(Arc::new(machine)),
             received: self.received.clone(),
         }))
     }
 }
 
-/// One incoming VM.
+/// One incoming VM, built and waiting for its memory and state.
 #[derive(Debug)]
 struct TernTarget {
-    kvm_path: PathBuf,
-    config: VmConfig,
-    ram: GuestRam,
     machine: Option<Arc<Machine>>,
     received: Arc<ReceivedMachine>,
 }
 
+impl TernTarget {
+    fn machine(&self, operation: &'static str) -> Result<&Arc<Machine>, HostError> {
+        self.machine
+            .as_ref()
+            .ok_or_else(|| HostError::new(operation, "the incoming VM was already started"))
+    }
+}
+
 impl MigrationTarget for TernTarget {
     fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
-        self.ram.memory().clone()
+        match &self.machine {
+            Some(m) => m.ram().memory().clone(),
+            // Only after start(), when the engine no longer writes memory.
+            None => GuestMemoryMmap::default(),
+        }
     }
 
     fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError> {
         let state = decode_state(&state).map_err(|e| HostError::new("decode state", e))?;
-        let machine = Machine::restore(
-            &self.kvm_path,
-            self.config.clone(),
-            self.ram.clone(),
-            &state,
-        )
-        .map_err(|e| HostError::new("restore machine", e))?;
-        self.machine = Some(Arc::new(machine));
-        Ok(())
+        self.machine("restore state")?
+            .restore_state(&state)
+            .map_err(|e| HostError::new("restore state", e))
     }
 
     fn start(&mut self) -> Result<(), HostError> {
-        let machine = self.machine.take().ok_or_else(|| {
-            HostError::new("start", "the source completed without sending the VM state")
-        })?;
+        let machine = self
+            .machine
+            .take()
+            .ok_or_else(|| HostError::new("start", "the incoming VM was already started"))?;
         machine.resume();
         self.received.put(machine);
         Ok(())
