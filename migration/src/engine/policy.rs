@@ -33,15 +33,17 @@ pub enum Decision {
     TimedOut,
 }
 
-/// Decide after planning an iteration.
+/// Decide after planning an iteration. With nothing left to send, another iteration cannot
+/// lower the estimate (the state part is fixed), so switch over.
 pub fn decide(
+    remaining_bytes: u64,
     expected_ms: u64,
     downtime_ms: u64,
     elapsed: Duration,
     timeout: Duration,
     strategy: TimeoutStrategy,
 ) -> Decision {
-    if expected_ms <= downtime_ms {
+    if remaining_bytes == 0 || expected_ms <= downtime_ms {
         Decision::Switchover
     } else if elapsed >= timeout {
         match strategy {
@@ -114,11 +116,29 @@ mod tests {
     fn decide_covers_every_branch() {
         let s = Duration::from_secs;
         use TimeoutStrategy::*;
-        assert_eq!(decide(300, 300, s(0), s(10), Cancel), Decision::Switchover);
-        assert_eq!(decide(301, 300, s(0), s(10), Cancel), Decision::Iterate);
-        assert_eq!(decide(301, 300, s(10), s(10), Cancel), Decision::TimedOut);
-        assert_eq!(decide(301, 300, s(10), s(10), Ignore), Decision::Switchover);
-        assert_eq!(decide(0, 300, s(99), s(10), Cancel), Decision::Switchover);
+        assert_eq!(
+            decide(1, 300, 300, s(0), s(10), Cancel),
+            Decision::Switchover
+        );
+        assert_eq!(decide(1, 301, 300, s(0), s(10), Cancel), Decision::Iterate);
+        assert_eq!(
+            decide(1, 301, 300, s(10), s(10), Cancel),
+            Decision::TimedOut
+        );
+        assert_eq!(
+            decide(1, 301, 300, s(10), s(10), Ignore),
+            Decision::Switchover
+        );
+        assert_eq!(
+            decide(1, 0, 300, s(99), s(10), Cancel),
+            Decision::Switchover
+        );
+        // Nothing dirty but a slow link: the state estimate alone exceeds the limit. Iterating
+        // cannot help, so switch over instead of spinning until the timeout.
+        assert_eq!(
+            decide(0, 900, 300, s(0), s(10), Cancel),
+            Decision::Switchover
+        );
     }
 
     #[test]

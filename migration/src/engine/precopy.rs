@@ -466,7 +466,10 @@ impl Source<'_> {
                 expected_downtime_ms(last_iter_bytes, STATE_ESTIMATE_BYTES, bw)
             };
             self.stats.set_expected_downtime(expected);
+            // A source that cannot peek leaves the remaining volume unknown: not zero.
+            let known_remaining = if can_peek { remaining } else { u64::MAX };
             match decide(
+                known_remaining,
                 expected,
                 self.params.downtime_ms,
                 started.elapsed(),

@@ -26,14 +26,22 @@ pub type Mem = GuestMemoryMmap<AtomicBitmap>;
 pub const REGIONS: [(u64, usize); 2] = [(0, 16 << 20), (1 << 32, 4 << 20)];
 
 pub fn anon_memory() -> Mem {
+    anon_memory_of(&REGIONS)
+}
+
+pub fn anon_memory_of(regions: &[(u64, usize)]) -> Mem {
     let r: Vec<(GuestAddress, usize)> =
-        REGIONS.iter().map(|&(g, l)| (GuestAddress(g), l)).collect();
+        regions.iter().map(|&(g, l)| (GuestAddress(g), l)).collect();
     GuestMemoryMmap::from_ranges(&r).expect("anonymous guest memory")
 }
 
 /// Guest memory backed by one shared file in /dev/shm (memfd stand-in for local mode).
 pub fn shared_memory() -> Mem {
-    let total: usize = REGIONS.iter().map(|r| r.1).sum();
+    shared_memory_of(&REGIONS)
+}
+
+pub fn shared_memory_of(regions: &[(u64, usize)]) -> Mem {
+    let total: usize = regions.iter().map(|r| r.1).sum();
     let f = vmm_sys_util::tempfile::TempFile::new_in(std::path::Path::new("/dev/shm"))
         .or_else(|_| vmm_sys_util::tempfile::TempFile::new())
         .expect("temp file")
@@ -42,7 +50,7 @@ pub fn shared_memory() -> Mem {
     let f = Arc::new(f);
     let mut off = 0u64;
     let mut v = Vec::new();
-    for &(g, l) in &REGIONS {
+    for &(g, l) in regions {
         v.push((
             GuestAddress(g),
             l,
@@ -224,7 +232,13 @@ pub struct Guest {
 impl Guest {
     /// Writes to a hot set of `hot_pages` pages in region 0, plus a slow sweep over all memory.
     /// `pause_us` is slept every 32 writes (dirty rate knob).
-    pub fn start(mem: Mem, log: Arc<FakeKvmLog>, hot_pages: u64, pause_us: u64) -> Self {
+    pub fn start(
+        mem: Mem,
+        log: Arc<FakeKvmLog>,
+        hot_pages: u64,
+        pause_us: u64,
+        with_sweep: bool,
+    ) -> Self {
         let ctl = Arc::new(GuestCtl::default());
         let c = ctl.clone();
         let all: Vec<(u64, u64)> = mem
@@ -237,10 +251,11 @@ impl Guest {
             while !c.stop.load(Ordering::SeqCst) {
                 {
                     let _cpu = c.cpu.lock().expect("cpu lock");
-                    if !c.paused.load(Ordering::SeqCst) {
+                    // hot_pages == 0: an idle guest that never writes.
+                    if hot_pages > 0 && !c.paused.load(Ordering::SeqCst) {
                         for _ in 0..32 {
                             seq += 1;
-                            let gpa = if seq.is_multiple_of(16) {
+                            let gpa = if with_sweep && seq.is_multiple_of(16) {
                                 // Sweep: every page of every region over time.
                                 sweep += 1;
                                 let mut k = sweep;
@@ -340,8 +355,17 @@ impl FakeHost {
                 .expect("prefill");
             }
         }
+        Self::build(mem, hot_pages, pause_us, true)
+    }
+
+    /// No prefill, no sweep: only the first `hot_pages` pages are ever written.
+    pub fn hot_set(mem: Mem, hot_pages: u64, pause_us: u64) -> Self {
+        Self::build(mem, hot_pages, pause_us, false)
+    }
+
+    fn build(mem: Mem, hot_pages: u64, pause_us: u64, with_sweep: bool) -> Self {
         let kvm = FakeKvmLog::new(&mem);
-        let guest = Guest::start(mem.clone(), kvm.clone(), hot_pages, pause_us);
+        let guest = Guest::start(mem.clone(), kvm.clone(), hot_pages, pause_us, with_sweep);
         FakeHost {
             mem,
             guest,
