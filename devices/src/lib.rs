@@ -9,3 +9,4 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod sys;
+pub mod vfio;
