@@ -127,6 +127,25 @@ impl GuestRam {
         &self.file
     }
 
+    /// The parts of guest-physical `[gpa, gpa + len)` whose backing pages were ever written (or are
+    /// swapped out), as (GPA, length) pairs. Everything else reads as zeroes and was never
+    /// allocated: a migration need not read it, and reading it would allocate it.
+    pub fn populated(&self, gpa: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for r in &self.ranges {
+            let lo = gpa.max(r.gpa.0);
+            let hi = gpa.saturating_add(len).min(r.gpa.0 + r.len);
+            if lo >= hi {
+                continue;
+            }
+            let file_start = r.file_offset + (lo - r.gpa.0);
+            for (off, n) in crate::sys::memfd::data_ranges(&self.file, file_start, hi - lo)? {
+                out.push((r.gpa.0 + (off - r.file_offset), n));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes of low RAM (below the MMIO hole).
     pub fn low_ram_end(&self) -> u64 {
         self.ranges.first().map_or(0, |r| r.gpa.0 + r.len)
@@ -148,6 +167,25 @@ mod tests {
         let copy = GuestRam::from_file(ram.file().try_clone().unwrap(), 8 << 20).unwrap();
         let v: u32 = copy.memory().read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0xdead_beef);
+    }
+
+    #[test]
+    fn populated_follows_guest_writes_across_the_mmio_hole() {
+        let ram = GuestRam::new(4 << 30).unwrap();
+        assert!(ram.populated(0, 8 << 30).unwrap().is_empty());
+        ram.memory()
+            .write_obj(1u8, GuestAddress(0x20_0000))
+            .unwrap();
+        ram.memory()
+            .write_obj(1u8, GuestAddress(0x1_0000_0000 + 0x3000))
+            .unwrap();
+        let p = ram.populated(0, 8 << 30).unwrap();
+        let covered = |a: u64| p.iter().any(|(s, l)| (*s..s + l).contains(&a));
+        assert!(covered(0x20_0000) && covered(0x1_0000_3000), "{p:x?}");
+        assert!(
+            !covered(0x1000) && !covered(0x1_0000_0000 + (1 << 29)),
+            "{p:x?}"
+        );
     }
 
     #[test]
