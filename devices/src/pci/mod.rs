@@ -20,6 +20,8 @@ pub mod config_io;
 pub mod msi;
 pub mod msix;
 pub mod root;
+#[cfg(test)]
+mod test_device;
 
 use serde::{Deserialize, Serialize};
 
