@@ -55,6 +55,13 @@ impl MigrationHost for IdleHost {
         let s = VmmWriteSource::new(&self.0).map_err(|e| HostError::new("dirty sources", e))?;
         Ok(vec![Box::new(s)])
     }
+    fn populated(
+        &mut self,
+        _: tern_migration::dirty::GpaRange,
+        _: &mut tern_migration::dirty::DirtyBitmap,
+    ) -> Result<bool, HostError> {
+        Ok(false)
+    }
     fn pause(&mut self) -> Result<(), HostError> {
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::fs::File;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::dirty::DirtySource;
+use crate::dirty::{DirtyBitmap, DirtySource, GpaRange};
 
 /// Boxed cause from the VMM.
 pub type HostCause = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -78,6 +78,12 @@ pub trait MigrationHost: Send {
     /// The dirty sources to union (KVM, VMM writes, DMA). Called once per migration; the engine
     /// starts and stops them.
     fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError>;
+    /// Mark in `out` every page of `range` that may hold non-zero data: resident *or swapped
+    /// out*. Unmarked pages are sent as zero markers without being read (iteration 0 only), so a
+    /// large, mostly untouched guest does not fault in every page. Use e.g. SEEK_DATA/SEEK_HOLE
+    /// on a memfd or the present|swapped bits of /proc/self/pagemap; not mincore, which misses
+    /// swapped-out pages. Return `Ok(false)` when unknown: every page is then read.
+    fn populated(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, HostError>;
     /// Stop every vCPU and device (the final claim follows).
     fn pause(&mut self) -> Result<(), HostError>;
     /// Undo [`MigrationHost::pause`] after a failed or cancelled migration.

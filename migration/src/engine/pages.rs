@@ -120,6 +120,41 @@ impl MemoryBatch {
         });
     }
 
+    /// Add `npages` pages from `gpa` as zero markers without reading them (known never written);
+    /// returns how many fit.
+    pub fn push_zero_run(&mut self, gpa: GuestAddress, npages: u64) -> u64 {
+        let mut done = 0;
+        while done < npages {
+            let at = gpa.0 + done * PAGE_SIZE;
+            let n = (npages - done).min(u64::from(u32::MAX));
+            if let Some(last) = self.entries.last_mut() {
+                let room = u64::from(u32::MAX - last.npages);
+                if last.encoding == PageEncoding::Zero
+                    && last.gpa.0 + last.len_bytes() == at
+                    && room > 0
+                {
+                    let k = n.min(room);
+                    // k ≤ room ≤ u32::MAX.
+                    last.npages += k as u32;
+                    self.zero_pages += k;
+                    done += k;
+                    continue;
+                }
+            }
+            if self.entries.len() >= BATCH_MAX_ENTRIES {
+                break;
+            }
+            self.entries.push(MemoryEntry {
+                gpa: GuestAddress(at),
+                npages: n as u32,
+                encoding: PageEncoding::Zero,
+            });
+            self.zero_pages += n;
+            done += n;
+        }
+        done
+    }
+
     /// Copy up to `npages` pages from `gpa` (inside one region) into the batch; returns how many
     /// pages were taken before the batch filled up.
     pub fn push_pages(
@@ -359,6 +394,26 @@ mod tests {
         assert_eq!(b.zero_pages, 6);
         assert_eq!(b.data[4095], 1);
         assert_eq!(b.data[4096], 1);
+    }
+
+    #[test]
+    fn push_zero_run_merges_without_reading_and_respects_entry_limit() {
+        let mut b = MemoryBatch::with_mode(false);
+        assert_eq!(b.push_zero_run(GuestAddress(0), 10), 10);
+        assert_eq!(b.push_zero_run(GuestAddress(10 * 4096), 5), 5);
+        assert_eq!(b.entries.len(), 1, "contiguous zero runs merge");
+        assert_eq!(b.entries[0].npages, 15);
+        assert_eq!(b.zero_pages, 15);
+        assert_eq!(b.data_len, 0);
+        // Non-contiguous runs take an entry each until the table is full.
+        let mut gpa = 1 << 30;
+        let mut taken = 0;
+        while b.push_zero_run(GuestAddress(gpa), 1) == 1 {
+            taken += 1;
+            gpa += 2 * 4096;
+        }
+        assert_eq!(taken, BATCH_MAX_ENTRIES - 1);
+        assert!(b.is_full());
     }
 
     #[test]

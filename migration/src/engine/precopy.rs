@@ -384,34 +384,69 @@ impl Source<'_> {
         lane: usize,
         cancellable: bool,
     ) -> Result<u64, MigrationError> {
-        let runs: Vec<(u64, u64)> = match bitmap {
+        // (gpa, pages, read): unread runs are known never written and go as zero markers.
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        match bitmap {
             Some(b) => {
                 self.ranges.fill_from(b);
-                self.ranges
-                    .runs()
-                    .iter()
-                    .map(|r| (range.start.0 + r.first_page * PAGE_SIZE, r.npages))
-                    .collect()
+                runs.extend(
+                    self.ranges
+                        .runs()
+                        .iter()
+                        .map(|r| (range.start.0 + r.first_page * PAGE_SIZE, r.npages, true)),
+                );
             }
-            None => vec![(range.start.0, range.pages())],
-        };
+            None => {
+                let mut hint = DirtyBitmap::new(range.start, range.len_bytes)
+                    .map_err(MigrationError::Bitmap)?;
+                if self
+                    .host
+                    .populated(range, &mut hint)
+                    .map_err(MigrationError::Host)?
+                {
+                    self.ranges.fill_from(&hint);
+                    let mut next = 0;
+                    for r in self.ranges.runs() {
+                        if r.first_page > next {
+                            let gpa = range.start.0 + next * PAGE_SIZE;
+                            runs.push((gpa, r.first_page - next, false));
+                        }
+                        runs.push((range.start.0 + r.first_page * PAGE_SIZE, r.npages, true));
+                        next = r.first_page + r.npages;
+                    }
+                    if next < range.pages() {
+                        runs.push((
+                            range.start.0 + next * PAGE_SIZE,
+                            range.pages() - next,
+                            false,
+                        ));
+                    }
+                } else {
+                    runs.push((range.start.0, range.pages(), true));
+                }
+            }
+        }
         let mem = self.mem.clone();
         let mut pages = 0;
         let lanes = self.lanes()?;
         let mut batch = lanes.batch();
-        for (gpa, npages) in runs {
+        for (gpa, npages, read) in runs {
             let mut done = 0;
             while done < npages {
                 let at = GuestAddress(gpa + done * PAGE_SIZE);
-                let n = match batch.push_pages(&mem, at, npages - done) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        lanes.recycle(batch);
-                        return Err(e);
+                let n = if read {
+                    match batch.push_pages(&mem, at, npages - done) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            lanes.recycle(batch);
+                            return Err(e);
+                        }
                     }
+                } else {
+                    batch.push_zero_run(at, npages - done)
                 };
                 done += n;
-                if batch.is_full() {
+                if batch.is_full() || n == 0 {
                     let full = std::mem::replace(&mut batch, lanes.batch());
                     lanes.send_batch(lane, full)?;
                 }
@@ -639,6 +674,9 @@ mod tests {
                 mk(SourceKind::Kvm, &[1, 2, 3]),
                 mk(SourceKind::Dma, &[3, 700]),
             ])
+        }
+        fn populated(&mut self, _: GpaRange, _: &mut DirtyBitmap) -> Result<bool, HostError> {
+            Ok(false)
         }
         fn pause(&mut self) -> Result<(), HostError> {
             self.paused.store(true, Ordering::SeqCst);

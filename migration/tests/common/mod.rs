@@ -341,6 +341,8 @@ pub struct FakeHost {
     pub kvm: Arc<FakeKvmLog>,
     pub kvm_fail_claim_after: Option<u64>,
     pub kvm_fail_when_paused: bool,
+    /// Answer `populated` from /proc/self/pagemap (else "unknown").
+    pub use_populated_hint: bool,
 }
 
 impl FakeHost {
@@ -373,6 +375,7 @@ impl FakeHost {
             kvm,
             kvm_fail_claim_after: None,
             kvm_fail_when_paused: false,
+            use_populated_hint: true,
         }
     }
 }
@@ -397,6 +400,13 @@ impl MigrationHost for FakeHost {
         }
         let vmm = VmmWriteSource::new(&self.mem).map_err(|e| HostError::new("dirty sources", e))?;
         Ok(vec![Box::new(kvm), Box::new(vmm)])
+    }
+    fn populated(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, HostError> {
+        if !self.use_populated_hint {
+            return Ok(false);
+        }
+        pagemap_populated(&self.mem, range, out).map_err(|e| HostError::new("read pagemap", e))?;
+        Ok(true)
     }
     fn pause(&mut self) -> Result<(), HostError> {
         self.guest.pause();
@@ -552,4 +562,33 @@ impl FakeGuestView {
     pub fn is_paused(&self) -> bool {
         self.0.paused.load(Ordering::SeqCst)
     }
+}
+
+/// Mark pages of `range` that are present or swapped, from /proc/self/pagemap (64-bit entry per
+/// page: bit 63 present, bit 62 swapped). Safe: a file read at the mapping's virtual address.
+pub fn pagemap_populated(mem: &Mem, range: GpaRange, out: &mut DirtyBitmap) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    use vm_memory::MemoryRegionAddress;
+    let mut f = std::fs::File::open("/proc/self/pagemap")?;
+    for r in mem.iter() {
+        let Some(part) = range.intersect(r.start_addr().0, r.len()) else {
+            continue;
+        };
+        let off = part.start.0 - r.start_addr().0;
+        let host = r
+            .get_host_address(MemoryRegionAddress(off))
+            .map_err(|e| std::io::Error::other(e.to_string()))? as usize as u64;
+        let n = part.pages() as usize;
+        let mut buf = vec![0u8; n * 8];
+        f.seek(SeekFrom::Start(host / PAGE_SIZE * 8))?;
+        f.read_exact(&mut buf)?;
+        for (i, e) in buf.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if v & (3 << 62) != 0 {
+                out.mark_range(GuestAddress(part.start.0 + i as u64 * PAGE_SIZE), 1)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+        }
+    }
+    Ok(())
 }
