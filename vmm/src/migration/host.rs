@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tern_migration::dirty::{DirtySource, VmmWriteSource};
+use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, VmmWriteSource};
 use tern_migration::engine::{HostError, MigrationHost, MigrationState};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
@@ -49,6 +49,19 @@ impl MigrationHost for MachineHost {
         let vmm = VmmWriteSource::new(self.machine.ram().memory())
             .map_err(|e| HostError::new("create VMM-write dirty source", e))?;
         Ok(vec![kvm, Box::new(vmm)])
+    }
+
+    fn populated(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, HostError> {
+        let extents = self
+            .machine
+            .ram()
+            .populated(range.start.0, range.len_bytes)
+            .map_err(|e| HostError::new("find populated guest memory", e))?;
+        for (gpa, len) in extents {
+            out.mark_range(vm_memory::GuestAddress(gpa), len)
+                .map_err(|e| HostError::new("mark populated guest memory", e))?;
+        }
+        Ok(true)
     }
 
     fn pause(&mut self) -> Result<(), HostError> {
