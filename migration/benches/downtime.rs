@@ -19,6 +19,23 @@ use tern_migration::transport::{MigrationListener, MigrationUrl};
 const MIB: usize = 1 << 20;
 
 fn once(label: &str, url: MigrationUrl, host: FakeHost, local: bool) {
+    use vm_memory::{Bytes, GuestAddress};
+    // The hot set exists before the migration (written once), and the guest has been running.
+    if host
+        .guest
+        .ctl
+        .writes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+        || label.contains("hot")
+    {
+        for p in 0..HOT {
+            host.mem
+                .write_slice(&[0xa5; 64], GuestAddress(p * 4096))
+                .expect("prefill hot set");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let l = MigrationListener::bind(&url).expect("bind");
     let url = l.url().clone();
     let dst = std::thread::spawn(move || {
@@ -71,10 +88,11 @@ fn tcp() -> MigrationUrl {
     }
 }
 
+const HOT: u64 = (4 * MIB as u64) / 4096;
+
 fn main() {
     // ~70 MiB/s = 17 920 page writes/s: 32 writes, then ~1.79 ms of sleep.
     const PAUSE_US: u64 = 1786;
-    const HOT: u64 = (4 * MIB as u64) / 4096;
     let guest512 = [(0u64, 512 * MIB)];
     let idle1g = [(0u64, 1024 * MIB)];
     println!("downtime_ms limit 7; total = start_send → destination ack (wall clock)");

@@ -2,7 +2,8 @@
 //! device DMA logging, IOMMU hardware dirty tracking.
 //!
 //! # Contract (what the engine relies on)
-//! Per pre-copy iteration the engine calls [`DirtySource::sync`] once, may call
+//! Before iteration 0 (which sends every page) and at the start of every later iteration the
+//! engine calls [`DirtySource::sync`] once, may call
 //! [`DirtySource::peek`] to build a plan and an estimate, and then walks guest memory chunk by chunk
 //! (e.g. 64 MiB), calling [`DirtySource::claim`] on every source for the chunk *right before* it
 //! reads that chunk's pages. All sources OR into the same [`DirtyBitmap`], so a page reported by two

@@ -468,9 +468,13 @@ impl Source<'_> {
     fn precopy(&mut self) -> Result<(), MigrationError> {
         let started = Instant::now();
         let chunks = self.chunks();
-        // Iteration 0: every page. Claiming first clears what the sources already know (KVM's
-        // INITIALLY_SET bits) for pages about to be read anyway.
+        // Iteration 0: every page. Sync, then claim each chunk right before reading it: that
+        // clears what the sources already know (KVM's INITIALLY_SET bits, writes since start)
+        // for pages about to be read anyway, so they are not all sent a second time.
         self.stats.set_iteration(0);
+        for s in &mut self.sources {
+            s.sync().map_err(MigrationError::DirtySource)?;
+        }
         for &(range, lane) in &chunks {
             self.check_abort(true)?;
             self.claim(range, false)?;
@@ -591,8 +595,8 @@ mod tests {
 
     const PAGES: u64 = 1024;
 
-    /// Reports `pages` once, at the first sync after start; logs every claim and whether the VM
-    /// was paused then.
+    /// Reports `pages` once, at the second sync (the first after iteration 0, as if written
+    /// during it); logs every claim and whether the VM was paused then.
     struct OnceSource {
         kind: SourceKind,
         pages: Vec<u64>,
@@ -614,7 +618,7 @@ mod tests {
         }
         fn sync(&mut self) -> Result<(), DirtySourceError> {
             self.syncs += 1;
-            if self.syncs == 1 {
+            if self.syncs == 2 {
                 self.dirty.extend(self.pages.iter().copied());
             }
             Ok(())
