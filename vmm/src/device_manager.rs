@@ -49,6 +49,10 @@ pub enum DeviceError {
     CmosRestore(#[from] CmosRestoreError),
     #[error("cannot set up the PCI bus")]
     Pci(#[source] PciManagerError),
+    #[error("cannot save PCI device state")]
+    PciSave(#[source] tern_devices::pci::PciStateError),
+    #[error("cannot restore PCI device state")]
+    PciRestore(#[source] PciManagerError),
 }
 
 /// Every device's saved state.
@@ -56,6 +60,7 @@ pub enum DeviceError {
 pub struct DeviceStates {
     pub serial: SerialDeviceState,
     pub cmos: CmosState,
+    pub pci: crate::pci_manager::PciManagerState,
 }
 
 /// Events devices raise towards the VMM.
@@ -202,18 +207,22 @@ impl DeviceManager {
             })?;
         let serial = SerialDevice::restore(trigger, serial_output(serial_config)?, &states.serial)?;
         let cmos = Cmos::restore(&states.cmos)?;
+        self.pci
+            .restore(&states.pci)
+            .map_err(DeviceError::PciRestore)?;
         *self.serial.lock().unwrap_or_else(|p| p.into_inner()) = serial;
         *self.cmos.lock().unwrap_or_else(|p| p.into_inner()) = cmos;
         Ok(())
     }
 
     /// Saves every device. vCPUs must be paused so no access is in flight.
-    pub fn save(&self) -> DeviceStates {
+    pub fn save(&self) -> Result<DeviceStates, DeviceError> {
         let lock =
             |m: &Arc<Mutex<SerialDevice>>| m.lock().unwrap_or_else(|p| p.into_inner()).save();
-        DeviceStates {
+        Ok(DeviceStates {
             serial: lock(&self.serial),
             cmos: self.cmos.lock().unwrap_or_else(|p| p.into_inner()).save(),
-        }
+            pci: self.pci.save().map_err(DeviceError::PciSave)?,
+        })
     }
 }

@@ -336,7 +336,7 @@ impl Machine {
         Ok(MachineState {
             vcpus,
             vm: self.vm.save_state()?,
-            devices: self.devices.save(),
+            devices: self.devices.save()?,
         })
     }
 

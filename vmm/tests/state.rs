@@ -115,6 +115,14 @@ fn restored_vm_continues_where_it_was() {
         // The restored VM's own state can be saved again.
         let again = dest.save_state().unwrap();
         assert_eq!(again.vcpus.len(), usize::from(cpus));
+        assert_eq!(
+            again.devices.pci, state.devices.pci,
+            "PCI state did not carry over"
+        );
+        assert!(
+            !again.devices.pci.functions.is_empty(),
+            "no PCI functions saved"
+        );
         assert!(again.vcpus[0].regs.rip != 0);
     }
 }

@@ -10,6 +10,7 @@ use crate::vstate::vm::VmState;
 
 const SERIAL_ID: &str = "serial0";
 const CMOS_ID: &str = "cmos0";
+const PCI_ID: &str = "pci0";
 
 /// The received state does not decode into a machine state.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,7 @@ pub fn encode_state(state: &MachineState) -> Result<MigrationState, StateCodecEr
         devices: vec![
             (SERIAL_ID.into(), encode(SERIAL_ID, &state.devices.serial)?),
             (CMOS_ID.into(), encode(CMOS_ID, &state.devices.cmos)?),
+            (PCI_ID.into(), encode(PCI_ID, &state.devices.pci)?),
         ],
     })
 }
@@ -83,10 +85,12 @@ pub fn decode_state(state: &MigrationState) -> Result<MachineState, StateCodecEr
     }
     let mut serial = None;
     let mut cmos = None;
+    let mut pci = None;
     for (id, bytes) in &state.devices {
         match id.as_str() {
             SERIAL_ID => serial = Some(decode(SERIAL_ID, bytes)?),
             CMOS_ID => cmos = Some(decode(CMOS_ID, bytes)?),
+            PCI_ID => pci = Some(decode(PCI_ID, bytes)?),
             _ => return Err(StateCodecError::UnknownDevice { id: id.clone() }),
         }
     }
@@ -97,6 +101,7 @@ pub fn decode_state(state: &MigrationState) -> Result<MachineState, StateCodecEr
         devices: DeviceStates {
             serial: serial.ok_or_else(|| missing(SERIAL_ID))?,
             cmos: cmos.ok_or_else(|| missing(CMOS_ID))?,
+            pci: pci.ok_or_else(|| missing(PCI_ID))?,
         },
     })
 }
