@@ -99,6 +99,56 @@ mod tests {
     }
 
     #[test]
+    fn receiver_cancel_while_waiting_for_a_source() {
+        let l = listener();
+        let stats = Arc::new(MigrationStats::new());
+        let s2 = stats.clone();
+        let dst = std::thread::spawn(move || {
+            let mut f = FakeFactory::default();
+            receive_on(&l, &mut f, &s2).map(|_| ())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        stats.cancel();
+        let r = dst.join().expect("receiver thread");
+        assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+        assert_eq!(stats.snapshot().status, MigrationStatus::Cancelled);
+    }
+
+    #[test]
+    fn receiver_cancel_mid_migration_tells_source_which_resumes() {
+        let l = listener();
+        let url = l.url().clone();
+        let dst_stats = Arc::new(MigrationStats::new());
+        let ds = dst_stats.clone();
+        let dst = std::thread::spawn(move || {
+            let mut f = FakeFactory::default();
+            receive_on(&l, &mut f, &ds).map(|_| ())
+        });
+        let host = FakeHost::new(anon_memory(), 2048, 1);
+        let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
+        let mut p = params(&url);
+        p.max_bandwidth_mbps = 8;
+        let src = start_send(Box::new(host), p, Arc::new(MigrationStats::new())).expect("spawn");
+        let t = Instant::now();
+        while dst_stats.snapshot().transferred_bytes < 100_000
+            && t.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dst_stats.cancel();
+        let r = dst.join().expect("receiver thread");
+        assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+        assert_eq!(dst_stats.snapshot().status, MigrationStatus::Cancelled);
+        let out = src.join().expect("source thread");
+        let e = source_err(&out);
+        assert!(
+            e.contains("destination reported: destination: migration cancelled"),
+            "{e}"
+        );
+        assert_source_running(&log, &view);
+    }
+
+    #[test]
     fn timeout_with_cancel_strategy_fails_and_keeps_source_running() {
         let l = listener();
         let url = l.url().clone();

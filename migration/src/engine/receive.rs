@@ -5,6 +5,9 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
@@ -37,9 +40,28 @@ pub fn receive_on(
     stats: &MigrationStats,
 ) -> Result<Box<dyn MigrationTarget>, MigrationError> {
     stats.begin(0);
-    let result = run(listener, factory, stats);
+    let cancel = Canceller {
+        stats,
+        conns: Mutex::new(Vec::new()),
+        done: AtomicBool::new(false),
+    };
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| cancel.watch());
+        let r = run(listener, factory, stats, &cancel);
+        cancel.done.store(true, Ordering::SeqCst);
+        r
+    });
+    // Any failure after a cancel request is the cancel.
+    let result = match result {
+        Err(_) if stats.cancel_requested() => Err(MigrationError::Cancelled),
+        r => r,
+    };
     match &result {
         Ok(_) => stats.finish(MigrationStatus::Completed, None),
+        Err(MigrationError::Cancelled) => stats.finish(
+            MigrationStatus::Cancelled,
+            Some("migration cancelled".into()),
+        ),
         Err(e) => {
             log::error!("incoming migration failed: {}", error_chain(e));
             stats.finish(MigrationStatus::Failed, Some(error_chain(e)));
@@ -100,9 +122,72 @@ fn recv_error(e: ProtocolError, during: &'static str) -> MigrationError {
     }
 }
 
+/// Cancellation for the receiver: `MigrationStats::cancel` shuts the read side of every
+/// registered connection so blocked reads end, and stops waiting for connections.
+#[derive(Debug)]
+struct Canceller<'a> {
+    stats: &'a MigrationStats,
+    conns: Mutex<Vec<Connection>>,
+    done: AtomicBool,
+}
+
+impl Canceller<'_> {
+    fn cancelled(&self) -> bool {
+        self.stats.cancel_requested()
+    }
+
+    fn register(&self, c: &Connection) -> Result<(), MigrationError> {
+        let clone = c.try_clone().map_err(MigrationError::Transport)?;
+        if let Ok(mut v) = self.conns.lock() {
+            v.push(clone);
+        }
+        // A cancel that raced the registration still takes effect.
+        if self.cancelled() {
+            c.shutdown_read();
+        }
+        Ok(())
+    }
+
+    /// Poll for cancel until the receiver finishes.
+    fn watch(&self) {
+        while !self.done.load(Ordering::SeqCst) {
+            if self.cancelled() {
+                if let Ok(v) = self.conns.lock() {
+                    for c in v.iter() {
+                        c.shutdown_read();
+                    }
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// How long to wait for the source's extra data connections after the first one.
+const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Accept one connection and exchange preambles; a bad preamble is answered with an Error frame.
-fn accept(listener: &MigrationListener) -> Result<Connection, MigrationError> {
-    let mut c = listener.accept().map_err(MigrationError::Transport)?;
+fn accept(
+    listener: &MigrationListener,
+    cancel: &Canceller<'_>,
+    deadline: Option<Instant>,
+) -> Result<Connection, MigrationError> {
+    let stop = || cancel.cancelled() || deadline.is_some_and(|d| Instant::now() >= d);
+    let Some(mut c) = listener
+        .accept_until(&stop)
+        .map_err(MigrationError::Transport)?
+    else {
+        if cancel.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        return Err(MigrationError::PeerGone {
+            peer: "source",
+            during: "waiting for its data connections",
+            detail: format!("none within {} s", DATA_CONNECT_TIMEOUT.as_secs()),
+        });
+    };
+    cancel.register(&c)?;
     write_preamble(&mut c).map_err(proto("sending the preamble"))?;
     if let Err(e) = read_preamble(&mut c) {
         let err = MigrationError::Protocol {
@@ -169,11 +254,12 @@ fn run(
     listener: &MigrationListener,
     factory: &mut dyn MigrationTargetFactory,
     stats: &MigrationStats,
+    cancel: &Canceller<'_>,
 ) -> Result<Box<dyn MigrationTarget>, MigrationError> {
-    let control = accept(listener)?;
+    let control = accept(listener, cancel, None)?;
     let writer = control.try_clone().map_err(MigrationError::Transport)?;
     let mut w = FrameWriter::new(writer);
-    let result = run_control(listener, &control, factory, stats);
+    let result = run_control(listener, &control, factory, stats, cancel);
     match result {
         Ok(target) => {
             w.send(&Frame::Ack)
@@ -181,6 +267,11 @@ fn run(
             Ok(target)
         }
         Err(e) => {
+            let e = if cancel.cancelled() {
+                MigrationError::Cancelled
+            } else {
+                e
+            };
             // Tell the source why; it resumes its VM. It may already be gone.
             let _ = w.send(&Frame::Error(&format!("destination: {}", error_chain(&e))));
             control.shutdown();
@@ -194,6 +285,7 @@ fn run_control(
     control: &Connection,
     factory: &mut dyn MigrationTargetFactory,
     stats: &MigrationStats,
+    cancel: &Canceller<'_>,
 ) -> Result<Box<dyn MigrationTarget>, MigrationError> {
     let reader = control.try_clone().map_err(MigrationError::Transport)?;
     let incoming = match reader {
@@ -219,8 +311,9 @@ fn run_control(
     let mut data: Vec<Option<FrameReader<Connection>>> =
         (0..hello.connections).map(|_| None).collect();
     let mut data_conns = Vec::new();
+    let deadline = Instant::now() + DATA_CONNECT_TIMEOUT;
     for _ in 1..hello.connections {
-        let c = accept(listener)?;
+        let c = accept(listener, cancel, Some(deadline))?;
         data_conns.push(c.try_clone().map_err(MigrationError::Transport)?);
         let mut dr = FrameReader::new(c);
         let h = read_hello(&mut dr)?;

@@ -248,6 +248,49 @@ impl MigrationListener {
         }
     }
 
+    /// Wait for a connection, polling `stop` every 10 ms. Returns `Ok(None)` when `stop` says
+    /// so (cancel, deadline); the listener is left blocking again either way.
+    pub fn accept_until(
+        &self,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Connection>, TransportError> {
+        let sock = |what, source| TransportError::Socket { what, source };
+        self.set_nonblocking(true)
+            .map_err(|e| sock("make listener non-blocking", e))?;
+        let result = loop {
+            match self.accept() {
+                Ok(c) => break Ok(Some(c)),
+                Err(TransportError::Accept { source, .. })
+                    if source.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    if stop() {
+                        break Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.set_nonblocking(false)
+            .map_err(|e| sock("make listener blocking", e))?;
+        // Accepted sockets must block regardless of what they inherited.
+        if let Ok(Some(c)) = &result {
+            match c {
+                Connection::Tcp(s) => s.set_nonblocking(false),
+                Connection::Unix(s) => s.set_nonblocking(false),
+            }
+            .map_err(|e| sock("make connection blocking", e))?;
+        }
+        result
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            MigrationListener::Tcp(l, _) => l.set_nonblocking(on),
+            MigrationListener::Unix(l, _, _) => l.set_nonblocking(on),
+        }
+    }
+
     /// Wait for the next connection.
     pub fn accept(&self) -> Result<Connection, TransportError> {
         let err = |source| TransportError::Accept {
