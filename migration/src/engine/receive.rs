@@ -44,6 +44,7 @@ pub fn receive_on(
         stats,
         conns: Mutex::new(Vec::new()),
         done: AtomicBool::new(false),
+        wake: listener.url().clone(),
     };
     let result = std::thread::scope(|scope| {
         scope.spawn(|| cancel.watch());
@@ -129,6 +130,8 @@ struct Canceller<'a> {
     stats: &'a MigrationStats,
     conns: Mutex<Vec<Connection>>,
     done: AtomicBool,
+    /// Connecting here wakes a blocking accept.
+    wake: MigrationUrl,
 }
 
 impl Canceller<'_> {
@@ -157,6 +160,8 @@ impl Canceller<'_> {
                         c.shutdown_read();
                     }
                 }
+                // Wake a blocking accept; it then sees the cancel. Harmless if nobody waits.
+                let _ = Connection::connect(&self.wake);
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -173,14 +178,20 @@ fn accept(
     cancel: &Canceller<'_>,
     deadline: Option<Instant>,
 ) -> Result<Connection, MigrationError> {
-    let stop = || cancel.cancelled() || deadline.is_some_and(|d| Instant::now() >= d);
-    let Some(mut c) = listener
-        .accept_until(&stop)
-        .map_err(MigrationError::Transport)?
-    else {
-        if cancel.cancelled() {
-            return Err(MigrationError::Cancelled);
+    let c = match deadline {
+        // The first connection may take minutes: block; a cancel wakes us by connecting.
+        None => Some(listener.accept().map_err(MigrationError::Transport)?),
+        Some(d) => {
+            let stop = || cancel.cancelled() || Instant::now() >= d;
+            listener
+                .accept_until(&stop)
+                .map_err(MigrationError::Transport)?
         }
+    };
+    if cancel.cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    let Some(mut c) = c else {
         return Err(MigrationError::PeerGone {
             peer: "source",
             during: "waiting for its data connections",

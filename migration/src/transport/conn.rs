@@ -248,7 +248,7 @@ impl MigrationListener {
         }
     }
 
-    /// Wait for a connection, polling `stop` every 10 ms. Returns `Ok(None)` when `stop` says
+    /// Wait for a connection, polling `stop` every millisecond. Returns `Ok(None)` when `stop` says
     /// so (cancel, deadline); the listener is left blocking again either way.
     pub fn accept_until(
         &self,
@@ -266,7 +266,7 @@ impl MigrationListener {
                     if stop() {
                         break Ok(None);
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(e) => break Err(e),
             }
