@@ -53,12 +53,4 @@ fn main() {
         false,
         "_start",
     );
-    build(
-        &guests.join("probe/probe_pvh.S"),
-        &out,
-        "probe_pvh.elf",
-        0x100000,
-        false,
-        "_start",
-    );
 }
