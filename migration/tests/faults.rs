@@ -253,6 +253,36 @@ mod tests {
     }
 
     #[test]
+    fn destination_that_stops_reading_fails_the_source_by_the_deadline() {
+        // Handshakes, then never reads again and never closes.
+        let l = listener();
+        let url = l.url().clone();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let dst = std::thread::spawn(move || {
+            let mut c = l.accept().expect("accept");
+            c.write_all(&preamble()).expect("preamble");
+            read_preamble(&mut c).expect("source preamble");
+            let _ = stop_rx.recv();
+            drop(c);
+        });
+        let host = FakeHost::new(anon_memory(), 64, 50);
+        let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
+        let mut p = params(&url);
+        p.ack_timeout = Duration::from_secs(2);
+        let t = Instant::now();
+        let out = start_send(Box::new(host), p, Arc::new(MigrationStats::new()))
+            .expect("spawn")
+            .join()
+            .expect("source thread");
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        let e = source_err(&out);
+        assert!(e.contains("it took no data for 2 s"), "{e}");
+        assert_source_running(&log, &view);
+        let _ = stop_tx.send(());
+        dst.join().expect("destination thread");
+    }
+
+    #[test]
     fn destination_dies_before_ack_source_resumes() {
         // Reads everything up to Complete, then closes without acknowledging.
         let l = listener();

@@ -65,8 +65,14 @@ impl Abort {
     }
 }
 
+fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 #[derive(Debug, Default)]
 struct LaneCounters {
+    /// Last progress, in ms since the lanes' epoch.
+    activity_ms: AtomicU64,
     bytes: AtomicU64,
     busy_ns: AtomicU64,
 }
@@ -88,6 +94,10 @@ pub struct Lanes {
     stats: Arc<MigrationStats>,
     abort: Arc<Abort>,
     copy_data: bool,
+    /// Give up when no lane made progress for this long (the destination stopped reading
+    /// without closing); the phase names it in the error.
+    stall: Option<(Duration, &'static str)>,
+    epoch: Instant,
 }
 
 /// Queue depth per lane: enough to keep the socket busy while the next batch is read.
@@ -96,6 +106,7 @@ const POLL: Duration = Duration::from_micros(200);
 
 struct LaneCtx {
     index: usize,
+    epoch: Instant,
     mem: GuestMemoryMmap<AtomicBitmap>,
     free: Sender<MemoryBatch>,
     rate: Arc<RateLimiter>,
@@ -111,6 +122,16 @@ fn pace(ctx: &LaneCtx, bytes: u64) {
         let step = left.min(Duration::from_millis(20));
         std::thread::sleep(step);
         left -= step;
+        // Waiting for the cap is progress, not a stall.
+        ctx.touch();
+    }
+}
+
+impl LaneCtx {
+    fn touch(&self) {
+        self.counters
+            .activity_ms
+            .store(ms_since(self.epoch), Ordering::Relaxed);
     }
 }
 
@@ -164,6 +185,7 @@ fn lane_main(
                 let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 ctx.counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
                 ctx.counters.bytes.fetch_add(n, Ordering::Relaxed);
+                ctx.touch();
                 ctx.stats.add_transferred(n);
                 ctx.stats.add_pages(b.data_pages(), b.zero_pages);
                 b.clear();
@@ -234,6 +256,7 @@ impl Lanes {
     ) -> Result<Self, MigrationError> {
         let (free_tx, free_rx) = mpsc::channel();
         let abort = Arc::new(Abort::default());
+        let epoch = Instant::now();
         let mut lanes = Vec::new();
         for (i, conn) in conns.into_iter().enumerate() {
             let writer = conn.try_clone().map_err(MigrationError::Transport)?;
@@ -241,6 +264,7 @@ impl Lanes {
             let counters = Arc::new(LaneCounters::default());
             let ctx = LaneCtx {
                 index: i,
+                epoch,
                 mem: mem.clone(),
                 free: free_tx.clone(),
                 rate: rate.clone(),
@@ -271,6 +295,8 @@ impl Lanes {
             stats,
             abort,
             copy_data,
+            stall: None,
+            epoch,
         })
     }
 
@@ -328,6 +354,38 @@ impl Lanes {
         }
     }
 
+    /// Fail queue waits when no lane made progress (wrote a frame, or paced under the bandwidth
+    /// cap) for `limit`: a destination that stops reading without closing would otherwise stall
+    /// the source forever. `phase` names it in the error.
+    pub fn set_stall_limit(&mut self, limit: Duration, phase: &'static str) {
+        self.stall = Some((limit, phase));
+        let now = ms_since(self.epoch);
+        for l in &self.lanes {
+            l.counters.activity_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn check_stall(&self) -> Result<(), MigrationError> {
+        let Some((limit, during)) = self.stall else {
+            return Ok(());
+        };
+        let last = self
+            .lanes
+            .iter()
+            .map(|l| l.counters.activity_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let idle = ms_since(self.epoch).saturating_sub(last);
+        if u128::from(idle) >= limit.as_millis() {
+            return Err(MigrationError::PeerGone {
+                peer: "destination",
+                during,
+                detail: format!("it took no data for {} s", limit.as_secs()),
+            });
+        }
+        Ok(())
+    }
+
     fn push(
         &mut self,
         i: usize,
@@ -345,6 +403,7 @@ impl Lanes {
                     if cancellable && self.stats.cancel_requested() {
                         return Err(MigrationError::Cancelled);
                     }
+                    self.check_stall()?;
                     item = back;
                     std::thread::sleep(POLL);
                 }
@@ -379,6 +438,7 @@ impl Lanes {
                         if cancellable && self.stats.cancel_requested() {
                             return Err(MigrationError::Cancelled);
                         }
+                        self.check_stall()?;
                     }
                 }
             }

@@ -39,7 +39,8 @@ pub struct SendParams {
     pub auto_converge: bool,
     /// GPA chunk claimed and sent as a unit (multiple of 4 KiB).
     pub chunk_bytes: u64,
-    /// How long to wait for the destination's Ack after Complete.
+    /// How long the destination may take no data (it stopped reading but kept the connection)
+    /// or take to acknowledge Complete before the migration fails.
     pub ack_timeout: Duration,
     /// Checksum page bytes too (snapshot copy per page). Off: memory frames carry
     /// `FLAG_DATA_UNCHECKED` (CRC over header and entry table) and pages move without a copy.

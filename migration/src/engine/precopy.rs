@@ -467,6 +467,8 @@ impl Source<'_> {
 
     fn precopy(&mut self) -> Result<(), MigrationError> {
         let started = Instant::now();
+        let stall = self.params.ack_timeout;
+        self.lanes()?.set_stall_limit(stall, "pre-copy");
         let chunks = self.chunks();
         // Iteration 0: every page. Sync, then claim each chunk right before reading it: that
         // clears what the sources already know (KVM's INITIALLY_SET bits, writes since start)

@@ -9,6 +9,9 @@ impl Source<'_> {
         self.host.pause().map_err(MigrationError::Host)?;
         self.paused = true;
         let paused_at = Instant::now();
+        // The VM is paused: a destination that stops reading must not stall it for long.
+        let stall = self.params.ack_timeout;
+        self.lanes()?.set_stall_limit(stall, "switchover");
         if !self.params.local {
             // Final claim of everything, with every vCPU and device stopped.
             for s in &mut self.sources {
