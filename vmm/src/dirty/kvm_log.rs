@@ -126,14 +126,7 @@ impl KvmDirtyLog {
                     != 0,
             }
         };
-        let slots = ram
-            .ranges()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                SlotSnapshot::new(i as u32, r.gpa.0, r.len / tern_migration::dirty::PAGE_SIZE)
-            })
-            .collect();
+        let slots = super::snapshot::slots_for(ram);
         Self {
             vm,
             mode,

@@ -81,14 +81,7 @@ pub struct DirtyRings {
 impl DirtyRings {
     /// Wraps the mapped rings (one per vCPU, in vCPU order) of `vm`, whose RAM is `ram`.
     pub fn new(vm: Arc<Vm>, ram: &GuestRam, rings: Vec<DirtyRingMapping>) -> Self {
-        let slots = ram
-            .ranges()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                SlotSnapshot::new(i as u32, r.gpa.0, r.len / tern_migration::dirty::PAGE_SIZE)
-            })
-            .collect();
+        let slots = super::snapshot::slots_for(ram);
         Self {
             vm,
             entries: rings.first().map_or(0, DirtyRingMapping::entries),

@@ -213,6 +213,15 @@ impl SlotSnapshot {
     }
 }
 
+/// One empty snapshot per RAM memory slot of `ram` (slot i = RAM range i).
+pub fn slots_for(ram: &crate::vstate::memory::GuestRam) -> Vec<SlotSnapshot> {
+    ram.ranges()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| SlotSnapshot::new(i as u32, r.gpa.0, r.len / PAGE_SIZE))
+        .collect()
+}
+
 /// ORs the snapshot bits of every slot that overlaps `range` into `out` without clearing them:
 /// `DirtySource::peek` for both KVM sources.
 pub fn peek_slots(
