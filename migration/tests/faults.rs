@@ -291,9 +291,14 @@ mod tests {
             let mut c = l.accept().expect("accept");
             c.write_all(&preamble()).expect("preamble");
             read_preamble(&mut c).expect("source preamble");
+            let mut ack = FrameWriter::new(c.try_clone().expect("clone"));
             let mut r = FrameReader::new(c);
             loop {
                 match r.recv() {
+                    // Ack the config like a real destination, then die before the final ack.
+                    Ok(Frame::Config(_)) => {
+                        ack.send(&Frame::Ack).expect("config ack");
+                    }
                     Ok(Frame::Complete) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -421,9 +426,13 @@ mod tests {
         let mut rc = c;
         read_preamble(&mut rc).expect("receiver preamble");
         let mut r = FrameReader::new(rc);
-        let text = match r.recv() {
-            Ok(Frame::Error(t)) => t.to_owned(),
-            other => panic!("expected an error frame, got {other:?}"),
+        // A receiver acks a config it accepted (its VM is built) before failing later.
+        let text = loop {
+            match r.recv() {
+                Ok(Frame::Ack) => continue,
+                Ok(Frame::Error(t)) => break t.to_owned(),
+                other => panic!("expected an error frame, got {other:?}"),
+            }
         };
         let err = dst
             .join()
@@ -551,7 +560,7 @@ mod tests {
             }
         ));
         assert!(
-            text.contains("unsupported protocol version 9 (this side speaks 1)"),
+            text.contains("unsupported protocol version 9 (this side speaks 2)"),
             "{text}"
         );
         let (_, text) = feed(b"GET / HTTP/1.1\r\n\r\n".to_vec());

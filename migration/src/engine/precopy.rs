@@ -88,6 +88,7 @@ pub fn send(
         ranges: DirtyRanges::default(),
         session: new_session_id(),
         plan: Vec::new(),
+        destination_ready: false,
     };
     let result = s.migrate();
     let result = s.unwind(result);
@@ -167,6 +168,8 @@ struct Source<'h> {
     session: u64,
     /// Per region: the bits peeked at the start of the iteration.
     plan: Vec<DirtyBitmap>,
+    /// The destination acknowledged the config: its VM is built and waiting for state.
+    destination_ready: bool,
 }
 
 fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
@@ -326,6 +329,10 @@ impl Source<'_> {
                 during: "sending memory",
                 detail,
             }),
+            Some(Ok(PeerEvent::Ack)) if !self.destination_ready => {
+                self.destination_ready = true;
+                Ok(())
+            }
             Some(Ok(PeerEvent::Ack)) => Err(MigrationError::Unexpected {
                 frame: "ack",
                 during: "sending memory",

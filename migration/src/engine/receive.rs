@@ -363,9 +363,16 @@ fn run_control(
                 });
             }
             Ok(Frame::Config(cfg)) => {
-                break factory
+                let target = factory
                     .create(cfg, std::mem::take(&mut local))
-                    .map_err(MigrationError::Host)?
+                    .map_err(MigrationError::Host)?;
+                // First ack: the VM is built. The source pauses its guest only after this, so
+                // building the destination never counts as downtime.
+                let writer = control.try_clone().map_err(MigrationError::Transport)?;
+                FrameWriter::new(writer)
+                    .send(&Frame::Ack)
+                    .map_err(proto("acknowledging the config"))?;
+                break target;
             }
             Ok(Frame::Error(reason)) => {
                 return Err(MigrationError::PeerError {

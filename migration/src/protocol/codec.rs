@@ -15,7 +15,7 @@ use super::frame::{encode_memory_entries, Frame, FrameTag, MemoryEntry, PayloadE
 /// First bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of the preamble (magic + version).
 pub const PREAMBLE_BYTES: usize = 12;
 /// Bytes of a frame header.
@@ -381,15 +381,16 @@ mod tests {
 
     #[test]
     fn preamble_golden_bytes_and_checks() {
-        assert_eq!(hex(&preamble()), "5445524e4d49470001000000");
+        assert_eq!(hex(&preamble()), "5445524e4d49470002000000");
         read_preamble(&mut &preamble()[..]).expect("own preamble");
-        let mut v2 = preamble();
-        v2[8] = 2;
+        // Version 1 had no config ack; a v1 peer must be refused before any frame.
+        let mut v1 = preamble();
+        v1[8] = 1;
         assert!(matches!(
-            read_preamble(&mut &v2[..]),
+            read_preamble(&mut &v1[..]),
             Err(ProtocolError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 1,
+                supported: 2
             })
         ));
         assert!(matches!(
@@ -407,9 +408,10 @@ mod tests {
     }
 
     /// Expected bytes computed independently (Python `struct` + `zlib.crc32`) from the layout in
-    /// the module docs. A format change must bump VERSION and these together.
+    /// the module docs. A format change must bump VERSION and these together. (Version 2 changed
+    /// the exchange, not the frame layout: the destination acks the config once its VM is built.)
     #[test]
-    fn golden_bytes_per_frame_type_version_1() {
+    fn golden_bytes_per_frame_type_version_2() {
         let pg = page(0x5a);
         let golden = [
             "01000000100000002233697f08070605040302010100020001000000",

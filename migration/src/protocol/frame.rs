@@ -1,4 +1,4 @@
-//! Typed frames and their payload encoding (version 1). Frames borrow their byte payloads from the
+//! Typed frames and their payload encoding (version 2). Frames borrow their byte payloads from the
 //! codec's buffer, so page data and state blobs are never copied between the socket and the guest.
 
 use vm_memory::GuestAddress;

@@ -1,4 +1,4 @@
-//! The tern migration wire protocol, version 1.
+//! The tern migration wire protocol, version 2.
 //!
 //! Every connection opens with a 12-byte preamble in *both* directions (`b"TERNMIG\0"` + `u32`
 //! version), so each side rejects a peer of another version before any frame. Then frames:
@@ -22,6 +22,7 @@
 //!         S->>D: MemoryFd(gpa, len, offset) + memfd via SCM_RIGHTS, per region
 //!     end
 //!     S->>D: Config(bytes): D builds the VM (on the memfds in local mode)
+//!     D->>S: Ack (VM built: the source never pauses before this)
 //!     loop pre-copy iterations (not in local mode)
 //!         S->>D: Memory(entries: Data | Zero, page bytes), chunk i on connection i mod N
 //!     end
@@ -31,7 +32,7 @@
 //!     S->>D: VmState, VcpuState(id)…, DeviceState(id)…
 //!     S->>D: Complete
 //!     Note over D: join data connections, restore state, start the VM
-//!     D->>S: Ack
+//!     D->>S: Ack (guest running here)
 //!     Note over S: report completed (the VMM exits)
 //!     Note over S,D: at any point either side may send Error(reason) and close;<br/>the source then resumes its VM, the destination drops its VM
 //! ```

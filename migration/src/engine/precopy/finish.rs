@@ -5,6 +5,12 @@ use super::*;
 
 impl Source<'_> {
     pub(super) fn switchover(&mut self) -> Result<(), MigrationError> {
+        // Never pause before the destination has built its VM: that build must not count as
+        // downtime (in local mode the switchover follows the config at once).
+        if !self.destination_ready {
+            self.wait_ack("waiting for the destination to build its VM")?;
+            self.destination_ready = true;
+        }
         self.stats.set_status(MigrationStatus::Completing);
         self.host.pause().map_err(MigrationError::Host)?;
         self.paused = true;
@@ -42,16 +48,16 @@ impl Source<'_> {
         lanes.send_frame(0, OwnedFrame::Complete)?;
         // Past this point the destination may run the guest: cancel no longer applies.
         lanes.flush(false)?;
-        self.wait_ack()?;
+        self.wait_ack("waiting for the final ack")?;
         let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.stats.set_downtime(downtime);
         Ok(())
     }
 
-    fn wait_ack(&mut self) -> Result<(), MigrationError> {
+    fn wait_ack(&mut self, during: &'static str) -> Result<(), MigrationError> {
         let gone = |detail: String| MigrationError::PeerGone {
             peer: "destination",
-            during: "waiting for the final ack",
+            during,
             detail,
         };
         let peer = self
