@@ -53,4 +53,13 @@ fn main() {
         false,
         "_start",
     );
+    // The edu DMA probe the nested lab's vfio-edu-* scenarios boot (scripts/lab ships it in).
+    build(
+        &guests.join("probe/probe_edu.S"),
+        &out,
+        "probe_edu.elf",
+        0x100000,
+        false,
+        "_start",
+    );
 }

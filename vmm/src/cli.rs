@@ -4,8 +4,11 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use tern_devices::vfio::spec::VfioDeviceSpec;
+
 use crate::config::{
-    parse_dirty_tracking, parse_memory_size, parse_serial, ConfigError, PayloadConfig, VmConfig,
+    parse_dirty_tracking, parse_memory_size, parse_serial, ConfigError, PassthroughConfig,
+    PayloadConfig, VmConfig,
 };
 use crate::demo::DemoConfig;
 
@@ -41,6 +44,10 @@ pub struct Cli {
     /// (per-vCPU dirty ring; needs KVM_CAP_DIRTY_LOG_RING).
     #[arg(long, default_value = "log", value_name = "log|ring")]
     pub dirty_tracking: String,
+    /// VFIO passthrough device (repeatable):
+    /// path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off].
+    #[arg(long = "device", value_name = "path=PATH[,id=ID][,iommufd=on|off]")]
+    pub devices: Vec<String>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
@@ -53,6 +60,10 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Guest(#[from] crate::demo::config::DemoConfigError),
+    #[error(transparent)]
+    Device(#[from] tern_devices::vfio::spec::VfioSpecError),
+    #[error("--device: id {0:?} given to two devices")]
+    DuplicateDeviceId(String),
 }
 
 impl Cli {
@@ -95,12 +106,21 @@ impl Cli {
                 asked: self.cpus,
                 max,
             })?;
+        let mut devices: Vec<PassthroughConfig> = Vec::new();
+        for d in &self.devices {
+            let spec = d.parse::<VfioDeviceSpec>()?;
+            if devices.iter().any(|p| p.id == spec.id) {
+                return Err(CliError::DuplicateDeviceId(spec.id));
+            }
+            devices.push(spec.into());
+        }
         Ok(Some(VmConfig {
             cpus,
             memory_bytes: parse_memory_size(&self.memory)?,
             payload,
             serial: parse_serial(&self.serial)?,
             dirty_tracking: parse_dirty_tracking(&self.dirty_tracking)?,
+            devices,
         }))
     }
 }
@@ -146,5 +166,46 @@ mod tests {
             .vm_config()
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn cli_collects_repeated_devices_and_rejects_bad_ones() {
+        let c = cli(&[
+            "--kernel",
+            "k",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:03.0",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:04.0,id=nic,iommufd=on",
+        ])
+        .vm_config()
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            c.devices,
+            vec![
+                PassthroughConfig {
+                    path: "/sys/bus/pci/devices/0000:00:03.0".into(),
+                    id: "0000:00:03.0".into(),
+                    iommufd: false,
+                },
+                PassthroughConfig {
+                    path: "/sys/bus/pci/devices/0000:00:04.0".into(),
+                    id: "nic".into(),
+                    iommufd: true,
+                },
+            ]
+        );
+        let err = |args: &[&str]| cli(args).vm_config().unwrap_err().to_string();
+        assert!(err(&["--kernel", "k", "--device", "id=x"]).contains("path="));
+        assert!(err(&[
+            "--kernel",
+            "k",
+            "--device",
+            "path=/a,id=x",
+            "--device",
+            "path=/b,id=x"
+        ])
+        .contains("\"x\" given to two devices"));
     }
 }

@@ -19,6 +19,46 @@ pub struct VmConfig {
     /// the KVM dirty sources (vmm/src/dirty); `default` keeps older config messages readable.
     #[serde(default)]
     pub dirty_tracking: DirtyTracking,
+    /// VFIO passthrough devices (`--device`, repeatable).
+    #[serde(default)]
+    pub devices: Vec<PassthroughConfig>,
+}
+
+/// One VFIO passthrough device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassthroughConfig {
+    /// The device's sysfs directory (`/sys/bus/pci/devices/BDF`).
+    pub path: PathBuf,
+    /// Name in `vm.info` and in errors.
+    pub id: String,
+    /// cdev + iommufd backend instead of the type1 container.
+    pub iommufd: bool,
+}
+
+impl PassthroughConfig {
+    /// The device spec the VFIO code works from.
+    pub fn spec(&self) -> tern_devices::vfio::spec::VfioDeviceSpec {
+        use tern_devices::vfio::spec::VfioBackend;
+        tern_devices::vfio::spec::VfioDeviceSpec {
+            path: self.path.clone(),
+            id: self.id.clone(),
+            backend: if self.iommufd {
+                VfioBackend::Iommufd
+            } else {
+                VfioBackend::Type1
+            },
+        }
+    }
+}
+
+impl From<tern_devices::vfio::spec::VfioDeviceSpec> for PassthroughConfig {
+    fn from(s: tern_devices::vfio::spec::VfioDeviceSpec) -> Self {
+        Self {
+            path: s.path,
+            id: s.id,
+            iommufd: s.backend == tern_devices::vfio::spec::VfioBackend::Iommufd,
+        }
+    }
 }
 
 /// Which KVM dirty-page interface migration uses.

@@ -180,6 +180,37 @@ impl Controller {
     }
 }
 
+/// `vm.info` entries for the VM's VFIO passthrough devices.
+fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
+    use tern_devices::vfio::spec::VfioBackend;
+    machine
+        .devices()
+        .passthrough_info()
+        .into_iter()
+        .map(|d| {
+            let backend = match d.backend {
+                VfioBackend::Type1 => "type1",
+                VfioBackend::Iommufd => "iommufd",
+            };
+            tern_api::types::DeviceInfo {
+                id: d.id,
+                kind: "vfio-pci".into(),
+                backend: Some(format!("{} ({backend})", d.sysfs.display())),
+                iommu: Some(tern_api::types::IommuCapabilities {
+                    backend: match d.backend {
+                        VfioBackend::Type1 => "vfio-type1",
+                        VfioBackend::Iommufd => "iommufd",
+                    }
+                    .into(),
+                    hw_dirty_tracking: d.hw_dirty_tracking,
+                    device_dma_logging: false,
+                    vfio_migration: d.vfio_migration,
+                }),
+            }
+        })
+        .collect()
+}
+
 fn convert_url(url: &ApiUrl) -> MigrationUrl {
     match url {
         ApiUrl::Tcp { host, port } => MigrationUrl::Tcp {
@@ -268,7 +299,7 @@ impl ApiHandler for Controller {
                 cmdline,
                 dirty_tracking: Some(config.dirty_tracking.name().into()),
             },
-            devices: Vec::new(),
+            devices: passthrough_devices(machine),
         })
     }
 
@@ -314,6 +345,15 @@ impl ApiHandler for Controller {
             return Err(ApiError::MigrationRunning);
         }
         let machine = inner.machine.clone().ok_or(ApiError::NoVm)?;
+        if let Some(d) = machine.config().devices.first() {
+            return Err(ApiError::BadRequest {
+                reason: format!(
+                    "the VM has VFIO passthrough device {} ({}): migrating passthrough devices is not supported yet",
+                    d.id,
+                    d.path.display()
+                ),
+            });
+        }
         if inner.run_state != RunState::Running {
             return Err(ApiError::InvalidState {
                 operation: "send a migration",

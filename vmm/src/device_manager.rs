@@ -53,6 +53,8 @@ pub enum DeviceError {
     PciSave(#[source] tern_devices::pci::PciStateError),
     #[error("cannot restore PCI device state")]
     PciRestore(#[source] PciManagerError),
+    #[error("cannot add a passthrough device")]
+    Passthrough(#[source] crate::vfio_manager::VfioManagerError),
 }
 
 /// Every device's saved state.
@@ -80,6 +82,8 @@ pub struct DeviceManager {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci: PciManager,
+    // VFIO passthrough functions (also on the PCI bus); dropped with the manager, before guest RAM.
+    passthrough: Vec<Arc<Mutex<tern_devices::vfio::device::VfioPciDevice>>>,
     // Registered as the COM1 irqfd for the VM's lifetime; cloned when the UART is restored.
     serial_irq: EventFd,
 }
@@ -169,6 +173,7 @@ impl DeviceManager {
                 pio: Arc::new(pio),
                 mmio: Arc::new(mmio),
                 pci,
+                passthrough: Vec::new(),
                 serial_irq,
             },
             events,
@@ -188,6 +193,27 @@ impl DeviceManager {
     /// The PCI bus.
     pub fn pci(&self) -> &PciManager {
         &self.pci
+    }
+
+    /// Opens the VFIO passthrough devices and puts them on the PCI bus, with all of `ram` mapped
+    /// for their DMA.
+    pub fn add_passthrough(
+        &mut self,
+        ram: &crate::vstate::memory::GuestRam,
+        configs: &[crate::config::PassthroughConfig],
+    ) -> Result<(), DeviceError> {
+        let added = crate::vfio_manager::add_devices(&mut self.pci, ram, configs)
+            .map_err(DeviceError::Passthrough)?;
+        self.passthrough.extend(added);
+        Ok(())
+    }
+
+    /// What `vm.info` shows about each passthrough device.
+    pub fn passthrough_info(&self) -> Vec<tern_devices::vfio::device::VfioDeviceInfo> {
+        self.passthrough
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).info().clone())
+            .collect()
     }
 
     /// Loads saved state into the existing devices: a migration destination builds its devices

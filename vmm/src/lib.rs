@@ -17,4 +17,5 @@ pub mod machine;
 pub mod migration;
 pub mod pci_manager;
 pub mod sys;
+pub mod vfio_manager;
 pub mod vstate;

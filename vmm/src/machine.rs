@@ -233,7 +233,8 @@ impl Machine {
             DirtyTracking::Log => None,
         };
         let mut ring_maps = Vec::new();
-        let (devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
+        let (mut devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
+        devices.add_passthrough(&ram, &config.devices)?;
         let base_cpuid = cpuid::supported(&kvm)?;
         let mut fds = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -343,6 +344,11 @@ impl Machine {
     /// The VM's configuration.
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// The VM's devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
     /// Guest RAM.

@@ -34,6 +34,7 @@ fn machine(mib: u64, dirty_mib_per_s: u64, tracking: DirtyTracking) -> (Machine,
         payload: PayloadConfig::Demo(demo.clone()),
         serial: SerialConfig::Off,
         dirty_tracking: tracking,
+        devices: Vec::new(),
     };
     let m = Machine::create(Path::new("/dev/kvm"), config).expect("create demo machine");
     let l = layout(&demo, m.ram().low_ram_end()).expect("demo layout");

@@ -8,3 +8,4 @@ pub mod iommufd_test;
 pub mod iova;
 pub mod uapi_size;
 pub mod vfio_type1_dirty;
+pub mod vfio_type1_map;

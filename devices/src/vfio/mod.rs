@@ -1,9 +1,11 @@
-//! VFIO passthrough: what the user asks for ([`spec`]) and the host checks that turn every common
-//! set-up mistake into an error naming its fix before any VFIO ioctl runs ([`preflight`]).
+//! VFIO passthrough: what the user asks for ([`spec`]), the host checks that turn every common
+//! set-up mistake into an error naming its fix before any VFIO ioctl runs ([`preflight`]), the
+//! legacy type1 container with guest RAM mapped for DMA ([`container`]) and the passed-through
+//! function on the guest's PCI bus ([`device`]).
 //!
-//! Opening the device with vfio-ioctls (type1 container + group, or cdev + iommufd with a HWPT tern
-//! allocates), mapping guest RAM with IOVA = GPA, BAR passthrough and MSI/MSI-X emulation on top of
-//! [`crate::pci`] come next; they need /dev/vfio and an IOMMU, which only the nested lab has.
+//! The cdev + iommufd backend is not built yet: `iommufd=on` is refused with an error saying so.
 
+pub mod container;
+pub mod device;
 pub mod preflight;
 pub mod spec;

@@ -1,0 +1,595 @@
+//! A host PCI function passed through with VFIO, seen by the guest as a [`PciDevice`] on bus 0.
+//!
+//! ```text
+//!  open:   preflight ─► type1 container ─► VfioDevice (group attached, type1 set) ─► reset
+//!          ─► map all guest RAM (IOVA = GPA) ─► read BARs/MSI/MSI-X from the VFIO regions
+//!          ─► BARs and vectors from the VMM (PciResources) ─► emulated config space
+//!  guest:  config reads ─► emulated space (IDs copied from the device, BARs and MSI/MSI-X emulated)
+//!          command writes ─► also written to the device (memory/I/O decode, bus master)
+//!          MSI/MSI-X enable ─► VFIO_DEVICE_SET_IRQS with the per-vector eventfds (KVM irqfds)
+//!          BAR accesses ─► VFIO region read/write (trapped; MSI-X table and PBA emulated)
+//!  drop:   disable MSI/MSI-X ─► unmap DMA ─► close device ─► group leaves the container
+//! ```
+//!
+//! **Configuration space.** The guest sees a configuration space built by tern: the device's IDs,
+//! class and subsystem, its BARs (sizes from VFIO region info, addresses from the VMM), and MSI and
+//! MSI-X capabilities emulated with [`crate::pci::msi`] and [`crate::pci::msix`]. The device's other
+//! capabilities (PCIe, power management, vendor-specific) are not shown yet, and it has no INTx.
+//!
+//! **BARs** are trapped: every guest access is a `pread`/`pwrite` on the VFIO region. Mapping
+//! mmap-able BARs as KVM memslots (with the MSI-X table pages still trapped) is a later
+//! optimisation; [`PciDevice::move_bar`] is where it will hook in.
+
+use std::sync::Arc;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+};
+use vfio_ioctls::{VfioDevice, VfioError};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::container::{GuestRamRange, Type1Dma, Type1Error};
+use super::preflight::{preflight, HostRoots, VfioPreflightError};
+use super::spec::{VfioBackend, VfioDeviceSpec};
+use crate::pci::bar::{BarError, BarKind, BarRegion, BarSpec};
+use crate::pci::config::{ConfigSpace, PciIds};
+use crate::pci::msi::{MsiCap, MsiCapError, MsiRouteSink};
+use crate::pci::msix::{Msix, MsixError};
+use crate::pci::{MoveBarError, PciDevice, PciDeviceState, PciStateError};
+
+/// A boxed error from the VMM's side of [`PciResources`].
+pub type ResourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a passthrough function needs from the VMM's PCI bus.
+pub trait PciResources {
+    /// A guest address for `spec` in the window of its kind.
+    fn allocate_bar(&mut self, spec: &BarSpec) -> Result<u64, ResourceError>;
+    /// `count` MSI/MSI-X vectors: the sink the capability emulation reports routes to, and one
+    /// eventfd per vector that KVM turns into the programmed message.
+    fn msi_vectors(
+        &mut self,
+        count: u16,
+    ) -> Result<(Arc<dyn MsiRouteSink>, Vec<EventFd>), ResourceError>;
+}
+
+/// Errors opening a passthrough device.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioDeviceError {
+    #[error("--device {id}")]
+    Preflight {
+        id: String,
+        #[source]
+        source: VfioPreflightError,
+    },
+    #[error("--device {id}: iommufd=on is not implemented yet; use iommufd=off (type1)")]
+    IommufdUnsupported { id: String },
+    #[error("--device {id}")]
+    Type1 {
+        id: String,
+        #[source]
+        source: Type1Error,
+    },
+    #[error("--device {id}: cannot open the VFIO device")]
+    Open {
+        id: String,
+        #[source]
+        source: VfioError,
+    },
+    #[error("--device {id}: BAR {index} cannot be passed through")]
+    Bar {
+        id: String,
+        index: u8,
+        #[source]
+        source: BarError,
+    },
+    #[error("--device {id}: BAR {index} has a size of {size:#x}, not a power of two")]
+    BarSize { id: String, index: u8, size: u64 },
+    #[error("--device {id}: cannot emulate its MSI capability")]
+    Msi {
+        id: String,
+        #[source]
+        source: MsiCapError,
+    },
+    #[error("--device {id}: cannot emulate its MSI-X capability")]
+    Msix {
+        id: String,
+        #[source]
+        source: MsixError,
+    },
+    #[error("--device {id}: the VMM cannot give it {what}")]
+    Resources {
+        id: String,
+        what: &'static str,
+        #[source]
+        source: ResourceError,
+    },
+}
+
+/// What `vm.info` shows about a passthrough device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioDeviceInfo {
+    pub id: String,
+    pub sysfs: std::path::PathBuf,
+    pub backend: VfioBackend,
+    /// The IOMMU tracks DMA writes itself (always false with type1 here: its dirty log is the
+    /// pinned-page approximation, which tern does not count as hardware tracking).
+    pub hw_dirty_tracking: bool,
+    /// The device implements VFIO migration v2.
+    pub vfio_migration: bool,
+    /// Bytes of guest RAM mapped for DMA.
+    pub dma_mapped_bytes: u64,
+}
+
+/// Where the device's own MSI-X table and PBA are (the emulated capability keeps them there).
+#[derive(Debug, Clone, Copy)]
+struct MsixLayout {
+    vectors: u16,
+    table: (u8, u32),
+    pba: (u8, u32),
+}
+
+/// A passed-through PCI function.
+pub struct VfioPciDevice {
+    info: VfioDeviceInfo,
+    // Declared before `dma`: fields drop in order, and the device must close before its group
+    // leaves the container (vfio-ioctls puts the group when the device drops).
+    device: VfioDevice,
+    dma: Type1Dma,
+    config: ConfigSpace,
+    bars: Vec<BarSpec>,
+    msi: Option<MsiCap>,
+    msix: Option<Msix>,
+    sink: Arc<dyn MsiRouteSink>,
+    vectors: Vec<EventFd>,
+}
+
+impl std::fmt::Debug for VfioPciDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioPciDevice")
+            .field("info", &self.info)
+            .field("bars", &self.bars)
+            .finish()
+    }
+}
+
+/// Reads a dword of the device's real configuration space; all-ones if VFIO refuses (as a master
+/// abort would read).
+fn real_config32(device: &VfioDevice, offset: u64) -> u32 {
+    let mut b = [0xff; 4];
+    device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, offset);
+    u32::from_le_bytes(b)
+}
+
+/// The BARs VFIO reports (`size` of each region index 0..6), with the kind their real registers
+/// declare (`config32` reads the device's configuration space).
+fn discover_bars(
+    config32: impl Fn(u64) -> u32,
+    size: impl Fn(u8) -> u64,
+    id: &str,
+) -> Result<Vec<BarSpec>, VfioDeviceError> {
+    let mut bars = Vec::new();
+    let mut index = 0u8;
+    while index < 6 {
+        let size = size(index);
+        let reg = config32(0x10 + 4 * u64::from(index));
+        let kind = if reg & 1 == 1 {
+            BarKind::Io
+        } else if (reg >> 1) & 3 == 2 {
+            BarKind::Memory64 {
+                prefetchable: reg & 8 != 0,
+            }
+        } else {
+            BarKind::Memory32 {
+                prefetchable: reg & 8 != 0,
+            }
+        };
+        if size != 0 {
+            if !size.is_power_of_two() {
+                return Err(VfioDeviceError::BarSize {
+                    id: id.to_string(),
+                    index,
+                    size,
+                });
+            }
+            bars.push(BarSpec { index, kind, size });
+        }
+        index += if matches!(kind, BarKind::Memory64 { .. }) {
+            2
+        } else {
+            1
+        };
+    }
+    Ok(bars)
+}
+
+/// The device's real MSI-X capability, found by walking its capability list (`config32` reads
+/// the device's configuration space).
+fn discover_msix(config32: impl Fn(u64) -> u32) -> Option<MsixLayout> {
+    if (config32(4) >> 16) & (1 << 4) == 0 {
+        return None;
+    }
+    let mut ptr = u64::from(config32(0x34) & 0xfc);
+    // At most 48 capabilities fit in 256 bytes; the bound stops a looping list.
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            return None;
+        }
+        let head = config32(ptr);
+        if head & 0xff == 0x11 {
+            let table = config32(ptr + 4);
+            let pba = config32(ptr + 8);
+            return Some(MsixLayout {
+                vectors: (((head >> 16) & 0x7ff) + 1) as u16,
+                table: ((table & 7) as u8, table & !7),
+                pba: ((pba & 7) as u8, pba & !7),
+            });
+        }
+        ptr = u64::from((head >> 8) & 0xfc);
+    }
+    None
+}
+
+fn irq_count(device: &VfioDevice, index: u32) -> u32 {
+    device.get_irq_info(index).map_or(0, |i| i.count)
+}
+
+impl VfioPciDevice {
+    /// Checks and opens the device `spec` names, resets it, maps `ram` for its DMA with IOVA =
+    /// GPA, and takes BAR addresses and MSI vectors from `resources`.
+    pub fn open(
+        spec: &VfioDeviceSpec,
+        roots: &HostRoots,
+        ram: &[GuestRamRange],
+        resources: &mut dyn PciResources,
+    ) -> Result<Self, VfioDeviceError> {
+        let id = spec.id.clone();
+        let target = preflight(spec, roots).map_err(|source| VfioDeviceError::Preflight {
+            id: id.clone(),
+            source,
+        })?;
+        if spec.backend == VfioBackend::Iommufd {
+            return Err(VfioDeviceError::IommufdUnsupported { id });
+        }
+        let type1 = |source| VfioDeviceError::Type1 {
+            id: id.clone(),
+            source,
+        };
+        let mut dma = Type1Dma::open().map_err(type1)?;
+        let device =
+            VfioDevice::new(&target.sysfs, dma.container().clone(), false).map_err(|source| {
+                VfioDeviceError::Open {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        // Start from a known device state whatever the last user left behind (no-op for
+        // functions without reset support).
+        device.reset();
+        dma.map(ram).map_err(type1)?;
+
+        let bars = discover_bars(
+            |o| real_config32(&device, o),
+            |i| device.get_region_size(u32::from(i)),
+            &id,
+        )?;
+        let cfg = |o| real_config32(&device, o);
+        let (idv, class, subsys) = (cfg(0), cfg(8), cfg(0x2c));
+        let mut config = ConfigSpace::new(PciIds {
+            vendor: idv as u16,
+            device: (idv >> 16) as u16,
+            revision: class as u8,
+            prog_if: (class >> 8) as u8,
+            subclass: (class >> 16) as u8,
+            class: (class >> 24) as u8,
+            subsystem_vendor: subsys as u16,
+            subsystem: (subsys >> 16) as u16,
+        });
+        for bar in &bars {
+            let addr =
+                resources
+                    .allocate_bar(bar)
+                    .map_err(|source| VfioDeviceError::Resources {
+                        id: id.clone(),
+                        what: "a BAR address",
+                        source,
+                    })?;
+            bar.install(&mut config, addr)
+                .map_err(|source| VfioDeviceError::Bar {
+                    id: id.clone(),
+                    index: bar.index,
+                    source,
+                })?;
+        }
+
+        let msi_count = irq_count(&device, VFIO_PCI_MSI_IRQ_INDEX).min(32) as u16;
+        let msi = if msi_count > 0 {
+            // A function asks for a power of two; round a stray count down to one.
+            let vectors = 1u16 << (15 - msi_count.leading_zeros());
+            Some(MsiCap::add(&mut config, vectors, false).map_err(|source| {
+                VfioDeviceError::Msi {
+                    id: id.clone(),
+                    source,
+                }
+            })?)
+        } else {
+            None
+        };
+        let msix_layout = (irq_count(&device, VFIO_PCI_MSIX_IRQ_INDEX) > 0)
+            .then(|| discover_msix(|o| real_config32(&device, o)))
+            .flatten();
+        let msix = match msix_layout {
+            Some(l) => Some(Msix::add(&mut config, l.vectors, l.table, l.pba).map_err(
+                |source| VfioDeviceError::Msix {
+                    id: id.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let count = msi
+            .map_or(0, |m| m.vectors())
+            .max(msix.as_ref().map_or(0, Msix::vectors));
+        let (sink, vectors) =
+            resources
+                .msi_vectors(count)
+                .map_err(|source| VfioDeviceError::Resources {
+                    id: id.clone(),
+                    what: "MSI vectors",
+                    source,
+                })?;
+        let info = VfioDeviceInfo {
+            id,
+            sysfs: target.sysfs.clone(),
+            backend: VfioBackend::Type1,
+            hw_dirty_tracking: false,
+            vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
+            dma_mapped_bytes: ram.iter().map(|r| r.len).sum(),
+        };
+        Ok(Self {
+            info,
+            device,
+            dma,
+            config,
+            bars,
+            msi,
+            msix,
+            sink,
+            vectors,
+        })
+    }
+
+    /// What `vm.info` shows.
+    pub fn info(&self) -> &VfioDeviceInfo {
+        &self.info
+    }
+
+    /// Guest RAM ranges mapped for DMA now.
+    pub fn dma_mapped(&self) -> usize {
+        self.dma.mapped().len()
+    }
+
+    /// Hands the vector eventfds to VFIO (`on`) or takes them back, for MSI or MSI-X.
+    fn set_irqs(&self, irq_index: u32, vectors: u16, on: bool) {
+        let name = if irq_index == VFIO_PCI_MSI_IRQ_INDEX {
+            "MSI"
+        } else {
+            "MSI-X"
+        };
+        let r = if on {
+            let fds: Vec<&EventFd> = self.vectors.iter().take(usize::from(vectors)).collect();
+            self.device.enable_irq(irq_index, fds)
+        } else {
+            self.device.disable_irq(irq_index)
+        };
+        match r {
+            Ok(()) => log::info!(
+                "VFIO {}: {name} {}",
+                self.info.id,
+                if on { "on" } else { "off" }
+            ),
+            Err(e) => log::warn!("VFIO {}: cannot switch {name} to {on}: {e}", self.info.id),
+        }
+    }
+
+    /// Where `offset` of BAR `index` falls in the emulated MSI-X structures, if anywhere.
+    fn msix_part(&self, index: u8, offset: u64, len: usize) -> Option<(bool, u64)> {
+        let msix = self.msix.as_ref()?;
+        let (tb, to) = msix.table_location();
+        let (pb, po) = msix.pba_location();
+        let end = offset + len as u64;
+        if index == tb && offset >= to && end <= to + msix.table_len_bytes() {
+            return Some((true, offset - to));
+        }
+        if index == pb && offset >= po && end <= po + msix.pba_len_bytes() {
+            return Some((false, offset - po));
+        }
+        None
+    }
+}
+
+impl PciDevice for VfioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        if let Some(msi) = self.msi.filter(|m| m.covers(offset, data.len())) {
+            let was = msi.enabled(&self.config);
+            if let Err(e) = msi.config_write(&mut self.config, offset, data, self.sink.as_ref()) {
+                log::warn!("VFIO {}: MSI route: {e}", self.info.id);
+            }
+            let now = msi.enabled(&self.config);
+            if was != now {
+                self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, msi.vectors(), now);
+            }
+        } else if let Some(msix) = self.msix.as_ref().filter(|m| m.covers(offset, data.len())) {
+            let was = msix.enabled(&self.config);
+            if let Err(e) = msix.config_write(&mut self.config, offset, data, self.sink.as_ref()) {
+                log::warn!("VFIO {}: MSI-X route: {e}", self.info.id);
+            }
+            let (now, vectors) = (msix.enabled(&self.config), msix.vectors());
+            if was != now {
+                self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, vectors, now);
+            }
+        } else {
+            self.config.write(offset, data);
+            // Decode and bus-master enables must reach the function: without bus master its
+            // DMA never leaves it.
+            if offset < 6 && offset + data.len() > 4 {
+                let command = self.config.command().to_le_bytes();
+                self.device
+                    .region_write(VFIO_PCI_CONFIG_REGION_INDEX, &command, 4);
+            }
+        }
+    }
+
+    fn bar_specs(&self) -> Vec<BarSpec> {
+        self.bars.clone()
+    }
+
+    fn decoded_bars(&self) -> Vec<BarRegion> {
+        self.bars
+            .iter()
+            .filter_map(|b| b.decoded(&self.config))
+            .collect()
+    }
+
+    fn move_bar(&mut self, _: u8, _: Option<u64>, _: Option<u64>) -> Result<(), MoveBarError> {
+        // BARs are trapped, so the bus's dispatch map is all that moves.
+        Ok(())
+    }
+
+    fn bar_read(&mut self, index: u8, offset: u64, data: &mut [u8]) {
+        match (self.msix_part(index, offset, data.len()), &self.msix) {
+            (Some((true, o)), Some(m)) => m.table_read(o, data),
+            (Some((false, o)), Some(m)) => m.pba_read(o, data),
+            _ => {
+                data.fill(0xff);
+                self.device.region_read(u32::from(index), data, offset);
+            }
+        }
+    }
+
+    fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
+        match (self.msix_part(index, offset, data.len()), &mut self.msix) {
+            (Some((true, o)), Some(m)) => {
+                if let Err(e) = m.table_write(&self.config, o, data, self.sink.as_ref()) {
+                    log::warn!("VFIO {}: MSI-X route: {e}", self.info.id);
+                }
+            }
+            // The PBA is read-only.
+            (Some((false, _)), Some(_)) => {}
+            _ => self.device.region_write(u32::from(index), data, offset),
+        }
+    }
+
+    fn save(&self) -> Result<PciDeviceState, PciStateError> {
+        Err(PciStateError::NotMigratable {
+            device: format!("VFIO device {}", self.info.id),
+        })
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        // Interrupts off first so no eventfd fires into a torn-down router, then DMA unmapped
+        // while the group is still in the container; the fields then close the device and put
+        // the group.
+        if self.msi.is_some_and(|m| m.enabled(&self.config)) {
+            self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, 0, false);
+        }
+        if self.msix.as_ref().is_some_and(|m| m.enabled(&self.config)) {
+            self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, false);
+        }
+        self.dma.unmap_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A fake configuration space: dword registers by offset, all-ones elsewhere.
+    fn space(regs: &[(u64, u32)]) -> impl Fn(u64) -> u32 {
+        let m: BTreeMap<u64, u32> = regs.iter().copied().collect();
+        move |o| m.get(&o).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn bars_take_kind_from_the_register_and_size_from_vfio() {
+        // BAR0 32-bit memory, BAR1 I/O, BAR2+3 64-bit prefetchable, BAR4 absent, BAR5 32-bit.
+        let cfg = space(&[
+            (0x10, 0xfeb0_0000),
+            (0x14, 0xc001),
+            (0x18, 0x0000_000c),
+            (0x1c, 0x1),
+            (0x24, 0x0),
+        ]);
+        let sizes = [1 << 20, 0x20, 1 << 30, 0, 0, 0x1000];
+        let bars = discover_bars(cfg, |i| sizes[usize::from(i)], "t").unwrap();
+        assert_eq!(
+            bars,
+            vec![
+                BarSpec {
+                    index: 0,
+                    kind: BarKind::Memory32 {
+                        prefetchable: false
+                    },
+                    size: 1 << 20
+                },
+                BarSpec {
+                    index: 1,
+                    kind: BarKind::Io,
+                    size: 0x20
+                },
+                BarSpec {
+                    index: 2,
+                    kind: BarKind::Memory64 { prefetchable: true },
+                    size: 1 << 30
+                },
+                BarSpec {
+                    index: 5,
+                    kind: BarKind::Memory32 {
+                        prefetchable: false
+                    },
+                    size: 0x1000
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bar_with_odd_size_is_refused_by_name() {
+        let err = discover_bars(space(&[]), |i| if i == 0 { 3000 } else { 0 }, "edu").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--device edu: BAR 0 has a size of 0xbb8, not a power of two"
+        );
+    }
+
+    #[test]
+    fn msix_capability_is_found_through_the_list() {
+        // Status has the capability bit; 0x34 -> 0x40 (PM, id 1) -> 0x50 (MSI-X, 16 vectors,
+        // table in BAR 2 at 0x2000, PBA in BAR 2 at 0x3000).
+        let cfg = space(&[
+            (0x04, 1 << 20),
+            (0x34, 0x40),
+            (0x40, 0x0000_5001),
+            (0x50, 0x000f_0011),
+            (0x54, 0x2002),
+            (0x58, 0x3002),
+        ]);
+        let l = discover_msix(cfg).unwrap();
+        assert_eq!((l.vectors, l.table, l.pba), (16, (2, 0x2000), (2, 0x3000)));
+    }
+
+    #[test]
+    fn msix_walk_stops_on_missing_list_and_on_loops() {
+        assert!(discover_msix(space(&[(0x34, 0x40), (0x40, 0x11)])).is_none());
+        // A list pointing back at itself never ends on real hardware bugs: bounded walk.
+        let looped = space(&[(0x04, 1 << 20), (0x34, 0x40), (0x40, 0x0000_4001)]);
+        assert!(discover_msix(looped).is_none());
+    }
+}

@@ -1,0 +1,213 @@
+/*
+ * edu probe kernel: entered through the Linux 64-bit boot protocol (ring 0, identity-mapped low
+ * 4 GiB), it finds QEMU's edu device (1234:11e8) on bus 0 through 0xCF8/0xCFC, enables memory
+ * decode and bus mastering, checks the identification register, and has the device DMA a pattern
+ * from guest RAM into its buffer and back into another RAM buffer. It prints one verdict line
+ *     EDU: dma ok            EDU: dma mismatch at XXXXXXXX      EDU: dma timeout
+ *     EDU: no device         EDU: bad id XXXXXXXX
+ * (after "EDU: found at 00:SS.0 bar0 XXXXXXXX") and powers the VM off.
+ *
+ * The DMA addresses are guest-physical: tern maps guest RAM with IOVA = GPA. QEMU's edu takes at
+ * most 4095 bytes per DMA and addresses below 256 MiB, and completes each DMA from a 100 ms timer,
+ * so completion is polled on the command register (bit 0 clears). All edu registers are written
+ * 32 bits at a time (edu accepts 4-byte accesses everywhere).
+ * Meant for the nested lab, where KVM runs guest ring 0 natively.
+ */
+        .intel_syntax noprefix
+        .code64
+
+        .set SRC, 0x200000              /* RAM buffer the device reads */
+        .set DST, 0x210000              /* RAM buffer the device writes */
+        .set LEN, 4000
+        .set EDU_BUF, 0x40000           /* device-side buffer address */
+        .set EDU_ID, 0x00
+        .set DMA_SRC, 0x80
+        .set DMA_DST, 0x88
+        .set DMA_CNT, 0x90
+        .set DMA_CMD, 0x98
+
+        .globl _start
+_start:
+        lea rsp, [rip + stack_top]
+        xor ebx, ebx                    /* slot */
+scan:
+        mov eax, ebx
+        shl eax, 11
+        or eax, 0x80000000              /* enable | bus 0 | slot | function 0 | register 0 */
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        in eax, dx
+        cmp eax, 0x11e81234
+        je found
+        inc ebx
+        cmp ebx, 32
+        jb scan
+        lea rsi, [rip + msg_nodev]
+        call puts
+        jmp poweroff
+
+found:
+        mov eax, ebx                    /* command: memory space + bus master */
+        shl eax, 11
+        or eax, 0x80000004
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        mov ax, 0x0006
+        out dx, ax
+        mov eax, ebx                    /* BAR 0 */
+        shl eax, 11
+        or eax, 0x80000010
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        in eax, dx
+        and eax, 0xfffffff0
+        mov r12d, eax                   /* r12 = BAR 0 (32-bit memory BAR) */
+        lea rsi, [rip + msg_found]
+        call puts
+        mov eax, ebx
+        mov ecx, 2
+        call hex
+        lea rsi, [rip + msg_bar0]
+        call puts
+        mov eax, r12d
+        mov ecx, 8
+        call hex
+        mov al, 10
+        call putc
+
+        mov eax, [r12 + EDU_ID]
+        cmp eax, 0x010000ed
+        je 1f
+        mov r13d, eax
+        lea rsi, [rip + msg_badid]
+        call puts
+        mov eax, r13d
+        mov ecx, 8
+        call hex
+        mov al, 10
+        call putc
+        jmp poweroff
+
+1:      xor ecx, ecx                    /* pattern into SRC, zeros into DST */
+2:      mov eax, ecx
+        imul eax, eax, 7
+        add eax, 0x5a
+        mov [SRC + rcx], al
+        mov byte ptr [DST + rcx], 0
+        inc ecx
+        cmp ecx, LEN
+        jb 2b
+
+        mov esi, SRC                    /* RAM -> device */
+        mov edi, EDU_BUF
+        mov eax, 1
+        call dma
+        jc timeout
+        mov esi, EDU_BUF                /* device -> RAM */
+        mov edi, DST
+        mov eax, 3
+        call dma
+        jc timeout
+
+        xor ecx, ecx
+3:      mov al, [SRC + rcx]
+        cmp al, [DST + rcx]
+        jne mismatch
+        inc ecx
+        cmp ecx, LEN
+        jb 3b
+        lea rsi, [rip + msg_ok]
+        call puts
+        jmp poweroff
+
+mismatch:
+        mov r13d, ecx
+        lea rsi, [rip + msg_mismatch]
+        call puts
+        mov eax, r13d
+        mov ecx, 8
+        call hex
+        mov al, 10
+        call putc
+        jmp poweroff
+
+timeout:
+        lea rsi, [rip + msg_timeout]
+        call puts
+
+poweroff:
+        mov al, 0x34                    /* ACPI S5 | SLP_EN */
+        mov dx, 0x3c0
+        out dx, al
+1:      hlt
+        jmp 1b
+
+/* One edu DMA of LEN bytes: esi = source, edi = destination, eax = command (bit 0 run, bit 1
+   device->RAM). Polls until the device clears bit 0; CF set on timeout. */
+dma:
+        mov [r12 + DMA_SRC], esi
+        mov dword ptr [r12 + DMA_SRC + 4], 0
+        mov [r12 + DMA_DST], edi
+        mov dword ptr [r12 + DMA_DST + 4], 0
+        mov dword ptr [r12 + DMA_CNT], LEN
+        mov [r12 + DMA_CMD], eax
+        mov ecx, 2000000                /* each poll is a trapped MMIO read: many seconds */
+1:      test dword ptr [r12 + DMA_CMD], 1
+        jz 2f
+        pause
+        dec ecx
+        jnz 1b
+        stc
+        ret
+2:      clc
+        ret
+
+/* eax printed as ecx hex digits (most significant first) */
+hex:
+        mov r8d, eax
+        mov r9d, ecx
+1:      dec r9d
+        mov eax, r8d
+        lea ecx, [r9 * 4]
+        shr eax, cl
+        and eax, 0xf
+        cmp al, 10
+        jb 2f
+        add al, 'a' - 10
+        jmp 3f
+2:      add al, '0'
+3:      call putc
+        test r9d, r9d
+        jnz 1b
+        ret
+
+putc:
+        push rdx
+        mov dx, 0x3f8
+        out dx, al
+        pop rdx
+        ret
+
+puts:
+        mov al, [rsi]
+        test al, al
+        jz 1f
+        call putc
+        inc rsi
+        jmp puts
+1:      ret
+
+msg_nodev:      .asciz "EDU: no device\n"
+msg_found:      .asciz "EDU: found at 00:"
+msg_bar0:       .asciz ".0 bar0 "
+msg_badid:      .asciz "EDU: bad id "
+msg_ok:         .asciz "EDU: dma ok\n"
+msg_mismatch:   .asciz "EDU: dma mismatch at "
+msg_timeout:    .asciz "EDU: dma timeout\n"
+
+        .balign 16
+stack:  .skip 4096
+stack_top:

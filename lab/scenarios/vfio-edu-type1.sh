@@ -1,0 +1,81 @@
+# boot: vtd
+# needs: tern probe_edu
+# tern passes QEMU's edu (bound to vfio-pci behind emulated VT-d) through the legacy group + type1
+# container to the edu probe kernel (guests/probe/probe_edu.S), which finds it on PCI bus 0, checks
+# its ID register and has it DMA a pattern RAM -> edu -> RAM through the IOMMU (IOVA = GPA). Then bad
+# --device input (a path that does not exist, a device not bound to vfio-pci) must give one clear
+# error line and a non-zero exit, no panic.
+. /lab/lib.sh
+edu=$(edu_sysfs) || { lab_log "no edu device on the pci bus"; exit 1; }
+out=/tmp/vfio-edu-type1.log
+timeout -s KILL 120 tern --kernel /lab/probe/probe_edu.elf --device "path=$edu" --memory 256M \
+    --serial stdout >"$out" 2>&1
+rc=$?
+cat "$out"
+if ! grep -q 'EDU: dma ok' "$out"; then
+    lab_log "the probe printed no 'EDU: dma ok'"
+    exit 1
+fi
+if [ "$rc" -ne 0 ]; then
+    lab_log "tern exited with $rc"
+    exit 1
+fi
+lab_log "edu DMA through VFIO type1 verified by the guest, tern exit 0"
+
+# Usage: bad_device LABEL EXPECTED-TEXT DEVICE-ARG
+bad_device() {
+    timeout -s KILL 60 tern --kernel /lab/probe/probe_edu.elf --device "$3" --memory 64M \
+        --serial stdout >/tmp/bad.out 2>/tmp/bad.err
+    brc=$?
+    lab_log "$1: exit $brc, stderr: $(cat /tmp/bad.err)"
+    if [ "$brc" -eq 0 ] || [ "$brc" -ge 124 ]; then
+        lab_log "$1: expected a plain failure exit, got $brc"
+        return 1
+    fi
+    if grep -qi 'panick' /tmp/bad.err; then
+        lab_log "$1: tern panicked"
+        return 1
+    fi
+    if [ "$(wc -l </tmp/bad.err)" -ne 1 ] || ! grep -q "$2" /tmp/bad.err; then
+        lab_log "$1: expected one error line containing '$2'"
+        return 1
+    fi
+    if grep -q 'EDU:' /tmp/bad.out; then
+        lab_log "$1: the guest ran although the device was refused"
+        return 1
+    fi
+}
+bad_device "missing path" "does not exist" path=/sys/bus/pci/devices/0000:00:1f.7 || exit 1
+bad_device "not vfio-pci" "vfio-pci" path=/sys/bus/pci/devices/0000:00:00.0 || exit 1
+lab_log "bad --device input refused with one clear line each"
+
+# vm.info lists the device; vm.send-migration is refused (VFIO migration is not built yet) and the
+# VM keeps running.
+dir=/tmp/vfio-edu-mig
+mkdir -p "$dir"
+timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
+    --guest demo,mib=8 --memory 128M --device "path=$edu,id=edu0" 2>"$dir/a.err" &
+a=$!
+i=0
+while [ ! -S "$dir/a.sock" ]; do
+    i=$((i + 1))
+    [ "$i" -gt 300 ] && { lab_log "API socket never appeared"; cat "$dir/a.err"; exit 1; }
+    sleep 0.1
+done
+ternctl --api-socket "$dir/a.sock" info >"$dir/info" 2>&1
+cat "$dir/info"
+if ! grep -q 'edu0' "$dir/info" || ! grep -q 'vfio-pci' "$dir/info" || ! grep -q 'vfio-type1' "$dir/info"; then
+    lab_log "vm.info does not list edu0 as a vfio-pci device with its type1 IOMMU"
+    exit 1
+fi
+ternctl --api-socket "$dir/a.sock" send-migration "unix:$dir/x.mig" >"$dir/send.out" 2>&1
+src=$?
+lab_log "send-migration: exit $src: $(cat "$dir/send.out")"
+if [ "$src" -eq 0 ] || ! grep -q 'passthrough' "$dir/send.out"; then
+    lab_log "send-migration of a VM with a passthrough device was not refused with a clear error"
+    exit 1
+fi
+ternctl --api-socket "$dir/a.sock" ping >/dev/null || { lab_log "tern died after the refusal"; exit 1; }
+ternctl --api-socket "$dir/a.sock" shutdown-vmm
+wait "$a"
+lab_log "vm.info lists the device, send-migration refused, VM kept running"
