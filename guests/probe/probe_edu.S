@@ -5,7 +5,11 @@
  * from guest RAM into its buffer and back into another RAM buffer. It prints one verdict line
  *     EDU: dma ok            EDU: dma mismatch at XXXXXXXX      EDU: dma timeout
  *     EDU: no device         EDU: bad id XXXXXXXX
- * (after "EDU: found at 00:SS.0 bar0 XXXXXXXX") and powers the VM off.
+ * (after "EDU: found at 00:SS.0 bar0 XXXXXXXX"). The device-to-RAM DMA asks edu for an interrupt on
+ * completion: the probe has enabled its local APIC, an IDT entry for vector 0x40 and the
+ * function's MSI capability (address 0xFEE00000 = APIC 0, data 0x40), and after the DMA it prints
+ *     EDU: msi ok            EDU: no msi            EDU: no msi capability
+ * then powers the VM off.
  *
  * The DMA addresses are guest-physical: tern maps guest RAM with IOVA = GPA. QEMU's edu takes at
  * most 4095 bytes per DMA and addresses below 256 MiB, and completes each DMA from a 100 ms timer,
@@ -25,6 +29,10 @@
         .set DMA_DST, 0x88
         .set DMA_CNT, 0x90
         .set DMA_CMD, 0x98
+        .set IRQ_ACK, 0x64
+        .set DMA_IRQ, 0x100             /* edu's interrupt status bit for DMA completion */
+        .set VECTOR, 0x40
+        .set LAPIC, 0xfee00000
 
         .globl _start
 _start:
@@ -91,7 +99,8 @@ found:
         call putc
         jmp poweroff
 
-1:      xor ecx, ecx                    /* pattern into SRC, zeros into DST */
+1:      call setup_msi
+        xor ecx, ecx                    /* pattern into SRC, zeros into DST */
 2:      mov eax, ecx
         imul eax, eax, 7
         add eax, 0x5a
@@ -106,9 +115,9 @@ found:
         mov eax, 1
         call dma
         jc timeout
-        mov esi, EDU_BUF                /* device -> RAM */
+        mov esi, EDU_BUF                /* device -> RAM, interrupt on completion */
         mov edi, DST
-        mov eax, 3
+        mov eax, 7
         call dma
         jc timeout
 
@@ -121,6 +130,18 @@ found:
         jb 3b
         lea rsi, [rip + msg_ok]
         call puts
+        lea rsi, [rip + msg_nomsicap]
+        cmp byte ptr [rip + msi_cap], 0
+        je 5f
+        mov ecx, 20000000               /* the MSI may trail the status bit a little */
+4:      lea rsi, [rip + msg_msi]
+        cmp dword ptr [rip + msi_count], 0
+        jne 5f
+        pause
+        dec ecx
+        jnz 4b
+        lea rsi, [rip + msg_nomsi]
+5:      call puts
         jmp poweroff
 
 mismatch:
@@ -165,6 +186,104 @@ dma:
 2:      clc
         ret
 
+/* Local APIC on, IDT gate for VECTOR, the function's MSI capability programmed and enabled,
+   interrupts on. Leaves msi_cap 0 when the function has no MSI capability. */
+setup_msi:
+        lea rax, [rip + msi_handler]
+        lea rdi, [rip + idt + VECTOR * 16]
+        mov [rdi], ax
+        mov cx, cs
+        mov [rdi + 2], cx
+        mov word ptr [rdi + 4], 0x8e00  /* present, ring 0, 64-bit interrupt gate */
+        shr rax, 16
+        mov [rdi + 6], ax
+        shr rax, 16
+        mov [rdi + 8], eax
+        mov dword ptr [rdi + 12], 0
+        lea rax, [rip + idt]
+        mov [rip + idtr_base], rax
+        lidt [rip + idtr]
+        mov eax, LAPIC
+        mov dword ptr [rax + 0xf0], 0x1ff       /* spurious vector 0xff, APIC software enable */
+        mov dword ptr [rax + 0x80], 0           /* TPR 0 */
+
+        mov eax, 0x06                   /* status: capability list? */
+        call cfg_read
+        test eax, 0x100000
+        jz 3f
+        mov eax, 0x34
+        call cfg_read
+        and eax, 0xfc
+1:      test eax, eax
+        jz 3f
+        mov r13d, eax
+        call cfg_read
+        cmp al, 0x05                    /* MSI */
+        je 2f
+        shr eax, 8
+        and eax, 0xfc
+        jmp 1b
+2:      mov [rip + msi_cap], r13b
+        mov r14d, eax                   /* r14 = header dword: control in the top half */
+        lea eax, [r13 + 4]
+        mov ecx, LAPIC                  /* address: APIC ID 0, physical */
+        call cfg_write32
+        lea eax, [r13 + 8]              /* 32-bit capability: data right after the address */
+        test r14d, 0x800000             /* 64-bit address capable */
+        jz 4f
+        xor ecx, ecx
+        call cfg_write32
+        lea eax, [r13 + 12]
+4:      mov ecx, VECTOR                 /* data: fixed delivery, edge, VECTOR */
+        call cfg_write32
+        mov eax, r13d                   /* control: enable, one message (MME 0) */
+        mov ecx, r14d
+        and ecx, 0xff8fffff
+        or ecx, 0x10000
+        call cfg_write32
+        sti
+3:      ret
+
+msi_handler:
+        push rax
+        lock inc dword ptr [rip + msi_count]
+        mov dword ptr [r12 + IRQ_ACK], DMA_IRQ
+        mov eax, LAPIC
+        mov dword ptr [rax + 0xb0], 0   /* EOI */
+        pop rax
+        iretq
+
+/* Configuration dword at offset eax of the edu function (slot in ebx) -> eax. */
+cfg_read:
+        push rdx
+        and eax, 0xfc
+        mov edx, ebx
+        shl edx, 11
+        or eax, edx
+        or eax, 0x80000000
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        in eax, dx
+        pop rdx
+        ret
+
+/* Writes dword ecx at configuration offset eax of the edu function. */
+cfg_write32:
+        push rdx
+        and eax, 0xfc
+        mov edx, ebx
+        shl edx, 11
+        or eax, edx
+        or eax, 0x80000000
+        mov dx, 0xcf8
+        out dx, eax
+        mov eax, ecx
+        mov dx, 0xcfc
+        out dx, eax
+        pop rdx
+        ret
+
 /* eax printed as ecx hex digits (most significant first) */
 hex:
         mov r8d, eax
@@ -207,6 +326,17 @@ msg_badid:      .asciz "EDU: bad id "
 msg_ok:         .asciz "EDU: dma ok\n"
 msg_mismatch:   .asciz "EDU: dma mismatch at "
 msg_timeout:    .asciz "EDU: dma timeout\n"
+msg_msi:        .asciz "EDU: msi ok\n"
+msg_nomsi:      .asciz "EDU: no msi\n"
+msg_nomsicap:   .asciz "EDU: no msi capability\n"
+
+        .balign 8
+msi_count:      .long 0
+msi_cap:        .byte 0
+idtr:           .word 256 * 16 - 1
+idtr_base:      .quad 0
+        .balign 16
+idt:    .skip 256 * 16
 
         .balign 16
 stack:  .skip 4096

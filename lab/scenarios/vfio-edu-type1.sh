@@ -2,7 +2,8 @@
 # needs: tern probe_edu
 # tern passes QEMU's edu (bound to vfio-pci behind emulated VT-d) through the legacy group + type1
 # container to the edu probe kernel (guests/probe/probe_edu.S), which finds it on PCI bus 0, checks
-# its ID register and has it DMA a pattern RAM -> edu -> RAM through the IOMMU (IOVA = GPA). Then bad
+# its ID register, has it DMA a pattern RAM -> edu -> RAM through the IOMMU (IOVA = GPA) and receives
+# the completion MSI (VFIO_DEVICE_SET_IRQS eventfd -> KVM irqfd -> guest LAPIC). Then bad
 # --device input (a path that does not exist, a device not bound to vfio-pci) must give one clear
 # error line and a non-zero exit, no panic.
 . /lab/lib.sh
@@ -16,11 +17,15 @@ if ! grep -q 'EDU: dma ok' "$out"; then
     lab_log "the probe printed no 'EDU: dma ok'"
     exit 1
 fi
+if ! grep -q 'EDU: msi ok' "$out"; then
+    lab_log "the probe received no MSI from edu"
+    exit 1
+fi
 if [ "$rc" -ne 0 ]; then
     lab_log "tern exited with $rc"
     exit 1
 fi
-lab_log "edu DMA through VFIO type1 verified by the guest, tern exit 0"
+lab_log "edu DMA through VFIO type1 and its completion MSI verified by the guest, tern exit 0"
 
 # Usage: bad_device LABEL EXPECTED-TEXT DEVICE-ARG
 bad_device() {
