@@ -7,5 +7,5 @@ pub mod iommufd_hwpt_dirty;
 pub mod iommufd_test;
 pub mod iova;
 pub mod uapi_size;
+pub mod vfio_dma_map;
 pub mod vfio_type1_dirty;
-pub mod vfio_type1_map;

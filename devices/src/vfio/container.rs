@@ -14,7 +14,7 @@ use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioError};
 
 use crate::sys::iova::Iova;
-use crate::sys::vfio_type1_map;
+use crate::sys::vfio_dma_map;
 
 /// One range of guest RAM as the host sees it: where the guest has it (the IOVA, since tern maps
 /// IOVA = GPA) and where tern's process has it mapped.
@@ -83,7 +83,7 @@ impl Type1Dma {
             })?;
             // Guest RAM outlives the mapping: the VM's device manager, which owns this, is dropped
             // (and the range unmapped) before its `GuestRam`.
-            vfio_type1_map::map_guest_ram(&self.container, r.iova, len, r.host_addr).map_err(
+            vfio_dma_map::map_guest_ram(&self.container, r.iova, len, r.host_addr).map_err(
                 |source| Type1Error::MapDma {
                     iova: r.iova,
                     len: r.len,

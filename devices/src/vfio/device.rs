@@ -1,8 +1,9 @@
 //! A host PCI function passed through with VFIO, seen by the guest as a [`PciDevice`] on bus 0.
 //!
 //! ```text
-//!  open:   preflight ─► type1 container ─► VfioDevice (group attached, type1 set) ─► reset
-//!          ─► map all guest RAM (IOVA = GPA) ─► read BARs/MSI/MSI-X from the VFIO regions
+//!  open:   preflight ─► type1: container ─► VfioDevice (group attached, type1 set) ─► map RAM
+//!                     iommufd: IOAS ─► map RAM ─► VfioDevice (cdev bound) ─► own HWPT, attach
+//!          (all guest RAM, IOVA = GPA) ─► reset ─► read BARs/MSI/MSI-X from the VFIO regions
 //!          ─► BARs and vectors from the VMM (PciResources) ─► emulated config space
 //!  guest:  config reads ─► emulated space (IDs copied from the device, BARs and MSI/MSI-X emulated)
 //!          command writes ─► also written to the device (memory/I/O decode, bus master)
@@ -29,6 +30,7 @@ use vfio_ioctls::{VfioDevice, VfioError};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::container::{GuestRamRange, Type1Dma, Type1Error};
+use super::iommufd::{IommufdBackendError, IommufdDma};
 use super::preflight::{preflight, HostRoots, VfioPreflightError};
 use super::spec::{VfioBackend, VfioDeviceSpec};
 use crate::pci::bar::{BarError, BarKind, BarRegion, BarSpec};
@@ -61,8 +63,12 @@ pub enum VfioDeviceError {
         #[source]
         source: VfioPreflightError,
     },
-    #[error("--device {id}: iommufd=on is not implemented yet; use iommufd=off (type1)")]
-    IommufdUnsupported { id: String },
+    #[error("--device {id}: iommufd backend")]
+    Iommufd {
+        id: String,
+        #[source]
+        source: IommufdBackendError,
+    },
     #[error("--device {id}")]
     Type1 {
         id: String,
@@ -111,8 +117,9 @@ pub struct VfioDeviceInfo {
     pub id: String,
     pub sysfs: std::path::PathBuf,
     pub backend: VfioBackend,
-    /// The IOMMU tracks DMA writes itself (always false with type1 here: its dirty log is the
-    /// pinned-page approximation, which tern does not count as hardware tracking).
+    /// The IOMMU tracks DMA writes itself: iommufd with a HWPT allocated with dirty tracking.
+    /// Always false with type1: its dirty log is the pinned-page approximation, which tern does
+    /// not count as hardware tracking.
     pub hw_dirty_tracking: bool,
     /// The device implements VFIO migration v2.
     pub vfio_migration: bool,
@@ -128,13 +135,37 @@ struct MsixLayout {
     pba: (u8, u32),
 }
 
+/// Where the device's DMA goes: the IOMMU domain guest RAM is mapped in.
+#[derive(Debug)]
+enum Dma {
+    Type1(Type1Dma),
+    Iommufd(IommufdDma),
+}
+
+impl Dma {
+    fn mapped(&self) -> usize {
+        match self {
+            Dma::Type1(d) => d.mapped().len(),
+            Dma::Iommufd(d) => d.mapped().len(),
+        }
+    }
+
+    fn unmap_all(&mut self) {
+        match self {
+            Dma::Type1(d) => d.unmap_all(),
+            Dma::Iommufd(d) => d.unmap_all(),
+        }
+    }
+}
+
 /// A passed-through PCI function.
 pub struct VfioPciDevice {
     info: VfioDeviceInfo,
     // Declared before `dma`: fields drop in order, and the device must close before its group
-    // leaves the container (vfio-ioctls puts the group when the device drops).
+    // leaves the container (vfio-ioctls puts the group when the device drops), and the cdev must
+    // detach before tern destroys its HWPT.
     device: VfioDevice,
-    dma: Type1Dma,
+    dma: Dma,
     config: ConfigSpace,
     bars: Vec<BarSpec>,
     msi: Option<MsiCap>,
@@ -247,25 +278,40 @@ impl VfioPciDevice {
             id: id.clone(),
             source,
         })?;
-        if spec.backend == VfioBackend::Iommufd {
-            return Err(VfioDeviceError::IommufdUnsupported { id });
-        }
-        let type1 = |source| VfioDeviceError::Type1 {
+        let open_err = |source| VfioDeviceError::Open {
             id: id.clone(),
             source,
         };
-        let mut dma = Type1Dma::open().map_err(type1)?;
-        let device =
-            VfioDevice::new(&target.sysfs, dma.container().clone(), false).map_err(|source| {
-                VfioDeviceError::Open {
+        // `dma` binds first so that, on an error below, `device` drops (closes) before it.
+        let (dma, device) = match spec.backend {
+            VfioBackend::Type1 => {
+                let type1 = |source| VfioDeviceError::Type1 {
                     id: id.clone(),
                     source,
-                }
-            })?;
+                };
+                let mut dma = Type1Dma::open().map_err(type1)?;
+                let device = VfioDevice::new(&target.sysfs, dma.container().clone(), false)
+                    .map_err(open_err)?;
+                // The group is in the container and type1 is set only once a device is open.
+                dma.map(ram).map_err(type1)?;
+                (Dma::Type1(dma), device)
+            }
+            VfioBackend::Iommufd => {
+                let iommufd = |source| VfioDeviceError::Iommufd {
+                    id: id.clone(),
+                    source,
+                };
+                let mut dma = IommufdDma::open().map_err(iommufd)?;
+                dma.map(ram).map_err(iommufd)?;
+                let device =
+                    VfioDevice::new(&target.sysfs, dma.ops().clone(), false).map_err(open_err)?;
+                dma.attach(&device).map_err(iommufd)?;
+                (Dma::Iommufd(dma), device)
+            }
+        };
         // Start from a known device state whatever the last user left behind (no-op for
         // functions without reset support).
         device.reset();
-        dma.map(ram).map_err(type1)?;
 
         let bars = discover_bars(
             |o| real_config32(&device, o),
@@ -340,8 +386,11 @@ impl VfioPciDevice {
         let info = VfioDeviceInfo {
             id,
             sysfs: target.sysfs.clone(),
-            backend: VfioBackend::Type1,
-            hw_dirty_tracking: false,
+            backend: spec.backend,
+            hw_dirty_tracking: match &dma {
+                Dma::Type1(_) => false,
+                Dma::Iommufd(d) => d.dirty_tracking(),
+            },
             vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
             dma_mapped_bytes: ram.iter().map(|r| r.len).sum(),
         };
@@ -365,7 +414,7 @@ impl VfioPciDevice {
 
     /// Guest RAM ranges mapped for DMA now.
     pub fn dma_mapped(&self) -> usize {
-        self.dma.mapped().len()
+        self.dma.mapped()
     }
 
     /// Hands the vector eventfds to VFIO (`on`) or takes them back, for MSI or MSI-X.

@@ -1,0 +1,46 @@
+# boot: vtd
+# needs: tern probe_edu
+# tern passes QEMU's edu through its VFIO cdev (/dev/vfio/devices/vfioN) bound to an iommufd in
+# which tern allocates the IOAS (all guest RAM mapped, IOVA = GPA) and the device's HWPT itself
+# (dirty tracking requested only when IOMMU_GET_HW_INFO reports it; emulated VT-d does not). The
+# edu probe kernel DMAs a pattern RAM -> edu -> RAM and receives the completion MSI; vm.info shows
+# the iommufd backend and its capabilities.
+. /lab/lib.sh
+edu=$(edu_sysfs) || { lab_log "no edu device on the pci bus"; exit 1; }
+out=/tmp/vfio-edu-iommufd.log
+timeout -s KILL 120 tern --kernel /lab/probe/probe_edu.elf --device "path=$edu,iommufd=on" \
+    --memory 256M --serial stdout >"$out" 2>&1
+rc=$?
+cat "$out"
+for want in 'EDU: dma ok' 'EDU: msi ok'; do
+    if ! grep -q "$want" "$out"; then
+        lab_log "the probe did not print '$want'"
+        exit 1
+    fi
+done
+if [ "$rc" -ne 0 ]; then
+    lab_log "tern exited with $rc"
+    exit 1
+fi
+lab_log "edu DMA and MSI through the VFIO cdev + iommufd verified by the guest, tern exit 0"
+
+dir=/tmp/vfio-edu-iommufd
+mkdir -p "$dir"
+timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
+    --guest demo,mib=8 --memory 128M --device "path=$edu,id=edu0,iommufd=on" 2>"$dir/a.err" &
+a=$!
+i=0
+while [ ! -S "$dir/a.sock" ]; do
+    i=$((i + 1))
+    [ "$i" -gt 300 ] && { lab_log "API socket never appeared"; cat "$dir/a.err"; exit 1; }
+    sleep 0.1
+done
+ternctl --api-socket "$dir/a.sock" info >"$dir/info" 2>&1
+cat "$dir/info"
+ternctl --api-socket "$dir/a.sock" shutdown-vmm
+wait "$a"
+if ! grep -q '"backend": "iommufd"' "$dir/info" || ! grep -q '"hw_dirty_tracking": false' "$dir/info"; then
+    lab_log "vm.info does not show edu0 on iommufd without hardware dirty tracking (emulated VT-d has none)"
+    exit 1
+fi
+lab_log "vm.info: edu0 on iommufd, hw_dirty_tracking false as IOMMU_GET_HW_INFO reports"
