@@ -53,13 +53,16 @@ fn main() {
         false,
         "_start",
     );
-    // The edu DMA probe the nested lab's vfio-edu-* scenarios boot (scripts/lab ships it in).
-    build(
-        &guests.join("probe/probe_edu.S"),
-        &out,
-        "probe_edu.elf",
-        0x100000,
-        false,
-        "_start",
-    );
+    // The passthrough probes the nested lab's vfio-* scenarios boot (scripts/lab assembles them
+    // the same way and ships them in); built here too so a broken probe fails `cargo build`.
+    for probe in ["probe_edu", "probe_mtty"] {
+        build(
+            &guests.join(format!("probe/{probe}.S")),
+            &out,
+            &format!("{probe}.elf"),
+            0x100000,
+            false,
+            "_start",
+        );
+    }
 }
