@@ -4,8 +4,8 @@
 # container to the edu probe kernel (guests/probe/probe_edu.S), which finds it on PCI bus 0, checks
 # its ID register, has it DMA a pattern RAM -> edu -> RAM through the IOMMU (IOVA = GPA) and receives
 # the completion MSI (VFIO_DEVICE_SET_IRQS eventfd -> KVM irqfd -> guest LAPIC). Then bad
-# --device input (a path that does not exist, a device not bound to vfio-pci) must give one clear
-# error line and a non-zero exit, no panic.
+# --device input (a path that does not exist, a device not bound to vfio-pci, no permission on the
+# group node) must give one clear error line and a non-zero exit, no panic.
 . /lab/lib.sh
 edu=$(edu_sysfs) || { lab_log "no edu device on the pci bus"; exit 1; }
 out=/tmp/vfio-edu-type1.log
@@ -27,10 +27,14 @@ if [ "$rc" -ne 0 ]; then
 fi
 lab_log "edu DMA through VFIO type1 and its completion MSI verified by the guest, tern exit 0"
 
-# Usage: bad_device LABEL EXPECTED-TEXT DEVICE-ARG
+# Usage: bad_device LABEL EXPECTED-TEXT DEVICE-ARG [USER]
 bad_device() {
-    timeout -s KILL 60 tern --kernel /lab/probe/probe_edu.elf --device "$3" --memory 64M \
-        --serial stdout >/tmp/bad.out 2>/tmp/bad.err
+    cmd="timeout -s KILL 60 $(command -v tern) --kernel /lab/probe/probe_edu.elf --device $3 --memory 64M --serial stdout"
+    if [ -n "${4:-}" ]; then
+        su -s /bin/sh -c "$cmd" "$4" >/tmp/bad.out 2>/tmp/bad.err
+    else
+        $cmd >/tmp/bad.out 2>/tmp/bad.err
+    fi
     brc=$?
     lab_log "$1: exit $brc, stderr: $(cat /tmp/bad.err)"
     if [ "$brc" -eq 0 ] || [ "$brc" -ge 124 ]; then
@@ -52,6 +56,19 @@ bad_device() {
 }
 bad_device "missing path" "does not exist" path=/sys/bus/pci/devices/0000:00:1f.7 || exit 1
 bad_device "not vfio-pci" "vfio-pci" path=/sys/bus/pci/devices/0000:00:00.0 || exit 1
+# No permission on /dev/vfio/N: tern as an unprivileged user, with /dev/kvm opened up for it so
+# that the VFIO node is what it trips on.
+mkdir -p /etc
+grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >>/etc/passwd
+grep -q '^nogroup:' /etc/group 2>/dev/null || echo 'nogroup:x:65534:' >>/etc/group
+# The initramfs root comes from a private temporary directory: let the user reach the binaries.
+chmod a+rx / && chmod -R a+rX /bin /lab /lib /lib64 /usr 2>/dev/null
+kvm_mode=$(stat -c %a /dev/kvm)
+chmod 666 /dev/kvm
+bad_device "no permission" "no permission to open /dev/vfio/" "path=$edu" nobody
+perm=$?
+chmod "$kvm_mode" /dev/kvm
+[ "$perm" -eq 0 ] || exit 1
 lab_log "bad --device input refused with one clear line each"
 
 # vm.info lists the device; vm.send-migration is refused (VFIO migration is not built yet) and the
