@@ -54,6 +54,44 @@ pub trait PciResources {
     ) -> Result<(Arc<dyn MsiRouteSink>, Vec<EventFd>), ResourceError>;
 }
 
+/// What the emulation needs from the host function: vfio-ioctls' [`VfioDevice`] in tern, a fake
+/// in the unit tests (so the config, BAR and MSI/MSI-X logic is tested without /dev/vfio).
+pub trait VfioFunction: Send {
+    /// Reads `buf.len()` bytes at `offset` of region `index`; leaves `buf` alone on failure.
+    fn region_read(&self, index: u32, buf: &mut [u8], offset: u64);
+    /// Writes `buf` at `offset` of region `index` (failures are logged by the implementation).
+    fn region_write(&self, index: u32, buf: &[u8], offset: u64);
+    /// Size of region `index` (0: absent).
+    fn region_size(&self, index: u32) -> u64;
+    /// Vectors of interrupt index `index` (0: none).
+    fn irq_count(&self, index: u32) -> u32;
+    /// VFIO_DEVICE_SET_IRQS: signal `fds` for the vectors of `index`.
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioError>;
+    /// VFIO_DEVICE_SET_IRQS: stop signalling for `index`.
+    fn disable_irq(&self, index: u32) -> Result<(), VfioError>;
+}
+
+impl VfioFunction for VfioDevice {
+    fn region_read(&self, index: u32, buf: &mut [u8], offset: u64) {
+        VfioDevice::region_read(self, index, buf, offset)
+    }
+    fn region_write(&self, index: u32, buf: &[u8], offset: u64) {
+        VfioDevice::region_write(self, index, buf, offset)
+    }
+    fn region_size(&self, index: u32) -> u64 {
+        self.get_region_size(index)
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        self.get_irq_info(index).map_or(0, |i| i.count)
+    }
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioError> {
+        VfioDevice::enable_irq(self, index, fds.to_vec())
+    }
+    fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
+        VfioDevice::disable_irq(self, index)
+    }
+}
+
 /// Errors opening a passthrough device.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioDeviceError {
@@ -164,8 +202,9 @@ pub struct VfioPciDevice {
     // Declared before `dma`: fields drop in order, and the device must close before its group
     // leaves the container (vfio-ioctls puts the group when the device drops), and the cdev must
     // detach before tern destroys its HWPT.
-    device: VfioDevice,
-    dma: Dma,
+    device: Box<dyn VfioFunction>,
+    // `None` only for the unit tests' fake function, whose DMA is nobody's.
+    dma: Option<Dma>,
     config: ConfigSpace,
     bars: Vec<BarSpec>,
     msi: Option<MsiCap>,
@@ -185,7 +224,7 @@ impl std::fmt::Debug for VfioPciDevice {
 
 /// Reads a dword of the device's real configuration space; all-ones if VFIO refuses (as a master
 /// abort would read).
-fn real_config32(device: &VfioDevice, offset: u64) -> u32 {
+fn real_config32(device: &dyn VfioFunction, offset: u64) -> u32 {
     let mut b = [0xff; 4];
     device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut b, offset);
     u32::from_le_bytes(b)
@@ -260,10 +299,6 @@ fn discover_msix(config32: impl Fn(u64) -> u32) -> Option<MsixLayout> {
     None
 }
 
-fn irq_count(device: &VfioDevice, index: u32) -> u32 {
-    device.get_irq_info(index).map_or(0, |i| i.count)
-}
-
 impl VfioPciDevice {
     /// Checks and opens the device `spec` names, resets it, maps `ram` for its DMA with IOVA =
     /// GPA, and takes BAR addresses and MSI vectors from `resources`.
@@ -312,13 +347,35 @@ impl VfioPciDevice {
         // Start from a known device state whatever the last user left behind (no-op for
         // functions without reset support).
         device.reset();
+        let info = VfioDeviceInfo {
+            id,
+            sysfs: target.sysfs.clone(),
+            backend: spec.backend,
+            hw_dirty_tracking: match &dma {
+                Dma::Type1(_) => false,
+                Dma::Iommufd(d) => d.dirty_tracking(),
+            },
+            vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
+            dma_mapped_bytes: ram.iter().map(|r| r.len).sum(),
+        };
+        Self::emulate(info, Box::new(device), Some(dma), resources)
+    }
 
+    /// Builds the guest's view of `device`: configuration space with its IDs, BARs at addresses
+    /// from `resources`, and MSI/MSI-X capabilities wired to vectors from `resources`.
+    fn emulate(
+        info: VfioDeviceInfo,
+        device: Box<dyn VfioFunction>,
+        dma: Option<Dma>,
+        resources: &mut dyn PciResources,
+    ) -> Result<Self, VfioDeviceError> {
+        let id = info.id.clone();
         let bars = discover_bars(
-            |o| real_config32(&device, o),
-            |i| device.get_region_size(u32::from(i)),
+            |o| real_config32(device.as_ref(), o),
+            |i| device.region_size(u32::from(i)),
             &id,
         )?;
-        let cfg = |o| real_config32(&device, o);
+        let cfg = |o| real_config32(device.as_ref(), o);
         let (idv, class, subsys) = (cfg(0), cfg(8), cfg(0x2c));
         let mut config = ConfigSpace::new(PciIds {
             vendor: idv as u16,
@@ -347,7 +404,7 @@ impl VfioPciDevice {
                 })?;
         }
 
-        let msi_count = irq_count(&device, VFIO_PCI_MSI_IRQ_INDEX).min(32) as u16;
+        let msi_count = device.irq_count(VFIO_PCI_MSI_IRQ_INDEX).min(32) as u16;
         let msi = if msi_count > 0 {
             // A function asks for a power of two; round a stray count down to one.
             let vectors = 1u16 << (15 - msi_count.leading_zeros());
@@ -360,8 +417,8 @@ impl VfioPciDevice {
         } else {
             None
         };
-        let msix_layout = (irq_count(&device, VFIO_PCI_MSIX_IRQ_INDEX) > 0)
-            .then(|| discover_msix(|o| real_config32(&device, o)))
+        let msix_layout = (device.irq_count(VFIO_PCI_MSIX_IRQ_INDEX) > 0)
+            .then(|| discover_msix(|o| real_config32(device.as_ref(), o)))
             .flatten();
         let msix = match msix_layout {
             Some(l) => Some(Msix::add(&mut config, l.vectors, l.table, l.pba).map_err(
@@ -383,17 +440,6 @@ impl VfioPciDevice {
                     what: "MSI vectors",
                     source,
                 })?;
-        let info = VfioDeviceInfo {
-            id,
-            sysfs: target.sysfs.clone(),
-            backend: spec.backend,
-            hw_dirty_tracking: match &dma {
-                Dma::Type1(_) => false,
-                Dma::Iommufd(d) => d.dirty_tracking(),
-            },
-            vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
-            dma_mapped_bytes: ram.iter().map(|r| r.len).sum(),
-        };
         Ok(Self {
             info,
             device,
@@ -414,7 +460,7 @@ impl VfioPciDevice {
 
     /// Guest RAM ranges mapped for DMA now.
     pub fn dma_mapped(&self) -> usize {
-        self.dma.mapped()
+        self.dma.as_ref().map_or(0, Dma::mapped)
     }
 
     /// Hands the vector eventfds to VFIO (`on`) or takes them back, for MSI or MSI-X.
@@ -426,7 +472,7 @@ impl VfioPciDevice {
         };
         let r = if on {
             let fds: Vec<&EventFd> = self.vectors.iter().take(usize::from(vectors)).collect();
-            self.device.enable_irq(irq_index, fds)
+            self.device.enable_irq(irq_index, &fds)
         } else {
             self.device.disable_irq(irq_index)
         };
@@ -550,9 +596,14 @@ impl Drop for VfioPciDevice {
         if self.msix.as_ref().is_some_and(|m| m.enabled(&self.config)) {
             self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, false);
         }
-        self.dma.unmap_all();
+        if let Some(dma) = &mut self.dma {
+            dma.unmap_all();
+        }
     }
 }
+
+#[cfg(test)]
+mod emulation_tests;
 
 #[cfg(test)]
 mod tests {
