@@ -19,7 +19,15 @@ fn run(cmd: &mut Command) {
 fn build(src: &Path, out: &Path, name: &str, link_addr: u64, flat: bool, entry: &str) {
     println!("cargo:rerun-if-changed={}", src.display());
     let obj = out.join(format!("{name}.o"));
-    run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src));
+    // `.include` files (guests/probe/console.S) are found next to the source.
+    let include_dir = src.parent().expect("guest sources live in a directory");
+    run(Command::new("as")
+        .arg("--64")
+        .arg("-I")
+        .arg(include_dir)
+        .arg("-o")
+        .arg(&obj)
+        .arg(src));
     let mut ld = Command::new("ld");
     ld.args(["-nostdlib", "-e", entry])
         .arg(format!("-Ttext={link_addr:#x}"));
@@ -40,6 +48,10 @@ fn main() {
         DEMO_LINK_ADDR,
         true,
         "0",
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        guests.join("probe/console.S").display()
     );
     let probe64 = guests.join("probe/probe64.S");
     build(&probe64, &out, "probe64.elf", 0x100000, false, "_start");

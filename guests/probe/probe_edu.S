@@ -284,40 +284,7 @@ cfg_write32:
         pop rdx
         ret
 
-/* eax printed as ecx hex digits (most significant first) */
-hex:
-        mov r8d, eax
-        mov r9d, ecx
-1:      dec r9d
-        mov eax, r8d
-        lea ecx, [r9 * 4]
-        shr eax, cl
-        and eax, 0xf
-        cmp al, 10
-        jb 2f
-        add al, 'a' - 10
-        jmp 3f
-2:      add al, '0'
-3:      call putc
-        test r9d, r9d
-        jnz 1b
-        ret
-
-putc:
-        push rdx
-        mov dx, 0x3f8
-        out dx, al
-        pop rdx
-        ret
-
-puts:
-        mov al, [rsi]
-        test al, al
-        jz 1f
-        call putc
-        inc rsi
-        jmp puts
-1:      ret
+        .include "console.S"
 
 msg_nodev:      .asciz "EDU: no device\n"
 msg_found:      .asciz "EDU: found at 00:"
