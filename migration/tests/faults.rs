@@ -304,16 +304,7 @@ mod tests {
                 }
             }
         });
-        let host = FakeHost::new(anon_memory(), 64, 50);
-        let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
-        let out = start_send(
-            Box::new(host),
-            params(&url),
-            Arc::new(MigrationStats::new()),
-        )
-        .expect("spawn")
-        .join()
-        .expect("source thread");
+        let (out, log, view) = send_fake_guest(&url);
         let e = source_err(&out);
         assert!(e.contains("waiting for the final ack"), "{e}");
         assert!(log.events().contains(&"pause".to_string()));
@@ -332,16 +323,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let host = FakeHost::new(anon_memory(), 64, 50);
-        let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
-        let out = start_send(
-            Box::new(host),
-            params(&url),
-            Arc::new(MigrationStats::new()),
-        )
-        .expect("spawn")
-        .join()
-        .expect("source thread");
+        let (out, log, view) = send_fake_guest(&url);
         let e = source_err(&out);
         assert!(
             e.contains("destination reported: destination: vm build from config: injected: not enough memory"),
@@ -362,16 +344,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let host = FakeHost::new(anon_memory(), 64, 50);
-        let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
-        let out = start_send(
-            Box::new(host),
-            params(&url),
-            Arc::new(MigrationStats::new()),
-        )
-        .expect("spawn")
-        .join()
-        .expect("source thread");
+        let (out, log, view) = send_fake_guest(&url);
         let e = source_err(&out);
         assert!(e.contains("vCPU creation failed"), "{e}");
         assert!(log.events().contains(&"pause".to_string()));
@@ -409,6 +382,18 @@ mod tests {
 
     /// Run a receiver, feed it `bytes` on one connection, close our write side, and return the
     /// receiver's error plus the Error frame text it sent back.
+    /// Migrates a 64-page fake guest (50 dirtied pages) to `url` on a source thread and waits for
+    /// the outcome; returns it with the host's event log and a view of its guest.
+    fn send_fake_guest(url: &MigrationUrl) -> (MigrationOutcome, Arc<HostLog>, Arc<FakeGuestView>) {
+        let host = FakeHost::new(anon_memory(), 64, 50);
+        let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
+        let out = start_send(Box::new(host), params(url), Arc::new(MigrationStats::new()))
+            .expect("spawn")
+            .join()
+            .expect("source thread");
+        (out, log, view)
+    }
+
     fn feed(bytes: Vec<u8>) -> (MigrationError, String) {
         let l = listener();
         let url = l.url().clone();
