@@ -25,6 +25,12 @@ if [ "$rc" -ne 0 ]; then
     lab_log "tern exited with $rc"
     exit 1
 fi
+# BAR0 (1 MiB, mmap-able through vfio-pci, no MSI-X) must be a KVM memory slot, not trapped.
+if ! grep -q 'VFIO .*: BAR memory 0x[0-9a-f]*+0x100000 mapped into the guest as KVM memory slot' "$out"; then
+    lab_log "edu BAR0 was not mapped into the guest as a KVM memory slot"
+    exit 1
+fi
+lab_log "edu BAR0 mapped into the guest as a KVM memory slot: $(grep -o 'BAR memory .*' "$out" | head -1)"
 lab_log "edu DMA through VFIO type1 and its completion MSI verified by the guest, tern exit 0"
 
 # Usage: bad_device LABEL EXPECTED-TEXT DEVICE-ARG [USER]

@@ -348,6 +348,8 @@ pub struct PciManager {
     router: Arc<GsiRouter>,
     // Typed handle next to the bus's `dyn` one, so restore can replace the bridge's state in place.
     host_bridge: Arc<Mutex<HostBridge>>,
+    // Memory slots of passthrough BAR parts mapped straight into the guest.
+    bar_slots: Arc<crate::vfio_manager::BarSlots>,
 }
 
 fn allocator(what: &'static str, base: u64, len: u64) -> Result<AddressAllocator, PciManagerError> {
@@ -394,6 +396,7 @@ impl PciManager {
             mem64: allocator("64-bit", mem64_base, MEM64_WINDOW_BYTES)?,
             io: allocator("I/O", IO_WINDOW.0, IO_WINDOW.1)?,
             mem64_base,
+            bar_slots: Arc::new(crate::vfio_manager::BarSlots::new(vm.clone())),
             router: Arc::new(GsiRouter::new(vm)),
             host_bridge,
         })
@@ -435,6 +438,11 @@ impl PciManager {
             IO_WINDOW.1,
             "the PCI I/O window",
         )
+    }
+
+    /// The VM's memory slots for device mappings (one numbering for all passthrough devices).
+    pub fn bar_slots(&self) -> Arc<crate::vfio_manager::BarSlots> {
+        self.bar_slots.clone()
     }
 
     /// Finds an address for `spec` in the window its kind belongs to (naturally aligned).

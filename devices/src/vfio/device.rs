@@ -8,8 +8,9 @@
 //!  guest:  config reads ─► emulated space (IDs copied from the device, BARs and MSI/MSI-X emulated)
 //!          command writes ─► also written to the device (memory/I/O decode, bus master)
 //!          MSI/MSI-X enable ─► VFIO_DEVICE_SET_IRQS with the per-vector eventfds (KVM irqfds)
-//!          BAR accesses ─► VFIO region read/write (trapped; MSI-X table and PBA emulated)
-//!  drop:   disable MSI/MSI-X ─► unmap DMA ─► close device ─► group leaves the container
+//!          BAR accesses ─► mmap-able parts: KVM memory slots, no exit ([`super::bar_map`])
+//!                        ─► the rest: VFIO region read/write (trapped; MSI-X table and PBA emulated)
+//!  drop:   delete BAR slots ─► disable MSI/MSI-X ─► unmap DMA ─► close device ─► group leaves the container
 //! ```
 //!
 //! **Configuration space.** The guest sees a configuration space built by tern: the device's IDs,
@@ -17,18 +18,20 @@
 //! MSI-X capabilities emulated with [`crate::pci::msi`] and [`crate::pci::msix`]. The device's other
 //! capabilities (PCIe, power management, vendor-specific) are not shown yet, and it has no INTx.
 //!
-//! **BARs** are trapped: every guest access is a `pread`/`pwrite` on the VFIO region. Mapping
-//! mmap-able BARs as KVM memslots (with the MSI-X table pages still trapped) is a later
-//! optimisation; [`PciDevice::move_bar`] is where it will hook in.
+//! **BARs.** The parts VFIO lets tern mmap (minus the MSI-X table and PBA pages) are KVM memory
+//! slots that follow the BAR through [`PciDevice::move_bar`] ([`super::bar_map`]); every other
+//! guest access is a `pread`/`pwrite` on the VFIO region.
 
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
-use vfio_ioctls::{VfioDevice, VfioError};
+use vfio_ioctls::{VfioDevice, VfioError, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::bar_map::{direct_areas, BarMemory, DirectBars};
 use super::container::{GuestRamRange, Type1Dma, Type1Error};
 use super::iommufd::{IommufdBackendError, IommufdDma};
 use super::preflight::{preflight, HostRoots, VfioPreflightError};
@@ -38,6 +41,7 @@ use crate::pci::config::{ConfigSpace, PciIds};
 use crate::pci::msi::{MsiCap, MsiCapError, MsiRouteSink};
 use crate::pci::msix::{Msix, MsixError};
 use crate::pci::{MoveBarError, PciDevice, PciDeviceState, PciStateError};
+use crate::sys::vfio_region_mmap::{page_size, RegionMapping};
 
 /// A boxed error from the VMM's side of [`PciResources`].
 pub type ResourceError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,6 +56,10 @@ pub trait PciResources {
         &mut self,
         count: u16,
     ) -> Result<(Arc<dyn MsiRouteSink>, Vec<EventFd>), ResourceError>;
+    /// Where mmap'ed BAR parts become guest memory; `None` keeps every BAR access trapped.
+    fn bar_memory(&mut self) -> Option<Arc<dyn BarMemory>> {
+        None
+    }
 }
 
 /// What the emulation needs from the host function: vfio-ioctls' [`VfioDevice`] in tern, a fake
@@ -69,6 +77,14 @@ pub trait VfioFunction: Send {
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioError>;
     /// VFIO_DEVICE_SET_IRQS: stop signalling for `index`.
     fn disable_irq(&self, index: u32) -> Result<(), VfioError>;
+    /// The `(offset, len)` parts of region `index` VFIO lets tern mmap (none by default).
+    fn mmap_areas(&self, _index: u32) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// mmaps `len` bytes at `offset` of region `index`.
+    fn mmap(&self, _index: u32, _offset: u64, _len: u64) -> std::io::Result<RegionMapping> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
 impl VfioFunction for VfioDevice {
@@ -89,6 +105,22 @@ impl VfioFunction for VfioDevice {
     }
     fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
         VfioDevice::disable_irq(self, index)
+    }
+    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
+        if self.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Vec::new();
+        }
+        // With a sparse-mmap capability only its areas may be mapped; without, the whole region.
+        for cap in self.get_region_caps(index) {
+            if let VfioRegionInfoCap::SparseMmap(s) = cap {
+                return s.areas.iter().map(|a| (a.offset, a.size)).collect();
+            }
+        }
+        vec![(0, self.get_region_size(index))]
+    }
+    fn mmap(&self, index: u32, offset: u64, len: u64) -> std::io::Result<RegionMapping> {
+        // The mapping keeps its own reference to the device file, so it may outlive `self`.
+        RegionMapping::new(self, self.get_region_offset(index) + offset, len)
     }
 }
 
@@ -211,6 +243,7 @@ pub struct VfioPciDevice {
     msix: Option<Msix>,
     sink: Arc<dyn MsiRouteSink>,
     vectors: Vec<EventFd>,
+    direct: DirectBars,
 }
 
 impl std::fmt::Debug for VfioPciDevice {
@@ -440,6 +473,10 @@ impl VfioPciDevice {
                     what: "MSI vectors",
                     source,
                 })?;
+        let direct = match resources.bar_memory() {
+            Some(memory) => Self::map_bars(&id, device.as_ref(), &bars, msix.as_ref(), memory),
+            None => DirectBars::none(),
+        };
         Ok(Self {
             info,
             device,
@@ -450,7 +487,49 @@ impl VfioPciDevice {
             msix,
             sink,
             vectors,
+            direct,
         })
+    }
+
+    /// mmaps the parts of the memory BARs that may go straight into the guest (all but the
+    /// MSI-X table and PBA pages). A part that fails to map stays trapped: slower, still correct.
+    fn map_bars(
+        id: &str,
+        device: &dyn VfioFunction,
+        bars: &[BarSpec],
+        msix: Option<&Msix>,
+        memory: Arc<dyn BarMemory>,
+    ) -> DirectBars {
+        let mut direct = DirectBars::new(memory);
+        for bar in bars.iter().filter(|b| !b.kind.is_io()) {
+            let mut trapped = Vec::new();
+            if let Some(m) = msix {
+                let (tb, to) = m.table_location();
+                let (pb, po) = m.pba_location();
+                if tb == bar.index {
+                    trapped.push((to, m.table_len_bytes()));
+                }
+                if pb == bar.index {
+                    trapped.push((po, m.pba_len_bytes()));
+                }
+            }
+            let areas = device.mmap_areas(u32::from(bar.index));
+            for (offset, len) in direct_areas(bar.size, &areas, &trapped, page_size()) {
+                match device.mmap(u32::from(bar.index), offset, len) {
+                    Ok(m) => direct.add(bar.index, offset, m),
+                    Err(e) => log::warn!(
+                        "VFIO {id}: BAR {} {offset:#x}+{len:#x} stays trapped: mmap: {e}",
+                        bar.index
+                    ),
+                }
+            }
+        }
+        direct
+    }
+
+    /// The BAR parts mapped into the guest now: (BAR index, memory slot, guest address).
+    pub fn direct_slots(&self) -> Vec<(u8, u32, u64)> {
+        self.direct.slots()
     }
 
     /// What `vm.info` shows.
@@ -549,8 +628,12 @@ impl PciDevice for VfioPciDevice {
             .collect()
     }
 
-    fn move_bar(&mut self, _: u8, _: Option<u64>, _: Option<u64>) -> Result<(), MoveBarError> {
-        // BARs are trapped, so the bus's dispatch map is all that moves.
+    fn move_bar(&mut self, index: u8, _: Option<u64>, to: Option<u64>) -> Result<(), MoveBarError> {
+        // The bus's dispatch map already moved (the trapped parts); the slots follow. A refused
+        // slot leaves its part trapped rather than unmapping the BAR.
+        if let Err(e) = self.direct.move_bar(index, to) {
+            log::warn!("VFIO {}: BAR {index} partly trapped: {e}", self.info.id);
+        }
         Ok(())
     }
 
@@ -589,7 +672,8 @@ impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         // Interrupts off first so no eventfd fires into a torn-down router, then DMA unmapped
         // while the group is still in the container; the fields then close the device and put
-        // the group.
+        // the group. The guest's slots go first, while the device is still whole.
+        self.direct.clear();
         if self.msi.is_some_and(|m| m.enabled(&self.config)) {
             self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, 0, false);
         }

@@ -1,9 +1,10 @@
 //! VFIO passthrough: what the user asks for ([`spec`]), the host checks that turn every common
 //! set-up mistake into an error naming its fix before any VFIO ioctl runs ([`preflight`]), the
 //! legacy type1 container ([`container`]) or the cdev + iommufd backend with a HWPT tern allocates
-//! ([`iommufd`]), each with all guest RAM mapped for DMA, and the passed-through function on the
-//! guest's PCI bus ([`device`]).
+//! ([`iommufd`]), each with all guest RAM mapped for DMA, the passed-through function on the
+//! guest's PCI bus ([`device`]), and its mmap-able BAR parts as guest memory slots ([`bar_map`]).
 
+pub mod bar_map;
 pub mod container;
 pub mod device;
 pub mod iommufd;

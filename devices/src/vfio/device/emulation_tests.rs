@@ -36,6 +36,8 @@ struct FakeFunction {
     sizes: [u64; 6],
     msi: u32,
     msix: u32,
+    // Every region is mmap-able in full (anonymous memory stands in for the BAR).
+    mmap: bool,
     log: Arc<Mutex<Vec<Call>>>,
 }
 
@@ -76,6 +78,36 @@ impl VfioFunction for FakeFunction {
         self.log.lock().unwrap().push(Call::Disable { index });
         Ok(())
     }
+    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
+        if self.mmap {
+            vec![(0, self.region_size(index))]
+        } else {
+            Vec::new()
+        }
+    }
+    fn mmap(&self, _: u32, _: u64, len: u64) -> std::io::Result<RegionMapping> {
+        RegionMapping::anonymous(len)
+    }
+}
+
+/// Slots as (slot, guest address, length), numbered from 10.
+#[derive(Default)]
+struct FakeMemory {
+    live: Mutex<Vec<(u32, u64, u64)>>,
+    next: Mutex<u32>,
+}
+
+impl BarMemory for FakeMemory {
+    fn map(&self, gpa: u64, m: &Arc<RegionMapping>) -> Result<u32, ResourceError> {
+        let mut n = self.next.lock().unwrap();
+        let slot = 10 + *n;
+        *n += 1;
+        self.live.lock().unwrap().push((slot, gpa, m.len()));
+        Ok(slot)
+    }
+    fn unmap(&self, slot: u32) {
+        self.live.lock().unwrap().retain(|s| s.0 != slot);
+    }
 }
 
 /// BARs from a bump allocator at 0xc000_0000 (memory) and 0xc000 (I/O); vectors to a recorder.
@@ -83,6 +115,7 @@ struct FakeResources {
     next_mem: u64,
     next_io: u64,
     sink: Arc<RecordingSink>,
+    memory: Option<Arc<FakeMemory>>,
 }
 
 impl PciResources for FakeResources {
@@ -105,6 +138,9 @@ impl PciResources for FakeResources {
             .collect::<Result<_, _>>()?;
         Ok((self.sink.clone(), fds))
     }
+    fn bar_memory(&mut self) -> Option<Arc<dyn BarMemory>> {
+        self.memory.clone().map(|m| m as Arc<dyn BarMemory>)
+    }
 }
 
 fn put32(config: &mut [u8; 256], offset: usize, v: u32) {
@@ -117,12 +153,25 @@ fn build(
     msi: u32,
     msix: u32,
 ) -> (VfioPciDevice, Arc<Mutex<Vec<Call>>>, Arc<RecordingSink>) {
+    build_with(config, sizes, msi, msix, None)
+}
+
+/// Like [`build`]; with `memory`, every region is mmap-able and mapped through it.
+fn build_with(
+    config: [u8; 256],
+    sizes: [u64; 6],
+    msi: u32,
+    msix: u32,
+    memory: Option<Arc<FakeMemory>>,
+) -> (VfioPciDevice, Arc<Mutex<Vec<Call>>>, Arc<RecordingSink>) {
+    let mmap = memory.is_some();
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::new(RecordingSink::default());
     let mut res = FakeResources {
         next_mem: 0xc000_0000,
         next_io: 0xc000,
         sink: sink.clone(),
+        memory,
     };
     let info = VfioDeviceInfo {
         id: "fake".into(),
@@ -137,6 +186,7 @@ fn build(
         sizes,
         msi,
         msix,
+        mmap,
         log: log.clone(),
     };
     let dev = VfioPciDevice::emulate(info, Box::new(function), None, &mut res).unwrap();
@@ -335,4 +385,49 @@ fn teardown_disables_enabled_interrupts_and_state_save_refuses() {
             index: VFIO_PCI_MSI_IRQ_INDEX
         }]
     );
+}
+
+#[test]
+fn mmap_able_bars_become_slots_that_follow_decode_and_skip_the_msix_pages() {
+    // BAR 0: 64 KiB with the MSI-X table at 0x2000 and the PBA at 0x3000; BAR 2: 1 MiB, no MSI-X.
+    let mut c = edu_like();
+    put32(&mut c, 4, 1 << 20);
+    c[0x34] = 0x40;
+    put32(&mut c, 0x40, 0x0003_0011);
+    put32(&mut c, 0x44, 0x2000);
+    put32(&mut c, 0x48, 0x3000);
+    let mem = Arc::new(FakeMemory::default());
+    let (mut dev, _, _) = build_with(c, [0x10000, 0, 1 << 20, 0, 0, 0], 0, 4, Some(mem.clone()));
+    let live = |m: &FakeMemory| {
+        let mut v: Vec<_> = m.live.lock().unwrap().iter().map(|s| (s.1, s.2)).collect();
+        v.sort();
+        v
+    };
+    // Nothing decoded yet: no slots.
+    assert!(live(&mem).is_empty());
+    let bar0 = u64::from(dev.config_read(4) & !0xf);
+    let bar2 = u64::from(dev.config_read(6) & !0xf);
+    // The bus tells the device where its BARs decode now (here, where the VMM put them).
+    dev.move_bar(0, None, Some(bar0)).unwrap();
+    dev.move_bar(2, None, Some(bar2)).unwrap();
+    let page = crate::sys::vfio_region_mmap::page_size();
+    assert_eq!(
+        live(&mem),
+        vec![
+            (bar0, 0x2000),
+            (bar0 + 0x3000 + page, 0x10000 - 0x3000 - page),
+            (bar2, 1 << 20)
+        ]
+        .into_iter()
+        .filter(|s| s.1 > 0)
+        .collect::<Vec<_>>()
+    );
+    assert_eq!(dev.direct_slots().len(), live(&mem).len());
+    // The guest moves BAR 2 and turns BAR 0's decode off.
+    dev.move_bar(2, Some(bar2), Some(bar2 + (1 << 20))).unwrap();
+    dev.move_bar(0, Some(bar0), None).unwrap();
+    assert_eq!(live(&mem), vec![(bar2 + (1 << 20), 1 << 20)]);
+    // Teardown deletes the rest.
+    drop(dev);
+    assert!(live(&mem).is_empty());
 }
