@@ -28,6 +28,9 @@ impl DirtySource for WordSource {
     fn kind(&self) -> SourceKind {
         self.kind
     }
+    fn label(&self) -> &str {
+        self.kind.as_str()
+    }
     fn start(&mut self) -> Result<(), DirtySourceError> {
         Ok(())
     }

@@ -65,6 +65,9 @@ impl MigrationHost for IdleHost {
     fn pause(&mut self) -> Result<(), HostError> {
         Ok(())
     }
+    fn pause_devices(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
     fn resume(&mut self) -> Result<(), HostError> {
         Ok(())
     }

@@ -13,5 +13,5 @@ mod vmm_writes;
 pub use bitmap::{DirtyBitmap, DirtyBitmapError, PAGE_SHIFT, PAGE_SIZE};
 pub use ranges::{coalesce, DirtyRanges, PageRun};
 pub use source::{DirtySource, DirtySourceError, GpaRange, SourceKind};
-pub use union::{claim_union, ClaimUnionError};
+pub use union::{claim_union, order_for_claims, ClaimUnionError};
 pub use vmm_writes::{VmmWriteSource, VmmWriteSourceError};

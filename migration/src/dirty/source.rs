@@ -36,6 +36,17 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
+    /// Claim order within one chunk: KVM's clear first, then device DMA, then VMM writes. A
+    /// chunk's KVM bits are cleared before its DMA bits are read, and both before its pages are
+    /// read, so any write after a source's claim stays dirty there for a later pass.
+    pub fn claim_rank(self) -> u8 {
+        match self {
+            SourceKind::Kvm => 0,
+            SourceKind::Dma => 1,
+            SourceKind::Vmm => 2,
+        }
+    }
+
     /// Lowercase name used in stats and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -158,6 +169,10 @@ pub enum DirtySourceError {
 pub trait DirtySource: Send {
     /// What produces the bits (for per-source stats).
     fn kind(&self) -> SourceKind;
+    /// Who produces them, for per-source stats and logs: e.g. `kvm-log`, `vmm`, or for DMA the
+    /// tracking domain and its devices (`hwpt 3: edu0`), so an operator sees which device dirties
+    /// memory.
+    fn label(&self) -> &str;
     /// Start tracking; every write after this returns is reported.
     fn start(&mut self) -> Result<(), DirtySourceError>;
     /// Stop tracking (migration finished or failed).

@@ -2,7 +2,7 @@
 //! is read and sent once per iteration (Cloud Hypervisor concatenates the tables instead).
 
 use super::bitmap::DirtyBitmap;
-use super::source::{DirtySource, DirtySourceError, GpaRange, SourceKind};
+use super::source::{DirtySource, DirtySourceError, GpaRange};
 
 /// Errors of [`claim_union`].
 #[derive(Debug, thiserror::Error)]
@@ -15,12 +15,13 @@ pub enum ClaimUnionError {
     Bitmap(#[source] super::DirtyBitmapError),
 }
 
-/// Claim `range` from every source, OR-ing all bits into one bitmap over `range`. `counted` is
-/// told how many pages each source reported (before the union).
+/// Claim `range` from every source, in slice order, OR-ing all bits into one bitmap over `range`.
+/// `counted` is told how many pages each source reported (before the union). Callers order the
+/// slice by [`super::SourceKind::claim_rank`] (see [`order_for_claims`]).
 pub fn claim_union(
     sources: &mut [Box<dyn DirtySource>],
     range: GpaRange,
-    mut counted: impl FnMut(SourceKind, u64),
+    mut counted: impl FnMut(&dyn DirtySource, u64),
 ) -> Result<DirtyBitmap, ClaimUnionError> {
     let mut union =
         DirtyBitmap::new(range.start, range.len_bytes).map_err(ClaimUnionError::Bitmap)?;
@@ -28,16 +29,21 @@ pub fn claim_union(
     for s in sources.iter_mut() {
         one.clear();
         s.claim(range, &mut one).map_err(ClaimUnionError::Source)?;
-        counted(s.kind(), one.count());
+        counted(s.as_ref(), one.count());
         union.or_bitmap(&one).map_err(ClaimUnionError::Bitmap)?;
     }
     Ok(union)
 }
 
+/// Put `sources` in claim order (KVM, then DMA, then VMM writes; stable within a kind).
+pub fn order_for_claims(sources: &mut [Box<dyn DirtySource>]) {
+    sources.sort_by_key(|s| s.kind().claim_rank());
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::dirty::{coalesce, PAGE_SIZE};
+    use crate::dirty::{coalesce, SourceKind, PAGE_SIZE};
     use std::collections::BTreeSet;
     use vm_memory::GuestAddress;
 
@@ -52,6 +58,9 @@ pub(crate) mod tests {
     impl DirtySource for ScriptedSource {
         fn kind(&self) -> SourceKind {
             self.kind
+        }
+        fn label(&self) -> &str {
+            self.kind.as_str()
         }
         fn start(&mut self) -> Result<(), DirtySourceError> {
             Ok(())
@@ -107,7 +116,7 @@ pub(crate) mod tests {
         ];
         let mut counts = Vec::new();
         let range = GpaRange::new(GuestAddress(0), 64 * PAGE_SIZE);
-        let u = claim_union(&mut srcs, range, |k, n| counts.push((k, n))).expect("claims");
+        let u = claim_union(&mut srcs, range, |s, n| counts.push((s.kind(), n))).expect("claims");
         assert_eq!(u.iter_pages().collect::<Vec<_>>(), vec![1, 2, 3, 4, 10, 11]);
         let pages_sent: u64 = coalesce(&u).runs().iter().map(|r| r.npages).sum();
         assert_eq!(pages_sent, 6, "8 reports, 6 distinct pages");

@@ -123,6 +123,10 @@ impl DirtySource for VmmWriteSource {
         SourceKind::Vmm
     }
 
+    fn label(&self) -> &str {
+        "vmm"
+    }
+
     fn start(&mut self) -> Result<(), DirtySourceError> {
         // Bits from before the migration are covered by iteration 0, which sends every page.
         for r in &self.regions {

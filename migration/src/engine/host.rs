@@ -84,9 +84,14 @@ pub trait MigrationHost: Send {
     /// on a memfd or the present|swapped bits of /proc/self/pagemap; not mincore, which misses
     /// swapped-out pages. Return `Ok(false)` when unknown: every page is then read.
     fn populated(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, HostError>;
-    /// Stop every vCPU and device (the final claim follows).
+    /// Stop every vCPU.
     fn pause(&mut self) -> Result<(), HostError>;
-    /// Undo [`MigrationHost::pause`] after a failed or cancelled migration.
+    /// Stop every device's DMA, after the vCPUs are paused and before the final claim: a device
+    /// write after the last DMA-dirty read would otherwise be lost. For a VFIO device this is its
+    /// move out of RUNNING.
+    fn pause_devices(&mut self) -> Result<(), HostError>;
+    /// Undo [`MigrationHost::pause_devices`] and [`MigrationHost::pause`] (devices first) after a
+    /// failed or cancelled migration.
     fn resume(&mut self) -> Result<(), HostError>;
     /// Save vCPU, VM and device state; called while paused.
     fn save_state(&mut self) -> Result<MigrationState, HostError>;

@@ -22,4 +22,7 @@ pub use params::{SendParams, TimeoutStrategy};
 pub use policy::{decide, expected_downtime_ms, AutoConverge, Decision};
 pub use precopy::{send, start_send, MigrationOutcome, STATE_ESTIMATE_BYTES};
 pub use receive::{receive, receive_on};
-pub use stats::{DirtyPagesBySource, MigrationStats, MigrationStatsSnapshot, MigrationStatus};
+pub use stats::{
+    DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatsSnapshot, MigrationStatus,
+    PassKind, HISTORY_LIMIT,
+};

@@ -2,6 +2,7 @@
 //! one bitmap → coalesce → send), convergence, switchover, and unwinding on any failure so the
 //! source VM keeps running.
 
+use std::collections::BTreeMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,7 +12,8 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::dirty::{
-    claim_union, ClaimUnionError, DirtyBitmap, DirtyRanges, DirtySource, GpaRange, PAGE_SIZE,
+    claim_union, order_for_claims, ClaimUnionError, DirtyBitmap, DirtyRanges, DirtySource,
+    GpaRange, SourceKind, PAGE_SIZE,
 };
 use crate::protocol::{
     read_preamble, write_preamble, Frame, FrameReader, FrameWriter, Hello, MemoryFdInfo,
@@ -24,7 +26,9 @@ use super::host::MigrationHost;
 use super::lanes::{Lanes, OwnedFrame};
 use super::params::SendParams;
 use super::policy::{decide, expected_downtime_ms, AutoConverge, Decision};
-use super::stats::{MigrationStats, MigrationStatus};
+use super::stats::{
+    DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatus, PassKind,
+};
 
 mod finish;
 
@@ -78,7 +82,7 @@ pub fn send(
         mem,
         regions,
         sources: Vec::new(),
-        sources_started: false,
+        sources_started: 0,
         paused: false,
         ac: AutoConverge::default(),
         control: None,
@@ -149,6 +153,49 @@ fn spawn_watcher(conn: Connection) -> std::io::Result<(Receiver<PeerEvent>, Join
     Ok((rx, h))
 }
 
+/// What one pass over guest memory does ([`Source::pass`]).
+#[derive(Debug, Clone, Copy)]
+struct PassPlan {
+    kind: PassKind,
+    iteration: u64,
+    /// Skip chunks the plan found clean (every source could peek).
+    skip_unplanned: bool,
+    expected_downtime_ms: u64,
+    bandwidth: u64,
+}
+
+impl PassPlan {
+    fn full() -> Self {
+        PassPlan {
+            kind: PassKind::Full,
+            iteration: 0,
+            skip_unplanned: false,
+            expected_downtime_ms: 0,
+            bandwidth: 0,
+        }
+    }
+}
+
+/// Dirty pages claimed during one pass, per kind and per DMA source.
+#[derive(Debug, Default)]
+struct PassTally {
+    by_kind: DirtyPagesBySource,
+    dma: BTreeMap<String, u64>,
+}
+
+impl PassTally {
+    fn add(&mut self, kind: SourceKind, label: &str, pages: u64) {
+        match kind {
+            SourceKind::Kvm => self.by_kind.kvm += pages,
+            SourceKind::Vmm => self.by_kind.vmm += pages,
+            SourceKind::Dma => {
+                self.by_kind.dma += pages;
+                *self.dma.entry(label.to_owned()).or_insert(0) += pages;
+            }
+        }
+    }
+}
+
 struct Source<'h> {
     host: &'h mut dyn MigrationHost,
     params: SendParams,
@@ -157,7 +204,8 @@ struct Source<'h> {
     mem: GuestMemoryMmap<AtomicBitmap>,
     regions: Vec<(GuestAddress, u64)>,
     sources: Vec<Box<dyn DirtySource>>,
-    sources_started: bool,
+    /// How many of `sources` (a prefix) were started: those are stopped when it ends.
+    sources_started: usize,
     paused: bool,
     ac: AutoConverge,
     control: Option<Connection>,
@@ -194,15 +242,19 @@ impl Source<'_> {
         )?);
         if !self.params.local {
             self.sources = self.host.dirty_sources().map_err(MigrationError::Host)?;
+            order_for_claims(&mut self.sources);
             if self.sources.is_empty() {
                 return Err(MigrationError::InvalidParams {
                     reason: "the VM reported no dirty sources; pre-copy would lose writes".into(),
                 });
             }
-            for s in &mut self.sources {
-                s.start().map_err(MigrationError::DirtySource)?;
+            // Every source tracks before iteration 0's full pass reads its first page.
+            for i in 0..self.sources.len() {
+                self.sources[i]
+                    .start()
+                    .map_err(MigrationError::DirtySource)?;
+                self.sources_started = i + 1;
             }
-            self.sources_started = true;
             self.plan = self
                 .regions
                 .iter()
@@ -369,12 +421,19 @@ impl Source<'_> {
         v
     }
 
-    /// Claim `range` from every source into one bitmap, counting per source.
-    fn claim(&mut self, range: GpaRange, count: bool) -> Result<DirtyBitmap, MigrationError> {
+    /// Claim `range` from every source (in claim order) into one bitmap, counting per source
+    /// into `tally` when `count` is set.
+    fn claim(
+        &mut self,
+        range: GpaRange,
+        count: bool,
+        tally: &mut PassTally,
+    ) -> Result<DirtyBitmap, MigrationError> {
         let stats = &self.stats;
-        claim_union(&mut self.sources, range, |kind, n| {
-            if count {
-                stats.add_dirty(kind, n);
+        claim_union(&mut self.sources, range, |source, n| {
+            if count && n > 0 {
+                stats.add_dirty(source.kind(), source.label(), n);
+                tally.add(source.kind(), source.label(), n);
             }
         })
         .map_err(|e| match e {
@@ -472,32 +531,66 @@ impl Source<'_> {
         Ok(pages)
     }
 
+    /// `sync` every source: the start of a pass.
+    fn sync_sources(&mut self) -> Result<(), MigrationError> {
+        for s in &mut self.sources {
+            s.sync().map_err(MigrationError::DirtySource)?;
+        }
+        Ok(())
+    }
+
+    /// One pass over guest memory — the one path of iteration 0, the pre-copy iterations and the
+    /// switchover: for each chunk, every source's claim (KVM clear, then DMA read-and-clear, then
+    /// VMM writes) right before the chunk's pages are read and queued. The full pass reads every
+    /// page and drops the claimed bits (they cover pages it reads anyway: KVM's INITIALLY_SET
+    /// bits, writes since tracking began); the others send exactly the claimed union. With
+    /// `skip_unplanned`, chunks the plan found clean are not claimed.
+    fn pass(&mut self, plan: PassPlan) -> Result<u64, MigrationError> {
+        let started = Instant::now();
+        let bytes_before = self.stats.transferred_bytes();
+        let mut tally = PassTally::default();
+        let mut pages = 0;
+        for (range, lane) in self.chunks() {
+            if plan.skip_unplanned && !self.planned(range) {
+                continue;
+            }
+            self.check_abort(true)?;
+            let count = plan.kind != PassKind::Full;
+            let bits = self.claim(range, count, &mut tally)?;
+            let send = (plan.kind != PassKind::Full).then_some(&bits);
+            pages += self.send_pages(range, send, lane, true)?;
+        }
+        self.stats.push_history(IterationRecord {
+            iteration: plan.iteration,
+            pass: plan.kind,
+            pages_sent: pages,
+            bytes_sent: self.stats.transferred_bytes() - bytes_before,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            dirty_pages: tally.by_kind,
+            dma_pages_by_source: tally.dma,
+            expected_downtime_ms: plan.expected_downtime_ms,
+            bandwidth_bytes_per_sec: plan.bandwidth,
+        });
+        if plan.kind == PassKind::Dirty {
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            self.stats.set_dirty_rate((pages as f64 / secs) as u64);
+        }
+        Ok(pages)
+    }
+
     fn precopy(&mut self) -> Result<(), MigrationError> {
         let started = Instant::now();
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "pre-copy");
-        let chunks = self.chunks();
-        // Iteration 0: every page. Sync, then claim each chunk right before reading it: that
-        // clears what the sources already know (KVM's INITIALLY_SET bits, writes since start)
-        // for pages about to be read anyway, so they are not all sent a second time.
         self.stats.set_iteration(0);
-        for s in &mut self.sources {
-            s.sync().map_err(MigrationError::DirtySource)?;
-        }
-        for &(range, lane) in &chunks {
-            self.check_abort(true)?;
-            self.claim(range, false)?;
-            self.send_pages(range, None, lane, true)?;
-        }
-        let mut sent_before = self.stats.snapshot().transferred_bytes;
+        self.sync_sources()?;
+        self.pass(PassPlan::full())?;
+        let mut sent_before = self.stats.transferred_bytes();
         let mut last_iter_bytes = sent_before;
         let mut iteration = 0u64;
         loop {
             self.check_abort(true)?;
-            let t_iter = Instant::now();
-            for s in &mut self.sources {
-                s.sync().map_err(MigrationError::DirtySource)?;
-            }
+            self.sync_sources()?;
             let (planned, can_peek) = self.plan()?;
             let remaining = planned * PAGE_SIZE;
             self.stats.set_remaining(remaining);
@@ -510,8 +603,13 @@ impl Source<'_> {
             let expected = if can_peek {
                 expected_downtime_ms(remaining, STATE_ESTIMATE_BYTES, bw)
             } else {
-                // Unknown remaining: estimate from the last iteration's volume.
-                expected_downtime_ms(last_iter_bytes, STATE_ESTIMATE_BYTES, bw)
+                // A source that cannot peek (type1, DMA logging) reports only when claimed: the
+                // last iteration's volume is the honest estimate of what the switchover sends.
+                expected_downtime_ms(
+                    remaining.max(last_iter_bytes),
+                    STATE_ESTIMATE_BYTES,
+                    bw,
+                )
             };
             self.stats.set_expected_downtime(expected);
             // A source that cannot peek leaves the remaining volume unknown: not zero.
@@ -543,19 +641,14 @@ impl Source<'_> {
             }
             iteration += 1;
             self.stats.set_iteration(iteration);
-            let mut union_pages = 0;
-            for &(range, lane) in &chunks {
-                if can_peek && !self.planned(range) {
-                    continue;
-                }
-                self.check_abort(true)?;
-                let bits = self.claim(range, true)?;
-                union_pages += self.send_pages(range, Some(&bits), lane, true)?;
-            }
-            let secs = t_iter.elapsed().as_secs_f64().max(1e-6);
-            self.stats
-                .set_dirty_rate((union_pages as f64 / secs) as u64);
-            let now = self.stats.snapshot().transferred_bytes;
+            self.pass(PassPlan {
+                kind: PassKind::Dirty,
+                iteration,
+                skip_unplanned: can_peek,
+                expected_downtime_ms: expected,
+                bandwidth: bw,
+            })?;
+            let now = self.stats.transferred_bytes();
             last_iter_bytes = now - sent_before;
             sent_before = now;
         }
@@ -612,12 +705,15 @@ mod tests {
         dirty: BTreeSet<u64>,
         syncs: u32,
         paused: Arc<AtomicBool>,
-        claims: Arc<Mutex<Vec<(GpaRange, bool)>>>,
+        claims: Arc<Mutex<Vec<(SourceKind, GpaRange, bool)>>>,
     }
 
     impl DirtySource for OnceSource {
         fn kind(&self) -> SourceKind {
             self.kind
+        }
+        fn label(&self) -> &str {
+            self.kind.as_str()
         }
         fn start(&mut self) -> Result<(), DirtySourceError> {
             Ok(())
@@ -650,7 +746,7 @@ mod tests {
             self.claims
                 .lock()
                 .expect("log")
-                .push((r, self.paused.load(Ordering::SeqCst)));
+                .push((self.kind, r, self.paused.load(Ordering::SeqCst)));
             self.peek(r, out)?;
             self.dirty
                 .retain(|&p| r.intersect(p * PAGE_SIZE, PAGE_SIZE).is_none());
@@ -661,7 +757,7 @@ mod tests {
     struct Host {
         mem: GuestMemoryMmap<AtomicBitmap>,
         paused: Arc<AtomicBool>,
-        claims: Arc<Mutex<Vec<(GpaRange, bool)>>>,
+        claims: Arc<Mutex<Vec<(SourceKind, GpaRange, bool)>>>,
     }
 
     impl MigrationHost for Host {
@@ -682,10 +778,11 @@ mod tests {
                     claims: self.claims.clone(),
                 })
             };
-            // Page 3 is reported by both: 5 reports, 4 distinct pages.
+            // Page 3 is reported by both: 5 reports, 4 distinct pages. DMA is listed first: the
+            // engine, not the host, orders the claims.
             Ok(vec![
-                mk(SourceKind::Kvm, &[1, 2, 3]),
                 mk(SourceKind::Dma, &[3, 700]),
+                mk(SourceKind::Kvm, &[1, 2, 3]),
             ])
         }
         fn populated(&mut self, _: GpaRange, _: &mut DirtyBitmap) -> Result<bool, HostError> {
@@ -693,6 +790,9 @@ mod tests {
         }
         fn pause(&mut self) -> Result<(), HostError> {
             self.paused.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn pause_devices(&mut self) -> Result<(), HostError> {
             Ok(())
         }
         fn resume(&mut self) -> Result<(), HostError> {
@@ -761,12 +861,18 @@ mod tests {
         // The last claim of every chunk, by every source, happened with the VM paused.
         let log = claims.lock().expect("log");
         let chunks = PAGES * PAGE_SIZE / (1 << 20);
-        let paused_claims = log.iter().filter(|(_, p)| *p).count() as u64;
+        let paused_claims = log.iter().filter(|(_, _, p)| *p).count() as u64;
         assert_eq!(paused_claims, 2 * chunks, "{log:?}");
         assert!(log
             .iter()
             .rev()
             .take(paused_claims as usize)
-            .all(|(_, p)| *p));
+            .all(|(_, _, p)| *p));
+        // Every chunk, in every pass: KVM's claim (clear) first, then DMA's read-and-clear.
+        for pair in log.chunks(2) {
+            assert_eq!(pair[0].0, SourceKind::Kvm, "{log:?}");
+            assert_eq!(pair[1].0, SourceKind::Dma, "{log:?}");
+            assert_eq!(pair[0].1, pair[1].1, "both claims cover the same chunk");
+        }
     }
 }

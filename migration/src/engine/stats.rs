@@ -1,6 +1,7 @@
 //! Migration progress, updated by the engine with atomics and read by the API thread at any time
 //! without waiting for the migration thread. Also carries the cancel request.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -63,6 +64,45 @@ pub struct DirtyPagesBySource {
     pub dma: u64,
 }
 
+/// Which pass over guest memory an [`IterationRecord`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassKind {
+    /// Iteration 0: every page (never-written memory as zero markers).
+    Full,
+    /// A pre-copy iteration: the pages dirtied since their last claim.
+    Dirty,
+    /// The switchover pass, with vCPUs and devices stopped.
+    Final,
+}
+
+/// One pass over guest memory, as the history in `GET vm.migration` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IterationRecord {
+    /// Iteration number (0 = the full pass).
+    pub iteration: u64,
+    /// Which pass.
+    pub pass: PassKind,
+    /// Pages sent (data and zero markers), each once however many sources reported it.
+    pub pages_sent: u64,
+    /// Bytes put on the wire during the pass.
+    pub bytes_sent: u64,
+    /// Wall time of the pass in ms.
+    pub duration_ms: u64,
+    /// Dirty pages claimed per source kind during the pass (a page two kinds reported counts for
+    /// both).
+    pub dirty_pages: DirtyPagesBySource,
+    /// DMA dirty pages claimed per tracking domain (its label names the devices).
+    pub dma_pages_by_source: BTreeMap<String, u64>,
+    /// Expected downtime estimated before the pass, in ms (0 for the full and final passes).
+    pub expected_downtime_ms: u64,
+    /// Bandwidth the estimate used, bytes/s.
+    pub bandwidth_bytes_per_sec: u64,
+}
+
+/// Most passes kept in the history (the oldest are dropped beyond this).
+pub const HISTORY_LIMIT: usize = 1024;
+
 /// A plain copy of the stats at one instant (what `GET vm.migration` returns).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStatsSnapshot {
@@ -82,6 +122,10 @@ pub struct MigrationStatsSnapshot {
     pub dirty_pages_per_sec: u64,
     /// Dirty pages per source kind.
     pub dirty_pages: DirtyPagesBySource,
+    /// DMA dirty pages per tracking domain (cumulative; the label names the devices).
+    pub dma_pages_by_source: BTreeMap<String, u64>,
+    /// One record per finished pass over guest memory.
+    pub history: Vec<IterationRecord>,
     /// Pages sent as data.
     pub data_pages: u64,
     /// Pages sent as zero markers.
@@ -127,6 +171,9 @@ pub struct MigrationStats {
     // Written once when a migration fails; readers take the lock only to clone the text.
     error: Mutex<Option<String>>,
     started: Mutex<Option<Instant>>,
+    // DMA pages by source label; touched once per DMA claim, read by snapshots.
+    dma_by_source: Mutex<BTreeMap<String, u64>>,
+    history: Mutex<Vec<IterationRecord>>,
 }
 
 impl Default for MigrationStats {
@@ -171,6 +218,8 @@ impl MigrationStats {
             setup_time_ms: AtomicU64::new(UNSET),
             error: Mutex::new(None),
             started: Mutex::new(None),
+            dma_by_source: Mutex::new(BTreeMap::new()),
+            history: Mutex::new(Vec::new()),
         }
     }
 
@@ -215,6 +264,11 @@ impl MigrationStats {
         self.start_unix_ms.store(unix_ms(), Ordering::Relaxed);
         *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.dma_by_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.set_status(MigrationStatus::Setup);
     }
 
@@ -240,12 +294,21 @@ impl MigrationStats {
         }
     }
 
+    pub(crate) fn snapshot_iteration(&self) -> u64 {
+        self.iteration.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn set_iteration(&self, v: u64) {
         self.iteration.store(v, Ordering::Relaxed);
     }
 
     pub(crate) fn add_transferred(&self, bytes: u64) {
         self.transferred_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes put on the wire so far (cheap: no snapshot).
+    pub fn transferred_bytes(&self) -> u64 {
+        self.transferred_bytes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn add_pages(&self, data: u64, zero: u64) {
@@ -265,13 +328,29 @@ impl MigrationStats {
         self.dirty_rate.store(pages_per_sec, Ordering::Relaxed);
     }
 
-    pub(crate) fn add_dirty(&self, kind: SourceKind, pages: u64) {
+    pub(crate) fn add_dirty(&self, kind: SourceKind, label: &str, pages: u64) {
         let a = match kind {
             SourceKind::Kvm => &self.dirty_kvm,
             SourceKind::Vmm => &self.dirty_vmm,
             SourceKind::Dma => &self.dirty_dma,
         };
         a.fetch_add(pages, Ordering::Relaxed);
+        if kind == SourceKind::Dma {
+            *self
+                .dma_by_source
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(label.to_owned())
+                .or_insert(0) += pages;
+        }
+    }
+
+    pub(crate) fn push_history(&self, record: IterationRecord) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if h.len() >= HISTORY_LIMIT {
+            h.remove(0);
+        }
+        h.push(record);
     }
 
     pub(crate) fn set_expected_downtime(&self, ms: u64) {
@@ -315,6 +394,16 @@ impl MigrationStats {
                 vmm: self.dirty_vmm.load(Ordering::Relaxed),
                 dma: self.dirty_dma.load(Ordering::Relaxed),
             },
+            dma_pages_by_source: self
+                .dma_by_source
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            history: self
+                .history
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             expected_downtime_ms: self.expected_downtime_ms.load(Ordering::Relaxed),
@@ -336,8 +425,8 @@ mod tests {
         let s = MigrationStats::new();
         assert_eq!(s.snapshot().status, MigrationStatus::None);
         s.begin(1 << 30);
-        s.add_dirty(SourceKind::Dma, 5);
-        s.add_dirty(SourceKind::Kvm, 7);
+        s.add_dirty(SourceKind::Dma, "hwpt 3: edu0", 5);
+        s.add_dirty(SourceKind::Kvm, "kvm-log", 7);
         s.add_transferred(100);
         s.add_transferred(23);
         s.set_status(MigrationStatus::Active);
@@ -352,6 +441,8 @@ mod tests {
                 dma: 5
             }
         );
+        assert_eq!(snap.dma_pages_by_source.get("hwpt 3: edu0"), Some(&5));
+        assert_eq!(snap.dma_pages_by_source.len(), 1, "only DMA sources are listed");
         assert_eq!(snap.downtime_ms, None);
         let json = serde_json::to_value(&snap).expect("serializes");
         assert_eq!(json["status"], "active");

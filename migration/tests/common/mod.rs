@@ -3,6 +3,11 @@
 //! ordering only; memory, sockets, frames and vm-memory's dirty bitmap are the real ones.
 #![allow(dead_code)]
 
+pub mod dma;
+mod run;
+
+pub use run::{run, Run};
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -172,6 +177,9 @@ impl FakeKvmSource {
 impl DirtySource for FakeKvmSource {
     fn kind(&self) -> SourceKind {
         SourceKind::Kvm
+    }
+    fn label(&self) -> &str {
+        "fake-kvm"
     }
     fn start(&mut self) -> Result<(), DirtySourceError> {
         Ok(())
@@ -343,6 +351,10 @@ pub struct FakeHost {
     pub kvm_fail_when_paused: bool,
     /// Answer `populated` from /proc/self/pagemap (else "unknown").
     pub use_populated_hint: bool,
+    /// A passthrough device whose DMA the host stops at `pause_devices`.
+    pub dma: Option<Arc<dma::FakeDma>>,
+    /// More sources handed to the engine as they are (taken by the first `dirty_sources`).
+    pub extra_sources: Vec<Box<dyn DirtySource>>,
 }
 
 impl FakeHost {
@@ -376,6 +388,8 @@ impl FakeHost {
             kvm_fail_claim_after: None,
             kvm_fail_when_paused: false,
             use_populated_hint: true,
+            dma: None,
+            extra_sources: Vec::new(),
         }
     }
 }
@@ -399,7 +413,15 @@ impl MigrationHost for FakeHost {
             kvm.fail_when_paused = Some(self.guest.ctl.clone());
         }
         let vmm = VmmWriteSource::new(&self.mem).map_err(|e| HostError::new("dirty sources", e))?;
-        Ok(vec![Box::new(kvm), Box::new(vmm)])
+        let mut sources: Vec<Box<dyn DirtySource>> = Vec::new();
+        // Listed first on purpose: the engine, not the host, puts KVM's claim before DMA's.
+        if let Some(d) = &self.dma {
+            sources.push(d.source());
+        }
+        sources.append(&mut self.extra_sources);
+        sources.push(Box::new(kvm));
+        sources.push(Box::new(vmm));
+        Ok(sources)
     }
     fn populated(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, HostError> {
         if !self.use_populated_hint {
@@ -413,7 +435,17 @@ impl MigrationHost for FakeHost {
         self.log.push("pause");
         Ok(())
     }
+    fn pause_devices(&mut self) -> Result<(), HostError> {
+        if let Some(d) = &self.dma {
+            d.pause();
+        }
+        self.log.push("pause_devices");
+        Ok(())
+    }
     fn resume(&mut self) -> Result<(), HostError> {
+        if let Some(d) = &self.dma {
+            d.resume();
+        }
         self.guest.resume();
         self.log.push("resume");
         Ok(())

@@ -14,23 +14,27 @@ impl Source<'_> {
         self.stats.set_status(MigrationStatus::Completing);
         self.host.pause().map_err(MigrationError::Host)?;
         self.paused = true;
+        // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
+        // read: a device write after that read would be lost.
+        self.host.pause_devices().map_err(MigrationError::Host)?;
         let paused_at = Instant::now();
         // The VM is paused: a destination that stops reading must not stall it for long.
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "switchover");
         if !self.params.local {
-            // Final claim of everything, with every vCPU and device stopped.
-            for s in &mut self.sources {
-                s.sync().map_err(MigrationError::DirtySource)?;
-            }
-            let mut remaining = 0;
-            for (range, lane) in self.chunks() {
-                self.check_abort(true)?;
-                let bits = self.claim(range, true)?;
-                remaining += self.send_pages(range, Some(&bits), lane, true)?;
-            }
+            // The final pass, with every vCPU and device stopped: nothing can dirty a page after
+            // its claim now.
+            self.sync_sources()?;
+            let iteration = self.stats.snapshot_iteration() + 1;
+            let pages = self.pass(PassPlan {
+                kind: PassKind::Final,
+                iteration,
+                skip_unplanned: false,
+                expected_downtime_ms: 0,
+                bandwidth: 0,
+            })?;
             self.stats.set_remaining(0);
-            log::info!("switchover: {remaining} pages after pause");
+            log::info!("switchover: {pages} pages after pause");
         }
         let state = self.host.save_state().map_err(MigrationError::Host)?;
         self.check_abort(true)?;
@@ -125,8 +129,10 @@ impl Source<'_> {
         if let Some(h) = self.watcher.take() {
             let _ = h.join();
         }
-        if self.sources_started {
-            for s in &mut self.sources {
+        if self.sources_started > 0 {
+            let started = self.sources_started;
+            self.sources_started = 0;
+            for s in &mut self.sources[..started] {
                 if let Err(e) = s.stop() {
                     log::warn!("stopping dirty tracking: {}", error_chain(&e));
                 }
