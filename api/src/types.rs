@@ -7,6 +7,8 @@
 //! Request bodies are validated while they are parsed (`deny_unknown_fields`, URL syntax, ranges), so a
 //! handler never sees an invalid request: a bad body is a 400 before the VMM is asked anything.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::url::MigrationUrl;
@@ -322,6 +324,53 @@ pub struct DirtyPagesBySource {
     pub dma: u64,
 }
 
+/// Which pass over guest memory a [`MigrationIteration`] describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPass {
+    /// Iteration 0: every page of guest memory (never-written pages as zero markers).
+    #[default]
+    Full,
+    /// A pre-copy iteration: the pages dirtied since they were last sent, guest running.
+    Dirty,
+    /// The switch-over pass, with vCPUs and devices stopped.
+    Final,
+}
+
+impl MigrationPass {
+    /// Every pass, in declaration order (used by the spec test).
+    pub const ALL: [MigrationPass; 3] = [
+        MigrationPass::Full,
+        MigrationPass::Dirty,
+        MigrationPass::Final,
+    ];
+}
+
+/// One finished pass over guest memory, as `MigrationStatus::iterations` lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MigrationIteration {
+    /// Iteration number (0 = the full pass).
+    pub iteration: u64,
+    pub pass: MigrationPass,
+    /// Pages sent (data and zero markers), each once however many sources reported it.
+    pub pages_sent: u64,
+    /// Bytes put on the wire during the pass.
+    pub bytes_sent: u64,
+    /// Wall time of the pass.
+    pub duration_ms: u64,
+    /// Dirty pages claimed from each source during the pass (a page two sources reported counts
+    /// for both).
+    pub dirty_pages_by_source: DirtyPagesBySource,
+    /// DMA dirty pages claimed during the pass, per DMA tracking domain; the key names the domain
+    /// and its devices, e.g. `"hwpt 3: edu0"`.
+    pub dma_pages_by_device: BTreeMap<String, u64>,
+    /// Downtime estimated before the pass (0 for the full and final passes).
+    pub expected_downtime_ms: u64,
+    /// Bandwidth that estimate used.
+    pub bandwidth_bytes_per_s: u64,
+}
+
 /// Answer to `GET vm.migration`: progress and, once terminal, the result of the migration.
 ///
 /// The engine keeps its counters in atomics and snapshots them into this struct; every counter is
@@ -343,6 +392,12 @@ pub struct MigrationStatus {
     /// Rate at which the guest and devices dirty pages, all sources united.
     pub dirty_pages_per_s: u64,
     pub dirty_pages_by_source: DirtyPagesBySource,
+    /// DMA dirty pages per DMA tracking domain since the migration started; the key names the
+    /// domain and its devices, e.g. `"hwpt 3: edu0"`. Empty without passthrough devices.
+    pub dma_pages_by_device: BTreeMap<String, u64>,
+    /// One entry per finished pass over guest memory, oldest first (the engine keeps the last
+    /// 1024).
+    pub iterations: Vec<MigrationIteration>,
     /// Downtime if the VM were paused now: remaining bytes and state size over the bandwidth.
     pub expected_downtime_ms: u64,
     /// vCPU throttle applied by auto-converge, in percent (0 when off).
@@ -504,5 +559,28 @@ mod tests {
         assert_eq!(s.status, MigrationState::Active);
         assert_eq!(s.iteration, 3);
         assert_eq!(s.downtime_ms, None);
+        assert!(s.dma_pages_by_device.is_empty() && s.iterations.is_empty());
+        let s: MigrationStatus = serde_json::from_value(json!({
+            "status": "completed",
+            "dma_pages_by_device": {"hwpt 3: edu0": 12},
+            "iterations": [{"iteration": 2, "pass": "final", "pages_sent": 40}],
+        }))
+        .unwrap();
+        assert_eq!(s.dma_pages_by_device["hwpt 3: edu0"], 12);
+        assert_eq!(s.iterations[0].pass, MigrationPass::Final);
+        assert_eq!(s.iterations[0].pages_sent, 40);
+        assert_eq!(
+            s.iterations[0].dirty_pages_by_source,
+            DirtyPagesBySource::default()
+        );
+    }
+
+    #[test]
+    fn migration_pass_names_are_snake_case() {
+        let names: Vec<_> = MigrationPass::ALL
+            .iter()
+            .map(|p| serde_json::to_value(p).unwrap())
+            .collect();
+        assert_eq!(names, [json!("full"), json!("dirty"), json!("final")]);
     }
 }

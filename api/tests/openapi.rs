@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
+use tern_api::types::{MigrationIteration, MigrationPass};
 use tern_api::{
     DeviceInfo, DirtyPagesBySource, Endpoint, IommuCapabilities, MigrationState, MigrationStatus,
     TimeoutStrategy, VmConfigInfo, VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmState,
@@ -56,6 +57,34 @@ fn keys(value: &Value) -> BTreeSet<String> {
 
 fn send_data() -> VmSendMigrationData {
     VmSendMigrationData::new("tcp:127.0.0.1:6000".parse().unwrap())
+}
+
+/// A pass with every collection filled, so nested types are checked too.
+fn iteration() -> MigrationIteration {
+    MigrationIteration {
+        iteration: 2,
+        pass: MigrationPass::Dirty,
+        pages_sent: 100,
+        bytes_sent: 409_600,
+        duration_ms: 3,
+        dirty_pages_by_source: DirtyPagesBySource {
+            kvm: 90,
+            vmm: 1,
+            dma: 9,
+        },
+        dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
+        expected_downtime_ms: 1,
+        bandwidth_bytes_per_s: 1 << 30,
+    }
+}
+
+fn migration_status() -> MigrationStatus {
+    MigrationStatus {
+        status: MigrationState::Active,
+        dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
+        iterations: vec![iteration()],
+        ..MigrationStatus::default()
+    }
 }
 
 #[test]
@@ -188,6 +217,14 @@ fn schema_fields_match_serialized_types() {
             serde_json::to_value(MigrationStatus::default()).unwrap(),
         ),
         (
+            "MigrationStatus",
+            serde_json::to_value(migration_status()).unwrap(),
+        ),
+        (
+            "MigrationIteration",
+            serde_json::to_value(iteration()).unwrap(),
+        ),
+        (
             "DirtyPagesBySource",
             serde_json::to_value(DirtyPagesBySource::default()).unwrap(),
         ),
@@ -198,12 +235,14 @@ fn schema_fields_match_serialized_types() {
         // Types match too: what the code emits is what the spec's type says.
         for (field, v) in value.as_object().unwrap() {
             let prop = resolve(&spec, &schema(&spec, name)["properties"][field]);
-            check_type(name, field, prop, v);
+            check_type(&spec, name, field, prop, v);
         }
     }
 }
 
-fn check_type(schema_name: &str, field: &str, prop: &Value, v: &Value) {
+/// Checks `v` against the spec's `prop`, and what it contains against the spec's nested schemas:
+/// an object schema's properties, an array's items, a map's `additionalProperties`.
+fn check_type(spec: &Value, schema_name: &str, field: &str, prop: &Value, v: &Value) {
     let ty = prop["type"].as_str();
     let ok = match (ty, v) {
         (_, Value::Null) => {
@@ -221,6 +260,36 @@ fn check_type(schema_name: &str, field: &str, prop: &Value, v: &Value) {
         "{schema_name}.{field}: spec type {ty:?} (nullable {}) but code emits {v}",
         prop["nullable"]
     );
+    match v {
+        Value::Array(items) => {
+            let item = resolve(spec, &prop["items"]);
+            for (i, x) in items.iter().enumerate() {
+                check_type(spec, schema_name, &format!("{field}[{i}]"), item, x);
+            }
+        }
+        Value::Object(map) => {
+            if let Some(props) = prop["properties"].as_object() {
+                let spec_keys: BTreeSet<_> = props.keys().cloned().collect();
+                assert_eq!(spec_keys, keys(v), "{schema_name}.{field} properties");
+                for (k, x) in map {
+                    let p = resolve(spec, &props[k]);
+                    check_type(spec, schema_name, &format!("{field}.{k}"), p, x);
+                }
+            } else {
+                let values = prop
+                    .get("additionalProperties")
+                    .filter(|a| a.is_object())
+                    .unwrap_or_else(|| {
+                        panic!("{schema_name}.{field}: a map needs additionalProperties")
+                    });
+                let values = resolve(spec, values);
+                for (k, x) in map {
+                    check_type(spec, schema_name, &format!("{field}[{k:?}]"), values, x);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[test]
@@ -256,6 +325,7 @@ fn enum_values_match_serde_names() {
         ("VmState", names(&VmState::ALL)),
         ("MigrationState", names(&MigrationState::ALL)),
         ("TimeoutStrategy", names(&TimeoutStrategy::ALL)),
+        ("MigrationPass", names(&MigrationPass::ALL)),
     ];
     for (name, values) in cases {
         assert_eq!(
