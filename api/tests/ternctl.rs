@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use common::{FakeVmm, Harness};
+use tern_api::types::{MigrationIteration, MigrationPass};
 use tern_api::{
     DirtyPagesBySource, MigrationState, MigrationStatus, MigrationUrl, TimeoutStrategy, VmState,
 };
@@ -184,8 +185,9 @@ fn watch_without_tty_prints_lines_then_summary() {
             .push_back(progress(MigrationState::Setup, 0, 512 << 20));
         s.script
             .push_back(progress(MigrationState::Active, 1, 300 << 20));
-        s.script
-            .push_back(progress(MigrationState::Active, 2, 20 << 20));
+        let mut active = progress(MigrationState::Active, 2, 20 << 20);
+        active.dma_pages_by_device = [("hwpt 3: edu0".to_owned(), 5)].into();
+        s.script.push_back(active);
         s.script
             .push_back(progress(MigrationState::Completing, 3, 1 << 20));
         let mut done = progress(MigrationState::Completed, 3, 0);
@@ -197,6 +199,24 @@ fn watch_without_tty_prints_lines_then_summary() {
             vmm: 56,
             dma: 7,
         };
+        done.dma_pages_by_device = [("hwpt 3: edu0".to_owned(), 7)].into();
+        let pass =
+            |iteration, pass, pages_sent: u64, kvm, dma, expected_downtime_ms| MigrationIteration {
+                iteration,
+                pass,
+                pages_sent,
+                bytes_sent: pages_sent * 4096,
+                duration_ms: pages_sent / 1000,
+                dirty_pages_by_source: DirtyPagesBySource { kvm, vmm: 0, dma },
+                dma_pages_by_device: [("hwpt 3: edu0".to_owned(), dma)].into(),
+                expected_downtime_ms,
+                bandwidth_bytes_per_s: 1 << 30,
+            };
+        done.iterations = vec![
+            pass(0, MigrationPass::Full, 131_072, 0, 0, 0),
+            pass(1, MigrationPass::Dirty, 1_200, 1_190, 5, 12),
+            pass(2, MigrationPass::Final, 50, 44, 2, 0),
+        ];
         s.script.push_back(done);
     }
     let h = Harness::start(vmm);
@@ -213,16 +233,39 @@ fn watch_without_tty_prints_lines_then_summary() {
             "line {i}: {text}"
         );
     }
+    assert!(
+        lines[2].ends_with(" · dma [hwpt 3: edu0] 5"),
+        "line 2: {text}"
+    );
     for want in [
         "downtime:     6 ms",
         "total time:   48 ms",
         "setup time:   3 ms",
         "iterations:   3",
         "dirty pages:  kvm 1234, vmm 56, dma 7",
+        "dma pages:    [hwpt 3: edu0] 7",
         "(201326592 bytes) of 512.00 MiB",
     ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
+    // The history table: a header, then one row per pass whose columns read back.
+    let header = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("iter "))
+        .unwrap_or_else(|| panic!("no history table in:\n{text}"));
+    let rows: Vec<Vec<&str>> = lines[header + 1..]
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ["0", "full", "131072", "512.0", "131", "0", "0", "0", "-"].as_slice(),
+            ["1", "dirty", "1200", "4.7", "1", "1190", "0", "5", "12", "ms"].as_slice(),
+            ["2", "final", "50", "0.2", "0", "44", "0", "2", "-"].as_slice(),
+        ],
+        "{text}"
+    );
 }
 
 #[test]
