@@ -35,6 +35,8 @@ mkdir -p "$dir"
 timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
     --guest demo,mib=8 --memory 128M --device "path=$edu,id=edu0,iommufd=on" 2>"$dir/a.err" &
 a=$!
+# An early exit must not leave tern holding the device for the next scenario.
+trap 'kill $a 2>/dev/null' EXIT
 i=0
 while [ ! -S "$dir/a.sock" ]; do
     i=$((i + 1))
@@ -43,8 +45,11 @@ while [ ! -S "$dir/a.sock" ]; do
 done
 ternctl --api-socket "$dir/a.sock" info >"$dir/info" 2>&1
 cat "$dir/info"
-ternctl --api-socket "$dir/a.sock" shutdown-vmm
+ternctl --api-socket "$dir/a.sock" shutdown-vmm || { lab_log "shutdown-vmm failed"; exit 1; }
 wait "$a"
+rc=$?
+a=
+[ "$rc" -eq 0 ] || { lab_log "tern exited with $rc after shutdown-vmm"; cat "$dir/a.err"; exit 1; }
 if ! grep -q '"backend": "iommufd"' "$dir/info" || ! grep -q '"hw_dirty_tracking": false' "$dir/info"; then
     lab_log "vm.info does not show edu0 on iommufd without hardware dirty tracking (emulated VT-d has none)"
     exit 1

@@ -84,6 +84,8 @@ mkdir -p "$dir"
 timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
     --guest demo,mib=8 --memory 128M --device "path=$edu,id=edu0" 2>"$dir/a.err" &
 a=$!
+# An early exit must not leave tern holding the device for the next scenario.
+trap 'kill $a 2>/dev/null' EXIT
 i=0
 while [ ! -S "$dir/a.sock" ]; do
     i=$((i + 1))
@@ -104,6 +106,9 @@ if [ "$src" -eq 0 ] || ! grep -q 'passthrough' "$dir/send.out"; then
     exit 1
 fi
 ternctl --api-socket "$dir/a.sock" ping >/dev/null || { lab_log "tern died after the refusal"; exit 1; }
-ternctl --api-socket "$dir/a.sock" shutdown-vmm
+ternctl --api-socket "$dir/a.sock" shutdown-vmm || { lab_log "shutdown-vmm failed"; exit 1; }
 wait "$a"
+rc=$?
+a=
+[ "$rc" -eq 0 ] || { lab_log "tern exited with $rc after shutdown-vmm"; cat "$dir/a.err"; exit 1; }
 lab_log "vm.info lists the device, send-migration refused, VM kept running"
