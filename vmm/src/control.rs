@@ -222,6 +222,32 @@ fn convert_url(url: &ApiUrl) -> MigrationUrl {
 }
 
 fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
+    use tern_api::types::{MigrationIteration, MigrationPass};
+    use tern_migration::engine::{DirtyPagesBySource as EngineDirtyPages, PassKind};
+    let dirty = |d: &EngineDirtyPages| ApiDirtyPages {
+        kvm: d.kvm,
+        vmm: d.vmm,
+        dma: d.dma,
+    };
+    let iterations = s
+        .history
+        .iter()
+        .map(|r| MigrationIteration {
+            iteration: r.iteration,
+            pass: match r.pass {
+                PassKind::Full => MigrationPass::Full,
+                PassKind::Dirty => MigrationPass::Dirty,
+                PassKind::Final => MigrationPass::Final,
+            },
+            pages_sent: r.pages_sent,
+            bytes_sent: r.bytes_sent,
+            duration_ms: r.duration_ms,
+            dirty_pages_by_source: dirty(&r.dirty_pages),
+            dma_pages_by_device: r.dma_pages_by_source.clone(),
+            expected_downtime_ms: r.expected_downtime_ms,
+            bandwidth_bytes_per_s: r.bandwidth_bytes_per_sec,
+        })
+        .collect();
     let status = match s.status {
         EngineStatus::None => ApiMigrationState::None,
         EngineStatus::Setup => ApiMigrationState::Setup,
@@ -239,11 +265,9 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         remaining_bytes: s.remaining_bytes,
         bandwidth_bytes_per_s: s.bandwidth_bytes_per_sec,
         dirty_pages_per_s: s.dirty_pages_per_sec,
-        dirty_pages_by_source: ApiDirtyPages {
-            kvm: s.dirty_pages.kvm,
-            vmm: s.dirty_pages.vmm,
-            dma: s.dirty_pages.dma,
-        },
+        dirty_pages_by_source: dirty(&s.dirty_pages),
+        dma_pages_by_device: s.dma_pages_by_source.clone(),
+        iterations,
         expected_downtime_ms: s.expected_downtime_ms,
         cpu_throttle_percent: u8::try_from(s.throttle_percent).unwrap_or(u8::MAX),
         downtime_ms: s.downtime_ms,
@@ -255,10 +279,13 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
 
 impl ApiHandler for Controller {
     fn vmm_ping(&self) -> Result<VmmPingResponse, ApiError> {
+        // Probe outside the lock: without a VM it opens /dev/kvm.
+        let machine = self.lock().machine.clone();
+        let facts = crate::features::probe(&self.kvm_path, machine.as_deref());
         Ok(VmmPingResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
-            features: vec!["dirty-log-manual-clear".into(), "local-migration".into()],
+            features: crate::features::feature_names(&facts),
         })
     }
 

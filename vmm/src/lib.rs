@@ -13,6 +13,7 @@ pub mod control;
 pub mod demo;
 pub mod device_manager;
 pub mod dirty;
+pub mod features;
 pub mod machine;
 pub mod migration;
 pub mod pci_manager;
