@@ -33,8 +33,8 @@ pub use handler::ApiHandler;
 pub use router::{Endpoint, HttpMethod, API_PREFIX};
 pub use server::{ApiServer, ApiServerError, ServerOptions};
 pub use types::{
-    DeviceInfo, DirtyPagesBySource, IommuCapabilities, MigrationState, MigrationStatus,
-    SendMigrationDataError, TimeoutStrategy, VmConfigInfo, VmInfo, VmReceiveMigrationData,
-    VmSendMigrationData, VmState, VmmPingResponse,
+    DeviceInfo, DirtyPagesBySource, DmaDirtyInfo, IommuCapabilities, MigrationState,
+    MigrationStatus, SendMigrationDataError, TimeoutStrategy, VmConfigInfo, VmInfo,
+    VmReceiveMigrationData, VmSendMigrationData, VmState, VmmPingResponse,
 };
 pub use url::{MigrationUrl, MigrationUrlError};

@@ -88,6 +88,20 @@ pub struct DeviceInfo {
     /// Set for DMA-capable passthrough devices only.
     #[serde(default)]
     pub iommu: Option<IommuCapabilities>,
+    /// How migration tracks the device's DMA writes; set for DMA-capable devices only.
+    #[serde(default)]
+    pub dma_dirty: Option<DmaDirtyInfo>,
+}
+
+/// The DMA dirty-tracking method chosen for a device, from what the kernel reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaDirtyInfo {
+    /// `iommufd` (IOMMU HWPT dirty tracking), `dma-logging`, `type1`, or `none`.
+    pub method: String,
+    /// Migration can proceed as far as DMA tracking goes.
+    pub migratable: bool,
+    /// Why this method, or what is missing.
+    pub reason: String,
 }
 
 /// Answer to `GET vm.info`.

@@ -98,13 +98,19 @@ if ! grep -q 'edu0' "$dir/info" || ! grep -q 'vfio-pci' "$dir/info" || ! grep -q
     lab_log "vm.info does not list edu0 as a vfio-pci device with its type1 IOMMU"
     exit 1
 fi
+# edu on type1 has no IOMMU dirty tracking and no DMA logging, and type1 would report every page:
+# vm.info says so, and vm.send-migration is refused before anything pauses, naming the device and
+# the opt-in.
+grep -q '"method": *"none"' "$dir/info" || { lab_log "vm.info does not show edu0's DMA dirty method as none"; exit 1; }
+before=$(passes "$dir/a.log")
 ternctl --api-socket "$dir/a.sock" send-migration "unix:$dir/x.mig" >"$dir/send.out" 2>&1
 src=$?
 lab_log "send-migration: exit $src: $(cat "$dir/send.out")"
-if [ "$src" -eq 0 ] || ! grep -q 'passthrough' "$dir/send.out"; then
-    lab_log "send-migration of a VM with a passthrough device was not refused with a clear error"
+if [ "$src" -eq 0 ] || ! grep -q 'edu0' "$dir/send.out" || ! grep -q 'dirty=type1' "$dir/send.out"; then
+    lab_log "send-migration of a VM with edu was not refused naming edu0 and the dirty=type1 opt-in"
     exit 1
 fi
+wait_progress "$dir/a.log" "$before" || { lab_log "the guest stopped after the refusal"; exit 1; }
 ternctl --api-socket "$dir/a.sock" ping >/dev/null || { lab_log "tern died after the refusal"; exit 1; }
 ternctl --api-socket "$dir/a.sock" shutdown-vmm || { lab_log "shutdown-vmm failed"; exit 1; }
 wait "$a"

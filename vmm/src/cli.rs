@@ -48,6 +48,13 @@ pub struct Cli {
     /// path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off].
     #[arg(long = "device", value_name = "path=PATH[,id=ID][,iommufd=on|off]")]
     pub devices: Vec<String>,
+    /// Lab-only DMA device on the iommufd selftest (needs CONFIG_IOMMUFD_TEST): writes guest
+    /// pages behind KVM's back through a dirty-tracking mock IOMMU.
+    #[arg(
+        long = "mock-dma",
+        value_name = "id=ID,gpa-mib=N,mib=N,pages-per-s=N,dirty=auto|none"
+    )]
+    pub mock_dma: Option<String>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
@@ -62,6 +69,8 @@ pub enum CliError {
     Guest(#[from] crate::demo::config::DemoConfigError),
     #[error(transparent)]
     Device(#[from] tern_devices::vfio::spec::VfioSpecError),
+    #[error(transparent)]
+    MockDma(#[from] tern_devices::vfio::mock_dma::MockDmaSpecError),
     #[error("--device: id {0:?} given to two devices")]
     DuplicateDeviceId(String),
 }
@@ -121,6 +130,7 @@ impl Cli {
             serial: parse_serial(&self.serial)?,
             dirty_tracking: parse_dirty_tracking(&self.dirty_tracking)?,
             devices,
+            mock_dma: self.mock_dma.as_deref().map(str::parse).transpose()?,
         }))
     }
 }
@@ -188,11 +198,13 @@ mod tests {
                     path: "/sys/bus/pci/devices/0000:00:03.0".into(),
                     id: "0000:00:03.0".into(),
                     iommufd: false,
+                    dirty: Default::default(),
                 },
                 PassthroughConfig {
                     path: "/sys/bus/pci/devices/0000:00:04.0".into(),
                     id: "nic".into(),
                     iommufd: true,
+                    dirty: Default::default(),
                 },
             ]
         );

@@ -22,6 +22,9 @@ pub struct VmConfig {
     /// VFIO passthrough devices (`--device`, repeatable).
     #[serde(default)]
     pub devices: Vec<PassthroughConfig>,
+    /// The lab-only DMA device on the iommufd selftest (`--mock-dma`).
+    #[serde(default)]
+    pub mock_dma: Option<tern_devices::vfio::mock_dma::MockDmaSpec>,
 }
 
 /// One VFIO passthrough device.
@@ -33,6 +36,9 @@ pub struct PassthroughConfig {
     pub id: String,
     /// cdev + iommufd backend instead of the type1 container.
     pub iommufd: bool,
+    /// How migration tracks the device's DMA (`dirty=`).
+    #[serde(default)]
+    pub dirty: tern_devices::vfio::dma_dirty::method::DirtyChoice,
 }
 
 impl PassthroughConfig {
@@ -47,6 +53,7 @@ impl PassthroughConfig {
             } else {
                 VfioBackend::Type1
             },
+            dirty: self.dirty,
         }
     }
 }
@@ -57,6 +64,7 @@ impl From<tern_devices::vfio::spec::VfioDeviceSpec> for PassthroughConfig {
             path: s.path,
             id: s.id,
             iommufd: s.backend == tern_devices::vfio::spec::VfioBackend::Iommufd,
+            dirty: s.dirty,
         }
     }
 }

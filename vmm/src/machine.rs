@@ -235,6 +235,9 @@ impl Machine {
         let mut ring_maps = Vec::new();
         let (mut devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
         devices.add_passthrough(&ram, &config.devices)?;
+        if let Some(spec) = &config.mock_dma {
+            devices.add_mock_dma(&ram, spec)?;
+        }
         let base_cpuid = cpuid::supported(&kvm)?;
         let mut fds = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -304,8 +307,11 @@ impl Machine {
         })
     }
 
-    /// Lets every vCPU run.
+    /// Lets every device's DMA and then every vCPU run.
     pub fn resume(&self) {
+        if let Err(e) = self.devices.resume_dma() {
+            eprintln!("tern: warning: {e}");
+        }
         for v in &self.vcpus {
             v.resume();
         }

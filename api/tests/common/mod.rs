@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tern_api::{
-    ApiError, ApiHandler, ApiServer, DeviceInfo, IommuCapabilities, MigrationState,
+    ApiError, ApiHandler, ApiServer, DeviceInfo, DmaDirtyInfo, IommuCapabilities, MigrationState,
     MigrationStatus, ServerOptions, VmConfigInfo, VmInfo, VmReceiveMigrationData,
     VmSendMigrationData, VmState, VmmPingResponse,
 };
@@ -74,6 +74,7 @@ pub fn sample_info(state: VmState) -> VmInfo {
                 kind: "serial".into(),
                 backend: Some("stdout".into()),
                 iommu: None,
+                dma_dirty: None,
             },
             DeviceInfo {
                 id: "vfio0".into(),
@@ -84,6 +85,11 @@ pub fn sample_info(state: VmState) -> VmInfo {
                     hw_dirty_tracking: true,
                     device_dma_logging: false,
                     vfio_migration: true,
+                }),
+                dma_dirty: Some(DmaDirtyInfo {
+                    method: "iommufd".into(),
+                    migratable: true,
+                    reason: "the IOMMU tracks dirty pages".into(),
                 }),
             },
         ],

@@ -7,6 +7,7 @@ pub mod iommufd_hwpt_dirty;
 pub mod iommufd_test;
 pub mod iova;
 pub mod uapi_size;
+pub mod vfio_dma_logging_probe;
 pub mod vfio_dma_map;
 pub mod vfio_region_mmap;
 pub mod vfio_type1_dirty;

@@ -16,6 +16,11 @@ use vfio_ioctls::{VfioContainer, VfioError};
 use crate::sys::iova::Iova;
 use crate::sys::vfio_dma_map;
 
+/// Guest RAM is DMA-mapped in pieces of at most this size: type1 reads dirty bits only for whole
+/// mappings, so a 64 MiB migration chunk then reads just its own mapping (64 GiB of RAM is 1024
+/// mappings, far below type1's default limit of 65535).
+pub const DMA_MAP_CHUNK: u64 = 64 << 20;
+
 /// One range of guest RAM as the host sees it: where the guest has it (the IOVA, since tern maps
 /// IOVA = GPA) and where tern's process has it mapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,20 +82,28 @@ impl Type1Dma {
     /// recorded and are unmapped by [`Type1Dma::unmap_all`] or on drop.
     pub fn map(&mut self, ranges: &[GuestRamRange]) -> Result<(), Type1Error> {
         for r in ranges {
-            let len = usize::try_from(r.len).map_err(|_| Type1Error::RangeTooLarge {
-                iova: r.iova,
-                len: r.len,
-            })?;
-            // Guest RAM outlives the mapping: the VM's device manager, which owns this, is dropped
-            // (and the range unmapped) before its `GuestRam`.
-            vfio_dma_map::map_guest_ram(&self.container, r.iova, len, r.host_addr).map_err(
-                |source| Type1Error::MapDma {
-                    iova: r.iova,
-                    len: r.len,
-                    source,
-                },
-            )?;
-            self.mapped.push((r.iova, len));
+            let mut off = 0;
+            while off < r.len {
+                let piece = (r.len - off).min(DMA_MAP_CHUNK);
+                let iova = Iova(r.iova.0 + off);
+                let len = usize::try_from(piece)
+                    .map_err(|_| Type1Error::RangeTooLarge { iova, len: piece })?;
+                let host = usize::try_from(off)
+                    .ok()
+                    .and_then(|o| r.host_addr.checked_add(o))
+                    .ok_or(Type1Error::RangeTooLarge { iova, len: piece })?;
+                // Guest RAM outlives the mapping: the VM's device manager, which owns this, is
+                // dropped (and the range unmapped) before its `GuestRam`.
+                vfio_dma_map::map_guest_ram(&self.container, iova, len, host).map_err(
+                    |source| Type1Error::MapDma {
+                        iova,
+                        len: piece,
+                        source,
+                    },
+                )?;
+                self.mapped.push((iova, len));
+                off += piece;
+            }
         }
         Ok(())
     }

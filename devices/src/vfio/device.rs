@@ -33,6 +33,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bar_map::{direct_areas, BarMemory, DirectBars};
 use super::container::{GuestRamRange, Type1Dma, Type1Error};
+use super::dma_dirty::hwpt::HwptDirtySource;
+use super::dma_dirty::logging::DmaLoggingSource;
+use super::dma_dirty::method::{
+    select, DmaDirtyCaps, DmaDirtyMethod, DmaDirtySelection, MethodUnavailable,
+};
+use super::dma_dirty::type1::Type1DirtySource;
+use super::dma_dirty::MappedRange;
 use super::iommufd::{IommufdBackendError, IommufdDma};
 use super::preflight::{preflight, HostRoots, VfioPreflightError};
 use super::spec::{VfioBackend, VfioDeviceSpec};
@@ -41,7 +48,9 @@ use crate::pci::config::{ConfigSpace, PciIds};
 use crate::pci::msi::{MsiCap, MsiCapError, MsiRouteSink};
 use crate::pci::msix::{Msix, MsixError};
 use crate::pci::{MoveBarError, PciDevice, PciDeviceState, PciStateError};
+use crate::sys::vfio_dma_logging_probe::supports_dma_logging;
 use crate::sys::vfio_region_mmap::{page_size, RegionMapping};
+use tern_migration::dirty::DirtySource;
 
 /// A boxed error from the VMM's side of [`PciResources`].
 pub type ResourceError = Box<dyn std::error::Error + Send + Sync>;
@@ -124,6 +133,34 @@ impl VfioFunction for VfioDevice {
     }
 }
 
+/// The device shared with its DMA-logging dirty source.
+impl VfioFunction for Arc<VfioDevice> {
+    fn region_read(&self, index: u32, buf: &mut [u8], offset: u64) {
+        VfioFunction::region_read(&**self, index, buf, offset)
+    }
+    fn region_write(&self, index: u32, buf: &[u8], offset: u64) {
+        VfioFunction::region_write(&**self, index, buf, offset)
+    }
+    fn region_size(&self, index: u32) -> u64 {
+        VfioFunction::region_size(&**self, index)
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        VfioFunction::irq_count(&**self, index)
+    }
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioError> {
+        VfioFunction::enable_irq(&**self, index, fds)
+    }
+    fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
+        VfioFunction::disable_irq(&**self, index)
+    }
+    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
+        VfioFunction::mmap_areas(&**self, index)
+    }
+    fn mmap(&self, index: u32, offset: u64, len: u64) -> std::io::Result<RegionMapping> {
+        VfioFunction::mmap(&**self, index, offset, len)
+    }
+}
+
 /// Errors opening a passthrough device.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioDeviceError {
@@ -144,6 +181,12 @@ pub enum VfioDeviceError {
         id: String,
         #[source]
         source: Type1Error,
+    },
+    #[error("--device {id}: DMA dirty tracking")]
+    DirtyMethod {
+        id: String,
+        #[source]
+        source: MethodUnavailable,
     },
     #[error("--device {id}: cannot open the VFIO device")]
     Open {
@@ -193,6 +236,10 @@ pub struct VfioDeviceInfo {
     pub hw_dirty_tracking: bool,
     /// The device implements VFIO migration v2.
     pub vfio_migration: bool,
+    /// The device offers VFIO DMA logging (probed with VFIO_DEVICE_FEATURE_PROBE).
+    pub dma_logging: bool,
+    /// How migration learns which pages the device writes, and why.
+    pub dma_dirty: DmaDirtySelection,
     /// Bytes of guest RAM mapped for DMA.
     pub dma_mapped_bytes: u64,
 }
@@ -237,6 +284,8 @@ pub struct VfioPciDevice {
     device: Box<dyn VfioFunction>,
     // `None` only for the unit tests' fake function, whose DMA is nobody's.
     dma: Option<Dma>,
+    // The same device as `device`, for its DMA-logging dirty source (`None` for fakes).
+    vfio: Option<Arc<VfioDevice>>,
     config: ConfigSpace,
     bars: Vec<BarSpec>,
     msi: Option<MsiCap>,
@@ -380,18 +429,31 @@ impl VfioPciDevice {
         // Start from a known device state whatever the last user left behind (no-op for
         // functions without reset support).
         device.reset();
+        let caps = DmaDirtyCaps {
+            hwpt_dirty: matches!(&dma, Dma::Iommufd(d) if d.dirty_tracking()),
+            dma_logging: supports_dma_logging(&device),
+            type1: matches!(dma, Dma::Type1(_)),
+            mdev: matches!(target.kind, super::preflight::VfioDeviceKind::Mdev { .. }),
+        };
+        let dma_dirty =
+            select(spec.dirty, caps).map_err(|source| VfioDeviceError::DirtyMethod {
+                id: id.clone(),
+                source,
+            })?;
         let info = VfioDeviceInfo {
             id,
             sysfs: target.sysfs.clone(),
             backend: spec.backend,
-            hw_dirty_tracking: match &dma {
-                Dma::Type1(_) => false,
-                Dma::Iommufd(d) => d.dirty_tracking(),
-            },
+            hw_dirty_tracking: caps.hwpt_dirty,
             vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
+            dma_logging: caps.dma_logging,
+            dma_dirty,
             dma_mapped_bytes: ram.iter().map(|r| r.len).sum(),
         };
-        Self::emulate(info, Box::new(device), Some(dma), resources)
+        let device = Arc::new(device);
+        let mut dev = Self::emulate(info, Box::new(device.clone()), Some(dma), resources)?;
+        dev.vfio = Some(device);
+        Ok(dev)
     }
 
     /// Builds the guest's view of `device`: configuration space with its IDs, BARs at addresses
@@ -481,6 +543,7 @@ impl VfioPciDevice {
             info,
             device,
             dma,
+            vfio: None,
             config,
             bars,
             msi,
@@ -535,6 +598,46 @@ impl VfioPciDevice {
     /// What `vm.info` shows.
     pub fn info(&self) -> &VfioDeviceInfo {
         &self.info
+    }
+
+    /// A dirty source for the device's DMA by its selected method; `None` when nothing is
+    /// tracked (the operator's `dirty=none`, or no method: migration is then refused earlier).
+    pub fn dirty_source(&self) -> Option<Box<dyn DirtySource>> {
+        let id = self.info.id.as_str();
+        let mapped = |ranges: &[(crate::sys::iova::Iova, usize)]| -> Vec<MappedRange> {
+            ranges
+                .iter()
+                .map(|&(iova, len)| MappedRange {
+                    iova: iova.0,
+                    len: len as u64,
+                })
+                .collect()
+        };
+        match (self.info.dma_dirty.method?, self.dma.as_ref()?) {
+            (DmaDirtyMethod::Iommufd, Dma::Iommufd(d)) => Some(Box::new(HwptDirtySource::new(
+                d.ops().iommufd().clone(),
+                d.hwpt()?,
+                mapped(d.mapped()),
+                &[id],
+            ))),
+            (DmaDirtyMethod::Type1, Dma::Type1(d)) => Some(Box::new(Type1DirtySource::new(
+                d.container().clone(),
+                mapped(d.mapped()),
+                &[id],
+            ))),
+            (DmaDirtyMethod::DmaLogging, d) => {
+                let ranges = match d {
+                    Dma::Type1(t) => mapped(t.mapped()),
+                    Dma::Iommufd(i) => mapped(i.mapped()),
+                };
+                Some(Box::new(DmaLoggingSource::new(
+                    self.vfio.clone()?,
+                    ranges,
+                    id,
+                )))
+            }
+            _ => None,
+        }
     }
 
     /// Guest RAM ranges mapped for DMA now.

@@ -7,6 +7,8 @@
 pub mod bar_map;
 pub mod container;
 pub mod device;
+pub mod dma_dirty;
 pub mod iommufd;
+pub mod mock_dma;
 pub mod preflight;
 pub mod spec;

@@ -351,6 +351,7 @@ mod tests {
                 path: self.roots.sys.join("bus/pci/devices").join(bdf),
                 id: bdf.to_string(),
                 backend,
+                dirty: Default::default(),
             }
         }
 
@@ -537,6 +538,7 @@ mod tests {
             path: link,
             id: uuid.into(),
             backend: VfioBackend::Type1,
+            dirty: Default::default(),
         };
         let t = preflight(&spec, &h.roots).unwrap();
         assert_eq!(t.kind, VfioDeviceKind::Mdev { uuid: uuid.into() });
@@ -545,6 +547,7 @@ mod tests {
             path: h.roots.sys.join("bus"),
             id: "bus".into(),
             backend: VfioBackend::Type1,
+            dirty: Default::default(),
         };
         assert!(matches!(
             preflight(&not_dev, &h.roots),

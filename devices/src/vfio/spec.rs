@@ -1,8 +1,11 @@
-//! The user's description of a passthrough device: `path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off]`
+//! The user's description of a passthrough device:
+//! `path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off][,dirty=auto|iommufd|dma-logging|type1|none]`
 //! or `path=/sys/bus/mdev/devices/UUID[,...]`, parsed once with errors that name the bad part.
 
 use std::path::PathBuf;
 use std::str::FromStr;
+
+use super::dma_dirty::method::{BadDirtyChoice, DirtyChoice};
 
 /// Which kernel interface tern uses to reach the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub struct VfioDeviceSpec {
     /// Name used in the API and in errors; defaults to the path's last component.
     pub id: String,
     pub backend: VfioBackend,
+    /// How migration tracks the device's DMA (`dirty=`).
+    pub dirty: DirtyChoice,
 }
 
 /// Errors parsing a `--device` argument.
@@ -28,7 +33,7 @@ pub struct VfioDeviceSpec {
 pub enum VfioSpecError {
     #[error("--device needs path=/sys/bus/pci/devices/<BDF> or path=/sys/bus/mdev/devices/<UUID>")]
     MissingPath,
-    #[error("--device: unknown option {key:?} (known: path, id, iommufd)")]
+    #[error("--device: unknown option {key:?} (known: path, id, iommufd, dirty)")]
     UnknownKey { key: String },
     #[error("--device: {item:?} is not key=value")]
     NotKeyValue { item: String },
@@ -38,13 +43,15 @@ pub enum VfioSpecError {
     Duplicate { key: String },
     #[error("--device: id must not be empty")]
     EmptyId,
+    #[error("--device: {0}")]
+    BadDirty(#[from] BadDirtyChoice),
 }
 
 impl FromStr for VfioDeviceSpec {
     type Err = VfioSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut path, mut id, mut backend) = (None, None, None);
+        let (mut path, mut id, mut backend, mut dirty) = (None, None, None, None);
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = item
                 .split_once('=')
@@ -82,6 +89,11 @@ impl FromStr for VfioDeviceSpec {
                         return Err(dup());
                     }
                 }
+                "dirty" => {
+                    if dirty.replace(value.parse::<DirtyChoice>()?).is_some() {
+                        return Err(dup());
+                    }
+                }
                 _ => {
                     return Err(VfioSpecError::UnknownKey {
                         key: key.to_string(),
@@ -103,6 +115,7 @@ impl FromStr for VfioDeviceSpec {
             path,
             id,
             backend: backend.unwrap_or(VfioBackend::Type1),
+            dirty: dirty.unwrap_or_default(),
         })
     }
 }
@@ -126,6 +139,18 @@ mod tests {
                 .parse()
                 .unwrap();
         assert_eq!(s.id, "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001");
+        assert_eq!(s.dirty, DirtyChoice::Auto);
+        let s: VfioDeviceSpec = "path=/sys/bus/pci/devices/0000:00:04.0,dirty=type1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            s.dirty,
+            DirtyChoice::Force(super::super::dma_dirty::method::DmaDirtyMethod::Type1)
+        );
+        assert!(matches!(
+            "path=/a,dirty=fast".parse::<VfioDeviceSpec>(),
+            Err(VfioSpecError::BadDirty(_))
+        ));
     }
 
     #[test]

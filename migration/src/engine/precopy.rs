@@ -605,11 +605,7 @@ impl Source<'_> {
             } else {
                 // A source that cannot peek (type1, DMA logging) reports only when claimed: the
                 // last iteration's volume is the honest estimate of what the switchover sends.
-                expected_downtime_ms(
-                    remaining.max(last_iter_bytes),
-                    STATE_ESTIMATE_BYTES,
-                    bw,
-                )
+                expected_downtime_ms(remaining.max(last_iter_bytes), STATE_ESTIMATE_BYTES, bw)
             };
             self.stats.set_expected_downtime(expected);
             // A source that cannot peek leaves the remaining volume unknown: not zero.
@@ -743,10 +739,11 @@ mod tests {
             Ok(true)
         }
         fn claim(&mut self, r: GpaRange, out: &mut DirtyBitmap) -> Result<(), DirtySourceError> {
-            self.claims
-                .lock()
-                .expect("log")
-                .push((self.kind, r, self.paused.load(Ordering::SeqCst)));
+            self.claims.lock().expect("log").push((
+                self.kind,
+                r,
+                self.paused.load(Ordering::SeqCst),
+            ));
             self.peek(r, out)?;
             self.dirty
                 .retain(|&p| r.intersect(p * PAGE_SIZE, PAGE_SIZE).is_none());

@@ -268,7 +268,10 @@ impl MigrationStats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.history.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.set_status(MigrationStatus::Setup);
     }
 
@@ -442,7 +445,11 @@ mod tests {
             }
         );
         assert_eq!(snap.dma_pages_by_source.get("hwpt 3: edu0"), Some(&5));
-        assert_eq!(snap.dma_pages_by_source.len(), 1, "only DMA sources are listed");
+        assert_eq!(
+            snap.dma_pages_by_source.len(),
+            1,
+            "only DMA sources are listed"
+        );
         assert_eq!(snap.downtime_ms, None);
         let json = serde_json::to_value(&snap).expect("serializes");
         assert_eq!(json["status"], "active");

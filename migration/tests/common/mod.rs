@@ -6,6 +6,7 @@
 pub mod dma;
 mod run;
 
+#[allow(unused_imports)]
 pub use run::{run, Run};
 
 use std::collections::BTreeMap;

@@ -197,6 +197,10 @@ impl DirtySource for KvmDirtyLog {
         SourceKind::Kvm
     }
 
+    fn label(&self) -> &str {
+        "kvm-log"
+    }
+
     fn start(&mut self) -> Result<(), DirtySourceError> {
         if self.manual_flags != 0 {
             enable_manual_protect(self.vm.fd(), self.manual_flags)

@@ -204,6 +204,10 @@ impl DirtySource for KvmDirtyRing {
         SourceKind::Kvm
     }
 
+    fn label(&self) -> &str {
+        "kvm-ring"
+    }
+
     fn start(&mut self) -> Result<(), DirtySourceError> {
         let err = |e: KvmRingError| DirtySourceError::Start {
             kind: SourceKind::Kvm,

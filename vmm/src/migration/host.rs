@@ -48,7 +48,9 @@ impl MigrationHost for MachineHost {
             .map_err(|e| HostError::new("create KVM dirty source", e))?;
         let vmm = VmmWriteSource::new(self.machine.ram().memory())
             .map_err(|e| HostError::new("create VMM-write dirty source", e))?;
-        Ok(vec![kvm, Box::new(vmm)])
+        let mut sources = vec![kvm, Box::new(vmm) as Box<dyn DirtySource>];
+        sources.extend(self.machine.devices().dma_dirty_sources());
+        Ok(sources)
     }
 
     fn populated(&mut self, range: GpaRange, out: &mut DirtyBitmap) -> Result<bool, HostError> {
@@ -68,6 +70,13 @@ impl MigrationHost for MachineHost {
         self.stop_throttle();
         self.machine.pause();
         Ok(())
+    }
+
+    fn pause_devices(&mut self) -> Result<(), HostError> {
+        self.machine
+            .devices()
+            .pause_dma()
+            .map_err(|e| HostError::new("stop device DMA", e))
     }
 
     fn resume(&mut self) -> Result<(), HostError> {

@@ -11,6 +11,7 @@ use crate::vstate::vm::VmState;
 const SERIAL_ID: &str = "serial0";
 const CMOS_ID: &str = "cmos0";
 const PCI_ID: &str = "pci0";
+const MOCK_DMA_ID: &str = "mock-dma";
 
 /// The received state does not decode into a machine state.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +58,18 @@ pub fn encode_state(state: &MachineState) -> Result<MigrationState, StateCodecEr
         .enumerate()
         .map(|(i, v)| Ok((i as u32, encode(&format!("vCPU {i}"), v)?)))
         .collect::<Result<Vec<_>, StateCodecError>>()?;
+    let mut devices = vec![
+        (SERIAL_ID.into(), encode(SERIAL_ID, &state.devices.serial)?),
+        (CMOS_ID.into(), encode(CMOS_ID, &state.devices.cmos)?),
+        (PCI_ID.into(), encode(PCI_ID, &state.devices.pci)?),
+    ];
+    if let Some(m) = &state.devices.mock_dma {
+        devices.push((MOCK_DMA_ID.into(), encode(MOCK_DMA_ID, m)?));
+    }
     Ok(MigrationState {
         vm: encode("VM", &state.vm)?,
         vcpus,
-        devices: vec![
-            (SERIAL_ID.into(), encode(SERIAL_ID, &state.devices.serial)?),
-            (CMOS_ID.into(), encode(CMOS_ID, &state.devices.cmos)?),
-            (PCI_ID.into(), encode(PCI_ID, &state.devices.pci)?),
-        ],
+        devices,
     })
 }
 
@@ -86,11 +91,13 @@ pub fn decode_state(state: &MigrationState) -> Result<MachineState, StateCodecEr
     let mut serial = None;
     let mut cmos = None;
     let mut pci = None;
+    let mut mock_dma = None;
     for (id, bytes) in &state.devices {
         match id.as_str() {
             SERIAL_ID => serial = Some(decode(SERIAL_ID, bytes)?),
             CMOS_ID => cmos = Some(decode(CMOS_ID, bytes)?),
             PCI_ID => pci = Some(decode(PCI_ID, bytes)?),
+            MOCK_DMA_ID => mock_dma = Some(decode(MOCK_DMA_ID, bytes)?),
             _ => return Err(StateCodecError::UnknownDevice { id: id.clone() }),
         }
     }
@@ -102,6 +109,7 @@ pub fn decode_state(state: &MigrationState) -> Result<MachineState, StateCodecEr
             serial: serial.ok_or_else(|| missing(SERIAL_ID))?,
             cmos: cmos.ok_or_else(|| missing(CMOS_ID))?,
             pci: pci.ok_or_else(|| missing(PCI_ID))?,
+            mock_dma,
         },
     })
 }

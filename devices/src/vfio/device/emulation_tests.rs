@@ -179,6 +179,12 @@ fn build_with(
         backend: VfioBackend::Type1,
         hw_dirty_tracking: false,
         vfio_migration: false,
+        dma_logging: false,
+        dma_dirty: crate::vfio::dma_dirty::method::DmaDirtySelection {
+            method: None,
+            migratable: false,
+            reason: "fake".into(),
+        },
         dma_mapped_bytes: 0,
     };
     let function = FakeFunction {
