@@ -174,6 +174,7 @@ fn schema_fields_match_serialized_types() {
     let iommu = IommuCapabilities::default();
     let device = DeviceInfo {
         iommu: Some(iommu.clone()),
+        dma_dirty: Some(tern_api::types::DmaDirtyInfo::default()),
         ..DeviceInfo::default()
     };
     let cases: Vec<(&str, Value)> = vec![

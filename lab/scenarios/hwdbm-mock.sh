@@ -17,8 +17,8 @@ run_case() {
     rm -rf "$d"
     mkdir -p "$d"
     timeout -s KILL 300 tern --api-socket "$d/a.sock" --serial "file=$d/a.log" \
-        --guest demo,mib=16,dirty-mib-per-s=16 --cpus 2 --memory 256M \
-        --mock-dma "id=dmasim,gpa-mib=64,mib=32,pages-per-s=2000,dirty=$1" 2>"$d/a.err" &
+        --guest demo,mib=16,dirty-mib-per-s=8 --cpus 2 --memory 256M \
+        --mock-dma "id=dmasim,gpa-mib=64,mib=32,pages-per-s=1000,dirty=$1" 2>"$d/a.err" &
     a=$!
     timeout -s KILL 300 tern --api-socket "$d/b.sock" --serial "file=$d/b.log" 2>"$d/b.err" &
     b=$!
@@ -26,7 +26,7 @@ run_case() {
     wait_progress "$d/a.log" 1 || return 1
     ternctl --api-socket "$d/a.sock" info >"$d/info" || return 1
     grep -q '"mock-dma"' "$d/info" || { lab_log "vm.info does not list the mock-dma device"; cat "$d/info"; return 1; }
-    migrate "$d/a.sock" "$d/b.sock" "unix:$d/ab.mig" --downtime-ms 20 >"$d/watch" 2>&1 ||
+    migrate "$d/a.sock" "$d/b.sock" "unix:$d/ab.mig" --downtime-ms 300 >"$d/watch" 2>&1 ||
         { cat "$d/watch" "$d"/*.err; return 1; }
     cat "$d/watch"
     wait_tern a source "$d/a.err" || return 1
