@@ -7,7 +7,10 @@ use std::sync::Arc;
 use iommufd_ioctls::IommuFd;
 use tern_migration::dirty::{DirtyBitmap, DirtySource, DirtySourceError, GpaRange, SourceKind};
 
-use super::{mapped_parts, or_kernel_bits, words_for, MappedRange, DIRTY_PAGE_SIZE};
+use super::{
+    mapped_parts, or_kernel_bits, start_failed, stop_failed, words_for, MappedRange,
+    DIRTY_PAGE_SIZE,
+};
 use crate::sys::iommufd_hwpt_dirty::{get_dirty_bitmap, set_dirty_tracking, DirtyRead};
 use crate::sys::iova::Iova;
 
@@ -103,12 +106,7 @@ impl DirtySource for HwptDirtySource {
     }
 
     fn start(&mut self) -> Result<(), DirtySourceError> {
-        set_dirty_tracking(&self.iommufd, self.hwpt_id, true).map_err(|e| {
-            DirtySourceError::Start {
-                kind: SourceKind::Dma,
-                source: Box::new(e),
-            }
-        })?;
+        set_dirty_tracking(&self.iommufd, self.hwpt_id, true).map_err(start_failed)?;
         self.enabled = true;
         Ok(())
     }
@@ -118,10 +116,7 @@ impl DirtySource for HwptDirtySource {
             return Ok(());
         }
         self.enabled = false;
-        set_dirty_tracking(&self.iommufd, self.hwpt_id, false).map_err(|e| DirtySourceError::Stop {
-            kind: SourceKind::Dma,
-            source: Box::new(e),
-        })
+        set_dirty_tracking(&self.iommufd, self.hwpt_id, false).map_err(stop_failed)
     }
 
     fn sync(&mut self) -> Result<(), DirtySourceError> {

@@ -9,7 +9,10 @@ use tern_migration::dirty::{DirtyBitmap, DirtySource, DirtySourceError, GpaRange
 use vfio_ioctls::{DmaLoggingRange, VfioDevice};
 use vm_memory::GuestAddress;
 
-use super::{mapped_parts, or_kernel_bits, MappedRange, DIRTY_PAGE_SIZE};
+use super::{
+    claim_failed, mapped_parts, or_kernel_bits, start_failed, stop_failed, MappedRange,
+    DIRTY_PAGE_SIZE,
+};
 
 /// One device's DMA log.
 pub struct DmaLoggingSource {
@@ -62,10 +65,7 @@ impl DirtySource for DmaLoggingSource {
         let page = self
             .device
             .start_dma_logging(DIRTY_PAGE_SIZE, &ranges)
-            .map_err(|e| DirtySourceError::Start {
-                kind: SourceKind::Dma,
-                source: Box::new(e),
-            })?;
+            .map_err(start_failed)?;
         self.page_size = Some(page.max(1));
         Ok(())
     }
@@ -74,12 +74,7 @@ impl DirtySource for DmaLoggingSource {
         if self.page_size.take().is_none() {
             return Ok(());
         }
-        self.device
-            .stop_dma_logging()
-            .map_err(|e| DirtySourceError::Stop {
-                kind: SourceKind::Dma,
-                source: Box::new(e),
-            })
+        self.device.stop_dma_logging().map_err(stop_failed)
     }
 
     fn sync(&mut self) -> Result<(), DirtySourceError> {
@@ -95,11 +90,6 @@ impl DirtySource for DmaLoggingSource {
         let page = self.page_size.ok_or(DirtySourceError::NotStarted {
             kind: SourceKind::Dma,
         })?;
-        let claim_err = |e: vfio_ioctls::VfioError| DirtySourceError::Claim {
-            kind: SourceKind::Dma,
-            range,
-            source: Box::new(e),
-        };
         for part in mapped_parts(&self.mapped, range) {
             // Report whole device granules covering the part.
             let lo = part.start.0 / page * page;
@@ -113,7 +103,7 @@ impl DirtySource for DmaLoggingSource {
                     },
                     page,
                 )
-                .map_err(claim_err)?;
+                .map_err(|e| claim_failed(range, e))?;
             if page == DIRTY_PAGE_SIZE && lo == part.start.0 {
                 or_kernel_bits(out, part, &bits, range)?;
                 continue;

@@ -47,6 +47,34 @@ pub fn or_kernel_bits(
     out.or_words(first, words).map_err(bad)
 }
 
+/// A DMA source's start failed.
+pub fn start_failed(e: impl std::error::Error + Send + Sync + 'static) -> DirtySourceError {
+    DirtySourceError::Start {
+        kind: SourceKind::Dma,
+        source: Box::new(e),
+    }
+}
+
+/// A DMA source's stop failed.
+pub fn stop_failed(e: impl std::error::Error + Send + Sync + 'static) -> DirtySourceError {
+    DirtySourceError::Stop {
+        kind: SourceKind::Dma,
+        source: Box::new(e),
+    }
+}
+
+/// A DMA source's claim of `range` failed.
+pub fn claim_failed(
+    range: GpaRange,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> DirtySourceError {
+    DirtySourceError::Claim {
+        kind: SourceKind::Dma,
+        range,
+        source: Box::new(e),
+    }
+}
+
 /// Words needed for one bit per page of `len` bytes.
 pub fn words_for(len: u64) -> usize {
     usize::try_from(len.div_ceil(DIRTY_PAGE_SIZE).div_ceil(64)).unwrap_or(usize::MAX)

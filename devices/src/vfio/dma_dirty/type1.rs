@@ -10,7 +10,10 @@ use std::sync::Arc;
 use tern_migration::dirty::{DirtyBitmap, DirtySource, DirtySourceError, GpaRange, SourceKind};
 use vfio_ioctls::VfioContainer;
 
-use super::{or_kernel_bits, words_for, MappedRange, DIRTY_PAGE_SIZE};
+use super::{
+    claim_failed, or_kernel_bits, start_failed, stop_failed, words_for, MappedRange,
+    DIRTY_PAGE_SIZE,
+};
 use crate::sys::iova::Iova;
 use crate::sys::vfio_type1_dirty::{get_dirty_bitmap, start_dirty_tracking, stop_dirty_tracking};
 
@@ -54,17 +57,6 @@ impl Type1DirtySource {
     }
 }
 
-fn claim_err(
-    range: GpaRange,
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> DirtySourceError {
-    DirtySourceError::Claim {
-        kind: SourceKind::Dma,
-        range,
-        source: Box::new(e),
-    }
-}
-
 impl DirtySource for Type1DirtySource {
     fn kind(&self) -> SourceKind {
         SourceKind::Dma
@@ -75,10 +67,7 @@ impl DirtySource for Type1DirtySource {
     }
 
     fn start(&mut self) -> Result<(), DirtySourceError> {
-        start_dirty_tracking(&self.container).map_err(|e| DirtySourceError::Start {
-            kind: SourceKind::Dma,
-            source: Box::new(e),
-        })?;
+        start_dirty_tracking(&self.container).map_err(start_failed)?;
         for s in &mut self.stash {
             s.fill(0);
         }
@@ -91,10 +80,7 @@ impl DirtySource for Type1DirtySource {
             return Ok(());
         }
         self.enabled = false;
-        stop_dirty_tracking(&self.container).map_err(|e| DirtySourceError::Stop {
-            kind: SourceKind::Dma,
-            source: Box::new(e),
-        })
+        stop_dirty_tracking(&self.container).map_err(stop_failed)
     }
 
     fn sync(&mut self) -> Result<(), DirtySourceError> {
@@ -125,7 +111,7 @@ impl DirtySource for Type1DirtySource {
                 DIRTY_PAGE_SIZE,
                 &mut self.words,
             )
-            .map_err(|e| claim_err(range, e))?;
+            .map_err(|e| claim_failed(range, e))?;
             let stash = &mut self.stash[i];
             for (s, w) in stash.iter_mut().zip(&self.words) {
                 *s |= w;
