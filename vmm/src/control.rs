@@ -182,7 +182,7 @@ impl Controller {
 
 /// `vm.info` entries for the VM's DMA-capable devices: VFIO passthrough and the lab's mock-dma.
 fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
-    use tern_api::types::{DeviceInfo, DmaDirtyInfo, IommuCapabilities};
+    use tern_api::types::{DeviceInfo, IommuCapabilities};
     use tern_devices::vfio::spec::VfioBackend;
     let mut v: Vec<DeviceInfo> = machine
         .devices()
@@ -207,15 +207,11 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                     device_dma_logging: d.dma_logging,
                     vfio_migration: d.vfio_migration,
                 }),
-                dma_dirty: Some(DmaDirtyInfo {
-                    method: d.dma_dirty.method.map_or("none", |m| m.name()).into(),
-                    migratable: d.dma_dirty.migratable,
-                    reason: d.dma_dirty.reason,
-                }),
+                dma_dirty: Some(dma_dirty_info(d.dma_dirty)),
             }
         })
         .collect();
-    if let Some((id, tracked)) = machine.devices().mock_dma_info() {
+    if let Some((id, dma_dirty)) = machine.devices().mock_dma_info() {
         v.push(DeviceInfo {
             id,
             kind: "mock-dma".into(),
@@ -226,19 +222,21 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                 device_dma_logging: false,
                 vfio_migration: false,
             }),
-            dma_dirty: Some(DmaDirtyInfo {
-                method: if tracked { "iommufd" } else { "none" }.into(),
-                migratable: true,
-                reason: if tracked {
-                    "the mock IOMMU tracks dirty pages on the device's HWPT".into()
-                } else {
-                    "dirty=none: its DMA is not tracked (writes after their page is sent are lost)"
-                        .into()
-                },
-            }),
+            dma_dirty: Some(dma_dirty_info(dma_dirty)),
         });
     }
     v
+}
+
+/// A device's DMA dirty-tracking selection as `vm.info` shows it.
+fn dma_dirty_info(
+    s: tern_devices::vfio::dma_dirty::method::DmaDirtySelection,
+) -> tern_api::types::DmaDirtyInfo {
+    tern_api::types::DmaDirtyInfo {
+        method: s.method.map_or("none", |m| m.name()).into(),
+        migratable: s.migratable,
+        reason: s.reason,
+    }
 }
 
 fn convert_url(url: &ApiUrl) -> MigrationUrl {

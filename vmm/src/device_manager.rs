@@ -298,10 +298,15 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// What `vm.info` shows about the lab-only DMA device.
-    pub fn mock_dma_info(&self) -> Option<(String, bool)> {
+    /// What `vm.info` shows about the lab-only DMA device: its id and DMA dirty method.
+    pub fn mock_dma_info(
+        &self,
+    ) -> Option<(
+        String,
+        tern_devices::vfio::dma_dirty::method::DmaDirtySelection,
+    )> {
         self.lock_mock()
-            .map(|m| (m.id().to_string(), m.dirty_source().is_some()))
+            .map(|m| (m.id().to_string(), m.dma_dirty().clone()))
     }
 
     /// What `vm.info` shows about each passthrough device.

@@ -273,6 +273,21 @@ impl Dma {
             Dma::Iommufd(d) => d.unmap_all(),
         }
     }
+
+    /// The DMA mappings, as the dirty sources see them (IOVA = GPA).
+    fn ranges(&self) -> Vec<MappedRange> {
+        let mapped = match self {
+            Dma::Type1(d) => d.mapped(),
+            Dma::Iommufd(d) => d.mapped(),
+        };
+        mapped
+            .iter()
+            .map(|&(iova, len)| MappedRange {
+                iova: iova.0,
+                len: len as u64,
+            })
+            .collect()
+    }
 }
 
 /// A passed-through PCI function.
@@ -604,38 +619,24 @@ impl VfioPciDevice {
     /// tracked (the operator's `dirty=none`, or no method: migration is then refused earlier).
     pub fn dirty_source(&self) -> Option<Box<dyn DirtySource>> {
         let id = self.info.id.as_str();
-        let mapped = |ranges: &[(crate::sys::iova::Iova, usize)]| -> Vec<MappedRange> {
-            ranges
-                .iter()
-                .map(|&(iova, len)| MappedRange {
-                    iova: iova.0,
-                    len: len as u64,
-                })
-                .collect()
-        };
-        match (self.info.dma_dirty.method?, self.dma.as_ref()?) {
+        let dma = self.dma.as_ref()?;
+        match (self.info.dma_dirty.method?, dma) {
             (DmaDirtyMethod::Iommufd, Dma::Iommufd(d)) => Some(Box::new(HwptDirtySource::new(
                 d.ops().iommufd().clone(),
                 d.hwpt()?,
-                mapped(d.mapped()),
+                dma.ranges(),
                 &[id],
             ))),
             (DmaDirtyMethod::Type1, Dma::Type1(d)) => Some(Box::new(Type1DirtySource::new(
                 d.container().clone(),
-                mapped(d.mapped()),
+                dma.ranges(),
                 &[id],
             ))),
-            (DmaDirtyMethod::DmaLogging, d) => {
-                let ranges = match d {
-                    Dma::Type1(t) => mapped(t.mapped()),
-                    Dma::Iommufd(i) => mapped(i.mapped()),
-                };
-                Some(Box::new(DmaLoggingSource::new(
-                    self.vfio.clone()?,
-                    ranges,
-                    id,
-                )))
-            }
+            (DmaDirtyMethod::DmaLogging, _) => Some(Box::new(DmaLoggingSource::new(
+                self.vfio.clone()?,
+                dma.ranges(),
+                id,
+            ))),
             _ => None,
         }
     }

@@ -23,7 +23,9 @@ use tern_migration::dirty::DirtySource;
 
 use super::container::GuestRamRange;
 use super::dma_dirty::hwpt::HwptDirtySource;
-use super::dma_dirty::method::{DirtyChoice, DmaDirtyMethod};
+use super::dma_dirty::method::{
+    select, DirtyChoice, DmaDirtyCaps, DmaDirtySelection, MethodUnavailable,
+};
 use super::dma_dirty::MappedRange;
 use super::iommufd::{IommufdBackendError, IommufdDma};
 use crate::sys::iommufd_test::{
@@ -106,8 +108,14 @@ impl std::str::FromStr for MockDmaSpec {
 pub enum MockDmaError {
     #[error("mock-dma {id}: window {gpa:#x}+{len:#x} must be page aligned, non-empty and inside the mock IOMMU aperture [16 MiB, 2 GiB) and guest RAM")]
     Window { id: String, gpa: u64, len: u64 },
-    #[error("mock-dma {id}: dirty={choice} (only auto or none: the mock IOMMU has HWPT dirty tracking only)")]
-    Dirty { id: String, choice: DirtyChoice },
+    #[error(
+        "mock-dma {id}: the mock IOMMU has HWPT dirty tracking only (dirty=auto, iommufd or none)"
+    )]
+    Dirty {
+        id: String,
+        #[source]
+        source: MethodUnavailable,
+    },
     #[error("mock-dma {id}: iommufd (is this a kernel with CONFIG_IOMMUFD_TEST?)")]
     Iommufd {
         id: String,
@@ -228,6 +236,7 @@ impl Sim {
 /// The mock DMA device.
 pub struct MockDmaDevice {
     spec: MockDmaSpec,
+    dma_dirty: DmaDirtySelection,
     // Declared first: the simulator thread stops (and the access closes) before the IOAS goes.
     sim: Arc<Sim>,
     thread: Option<JoinHandle<()>>,
@@ -267,12 +276,15 @@ impl MockDmaDevice {
                 len: spec.len,
             });
         }
-        if matches!(spec.dirty, DirtyChoice::Force(m) if m != DmaDirtyMethod::Iommufd) {
-            return Err(MockDmaError::Dirty {
-                id,
-                choice: spec.dirty,
-            });
-        }
+        // The same choice as for a VFIO device, on what the mock offers: a dirty-tracking HWPT.
+        let mock_caps = DmaDirtyCaps {
+            hwpt_dirty: true,
+            ..DmaDirtyCaps::default()
+        };
+        let dma_dirty = select(spec.dirty, mock_caps).map_err(|source| MockDmaError::Dirty {
+            id: id.clone(),
+            source,
+        })?;
         let iommufd_err = |source| MockDmaError::Iommufd {
             id: id.clone(),
             source,
@@ -346,6 +358,7 @@ impl MockDmaDevice {
         );
         Ok(MockDmaDevice {
             spec: spec.clone(),
+            dma_dirty,
             sim,
             thread: None,
             mock,
@@ -359,11 +372,14 @@ impl MockDmaDevice {
         &self.spec.id
     }
 
+    /// How migration tracks the device's DMA, and why.
+    pub fn dma_dirty(&self) -> &DmaDirtySelection {
+        &self.dma_dirty
+    }
+
     /// The DMA dirty source (its HWPT), or `None` with `dirty=none`.
     pub fn dirty_source(&self) -> Option<Box<dyn DirtySource>> {
-        if self.spec.dirty == DirtyChoice::Untracked {
-            return None;
-        }
+        self.dma_dirty.method?;
         Some(Box::new(HwptDirtySource::new(
             self.sim.iommufd.clone(),
             self.sim.hwpt_id,
@@ -524,7 +540,7 @@ mod tests {
             );
         }
         let mut s = spec(16 << 20, 1 << 20);
-        s.dirty = DirtyChoice::Force(DmaDirtyMethod::Type1);
+        s.dirty = DirtyChoice::Force(super::super::dma_dirty::method::DmaDirtyMethod::Type1);
         assert!(matches!(
             MockDmaDevice::open(&s, &ram),
             Err(MockDmaError::Dirty { .. })

@@ -550,15 +550,14 @@ impl Source<'_> {
         let bytes_before = self.stats.transferred_bytes();
         let mut tally = PassTally::default();
         let mut pages = 0;
+        let full = plan.kind == PassKind::Full;
         for (range, lane) in self.chunks() {
             if plan.skip_unplanned && !self.planned(range) {
                 continue;
             }
             self.check_abort(true)?;
-            let count = plan.kind != PassKind::Full;
-            let bits = self.claim(range, count, &mut tally)?;
-            let send = (plan.kind != PassKind::Full).then_some(&bits);
-            pages += self.send_pages(range, send, lane, true)?;
+            let bits = self.claim(range, !full, &mut tally)?;
+            pages += self.send_pages(range, (!full).then_some(&bits), lane, true)?;
         }
         self.stats.push_history(IterationRecord {
             iteration: plan.iteration,

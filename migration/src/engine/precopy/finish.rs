@@ -14,10 +14,10 @@ impl Source<'_> {
         self.stats.set_status(MigrationStatus::Completing);
         self.host.pause().map_err(MigrationError::Host)?;
         self.paused = true;
-        // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
-        // read: a device write after that read would be lost.
-        self.host.pause_devices().map_err(MigrationError::Host)?;
         let paused_at = Instant::now();
+        // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
+        // read: a device write after that read would be lost. Their stop counts as downtime.
+        self.host.pause_devices().map_err(MigrationError::Host)?;
         // The VM is paused: a destination that stops reading must not stall it for long.
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "switchover");
