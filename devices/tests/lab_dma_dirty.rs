@@ -8,7 +8,6 @@
 //! Each test opens and drops its own devices, and tears down in the VMM's order (sources, DMA
 //! unmap, device, container), so the group is free for the next test.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -24,33 +23,14 @@ use tern_migration::dirty::{DirtyBitmap, DirtySource, DirtySourceError, GpaRange
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 use vm_memory::GuestAddress;
 
-const EDU_VENDOR: &str = "0x1234";
-const EDU_DEVICE: &str = "0x11e8";
+mod lab_common;
+use lab_common::edu_sysfs_path;
+
 /// The lab's mtty instances (MTTY_UUIDS in lab/guest/lib.sh); the first is used.
 const MTTY_UUID: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
 /// Where the "guest RAM" is mapped for DMA (IOVA = GPA) and how much.
 const RAM_IOVA: u64 = 0x10_0000;
 const RAM_LEN: u64 = 8 << 20;
-
-/// The sysfs directory of QEMU's edu device; the lab binds it to vfio-pci before the tests run.
-fn edu_sysfs_path() -> Result<PathBuf> {
-    for entry in fs::read_dir("/sys/bus/pci/devices").context("listing pci devices")? {
-        let path = entry?.path();
-        let id = |f: &str| fs::read_to_string(path.join(f)).unwrap_or_default();
-        if id("vendor").trim() == EDU_VENDOR && id("device").trim() == EDU_DEVICE {
-            let driver = fs::read_link(path.join("driver")).unwrap_or_default();
-            if !driver.ends_with("vfio-pci") {
-                bail!(
-                    "edu at {} is bound to {:?}, not vfio-pci",
-                    path.display(),
-                    driver
-                );
-            }
-            return Ok(path);
-        }
-    }
-    bail!("no edu device (1234:11e8) on the pci bus: is QEMU started with -device edu?")
-}
 
 /// The sysfs directory of the lab's first mtty mdev.
 fn mtty_sysfs_path() -> Result<PathBuf> {
@@ -141,14 +121,7 @@ impl Passthrough {
     }
 
     fn mapped(&self) -> Vec<MappedRange> {
-        self.dma
-            .mapped()
-            .iter()
-            .map(|&(iova, len)| MappedRange {
-                iova: iova.raw(),
-                len: len as u64,
-            })
-            .collect()
+        MappedRange::from_mappings(self.dma.mapped())
     }
 
     /// Unmaps the DMA while the group still holds the container's IOMMU, then drops the device

@@ -26,16 +26,15 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use iommufd_bindings::iommufd::{
-    iommu_hwpt_alloc, iommu_ioas_alloc,
-    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING as IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-};
 use iommufd_ioctls::IommuFd;
 use tern_devices::sys::dma_buffer::{DmaBuffer, IoasMapping};
 use tern_devices::sys::iommufd_hwpt_dirty::{self, DirtyRead};
 use tern_devices::sys::iommufd_test::{self, MockAccess, MOCK_APERTURE_START, MOCK_IO_PAGE_SIZE};
 use tern_devices::sys::iova::Iova;
-use tern_devices::sys::uapi_size::argsz;
+use tern_devices::vfio::iommufd::alloc_hwpt;
+
+mod lab_common;
+use lab_common::ioas_alloc;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -53,33 +52,13 @@ fn out(line: &str) {
     let _ = stdout.flush();
 }
 
-fn ioas_alloc(iommufd: &IommuFd) -> Result<u32> {
-    let mut alloc = iommu_ioas_alloc {
-        size: argsz::<iommu_ioas_alloc>(),
-        ..Default::default()
-    };
-    iommufd
-        .alloc_iommu_ioas(&mut alloc)
-        .context("IOMMU_IOAS_ALLOC")?;
-    Ok(alloc.out_ioas_id)
-}
-
 /// An IOAS with a mock device on a dirty-tracking HWPT (tracking on), before anything is mapped:
 /// mapping afterwards fills only that one domain.
 fn dirty_tracking_ioas(iommufd: &IommuFd) -> Result<(u32, u32)> {
     let ioas = ioas_alloc(iommufd)?;
     let dom = iommufd_test::mock_domain(iommufd, ioas, 0)?;
-    let mut alloc = iommu_hwpt_alloc {
-        size: argsz::<iommu_hwpt_alloc>(),
-        flags: IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-        dev_id: dom.idev_id,
-        pt_id: ioas,
-        ..Default::default()
-    };
-    iommufd
-        .alloc_iommu_hwpt(&mut alloc)
-        .context("HWPT_ALLOC(DIRTY_TRACKING)")?;
-    let hwpt = alloc.out_hwpt_id;
+    let hwpt =
+        alloc_hwpt(iommufd, dom.idev_id, ioas, true).context("HWPT_ALLOC(DIRTY_TRACKING)")?;
     iommufd_test::mock_domain_replace(iommufd, dom.stdev_id, hwpt)?;
     iommufd_hwpt_dirty::set_dirty_tracking(iommufd, hwpt, true)?;
     Ok((ioas, hwpt))

@@ -10,11 +10,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use iommufd_bindings::iommufd::{
-    iommu_hw_info, iommu_hwpt_alloc, iommu_ioas_alloc,
+    iommu_hw_info,
     iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING as IOMMU_HW_CAP_DIRTY_TRACKING,
-    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING as IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
 };
 use iommufd_ioctls::{IommuFd, IommufdError};
 use tern_devices::sys::dma_buffer::DmaBuffer;
@@ -25,34 +24,16 @@ use tern_devices::sys::iommufd_test::{
 use tern_devices::sys::iova::Iova;
 use tern_devices::sys::uapi_size::argsz;
 use tern_devices::sys::vfio_type1_dirty;
+use tern_devices::vfio::iommufd::alloc_hwpt;
 use vfio_bindings::bindings::vfio::{
     VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 
-const PAGE: u64 = 4096;
-const EDU_VENDOR: &str = "0x1234";
-const EDU_DEVICE: &str = "0x11e8";
+mod lab_common;
+use lab_common::{edu_sysfs_path, ioas_alloc};
 
-/// The sysfs directory of QEMU's edu device; the lab binds it to vfio-pci before the tests run.
-fn edu_sysfs_path() -> Result<PathBuf> {
-    for entry in fs::read_dir("/sys/bus/pci/devices").context("listing pci devices")? {
-        let path = entry?.path();
-        let id = |f: &str| fs::read_to_string(path.join(f)).unwrap_or_default();
-        if id("vendor").trim() == EDU_VENDOR && id("device").trim() == EDU_DEVICE {
-            let driver = fs::read_link(path.join("driver")).unwrap_or_default();
-            if !driver.ends_with("vfio-pci") {
-                bail!(
-                    "edu at {} is bound to {:?}, not vfio-pci",
-                    path.display(),
-                    driver
-                );
-            }
-            return Ok(path);
-        }
-    }
-    bail!("no edu device (1234:11e8) on the pci bus: is QEMU started with -device edu?")
-}
+const PAGE: u64 = 4096;
 
 /// The sysfs directory of the first mdev; the lab creates mtty instances before the tests run.
 fn mtty_sysfs_path() -> Result<PathBuf> {
@@ -86,17 +67,6 @@ fn set_bit(bitmap: &mut [u64], n: u64) {
     bitmap[(n / 64) as usize] |= 1 << (n % 64);
 }
 
-fn ioas_alloc(iommufd: &IommuFd) -> Result<u32> {
-    let mut alloc = iommu_ioas_alloc {
-        size: argsz::<iommu_ioas_alloc>(),
-        ..Default::default()
-    };
-    iommufd
-        .alloc_iommu_ioas(&mut alloc)
-        .context("IOMMU_IOAS_ALLOC")?;
-    Ok(alloc.out_ioas_id)
-}
-
 fn hw_capabilities(iommufd: &IommuFd, dev_id: u32) -> Result<u64> {
     let mut info = iommu_hw_info {
         size: argsz::<iommu_hw_info>(),
@@ -107,23 +77,6 @@ fn hw_capabilities(iommufd: &IommuFd, dev_id: u32) -> Result<u64> {
         .get_hw_info(&mut info)
         .with_context(|| format!("IOMMU_GET_HW_INFO for dev {dev_id}"))?;
     Ok(info.out_capabilities)
-}
-
-fn hwpt_alloc(
-    iommufd: &IommuFd,
-    dev_id: u32,
-    pt_id: u32,
-    flags: u32,
-) -> std::result::Result<u32, IommufdError> {
-    let mut alloc = iommu_hwpt_alloc {
-        size: argsz::<iommu_hwpt_alloc>(),
-        flags,
-        dev_id,
-        pt_id,
-        ..Default::default()
-    };
-    iommufd.alloc_iommu_hwpt(&mut alloc)?;
-    Ok(alloc.out_hwpt_id)
 }
 
 fn hwpt_alloc_errno(result: std::result::Result<u32, IommufdError>) -> Option<i32> {
@@ -195,14 +148,14 @@ fn vtd_iommufd_reports_no_dirty_tracking() -> Result<()> {
         0,
         "emulated VT-d must not advertise dirty tracking (capabilities {caps:#x})"
     );
-    let dirty = hwpt_alloc(&iommufd, dev_id, ioas_id, IOMMU_HWPT_ALLOC_DIRTY_TRACKING);
+    let dirty = alloc_hwpt(&iommufd, dev_id, ioas_id, true);
     assert_eq!(
         hwpt_alloc_errno(dirty),
         Some(libc::EOPNOTSUPP),
         "HWPT_ALLOC(DIRTY_TRACKING) on emulated VT-d must fail with EOPNOTSUPP"
     );
     // Control: the same device and IOAS take a plain HWPT, so the refusal is about dirty tracking.
-    let plain = hwpt_alloc(&iommufd, dev_id, ioas_id, 0).context("plain HWPT_ALLOC")?;
+    let plain = alloc_hwpt(&iommufd, dev_id, ioas_id, false).context("plain HWPT_ALLOC")?;
     iommufd.destroy_iommu_object(plain)?;
     Ok(())
 }
@@ -219,24 +172,14 @@ fn mock_hw_info_reports_dirty_tracking_only_for_capable_devices() -> Result<()> 
         0,
         "the mock IOMMU must advertise dirty tracking (capabilities {caps:#x})"
     );
-    let hwpt = hwpt_alloc(
-        &iommufd,
-        capable.idev_id,
-        ioas,
-        IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-    )
-    .context("HWPT_ALLOC(DIRTY_TRACKING) for a capable mock device")?;
+    let hwpt = alloc_hwpt(&iommufd, capable.idev_id, ioas, true)
+        .context("HWPT_ALLOC(DIRTY_TRACKING) for a capable mock device")?;
     iommufd.destroy_iommu_object(hwpt)?;
 
     let incapable = iommufd_test::mock_domain(&iommufd, ioas, MOCK_FLAGS_DEVICE_NO_DIRTY)?;
     let caps = hw_capabilities(&iommufd, incapable.idev_id)?;
     assert_eq!(caps & u64::from(IOMMU_HW_CAP_DIRTY_TRACKING), 0);
-    let refused = hwpt_alloc(
-        &iommufd,
-        incapable.idev_id,
-        ioas,
-        IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-    );
+    let refused = alloc_hwpt(&iommufd, incapable.idev_id, ioas, true);
     assert_eq!(hwpt_alloc_errno(refused), Some(libc::EOPNOTSUPP));
     Ok(())
 }
@@ -256,8 +199,8 @@ fn mock_get_dirty_bitmap_returns_exactly_the_marked_bits() -> Result<()> {
     let buf = DmaBuffer::new(usize::try_from(LEN)?)?;
     let mapping = buf.map_ioas(&iommufd, ioas, Iova(MOCK_APERTURE_START))?;
     let iova = mapping.iova();
-    let hwpt = hwpt_alloc(&iommufd, dom.idev_id, ioas, IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
-        .context("HWPT_ALLOC(DIRTY_TRACKING)")?;
+    let hwpt =
+        alloc_hwpt(&iommufd, dom.idev_id, ioas, true).context("HWPT_ALLOC(DIRTY_TRACKING)")?;
     iommufd_test::mock_domain_replace(&iommufd, dom.stdev_id, hwpt)?;
     iommufd_hwpt_dirty::set_dirty_tracking(&iommufd, hwpt, true)?;
 

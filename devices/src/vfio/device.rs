@@ -276,17 +276,10 @@ impl Dma {
 
     /// The DMA mappings, as the dirty sources see them (IOVA = GPA).
     fn ranges(&self) -> Vec<MappedRange> {
-        let mapped = match self {
+        MappedRange::from_mappings(match self {
             Dma::Type1(d) => d.mapped(),
             Dma::Iommufd(d) => d.mapped(),
-        };
-        mapped
-            .iter()
-            .map(|&(iova, len)| MappedRange {
-                iova: iova.0,
-                len: len as u64,
-            })
-            .collect()
+        })
     }
 }
 

@@ -64,6 +64,29 @@ pub enum IommufdBackendError {
     },
 }
 
+/// `IOMMU_HWPT_ALLOC` of a HWPT for device `dev_id` on `pt_id` (an IOAS), with
+/// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` when `dirty_tracking`; returns the HWPT id.
+pub fn alloc_hwpt(
+    iommufd: &IommuFd,
+    dev_id: u32,
+    pt_id: u32,
+    dirty_tracking: bool,
+) -> Result<u32, IommufdError> {
+    let mut alloc = iommu_hwpt_alloc {
+        size: argsz::<iommu_hwpt_alloc>(),
+        flags: if dirty_tracking {
+            iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+        } else {
+            0
+        },
+        dev_id,
+        pt_id,
+        ..Default::default()
+    };
+    iommufd.alloc_iommu_hwpt(&mut alloc)?;
+    Ok(alloc.out_hwpt_id)
+}
+
 /// An iommufd, its IOAS with guest RAM mapped, and the HWPT tern allocated for the device.
 pub struct IommufdDma {
     vfio: Arc<VfioIommufd>,
@@ -139,25 +162,13 @@ impl IommufdDma {
         let dirty_tracking = info.out_capabilities
             & u64::from(iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING)
             != 0;
-        let mut alloc = iommu_hwpt_alloc {
-            size: argsz::<iommu_hwpt_alloc>(),
-            flags: if dirty_tracking {
-                iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING
-            } else {
-                0
-            },
-            dev_id,
-            pt_id: self.vfio.ioas().id(),
-            ..Default::default()
-        };
-        iommufd
-            .alloc_iommu_hwpt(&mut alloc)
-            .map_err(|source| IommufdBackendError::HwptAlloc {
+        let hwpt_id = alloc_hwpt(iommufd, dev_id, self.vfio.ioas().id(), dirty_tracking).map_err(
+            |source| IommufdBackendError::HwptAlloc {
                 dev_id,
                 dirty_tracking,
                 source,
-            })?;
-        let hwpt_id = alloc.out_hwpt_id;
+            },
+        )?;
         self.hwpt = Some(hwpt_id);
         self.dirty_tracking = dirty_tracking;
         device

@@ -14,9 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use iommufd_bindings::iommufd::{
-    iommu_hwpt_alloc, iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-};
 use iommufd_ioctls::IommuFd;
 use serde::{Deserialize, Serialize};
 use tern_migration::dirty::DirtySource;
@@ -27,13 +24,12 @@ use super::dma_dirty::method::{
     select, DirtyChoice, DmaDirtyCaps, DmaDirtySelection, MethodUnavailable,
 };
 use super::dma_dirty::MappedRange;
-use super::iommufd::{IommufdBackendError, IommufdDma};
+use super::iommufd::{alloc_hwpt, IommufdBackendError, IommufdDma};
 use crate::sys::iommufd_test::{
     mark_dirty, mock_domain, mock_domain_replace, IommufdTestError, MockAccess, MockDomain,
     MOCK_APERTURE_LAST, MOCK_APERTURE_START,
 };
 use crate::sys::iova::Iova;
-use crate::sys::uapi_size::argsz;
 
 const PAGE: u64 = 4096;
 
@@ -298,20 +294,12 @@ impl MockDmaDevice {
         let ioas = dma.ops().ioas().id();
         // The mock device joins the IOAS first, so the IOAS enforces the mock aperture.
         let mock = mock_domain(&iommufd, ioas, 0).map_err(selftest)?;
-        let mut alloc = iommu_hwpt_alloc {
-            size: argsz::<iommu_hwpt_alloc>(),
-            flags: iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-            dev_id: mock.idev_id,
-            pt_id: ioas,
-            ..Default::default()
-        };
-        iommufd
-            .alloc_iommu_hwpt(&mut alloc)
-            .map_err(|source| MockDmaError::Hwpt {
+        let hwpt_id = alloc_hwpt(&iommufd, mock.idev_id, ioas, true).map_err(|source| {
+            MockDmaError::Hwpt {
                 id: id.clone(),
                 source,
-            })?;
-        let hwpt_id = alloc.out_hwpt_id;
+            }
+        })?;
         mock_domain_replace(&iommufd, mock.stdev_id, hwpt_id).map_err(selftest)?;
         let clipped: Vec<GuestRamRange> = ram
             .iter()

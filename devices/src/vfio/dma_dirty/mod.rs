@@ -23,6 +23,19 @@ pub struct MappedRange {
     pub len: u64,
 }
 
+impl MappedRange {
+    /// The ranges of a backend's DMA mappings (`Type1Dma::mapped`, `IommufdDma::mapped`).
+    pub fn from_mappings(mappings: &[(crate::sys::iova::Iova, usize)]) -> Vec<MappedRange> {
+        mappings
+            .iter()
+            .map(|&(iova, len)| MappedRange {
+                iova: iova.raw(),
+                len: len as u64,
+            })
+            .collect()
+    }
+}
+
 /// The parts of `range` that lie in mapped DMA ranges, page aligned (IOVA = GPA).
 pub fn mapped_parts(mapped: &[MappedRange], range: GpaRange) -> Vec<GpaRange> {
     mapped
