@@ -239,6 +239,22 @@ fn bad_command_lines_get_clear_errors() {
             &["--guest", "demo", "--kvm-device", "/nonexistent/kvm"],
             "cannot open /nonexistent/kvm",
         ),
+        (
+            &["--guest", "demo", "--device", "path=/sys/x,dirty=fast"],
+            "--device: dirty=\"fast\" must be auto, iommufd, dma-logging, type1 or none",
+        ),
+        (
+            &["--guest", "demo", "--mock-dma", "dirty=fast"],
+            "--mock-dma: dirty=\"fast\" must be auto",
+        ),
+        (
+            &["--guest", "demo", "--mock-dma", "speed=9"],
+            "--mock-dma: unknown key \"speed\"",
+        ),
+        (
+            &["--guest", "demo", "--memory", "128M", "--mock-dma", "mib=3"],
+            "a power-of-two number of pages",
+        ),
     ];
     for (args, expected) in cases {
         let (out, timed_out) = run_tern(args, TIMEOUT);

@@ -57,8 +57,9 @@ pub enum MockDmaSpecError {
     UnknownKey { key: String },
     #[error("--mock-dma: {key}={value:?} is not a number")]
     NotANumber { key: String, value: String },
+    // The choice's own message, not a source: the error chain would print it twice.
     #[error("--mock-dma: {0}")]
-    Dirty(#[from] super::dma_dirty::method::BadDirtyChoice),
+    Dirty(super::dma_dirty::method::BadDirtyChoice),
 }
 
 impl std::str::FromStr for MockDmaSpec {
@@ -91,7 +92,7 @@ impl std::str::FromStr for MockDmaSpec {
                 "gpa-mib" => spec.gpa = num()?.saturating_mul(1 << 20),
                 "mib" => spec.len = num()?.saturating_mul(1 << 20),
                 "pages-per-s" => spec.pages_per_sec = u32::try_from(num()?).unwrap_or(u32::MAX),
-                "dirty" => spec.dirty = value.parse()?,
+                "dirty" => spec.dirty = value.parse().map_err(MockDmaSpecError::Dirty)?,
                 _ => return Err(MockDmaSpecError::UnknownKey { key: key.into() }),
             }
         }
@@ -102,7 +103,7 @@ impl std::str::FromStr for MockDmaSpec {
 /// Errors creating or running the mock device.
 #[derive(Debug, thiserror::Error)]
 pub enum MockDmaError {
-    #[error("mock-dma {id}: window {gpa:#x}+{len:#x} must be page aligned, non-empty and inside the mock IOMMU aperture [16 MiB, 2 GiB) and guest RAM")]
+    #[error("mock-dma {id}: window {gpa:#x}+{len:#x} must be page aligned, a power-of-two number of pages, and inside both the mock IOMMU aperture [16 MiB, 2 GiB) and guest RAM")]
     Window { id: String, gpa: u64, len: u64 },
     #[error(
         "mock-dma {id}: the mock IOMMU has HWPT dirty tracking only (dirty=auto, iommufd or none)"

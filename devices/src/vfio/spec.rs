@@ -43,8 +43,9 @@ pub enum VfioSpecError {
     Duplicate { key: String },
     #[error("--device: id must not be empty")]
     EmptyId,
+    // The choice's own message, not a source: the error chain would print it twice.
     #[error("--device: {0}")]
-    BadDirty(#[from] BadDirtyChoice),
+    BadDirty(BadDirtyChoice),
 }
 
 impl FromStr for VfioDeviceSpec {
@@ -90,7 +91,14 @@ impl FromStr for VfioDeviceSpec {
                     }
                 }
                 "dirty" => {
-                    if dirty.replace(value.parse::<DirtyChoice>()?).is_some() {
+                    if dirty
+                        .replace(
+                            value
+                                .parse::<DirtyChoice>()
+                                .map_err(VfioSpecError::BadDirty)?,
+                        )
+                        .is_some()
+                    {
                         return Err(dup());
                     }
                 }
