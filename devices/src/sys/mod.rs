@@ -9,5 +9,6 @@ pub mod iova;
 pub mod uapi_size;
 pub mod vfio_dma_logging_probe;
 pub mod vfio_dma_map;
+pub mod vfio_migration;
 pub mod vfio_region_mmap;
 pub mod vfio_type1_dirty;

@@ -9,6 +9,7 @@ pub mod container;
 pub mod device;
 pub mod dma_dirty;
 pub mod iommufd;
+pub mod migration;
 pub mod mock_dma;
 pub mod preflight;
 pub mod spec;
