@@ -33,7 +33,7 @@ pub use handler::ApiHandler;
 pub use router::{Endpoint, HttpMethod, API_PREFIX};
 pub use server::{ApiServer, ApiServerError, ServerOptions};
 pub use types::{
-    DeviceInfo, DirtyPagesBySource, DmaDirtyInfo, IommuCapabilities, MigrationState,
+    DeviceInfo, DirtyPagesBySource, DmaDirtyInfo, DmaDomain, IommuCapabilities, MigrationState,
     MigrationStatus, SendMigrationDataError, TimeoutStrategy, VmConfigInfo, VmInfo,
     VmReceiveMigrationData, VmSendMigrationData, VmState, VmmPingResponse,
 };

@@ -91,6 +91,30 @@ pub struct DeviceInfo {
     /// How migration tracks the device's DMA writes; set for DMA-capable devices only.
     #[serde(default)]
     pub dma_dirty: Option<DmaDirtyInfo>,
+    /// The DMA space (IOMMU domain) the device is in and which devices share it.
+    #[serde(default)]
+    pub dma_domain: Option<DmaDomain>,
+}
+
+/// A device's DMA space: the VM's type1 container, or a HWPT on the VM's iommufd IOAS. Devices
+/// in one space share one mapping (and pinning) of guest RAM; devices on one HWPT share its dirty
+/// bitmap, which migration reads once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmaDomain {
+    /// `"type1"` or `"iommufd"`.
+    pub backend: String,
+    /// The IOAS object id (iommufd only).
+    #[serde(default)]
+    pub ioas: Option<u32>,
+    /// The HWPT object id (iommufd only).
+    #[serde(default)]
+    pub hwpt: Option<u32>,
+    /// The HWPT was allocated with IOMMU dirty tracking.
+    #[serde(default)]
+    pub dirty_tracking: bool,
+    /// Every device in this container or on this HWPT, this one included.
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// The DMA dirty-tracking method chosen for a device, from what the kernel reported.

@@ -175,6 +175,13 @@ fn schema_fields_match_serialized_types() {
     let device = DeviceInfo {
         iommu: Some(iommu.clone()),
         dma_dirty: Some(tern_api::types::DmaDirtyInfo::default()),
+        dma_domain: Some(tern_api::types::DmaDomain {
+            backend: "iommufd".into(),
+            ioas: Some(1),
+            hwpt: Some(2),
+            dirty_tracking: true,
+            devices: vec!["edu0".into()],
+        }),
         ..DeviceInfo::default()
     };
     let cases: Vec<(&str, Value)> = vec![

@@ -96,14 +96,14 @@ impl Drop for Ram {
 /// it up. Fields drop in declaration order: device, then the DMA mappings and container, then RAM.
 struct Passthrough {
     device: Arc<VfioDevice>,
-    dma: Type1Dma,
+    dma: Arc<Type1Dma>,
     _ram: Ram,
 }
 
 impl Passthrough {
     fn open(sysfs: &Path) -> Result<Self> {
         let ram = Ram::new(RAM_LEN)?;
-        let mut dma = Type1Dma::open().context("opening /dev/vfio/vfio")?;
+        let dma = Type1Dma::open().context("opening /dev/vfio/vfio")?;
         let ops: Arc<dyn VfioOps> = dma.container().clone();
         let device = VfioDevice::new(sysfs, ops, false)
             .with_context(|| format!("opening {} through a type1 container", sysfs.display()))?;
@@ -121,12 +121,12 @@ impl Passthrough {
     }
 
     fn mapped(&self) -> Vec<MappedRange> {
-        MappedRange::from_mappings(self.dma.mapped())
+        MappedRange::from_mappings(&self.dma.mapped())
     }
 
     /// Unmaps the DMA while the group still holds the container's IOMMU, then drops the device
     /// (releasing the group) before the container.
-    fn close(mut self) {
+    fn close(self) {
         self.dma.unmap_all();
     }
 }

@@ -1,15 +1,16 @@
 /*
  * edu probe kernel: entered through the Linux 64-bit boot protocol (ring 0, identity-mapped low
- * 4 GiB), it finds QEMU's edu device (1234:11e8) on bus 0 through 0xCF8/0xCFC, enables memory
- * decode and bus mastering, checks the identification register, and has the device DMA a pattern
- * from guest RAM into its buffer and back into another RAM buffer. It prints one verdict line
+ * 4 GiB), it finds every QEMU edu device (1234:11e8) on bus 0 through 0xCF8/0xCFC and, for each in
+ * slot order, enables memory decode and bus mastering, checks the identification register, and has
+ * the device DMA a pattern from guest RAM into its buffer and back into another RAM buffer. It
+ * prints one verdict line per device
  *     EDU: dma ok            EDU: dma mismatch at XXXXXXXX      EDU: dma timeout
  *     EDU: no device         EDU: bad id XXXXXXXX
  * (after "EDU: found at 00:SS.0 bar0 XXXXXXXX"). The device-to-RAM DMA asks edu for an interrupt on
  * completion: the probe has enabled its local APIC, an IDT entry for vector 0x40 and the
  * function's MSI capability (address 0xFEE00000 = APIC 0, data 0x40), and after the DMA it prints
  *     EDU: msi ok            EDU: no msi            EDU: no msi capability
- * then powers the VM off.
+ * and goes on to the next device; after the last one (or the first failure) it powers the VM off.
  *
  * The DMA addresses are guest-physical: tern maps guest RAM with IOVA = GPA. QEMU's edu takes at
  * most 4095 bytes per DMA and addresses below 256 MiB, and completes each DMA from a 100 ms timer,
@@ -38,6 +39,7 @@
 _start:
         lea rsp, [rip + stack_top]
         xor ebx, ebx                    /* slot */
+        xor r15d, r15d                  /* edu devices that passed */
 scan:
         mov eax, ebx
         shl eax, 11
@@ -48,9 +50,11 @@ scan:
         in eax, dx
         cmp eax, 0x11e81234
         je found
-        inc ebx
+next:   inc ebx
         cmp ebx, 32
         jb scan
+        test r15d, r15d
+        jnz poweroff
         lea rsi, [rip + msg_nodev]
         call puts
         jmp poweroff
@@ -142,7 +146,9 @@ found:
         jnz 4b
         lea rsi, [rip + msg_nomsi]
 5:      call puts
-        jmp poweroff
+        inc r15d
+        mov dword ptr [rip + msi_count], 0
+        jmp next
 
 mismatch:
         mov r13d, ecx

@@ -5,27 +5,37 @@ MTTY_UUIDS="83b8f4f2-509f-382f-3c1e-e6bfe0fa1001 83b8f4f2-509f-382f-3c1e-e6bfe0f
 
 lab_log() { echo "lab: $*"; }
 
-# Prints the sysfs path of QEMU's edu device (1234:11e8), or nothing.
-edu_sysfs() {
+# Prints the sysfs paths of QEMU's edu devices (1234:11e8), one per line, in bus order; fails if
+# there is none.
+edu_sysfs_all() {
+    found=1
     for d in /sys/bus/pci/devices/*; do
         if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
             echo "$d"
-            return 0
+            found=0
         fi
     done
-    return 1
+    return $found
 }
 
-# Binds edu to vfio-pci (driver_override + drivers_probe).
+# Prints the sysfs path of the first edu device, or nothing.
+edu_sysfs() {
+    all=$(edu_sysfs_all) || return 1
+    echo "$all" | head -1
+}
+
+# Binds every edu to vfio-pci (driver_override + drivers_probe).
 bind_edu_vfio() {
-    edu=$(edu_sysfs) || { lab_log "no edu device on the pci bus"; return 1; }
-    bdf=$(basename "$edu")
-    echo vfio-pci >"$edu/driver_override"
-    echo "$bdf" >/sys/bus/pci/drivers_probe
-    driver=$(basename "$(readlink "$edu/driver")")
-    group=$(basename "$(readlink "$edu/iommu_group")")
-    lab_log "edu $bdf driver=$driver iommu_group=$group"
-    [ "$driver" = vfio-pci ]
+    all=$(edu_sysfs_all) || { lab_log "no edu device on the pci bus"; return 1; }
+    for edu in $all; do
+        bdf=$(basename "$edu")
+        echo vfio-pci >"$edu/driver_override"
+        echo "$bdf" >/sys/bus/pci/drivers_probe
+        driver=$(basename "$(readlink "$edu/driver")")
+        group=$(basename "$(readlink "$edu/iommu_group")")
+        lab_log "edu $bdf driver=$driver iommu_group=$group"
+        [ "$driver" = vfio-pci ] || return 1
+    done
 }
 
 # Creates the mtty instances of MTTY_UUIDS (type mtty-2: two ports each).

@@ -6,19 +6,32 @@
 # page the device wrote back and counts those not holding their last write. With the HWPT dirty
 # source (dirty=auto) none may be lost and the guest's verifier stays clean; with the source
 # switched off (dirty=none, the negative control) writes must be lost, or the check proves nothing.
+# A third run has two mock devices: they share the VM's mock IOAS and one HWPT, so migration reads
+# one dirty source naming both, and neither loses a write.
 . /lab/lib.sh
 root=/tmp/hwdbm-mock
 a= b=
 trap 'kill $a $b 2>/dev/null' EXIT
 
-# Usage: run_case DIRTY — migrates once; sets $lost and $intact from the destination's report.
+# Usage: verdict CASE ID — sets $lost and $intact from the destination's report on mock device ID.
+verdict() {
+    report=$(grep "tern: mock-dma $2:" "$root/$1/b.err")
+    lab_log "$1: $report"
+    intact=$(echo "$report" | sed -n 's/.*after migration \([0-9][0-9]*\) intact, \([0-9][0-9]*\) LOST$/\1/p')
+    lost=$(echo "$report" | sed -n 's/.*after migration \([0-9][0-9]*\) intact, \([0-9][0-9]*\) LOST$/\2/p')
+    [ -n "$intact" ] && [ -n "$lost" ] || { lab_log "$1: no verdict on mock-dma $2 from the destination"; cat "$root/$1/b.err"; return 1; }
+}
+
+# Usage: run_case CASE MOCK_SPEC... — migrates once with a --mock-dma device per MOCK_SPEC.
 run_case() {
     d=$root/$1
+    shift
     rm -rf "$d"
     mkdir -p "$d"
+    mocks=
+    for m in "$@"; do mocks="$mocks --mock-dma $m"; done
     timeout -s KILL 300 tern --api-socket "$d/a.sock" --serial "file=$d/a.log" \
-        --guest demo,mib=16,dirty-mib-per-s=8 --cpus 2 --memory 256M \
-        --mock-dma "id=dmasim,gpa-mib=64,mib=32,pages-per-s=1000,dirty=$1" 2>"$d/a.err" &
+        --guest demo,mib=16,dirty-mib-per-s=8 --cpus 2 --memory 256M $mocks 2>"$d/a.err" &
     a=$!
     timeout -s KILL 300 tern --api-socket "$d/b.sock" --serial "file=$d/b.log" 2>"$d/b.err" &
     b=$!
@@ -34,11 +47,6 @@ run_case() {
     wait_progress "$d/b.log" "$before" || return 1
     ternctl --api-socket "$d/b.sock" shutdown-vmm || { lab_log "shutdown-vmm failed"; return 1; }
     wait_tern b destination "$d/b.err" || return 1
-    report=$(grep 'tern: mock-dma dmasim:' "$d/b.err")
-    lab_log "dirty=$1: $report"
-    intact=$(echo "$report" | sed -n 's/.*after migration \([0-9][0-9]*\) intact, \([0-9][0-9]*\) LOST$/\1/p')
-    lost=$(echo "$report" | sed -n 's/.*after migration \([0-9][0-9]*\) intact, \([0-9][0-9]*\) LOST$/\2/p')
-    [ -n "$intact" ] && [ -n "$lost" ] || { lab_log "no mock-dma verdict from the destination"; cat "$d/b.err"; return 1; }
     if grep -q 'CORRUPT\|FAULT' "$d/a.log" "$d/b.log"; then
         lab_log "the demo guest found corrupted memory"
         return 1
@@ -47,16 +55,33 @@ run_case() {
     return 0
 }
 
-run_case auto || exit 1
+run_case auto "id=dmasim,gpa-mib=64,mib=32,pages-per-s=1000,dirty=auto" || exit 1
+verdict auto dmasim || exit 1
 auto_intact=$intact
 if [ "$lost" -ne 0 ] || [ "$intact" -lt 100 ]; then
     lab_log "with HWPT dirty tracking: $lost DMA-written pages lost, $intact intact (want 0 lost, >= 100 intact)"
     exit 1
 fi
 grep -q 'dmasim' "$root/auto/watch" || { lab_log "migration status shows no DMA pages for dmasim"; exit 1; }
-run_case none || exit 1
+run_case none "id=dmasim,gpa-mib=64,mib=32,pages-per-s=1000,dirty=none" || exit 1
+verdict none dmasim || exit 1
 if [ "$lost" -eq 0 ]; then
     lab_log "negative control: with the DMA source off no write was lost, so the check cannot tell"
     exit 1
 fi
 lab_log "HWPT source on: 0 of $auto_intact DMA-written pages lost; off: $lost lost"
+run_case shared "id=sim1,gpa-mib=64,mib=32,pages-per-s=500" "id=sim2,gpa-mib=128,mib=32,pages-per-s=500" || exit 1
+for id in sim1 sim2; do
+    verdict shared $id || exit 1
+    if [ "$lost" -ne 0 ] || [ "$intact" -lt 50 ]; then
+        lab_log "shared HWPT: $id lost $lost DMA-written pages, $intact intact (want 0 lost, >= 50 intact)"
+        exit 1
+    fi
+done
+hwpts=$(grep -o '"hwpt": [0-9]*' "$root/shared/info" | sort -u | wc -l)
+[ "$hwpts" -eq 1 ] || { lab_log "the two mock devices are not on one HWPT ($hwpts distinct)"; cat "$root/shared/info"; exit 1; }
+# The status names DMA sources as [LABEL]: exactly one, naming both devices.
+labels=$(grep -o '\[hwpt [0-9]*: [^]]*\]' "$root/shared/watch" | sort -u)
+echo "$labels" | grep -q '^\[hwpt [0-9]*: sim1,sim2\]$' && [ "$(echo "$labels" | wc -l)" -eq 1 ] ||
+    { lab_log "migration status does not show exactly one DMA source for sim1 and sim2: $labels"; exit 1; }
+lab_log "two mock devices on one HWPT: one dirty source $labels, 0 writes lost"

@@ -89,7 +89,7 @@ fn bench(tracking: DirtyTracking, a: &Args) {
         serial: SerialConfig::Off,
         dirty_tracking: tracking,
         devices: Vec::new(),
-        mock_dma: None,
+        mock_dma: Vec::new(),
     };
     let m = match Machine::create(Path::new("/dev/kvm"), config) {
         Ok(m) => m,

@@ -48,13 +48,14 @@ pub struct Cli {
     /// path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off].
     #[arg(long = "device", value_name = "path=PATH[,id=ID][,iommufd=on|off]")]
     pub devices: Vec<String>,
-    /// Lab-only DMA device on the iommufd selftest (needs CONFIG_IOMMUFD_TEST): writes guest
-    /// pages behind KVM's back through a dirty-tracking mock IOMMU.
+    /// Lab-only DMA device on the iommufd selftest (needs CONFIG_IOMMUFD_TEST), repeatable: writes
+    /// guest pages behind KVM's back through a dirty-tracking mock IOMMU (the VM's mock devices
+    /// share one IOAS and one HWPT).
     #[arg(
         long = "mock-dma",
         value_name = "id=ID,gpa-mib=N,mib=N,pages-per-s=N,dirty=auto|none"
     )]
-    pub mock_dma: Option<String>,
+    pub mock_dma: Vec<String>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
@@ -130,7 +131,11 @@ impl Cli {
             serial: parse_serial(&self.serial)?,
             dirty_tracking: parse_dirty_tracking(&self.dirty_tracking)?,
             devices,
-            mock_dma: self.mock_dma.as_deref().map(str::parse).transpose()?,
+            mock_dma: self
+                .mock_dma
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()?,
         }))
     }
 }

@@ -22,9 +22,9 @@ pub struct VmConfig {
     /// VFIO passthrough devices (`--device`, repeatable).
     #[serde(default)]
     pub devices: Vec<PassthroughConfig>,
-    /// The lab-only DMA device on the iommufd selftest (`--mock-dma`).
+    /// The lab-only DMA devices on the iommufd selftest (`--mock-dma`, repeatable).
     #[serde(default)]
-    pub mock_dma: Option<tern_devices::vfio::mock_dma::MockDmaSpec>,
+    pub mock_dma: Vec<tern_devices::vfio::mock_dma::MockDmaSpec>,
 }
 
 /// One VFIO passthrough device.

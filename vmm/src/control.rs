@@ -188,7 +188,7 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
         .devices()
         .passthrough_info()
         .into_iter()
-        .map(|d| {
+        .map(|(d, domain)| {
             let backend = match d.backend {
                 VfioBackend::Type1 => "type1",
                 VfioBackend::Iommufd => "iommufd",
@@ -208,12 +208,13 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                     vfio_migration: d.vfio_migration,
                 }),
                 dma_dirty: Some(dma_dirty_info(d.dma_dirty)),
+                dma_domain: domain.map(dma_domain_info),
             }
         })
         .collect();
-    if let Some((id, dma_dirty)) = machine.devices().mock_dma_info() {
+    for m in machine.devices().mock_dma_info() {
         v.push(DeviceInfo {
-            id,
+            id: m.id,
             kind: "mock-dma".into(),
             backend: Some("iommufd selftest mock domain (lab only)".into()),
             iommu: Some(IommuCapabilities {
@@ -222,10 +223,35 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                 device_dma_logging: false,
                 vfio_migration: false,
             }),
-            dma_dirty: Some(dma_dirty_info(dma_dirty)),
+            dma_dirty: Some(dma_dirty_info(m.dma_dirty)),
+            dma_domain: Some(dma_domain_info(m.domain)),
         });
     }
     v
+}
+
+/// A device's DMA space as `vm.info` shows it.
+fn dma_domain_info(d: tern_devices::vfio::device::DmaDomainInfo) -> tern_api::types::DmaDomain {
+    use tern_devices::vfio::device::DmaDomainInfo;
+    match d {
+        DmaDomainInfo::Type1 { devices } => tern_api::types::DmaDomain {
+            backend: "type1".into(),
+            devices,
+            ..Default::default()
+        },
+        DmaDomainInfo::Iommufd {
+            ioas,
+            hwpt,
+            dirty_tracking,
+            devices,
+        } => tern_api::types::DmaDomain {
+            backend: "iommufd".into(),
+            ioas: Some(ioas),
+            hwpt: Some(hwpt),
+            dirty_tracking,
+            devices,
+        },
+    }
 }
 
 /// A device's DMA dirty-tracking selection as `vm.info` shows it.

@@ -1,6 +1,7 @@
 //! Creates the VM's platform devices, places them on the I/O buses, and saves/restores their state as
 //! one closed, typed struct (a device without state handling does not compile in).
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,11 @@ use tern_devices::legacy::serial::{
     COM_PORT_LEN,
 };
 use tern_devices::legacy::EventFdTrigger;
+use tern_devices::vfio::device::{DmaDomainInfo, VfioDeviceInfo};
+use tern_devices::vfio::dma_dirty::domain::DirtyDomain;
+use tern_devices::vfio::dma_dirty::method::DmaDirtySelection;
+use tern_devices::vfio::dma_space::DmaSpaces;
+use tern_devices::vfio::iommufd::IommufdSpace;
 use tern_devices::vfio::mock_dma::{MockDmaDevice, MockDmaError, MockDmaSpec, MockDmaState};
 use tern_migration::dirty::DirtySource;
 use vmm_sys_util::eventfd::EventFd;
@@ -59,8 +65,10 @@ pub enum DeviceError {
     Passthrough(#[source] crate::vfio_manager::VfioManagerError),
     #[error(transparent)]
     MockDma(#[from] MockDmaError),
-    #[error("the migration carries mock-dma state but this VM has no --mock-dma device")]
-    MockDmaMissing,
+    #[error("the migration carries state of mock-dma {id} but this VM has no --mock-dma id={id}")]
+    MockDmaMissing { id: String },
+    #[error("--mock-dma id={id} is given twice")]
+    MockDmaDuplicate { id: String },
 }
 
 /// A device whose DMA cannot be tracked blocks migration; the reason names it.
@@ -77,9 +85,17 @@ pub struct DeviceStates {
     pub serial: SerialDeviceState,
     pub cmos: CmosState,
     pub pci: crate::pci_manager::PciManagerState,
-    /// The lab-only DMA device's write log.
+    /// The lab-only DMA devices' write logs, by device id.
     #[serde(default)]
-    pub mock_dma: Option<MockDmaState>,
+    pub mock_dma: BTreeMap<String, MockDmaState>,
+}
+
+/// What `vm.info` shows about a lab-only mock DMA device.
+#[derive(Debug, Clone)]
+pub struct MockDmaInfo {
+    pub id: String,
+    pub dma_dirty: DmaDirtySelection,
+    pub domain: DmaDomainInfo,
 }
 
 /// Events devices raise towards the VMM.
@@ -101,8 +117,12 @@ pub struct DeviceManager {
     pci: PciManager,
     // VFIO passthrough functions (also on the PCI bus); dropped with the manager, before guest RAM.
     passthrough: Vec<Arc<Mutex<tern_devices::vfio::device::VfioPciDevice>>>,
-    // The lab-only DMA device (`--mock-dma`).
-    mock_dma: Option<Mutex<MockDmaDevice>>,
+    // The VM's type1 container and iommufd IOAS, shared by its passthrough devices (opened with
+    // the first device that needs one).
+    dma_spaces: Option<DmaSpaces>,
+    // The lab-only DMA devices (`--mock-dma`) and the IOAS they share.
+    mock_dma: Vec<Mutex<MockDmaDevice>>,
+    mock_space: Option<Arc<IommufdSpace>>,
     // Registered as the COM1 irqfd for the VM's lifetime; cloned when the UART is restored.
     serial_irq: EventFd,
 }
@@ -193,7 +213,9 @@ impl DeviceManager {
                 mmio: Arc::new(mmio),
                 pci,
                 passthrough: Vec::new(),
-                mock_dma: None,
+                dma_spaces: None,
+                mock_dma: Vec::new(),
+                mock_space: None,
                 serial_irq,
             },
             events,
@@ -222,7 +244,18 @@ impl DeviceManager {
         ram: &crate::vstate::memory::GuestRam,
         configs: &[crate::config::PassthroughConfig],
     ) -> Result<(), DeviceError> {
-        let added = crate::vfio_manager::add_devices(&mut self.pci, ram, configs)
+        if configs.is_empty() {
+            return Ok(());
+        }
+        let spaces = match &mut self.dma_spaces {
+            Some(s) => s,
+            None => {
+                let ranges =
+                    crate::vfio_manager::dma_ranges(ram).map_err(DeviceError::Passthrough)?;
+                self.dma_spaces.insert(DmaSpaces::new(ranges))
+            }
+        };
+        let added = crate::vfio_manager::add_devices(&mut self.pci, spaces, configs)
             .map_err(DeviceError::Passthrough)?;
         self.passthrough.extend(added);
         Ok(())
@@ -234,27 +267,35 @@ impl DeviceManager {
         ram: &crate::vstate::memory::GuestRam,
         spec: &MockDmaSpec,
     ) -> Result<(), DeviceError> {
+        if self.mocks().any(|m| m.id() == spec.id) {
+            return Err(DeviceError::MockDmaDuplicate {
+                id: spec.id.clone(),
+            });
+        }
         let ranges = crate::vfio_manager::dma_ranges(ram).map_err(DeviceError::Passthrough)?;
-        self.mock_dma = Some(Mutex::new(MockDmaDevice::open(spec, &ranges)?));
+        let dev = MockDmaDevice::open(spec, &ranges, &mut self.mock_space)?;
+        self.mock_dma.push(Mutex::new(dev));
         Ok(())
     }
 
-    fn lock_mock(&self) -> Option<std::sync::MutexGuard<'_, MockDmaDevice>> {
+    fn mocks(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, MockDmaDevice>> {
         self.mock_dma
-            .as_ref()
+            .iter()
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// One dirty source per DMA tracking domain of the VM's devices (none for a device the
-    /// operator marked `dirty=none`).
+    /// One dirty source per DMA tracking domain of the VM's devices (a HWPT or container shared
+    /// by several devices is one source; none for a device the operator marked `dirty=none`).
     pub fn dma_dirty_sources(&self) -> Vec<Box<dyn DirtySource>> {
-        let mut v: Vec<Box<dyn DirtySource>> = self
-            .passthrough
-            .iter()
-            .filter_map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).dirty_source())
-            .collect();
-        v.extend(self.lock_mock().and_then(|m| m.dirty_source()));
-        v
+        let mut domains: Vec<(String, DirtyDomain)> = Vec::new();
+        for d in &self.passthrough {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            domains.extend(d.dirty_domain().map(|dom| (d.info().id.clone(), dom)));
+        }
+        for m in self.mocks() {
+            domains.extend(m.dirty_domain().map(|dom| (m.id().to_string(), dom)));
+        }
+        tern_devices::vfio::dma_dirty::domain::sources(&domains)
     }
 
     /// Why the VM cannot migrate now, device by device (empty: it can).
@@ -284,7 +325,7 @@ impl DeviceManager {
 
     /// Stops every device's DMA (migration switchover, after the vCPUs).
     pub fn pause_dma(&self) -> Result<(), DeviceError> {
-        if let Some(m) = self.lock_mock() {
+        for m in self.mocks() {
             m.pause();
         }
         Ok(())
@@ -292,28 +333,36 @@ impl DeviceManager {
 
     /// Lets every device's DMA run again.
     pub fn resume_dma(&self) -> Result<(), DeviceError> {
-        if let Some(mut m) = self.lock_mock() {
+        for mut m in self.mocks() {
             m.resume()?;
         }
         Ok(())
     }
 
-    /// What `vm.info` shows about the lab-only DMA device: its id and DMA dirty method.
-    pub fn mock_dma_info(
-        &self,
-    ) -> Option<(
-        String,
-        tern_devices::vfio::dma_dirty::method::DmaDirtySelection,
-    )> {
-        self.lock_mock()
-            .map(|m| (m.id().to_string(), m.dma_dirty().clone()))
+    /// What `vm.info` shows about the lab-only DMA devices: id, DMA dirty method, HWPT.
+    pub fn mock_dma_info(&self) -> Vec<MockDmaInfo> {
+        self.mocks()
+            .map(|m| MockDmaInfo {
+                id: m.id().to_string(),
+                dma_dirty: m.dma_dirty().clone(),
+                domain: DmaDomainInfo::Iommufd {
+                    ioas: m.hwpt().space().ioas_id(),
+                    hwpt: m.hwpt().id(),
+                    dirty_tracking: m.hwpt().dirty_tracking(),
+                    devices: m.hwpt().devices(),
+                },
+            })
+            .collect()
     }
 
-    /// What `vm.info` shows about each passthrough device.
-    pub fn passthrough_info(&self) -> Vec<tern_devices::vfio::device::VfioDeviceInfo> {
+    /// What `vm.info` shows about each passthrough device, and the DMA space it is in.
+    pub fn passthrough_info(&self) -> Vec<(VfioDeviceInfo, Option<DmaDomainInfo>)> {
         self.passthrough
             .iter()
-            .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).info().clone())
+            .map(|d| {
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                (d.info().clone(), d.dma_domain())
+            })
             .collect()
     }
 
@@ -337,8 +386,11 @@ impl DeviceManager {
         self.pci
             .restore(&states.pci)
             .map_err(DeviceError::PciRestore)?;
-        if let Some(state) = &states.mock_dma {
-            let m = self.lock_mock().ok_or(DeviceError::MockDmaMissing)?;
+        for (id, state) in &states.mock_dma {
+            let m = self
+                .mocks()
+                .find(|m| m.id() == id)
+                .ok_or_else(|| DeviceError::MockDmaMissing { id: id.clone() })?;
             let v = m.restore(state)?;
             // The lab's oracle for DMA behind KVM's back: every page the source's device wrote
             // must hold its last write here.
@@ -364,7 +416,10 @@ impl DeviceManager {
             serial: lock(&self.serial),
             cmos: self.cmos.lock().unwrap_or_else(|p| p.into_inner()).save(),
             pci: self.pci.save().map_err(DeviceError::PciSave)?,
-            mock_dma: self.lock_mock().map(|m| m.save()),
+            mock_dma: self
+                .mocks()
+                .map(|m| (m.id().to_string(), m.save()))
+                .collect(),
         })
     }
 }

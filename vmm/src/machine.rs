@@ -235,7 +235,7 @@ impl Machine {
         let mut ring_maps = Vec::new();
         let (mut devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
         devices.add_passthrough(&ram, &config.devices)?;
-        if let Some(spec) = &config.mock_dma {
+        for spec in &config.mock_dma {
             devices.add_mock_dma(&ram, spec)?;
         }
         let base_cpuid = cpuid::supported(&kvm)?;

@@ -13,6 +13,7 @@ use tern_devices::sys::vfio_region_mmap::RegionMapping;
 use tern_devices::vfio::bar_map::BarMemory;
 use tern_devices::vfio::container::GuestRamRange;
 use tern_devices::vfio::device::{PciResources, ResourceError, VfioDeviceError, VfioPciDevice};
+use tern_devices::vfio::dma_space::DmaSpaces;
 use tern_devices::vfio::preflight::HostRoots;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
@@ -161,16 +162,13 @@ pub fn dma_ranges(ram: &GuestRam) -> Result<Vec<GuestRamRange>, VfioManagerError
         .collect()
 }
 
-/// Opens every device in `configs` and adds it to bus 0 (first free slots, in order).
+/// Opens every device in `configs` in the VM's DMA `spaces` and adds it to bus 0 (first free
+/// slots, in order).
 pub fn add_devices(
     pci: &mut PciManager,
-    ram: &GuestRam,
+    spaces: &mut DmaSpaces,
     configs: &[PassthroughConfig],
 ) -> Result<Vec<Arc<Mutex<VfioPciDevice>>>, VfioManagerError> {
-    if configs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ranges = dma_ranges(ram)?;
     let mut devices = Vec::with_capacity(configs.len());
     for c in configs {
         let spec = c.spec();
@@ -178,7 +176,7 @@ pub fn add_devices(
             pci: &mut *pci,
             id: &c.id,
         };
-        let dev = VfioPciDevice::open(&spec, &HostRoots::default(), &ranges, &mut resources)?;
+        let dev = VfioPciDevice::open(&spec, &HostRoots::default(), spaces, &mut resources)?;
         let dev = Arc::new(Mutex::new(dev));
         let slot = pci
             .add_device(None, dev.clone())

@@ -35,7 +35,7 @@ fn machine(mib: u64, dirty_mib_per_s: u64, tracking: DirtyTracking) -> (Machine,
         serial: SerialConfig::Off,
         dirty_tracking: tracking,
         devices: Vec::new(),
-        mock_dma: None,
+        mock_dma: Vec::new(),
     };
     let m = Machine::create(Path::new("/dev/kvm"), config).expect("create demo machine");
     let l = layout(&demo, m.ram().low_ram_end()).expect("demo layout");

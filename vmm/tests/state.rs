@@ -28,7 +28,7 @@ fn demo_config(serial: &Path, cpus: u8) -> VmConfig {
         serial: SerialConfig::File(serial.to_owned()),
         dirty_tracking: Default::default(),
         devices: Vec::new(),
-        mock_dma: None,
+        mock_dma: Vec::new(),
     }
 }
 

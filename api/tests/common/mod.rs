@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tern_api::{
-    ApiError, ApiHandler, ApiServer, DeviceInfo, DmaDirtyInfo, IommuCapabilities, MigrationState,
-    MigrationStatus, ServerOptions, VmConfigInfo, VmInfo, VmReceiveMigrationData,
+    ApiError, ApiHandler, ApiServer, DeviceInfo, DmaDirtyInfo, DmaDomain, IommuCapabilities,
+    MigrationState, MigrationStatus, ServerOptions, VmConfigInfo, VmInfo, VmReceiveMigrationData,
     VmSendMigrationData, VmState, VmmPingResponse,
 };
 
@@ -75,6 +75,7 @@ pub fn sample_info(state: VmState) -> VmInfo {
                 backend: Some("stdout".into()),
                 iommu: None,
                 dma_dirty: None,
+                dma_domain: None,
             },
             DeviceInfo {
                 id: "vfio0".into(),
@@ -90,6 +91,13 @@ pub fn sample_info(state: VmState) -> VmInfo {
                     method: "iommufd".into(),
                     migratable: true,
                     reason: "the IOMMU tracks dirty pages".into(),
+                }),
+                dma_domain: Some(DmaDomain {
+                    backend: "iommufd".into(),
+                    ioas: Some(1),
+                    hwpt: Some(3),
+                    dirty_tracking: true,
+                    devices: vec!["vfio0".into()],
                 }),
             },
         ],

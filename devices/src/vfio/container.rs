@@ -1,15 +1,16 @@
-//! The legacy VFIO backend: one type1 container (`/dev/vfio/vfio`) per passthrough device, its group
-//! (`/dev/vfio/N`) attached, and all guest RAM mapped for DMA with IOVA = GPA.
+//! The legacy VFIO backend: one type1 container (`/dev/vfio/vfio`) for all of a VM's passthrough
+//! devices (each device's group joins it), and all guest RAM mapped for DMA with IOVA = GPA once.
 //!
 //! ```text
-//!  VfioContainer::new ─► VfioDevice::new(sysfs, container) (opens + attaches the group, sets type1)
-//!     ─► VFIO_IOMMU_MAP_DMA for every RAM range (IOVA = GPA) ─► ... ─► unmap every range on drop
+//!  Type1Dma::open ─► VfioDevice::new(sysfs, container) (opens + attaches the group; the first
+//!     group sets type1) ─► join: first device maps every RAM range (VFIO_IOMMU_MAP_DMA, IOVA = GPA)
+//!     ─► ... ─► leave: the last device out unmaps every range before its group goes
 //! ```
 //!
 //! The group is attached by vfio-ioctls when the device is opened, and the type1 IOMMU is selected
-//! then; mappings can only be made after that, so [`Type1Dma::map`] runs after the open.
+//! then; mappings can only be made after that, so [`Type1Dma::join`] runs after the open.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vfio_ioctls::{VfioContainer, VfioError};
 
@@ -48,29 +49,38 @@ pub enum Type1Error {
     RangeTooLarge { iova: Iova, len: u64 },
 }
 
-/// A type1 container and the guest RAM ranges mapped in it.
+/// A type1 container shared by the VM's devices, and the guest RAM ranges mapped in it (once,
+/// however many groups join: the kernel replays a container's mappings into each new group's
+/// IOMMU domain, and pins each page once per container).
 pub struct Type1Dma {
     container: Arc<VfioContainer>,
-    mapped: Vec<(Iova, usize)>,
+    mapped: Mutex<Vec<(Iova, usize)>>,
+    members: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Type1Dma {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Type1Dma")
-            .field("mapped", &self.mapped)
+            .field("mapped", &self.mapped())
+            .field("members", &self.members())
             .finish()
     }
 }
 
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Type1Dma {
     /// Opens a new container. Nothing is mapped until a group is attached (by opening a device in
-    /// it) and [`Type1Dma::map`] runs.
-    pub fn open() -> Result<Self, Type1Error> {
+    /// it) and [`Type1Dma::join`] or [`Type1Dma::map`] runs.
+    pub fn open() -> Result<Arc<Self>, Type1Error> {
         let container = VfioContainer::new(None).map_err(Type1Error::Container)?;
-        Ok(Self {
+        Ok(Arc::new(Self {
             container: Arc::new(container),
-            mapped: Vec::new(),
-        })
+            mapped: Mutex::new(Vec::new()),
+            members: Mutex::new(Vec::new()),
+        }))
     }
 
     /// The container, to open devices in.
@@ -78,9 +88,42 @@ impl Type1Dma {
         &self.container
     }
 
-    /// Maps every range with IOVA = GPA, read and write. On error the ranges mapped so far stay
-    /// recorded and are unmapped by [`Type1Dma::unmap_all`] or on drop.
-    pub fn map(&mut self, ranges: &[GuestRamRange]) -> Result<(), Type1Error> {
+    /// Records device `id` (whose group is now in the container) and, for the first device,
+    /// maps `ram`. On a mapping error nothing stays mapped and `id` is not recorded.
+    pub fn join(&self, id: &str, ram: &[GuestRamRange]) -> Result<(), Type1Error> {
+        let mut members = locked(&self.members);
+        if members.is_empty() {
+            if let Err(e) = self.map(ram) {
+                self.unmap_all();
+                return Err(e);
+            }
+        }
+        members.push(id.to_string());
+        Ok(())
+    }
+
+    /// Device `id` leaves; the last one out unmaps guest RAM while its group still holds the
+    /// container's IOMMU (call before the device closes).
+    pub fn leave(&self, id: &str) {
+        let mut members = locked(&self.members);
+        if let Some(i) = members.iter().position(|m| m == id) {
+            members.remove(i);
+        }
+        if members.is_empty() {
+            self.unmap_all();
+        }
+    }
+
+    /// The devices in the container now.
+    pub fn members(&self) -> Vec<String> {
+        locked(&self.members).clone()
+    }
+
+    /// Maps every range with IOVA = GPA, read and write, in pieces of at most
+    /// [`DMA_MAP_CHUNK`]. On error the ranges mapped so far stay recorded and are unmapped by
+    /// [`Type1Dma::unmap_all`].
+    pub fn map(&self, ranges: &[GuestRamRange]) -> Result<(), Type1Error> {
+        let mut mapped = locked(&self.mapped);
         for r in ranges {
             let mut off = 0;
             while off < r.len {
@@ -92,8 +135,8 @@ impl Type1Dma {
                     .ok()
                     .and_then(|o| r.host_addr.checked_add(o))
                     .ok_or(Type1Error::RangeTooLarge { iova, len: piece })?;
-                // Guest RAM outlives the mapping: the VM's device manager, which owns this, is
-                // dropped (and the range unmapped) before its `GuestRam`.
+                // Guest RAM outlives the mapping: the VM's device manager, which owns the
+                // devices and so this, is dropped (and the range unmapped) before its `GuestRam`.
                 vfio_dma_map::map_guest_ram(&self.container, iova, len, host).map_err(
                     |source| Type1Error::MapDma {
                         iova,
@@ -101,7 +144,7 @@ impl Type1Dma {
                         source,
                     },
                 )?;
-                self.mapped.push((iova, len));
+                mapped.push((iova, len));
                 off += piece;
             }
         }
@@ -109,22 +152,16 @@ impl Type1Dma {
     }
 
     /// The ranges mapped now.
-    pub fn mapped(&self) -> &[(Iova, usize)] {
-        &self.mapped
+    pub fn mapped(&self) -> Vec<(Iova, usize)> {
+        locked(&self.mapped).clone()
     }
 
     /// Unmaps every mapped range; failures are logged (teardown goes on regardless).
-    pub fn unmap_all(&mut self) {
-        for (iova, len) in self.mapped.drain(..) {
+    pub fn unmap_all(&self) {
+        for (iova, len) in locked(&self.mapped).drain(..) {
             if let Err(e) = self.container.vfio_dma_unmap(iova.raw(), len) {
                 log::warn!("VFIO: cannot unmap DMA range {iova:#x}+{len:#x}: {e}");
             }
         }
-    }
-}
-
-impl Drop for Type1Dma {
-    fn drop(&mut self) {
-        self.unmap_all();
     }
 }

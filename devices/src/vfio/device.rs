@@ -1,8 +1,10 @@
 //! A host PCI function passed through with VFIO, seen by the guest as a [`PciDevice`] on bus 0.
 //!
 //! ```text
-//!  open:   preflight ─► type1: container ─► VfioDevice (group attached, type1 set) ─► map RAM
-//!                     iommufd: IOAS ─► map RAM ─► VfioDevice (cdev bound) ─► own HWPT, attach
+//!  open:   preflight ─► type1: the VM's container ─► VfioDevice (group joins; the first one
+//!                               sets type1 and maps RAM)
+//!                     iommufd: the VM's IOAS (RAM mapped once) ─► VfioDevice (cdev bound)
+//!                               ─► a shared compatible HWPT, or its own ─► attach
 //!          (all guest RAM, IOVA = GPA) ─► reset ─► read BARs/MSI/MSI-X from the VFIO regions
 //!          ─► BARs and vectors from the VMM (PciResources) ─► emulated config space
 //!  guest:  config reads ─► emulated space (IDs copied from the device, BARs and MSI/MSI-X emulated)
@@ -10,7 +12,8 @@
 //!          MSI/MSI-X enable ─► VFIO_DEVICE_SET_IRQS with the per-vector eventfds (KVM irqfds)
 //!          BAR accesses ─► mmap-able parts: KVM memory slots, no exit ([`super::bar_map`])
 //!                        ─► the rest: VFIO region read/write (trapped; MSI-X table and PBA emulated)
-//!  drop:   delete BAR slots ─► disable MSI/MSI-X ─► unmap DMA ─► close device ─► group leaves the container
+//!  drop:   delete BAR slots ─► disable MSI/MSI-X ─► leave the DMA space (the last type1 member
+//!          unmaps) ─► close device ─► group leaves the container / the HWPT's last user destroys it
 //! ```
 //!
 //! **Configuration space.** The guest sees a configuration space built by tern: the device's IDs,
@@ -32,15 +35,14 @@ use vfio_ioctls::{VfioDevice, VfioError, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bar_map::{direct_areas, BarMemory, DirectBars};
-use super::container::{GuestRamRange, Type1Dma, Type1Error};
-use super::dma_dirty::hwpt::HwptDirtySource;
-use super::dma_dirty::logging::DmaLoggingSource;
+use super::container::{Type1Dma, Type1Error};
+use super::dma_dirty::domain::DirtyDomain;
 use super::dma_dirty::method::{
     select, DmaDirtyCaps, DmaDirtyMethod, DmaDirtySelection, MethodUnavailable,
 };
-use super::dma_dirty::type1::Type1DirtySource;
 use super::dma_dirty::MappedRange;
-use super::iommufd::{IommufdBackendError, IommufdDma};
+use super::dma_space::DmaSpaces;
+use super::iommufd::{Hwpt, IommufdBackendError};
 use super::preflight::{preflight, HostRoots, VfioPreflightError};
 use super::spec::{VfioBackend, VfioDeviceSpec};
 use crate::pci::bar::{BarError, BarKind, BarRegion, BarSpec};
@@ -50,7 +52,6 @@ use crate::pci::msix::{Msix, MsixError};
 use crate::pci::{MoveBarError, PciDevice, PciDeviceState, PciStateError};
 use crate::sys::vfio_dma_logging_probe::supports_dma_logging;
 use crate::sys::vfio_region_mmap::{page_size, RegionMapping};
-use tern_migration::dirty::DirtySource;
 
 /// A boxed error from the VMM's side of [`PciResources`].
 pub type ResourceError = Box<dyn std::error::Error + Send + Sync>;
@@ -244,6 +245,20 @@ pub struct VfioDeviceInfo {
     pub dma_mapped_bytes: u64,
 }
 
+/// The DMA space a passthrough device is in, and who shares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DmaDomainInfo {
+    /// The VM's type1 container; `devices` are all the devices in it (this one included).
+    Type1 { devices: Vec<String> },
+    /// The VM's IOAS and a HWPT on it; `devices` are all the devices attached to the HWPT.
+    Iommufd {
+        ioas: u32,
+        hwpt: u32,
+        dirty_tracking: bool,
+        devices: Vec<String>,
+    },
+}
+
 /// Where the device's own MSI-X table and PBA are (the emulated capability keeps them there).
 #[derive(Debug, Clone, Copy)]
 struct MsixLayout {
@@ -252,48 +267,55 @@ struct MsixLayout {
     pba: (u8, u32),
 }
 
-/// Where the device's DMA goes: the IOMMU domain guest RAM is mapped in.
+/// Where the device's DMA goes: the VM's container, or a HWPT on the VM's IOAS.
 #[derive(Debug)]
 enum Dma {
-    Type1(Type1Dma),
-    Iommufd(IommufdDma),
+    Type1(Arc<Type1Dma>),
+    Iommufd(Arc<Hwpt>),
 }
 
 impl Dma {
-    fn mapped(&self) -> usize {
+    /// The DMA mappings (IOVA = GPA).
+    fn mappings(&self) -> Vec<(crate::sys::iova::Iova, usize)> {
         match self {
-            Dma::Type1(d) => d.mapped().len(),
-            Dma::Iommufd(d) => d.mapped().len(),
-        }
-    }
-
-    fn unmap_all(&mut self) {
-        match self {
-            Dma::Type1(d) => d.unmap_all(),
-            Dma::Iommufd(d) => d.unmap_all(),
-        }
-    }
-
-    /// The DMA mappings, as the dirty sources see them (IOVA = GPA).
-    fn ranges(&self) -> Vec<MappedRange> {
-        MappedRange::from_mappings(match self {
             Dma::Type1(d) => d.mapped(),
-            Dma::Iommufd(d) => d.mapped(),
-        })
+            Dma::Iommufd(h) => h.space().mapped(),
+        }
+    }
+
+    /// The device leaves the space (before it closes).
+    fn leave(&self, id: &str) {
+        match self {
+            Dma::Type1(d) => d.leave(id),
+            Dma::Iommufd(h) => h.leave(id),
+        }
+    }
+
+    fn info(&self) -> DmaDomainInfo {
+        match self {
+            Dma::Type1(d) => DmaDomainInfo::Type1 {
+                devices: d.members(),
+            },
+            Dma::Iommufd(h) => DmaDomainInfo::Iommufd {
+                ioas: h.space().ioas_id(),
+                hwpt: h.id(),
+                dirty_tracking: h.dirty_tracking(),
+                devices: h.devices(),
+            },
+        }
     }
 }
 
 /// A passed-through PCI function.
 pub struct VfioPciDevice {
     info: VfioDeviceInfo,
-    // Declared before `dma`: fields drop in order, and the device must close before its group
-    // leaves the container (vfio-ioctls puts the group when the device drops), and the cdev must
-    // detach before tern destroys its HWPT.
+    // Both declared before `dma`: fields drop in order, and the cdev must close (detach) before
+    // the last user of its HWPT destroys it.
     device: Box<dyn VfioFunction>,
-    // `None` only for the unit tests' fake function, whose DMA is nobody's.
-    dma: Option<Dma>,
     // The same device as `device`, for its DMA-logging dirty source (`None` for fakes).
     vfio: Option<Arc<VfioDevice>>,
+    // `None` only for the unit tests' fake function, whose DMA is nobody's.
+    dma: Option<Dma>,
     config: ConfigSpace,
     bars: Vec<BarSpec>,
     msi: Option<MsiCap>,
@@ -390,12 +412,13 @@ fn discover_msix(config32: impl Fn(u64) -> u32) -> Option<MsixLayout> {
 }
 
 impl VfioPciDevice {
-    /// Checks and opens the device `spec` names, resets it, maps `ram` for its DMA with IOVA =
-    /// GPA, and takes BAR addresses and MSI vectors from `resources`.
+    /// Checks and opens the device `spec` names, resets it, puts it in the VM's DMA space of its
+    /// backend (guest RAM mapped with IOVA = GPA), and takes BAR addresses and MSI vectors from
+    /// `resources`.
     pub fn open(
         spec: &VfioDeviceSpec,
         roots: &HostRoots,
-        ram: &[GuestRamRange],
+        spaces: &mut DmaSpaces,
         resources: &mut dyn PciResources,
     ) -> Result<Self, VfioDeviceError> {
         let id = spec.id.clone();
@@ -414,11 +437,26 @@ impl VfioPciDevice {
                     id: id.clone(),
                     source,
                 };
-                let mut dma = Type1Dma::open().map_err(type1)?;
-                let device = VfioDevice::new(&target.sysfs, dma.container().clone(), false)
-                    .map_err(open_err)?;
+                let shared = spaces.type1().map_err(type1)?;
+                let (dma, device) =
+                    match VfioDevice::new(&target.sysfs, shared.container().clone(), false) {
+                        Ok(device) => (shared, device),
+                        // A group the shared container's IOMMU cannot take gets its own
+                        // container, as QEMU does.
+                        Err(e) if !shared.members().is_empty() => {
+                            log::info!(
+                            "VFIO {id}: cannot join the VM's type1 container ({e}); using its own"
+                        );
+                            let own = Type1Dma::open().map_err(type1)?;
+                            let device =
+                                VfioDevice::new(&target.sysfs, own.container().clone(), false)
+                                    .map_err(open_err)?;
+                            (own, device)
+                        }
+                        Err(e) => return Err(open_err(e)),
+                    };
                 // The group is in the container and type1 is set only once a device is open.
-                dma.map(ram).map_err(type1)?;
+                dma.join(&id, spaces.ram()).map_err(type1)?;
                 (Dma::Type1(dma), device)
             }
             VfioBackend::Iommufd => {
@@ -426,19 +464,18 @@ impl VfioPciDevice {
                     id: id.clone(),
                     source,
                 };
-                let mut dma = IommufdDma::open().map_err(iommufd)?;
-                dma.map(ram).map_err(iommufd)?;
+                let space = spaces.iommufd().map_err(iommufd)?;
                 let device =
-                    VfioDevice::new(&target.sysfs, dma.ops().clone(), false).map_err(open_err)?;
-                dma.attach(&device).map_err(iommufd)?;
-                (Dma::Iommufd(dma), device)
+                    VfioDevice::new(&target.sysfs, space.ops().clone(), false).map_err(open_err)?;
+                let hwpt = space.attach_vfio(&device, &id).map_err(iommufd)?;
+                (Dma::Iommufd(hwpt), device)
             }
         };
         // Start from a known device state whatever the last user left behind (no-op for
         // functions without reset support).
         device.reset();
         let caps = DmaDirtyCaps {
-            hwpt_dirty: matches!(&dma, Dma::Iommufd(d) if d.dirty_tracking()),
+            hwpt_dirty: matches!(&dma, Dma::Iommufd(h) if h.dirty_tracking()),
             dma_logging: supports_dma_logging(&device),
             type1: matches!(dma, Dma::Type1(_)),
             mdev: matches!(target.kind, super::preflight::VfioDeviceKind::Mdev { .. }),
@@ -456,7 +493,7 @@ impl VfioPciDevice {
             vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
             dma_logging: caps.dma_logging,
             dma_dirty,
-            dma_mapped_bytes: ram.iter().map(|r| r.len).sum(),
+            dma_mapped_bytes: dma.mappings().iter().map(|&(_, len)| len as u64).sum(),
         };
         let device = Arc::new(device);
         let mut dev = Self::emulate(info, Box::new(device.clone()), Some(dma), resources)?;
@@ -608,35 +645,25 @@ impl VfioPciDevice {
         &self.info
     }
 
-    /// A dirty source for the device's DMA by its selected method; `None` when nothing is
-    /// tracked (the operator's `dirty=none`, or no method: migration is then refused earlier).
-    pub fn dirty_source(&self) -> Option<Box<dyn DirtySource>> {
-        let id = self.info.id.as_str();
+    /// Where the device's DMA writes are recorded by its selected method; `None` when nothing
+    /// is tracked (the operator's `dirty=none`, or no method: migration is then refused
+    /// earlier). Devices sharing a domain get one source ([`super::dma_dirty::domain::sources`]).
+    pub fn dirty_domain(&self) -> Option<DirtyDomain> {
         let dma = self.dma.as_ref()?;
         match (self.info.dma_dirty.method?, dma) {
-            (DmaDirtyMethod::Iommufd, Dma::Iommufd(d)) => Some(Box::new(HwptDirtySource::new(
-                d.ops().iommufd().clone(),
-                d.hwpt()?,
-                dma.ranges(),
-                &[id],
-            ))),
-            (DmaDirtyMethod::Type1, Dma::Type1(d)) => Some(Box::new(Type1DirtySource::new(
-                d.container().clone(),
-                dma.ranges(),
-                &[id],
-            ))),
-            (DmaDirtyMethod::DmaLogging, _) => Some(Box::new(DmaLoggingSource::new(
-                self.vfio.clone()?,
-                dma.ranges(),
-                id,
-            ))),
+            (DmaDirtyMethod::Iommufd, Dma::Iommufd(h)) => Some(DirtyDomain::Hwpt(h.clone())),
+            (DmaDirtyMethod::Type1, Dma::Type1(t)) => Some(DirtyDomain::Type1(t.clone())),
+            (DmaDirtyMethod::DmaLogging, _) => Some(DirtyDomain::Logging {
+                device: self.vfio.clone()?,
+                mapped: MappedRange::from_mappings(&dma.mappings()),
+            }),
             _ => None,
         }
     }
 
-    /// Guest RAM ranges mapped for DMA now.
-    pub fn dma_mapped(&self) -> usize {
-        self.dma.as_ref().map_or(0, Dma::mapped)
+    /// The DMA space the device is in and who shares it (`None` for the tests' fakes).
+    pub fn dma_domain(&self) -> Option<DmaDomainInfo> {
+        self.dma.as_ref().map(Dma::info)
     }
 
     /// Hands the vector eventfds to VFIO (`on`) or takes them back, for MSI or MSI-X.
@@ -777,8 +804,8 @@ impl Drop for VfioPciDevice {
         if self.msix.as_ref().is_some_and(|m| m.enabled(&self.config)) {
             self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, false);
         }
-        if let Some(dma) = &mut self.dma {
-            dma.unmap_all();
+        if let Some(dma) = &self.dma {
+            dma.leave(&self.info.id);
         }
     }
 }

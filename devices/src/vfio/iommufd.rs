@@ -1,17 +1,23 @@
-//! The cdev + iommufd backend: tern opens `/dev/iommu`, allocates an IOAS, maps all guest RAM into
-//! it (IOVA = GPA), binds the device cdev (`/dev/vfio/devices/vfioN`) and attaches it to a HWPT it
-//! allocates itself, asking for dirty tracking when the IOMMU reports the capability.
+//! The cdev + iommufd backend: one `/dev/iommu` and one IOAS per VM ([`IommufdSpace`], as QEMU
+//! does), all guest RAM mapped into it once (IOVA = GPA, pinned once however many devices use
+//! it). Each device cdev (`/dev/vfio/devices/vfioN`) is bound to that iommufd and attached to a
+//! HWPT tern allocates itself, asking for dirty tracking when the IOMMU reports the capability; a
+//! device first tries the HWPTs already there, so devices behind one compatible IOMMU share one
+//! HWPT ([`Hwpt`]) — and one dirty bitmap, read once per chunk.
 //!
 //! ```text
-//!  IommuFd::new ─► IOAS ─► IOMMU_IOAS_MAP each RAM range ─► VfioDevice (cdev bound, not attached)
-//!     ─► IOMMU_GET_HW_INFO(dev) ─► IOMMU_HWPT_ALLOC(dev, IOAS, [DIRTY_TRACKING]) ─► attach
-//!  drop: unmap ranges ─► (device closes: detached) ─► destroy HWPT ─► IOAS destroyed with its Arc
+//!  IommuFd::new ─► IOAS ─► IOMMU_IOAS_MAP each RAM range            (once per VM)
+//!  per device: VfioDevice (cdev bound, not attached) ─► IOMMU_GET_HW_INFO(dev)
+//!     ─► attach to an existing HWPT of the same dirty-tracking kind, or
+//!        IOMMU_HWPT_ALLOC(dev, IOAS, [DIRTY_TRACKING]) ─► attach
+//!  drop: device closes (detached) ─► last user of a HWPT destroys it ─► last HWPT/space user
+//!        unmaps the ranges ─► IOAS destroyed with its Arc
 //! ```
 //!
-//! Owning the HWPT is what hardware dirty tracking needs later (IOMMU_HWPT_SET_DIRTY_TRACKING and
+//! Owning the HWPT is what hardware dirty tracking needs (IOMMU_HWPT_SET_DIRTY_TRACKING and
 //! IOMMU_HWPT_GET_DIRTY_BITMAP act on a HWPT id, [`crate::sys::iommufd_hwpt_dirty`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use iommufd_bindings::iommufd::{
     iommu_hw_info, iommu_hwpt_alloc, iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING,
@@ -60,7 +66,7 @@ pub enum IommufdBackendError {
     Attach {
         hwpt_id: u32,
         #[source]
-        source: VfioError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -87,35 +93,36 @@ pub fn alloc_hwpt(
     Ok(alloc.out_hwpt_id)
 }
 
-/// An iommufd, its IOAS with guest RAM mapped, and the HWPT tern allocated for the device.
-pub struct IommufdDma {
-    vfio: Arc<VfioIommufd>,
-    hwpt: Option<u32>,
-    dirty_tracking: bool,
-    mapped: Vec<(Iova, usize)>,
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl std::fmt::Debug for IommufdDma {
+/// A VM's iommufd and IOAS, with guest RAM mapped, and the HWPTs its devices are attached to.
+pub struct IommufdSpace {
+    vfio: Arc<VfioIommufd>,
+    mapped: Mutex<Vec<(Iova, usize)>>,
+    hwpts: Mutex<Vec<Weak<Hwpt>>>,
+}
+
+impl std::fmt::Debug for IommufdSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IommufdDma")
-            .field("hwpt", &self.hwpt)
-            .field("dirty_tracking", &self.dirty_tracking)
-            .field("mapped", &self.mapped)
+        f.debug_struct("IommufdSpace")
+            .field("ioas", &self.ioas_id())
+            .field("mapped", &self.mapped())
             .finish()
     }
 }
 
-impl IommufdDma {
-    /// Opens `/dev/iommu` and allocates an IOAS.
-    pub fn open() -> Result<Self, IommufdBackendError> {
+impl IommufdSpace {
+    /// Opens `/dev/iommu` and allocates an IOAS (nothing mapped yet).
+    pub fn open() -> Result<Arc<Self>, IommufdBackendError> {
         let iommufd = Arc::new(IommuFd::new().map_err(IommufdBackendError::Open)?);
         let vfio = VfioIommufd::new(iommufd, None, None).map_err(IommufdBackendError::Ioas)?;
-        Ok(Self {
+        Ok(Arc::new(Self {
             vfio: Arc::new(vfio),
-            hwpt: None,
-            dirty_tracking: false,
-            mapped: Vec::new(),
-        })
+            mapped: Mutex::new(Vec::new()),
+            hwpts: Mutex::new(Vec::new()),
+        }))
     }
 
     /// The iommufd wrapper devices are opened against.
@@ -123,15 +130,26 @@ impl IommufdDma {
         &self.vfio
     }
 
+    /// The iommufd.
+    pub fn iommufd(&self) -> &Arc<IommuFd> {
+        self.vfio.iommufd()
+    }
+
+    /// The IOAS's object id.
+    pub fn ioas_id(&self) -> u32 {
+        self.vfio.ioas().id()
+    }
+
     /// Maps every range into the IOAS with IOVA = GPA, read and write.
-    pub fn map(&mut self, ranges: &[GuestRamRange]) -> Result<(), IommufdBackendError> {
+    pub fn map(&self, ranges: &[GuestRamRange]) -> Result<(), IommufdBackendError> {
+        let mut mapped = locked(&self.mapped);
         for r in ranges {
             let len = usize::try_from(r.len).map_err(|_| IommufdBackendError::RangeTooLarge {
                 iova: r.iova,
                 len: r.len,
             })?;
-            // Guest RAM outlives the mapping: the VM's device manager, which owns this, is dropped
-            // (and the range unmapped) before its `GuestRam`.
+            // Guest RAM outlives the mapping: the VM's device manager, which owns the devices and
+            // so this, is dropped (and the range unmapped) before its `GuestRam`.
             vfio_dma_map::map_guest_ram_ioas(&self.vfio, r.iova, len, r.host_addr).map_err(
                 |source| IommufdBackendError::MapDma {
                     iova: r.iova,
@@ -139,61 +157,102 @@ impl IommufdDma {
                     source,
                 },
             )?;
-            self.mapped.push((r.iova, len));
+            mapped.push((r.iova, len));
         }
         Ok(())
     }
 
-    /// Allocates the device's HWPT on the IOAS, with dirty tracking when the IOMMU reports it,
-    /// and attaches the device to it.
-    pub fn attach(&mut self, device: &VfioDevice) -> Result<(), IommufdBackendError> {
-        let dev_id = device
-            .iommufd_dev_id()
-            .ok_or(IommufdBackendError::NotBound)?;
-        let iommufd = self.vfio.iommufd();
+    /// The ranges mapped now.
+    pub fn mapped(&self) -> Vec<(Iova, usize)> {
+        locked(&self.mapped).clone()
+    }
+
+    /// Whether the IOMMU behind iommufd device `dev_id` can track DMA writes
+    /// (`IOMMU_GET_HW_INFO`'s `IOMMU_HW_CAP_DIRTY_TRACKING`).
+    pub fn dirty_capable(&self, dev_id: u32) -> Result<bool, IommufdBackendError> {
         let mut info = iommu_hw_info {
             size: argsz::<iommu_hw_info>(),
             dev_id,
             ..Default::default()
         };
-        iommufd
+        self.iommufd()
             .get_hw_info(&mut info)
             .map_err(|source| IommufdBackendError::HwInfo { dev_id, source })?;
-        let dirty_tracking = info.out_capabilities
-            & u64::from(iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING)
-            != 0;
-        let hwpt_id = alloc_hwpt(iommufd, dev_id, self.vfio.ioas().id(), dirty_tracking).map_err(
+        Ok(
+            info.out_capabilities & u64::from(iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING)
+                != 0,
+        )
+    }
+
+    /// Attaches iommufd device `dev_id` (named `label`) through `attach`: first to each live HWPT
+    /// of this space with the same dirty tracking (the kernel refuses an incompatible one), else
+    /// to a HWPT allocated for it.
+    pub fn join(
+        self: &Arc<Self>,
+        dev_id: u32,
+        label: &str,
+        dirty_tracking: bool,
+        mut attach: impl FnMut(u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Result<Arc<Hwpt>, IommufdBackendError> {
+        let candidates: Vec<Arc<Hwpt>> = {
+            let mut hwpts = locked(&self.hwpts);
+            hwpts.retain(|w| w.strong_count() > 0);
+            hwpts.iter().filter_map(Weak::upgrade).collect()
+        };
+        for hwpt in candidates
+            .into_iter()
+            .filter(|h| h.dirty_tracking == dirty_tracking)
+        {
+            match attach(hwpt.id) {
+                Ok(()) => {
+                    locked(&hwpt.devices).push(label.to_string());
+                    return Ok(hwpt);
+                }
+                Err(e) => log::info!(
+                    "iommufd: {label} cannot share HWPT {} ({e}); allocating its own",
+                    hwpt.id
+                ),
+            }
+        }
+        let id = alloc_hwpt(self.iommufd(), dev_id, self.ioas_id(), dirty_tracking).map_err(
             |source| IommufdBackendError::HwptAlloc {
                 dev_id,
                 dirty_tracking,
                 source,
             },
         )?;
-        self.hwpt = Some(hwpt_id);
-        self.dirty_tracking = dirty_tracking;
-        device
-            .attach_hwpt(hwpt_id)
-            .map_err(|source| IommufdBackendError::Attach { hwpt_id, source })
+        let hwpt = Arc::new(Hwpt {
+            space: self.clone(),
+            id,
+            dirty_tracking,
+            devices: Mutex::new(Vec::new()),
+        });
+        attach(id).map_err(|source| IommufdBackendError::Attach {
+            hwpt_id: id,
+            source,
+        })?;
+        locked(&hwpt.devices).push(label.to_string());
+        locked(&self.hwpts).push(Arc::downgrade(&hwpt));
+        Ok(hwpt)
     }
 
-    /// The HWPT tern allocated, once attached.
-    pub fn hwpt(&self) -> Option<u32> {
-        self.hwpt
+    /// Attaches a bound VFIO device, with dirty tracking when its IOMMU has it.
+    pub fn attach_vfio(
+        self: &Arc<Self>,
+        device: &VfioDevice,
+        label: &str,
+    ) -> Result<Arc<Hwpt>, IommufdBackendError> {
+        let dev_id = device
+            .iommufd_dev_id()
+            .ok_or(IommufdBackendError::NotBound)?;
+        let dirty = self.dirty_capable(dev_id)?;
+        self.join(dev_id, label, dirty, |hwpt| {
+            device.attach_hwpt(hwpt).map_err(|e| Box::new(e) as _)
+        })
     }
 
-    /// Whether the HWPT was allocated with dirty tracking.
-    pub fn dirty_tracking(&self) -> bool {
-        self.dirty_tracking
-    }
-
-    /// The ranges mapped now.
-    pub fn mapped(&self) -> &[(Iova, usize)] {
-        &self.mapped
-    }
-
-    /// Unmaps every mapped range; failures are logged (teardown goes on regardless).
-    pub fn unmap_all(&mut self) {
-        for (iova, len) in self.mapped.drain(..) {
+    fn unmap_all(&self) {
+        for (iova, len) in locked(&self.mapped).drain(..) {
             if let Err(e) = self.vfio.vfio_dma_unmap(iova.raw(), len) {
                 log::warn!("iommufd: cannot unmap DMA range {iova:#x}+{len:#x}: {e}");
             }
@@ -201,14 +260,66 @@ impl IommufdDma {
     }
 }
 
-impl Drop for IommufdDma {
+impl Drop for IommufdSpace {
     fn drop(&mut self) {
+        // Every HWPT (each holds the space) is gone; the IOAS goes with `vfio` after this.
         self.unmap_all();
-        // The device was dropped first (it detaches on close), so the HWPT is free to go.
-        if let Some(id) = self.hwpt.take() {
-            if let Err(e) = self.vfio.iommufd().destroy_iommu_object(id) {
-                log::warn!("iommufd: cannot destroy HWPT {id}: {e}");
-            }
+    }
+}
+
+/// A HWPT on a VM's IOAS and the devices attached to it; destroyed when its last device goes.
+pub struct Hwpt {
+    space: Arc<IommufdSpace>,
+    id: u32,
+    dirty_tracking: bool,
+    devices: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Hwpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hwpt")
+            .field("id", &self.id)
+            .field("dirty_tracking", &self.dirty_tracking)
+            .field("devices", &self.devices())
+            .finish()
+    }
+}
+
+impl Hwpt {
+    /// The HWPT's object id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`.
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty_tracking
+    }
+
+    /// The IOAS it translates.
+    pub fn space(&self) -> &Arc<IommufdSpace> {
+        &self.space
+    }
+
+    /// The devices attached now.
+    pub fn devices(&self) -> Vec<String> {
+        locked(&self.devices).clone()
+    }
+
+    /// Device `label` detached (closed).
+    pub fn leave(&self, label: &str) {
+        let mut devices = locked(&self.devices);
+        if let Some(i) = devices.iter().position(|d| d == label) {
+            devices.remove(i);
+        }
+    }
+}
+
+impl Drop for Hwpt {
+    fn drop(&mut self) {
+        // Its devices closed (detached) before their last reference went.
+        if let Err(e) = self.space.iommufd().destroy_iommu_object(self.id) {
+            log::warn!("iommufd: cannot destroy HWPT {}: {e}", self.id);
         }
     }
 }

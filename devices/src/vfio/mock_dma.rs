@@ -16,15 +16,13 @@ use std::time::{Duration, Instant};
 
 use iommufd_ioctls::IommuFd;
 use serde::{Deserialize, Serialize};
-use tern_migration::dirty::DirtySource;
 
 use super::container::GuestRamRange;
-use super::dma_dirty::hwpt::HwptDirtySource;
+use super::dma_dirty::domain::DirtyDomain;
 use super::dma_dirty::method::{
     select, DirtyChoice, DmaDirtyCaps, DmaDirtySelection, MethodUnavailable,
 };
-use super::dma_dirty::MappedRange;
-use super::iommufd::{alloc_hwpt, IommufdBackendError, IommufdDma};
+use super::iommufd::{Hwpt, IommufdBackendError, IommufdSpace};
 use crate::sys::iommufd_test::{
     mark_dirty, mock_domain, mock_domain_replace, IommufdTestError, MockAccess, MockDomain,
     MOCK_APERTURE_LAST, MOCK_APERTURE_START,
@@ -124,12 +122,6 @@ pub enum MockDmaError {
         id: String,
         #[source]
         source: IommufdTestError,
-    },
-    #[error("mock-dma {id}: IOMMU_HWPT_ALLOC with dirty tracking")]
-    Hwpt {
-        id: String,
-        #[source]
-        source: iommufd_ioctls::IommufdError,
     },
     #[error("mock-dma {id}: the saved log covers {got} pages, the window {want}")]
     StateSize { id: String, got: usize, want: usize },
@@ -238,8 +230,8 @@ pub struct MockDmaDevice {
     sim: Arc<Sim>,
     thread: Option<JoinHandle<()>>,
     mock: MockDomain,
-    mapped: Vec<MappedRange>,
-    dma: IommufdDma,
+    // Shared by the mock devices of the VM; destroyed by the last one out.
+    hwpt: Arc<Hwpt>,
 }
 
 impl std::fmt::Debug for MockDmaDevice {
@@ -252,9 +244,14 @@ impl std::fmt::Debug for MockDmaDevice {
 }
 
 impl MockDmaDevice {
-    /// Builds the mock device over `ram` (mapped IOVA = GPA where it fits the mock aperture). The
-    /// simulator starts with the first [`MockDmaDevice::resume`].
-    pub fn open(spec: &MockDmaSpec, ram: &[GuestRamRange]) -> Result<Self, MockDmaError> {
+    /// Builds the mock device in `space`, the IOAS the VM's mock devices share (opened by the
+    /// first one, after its spec checks out): the first one maps `ram` there (IOVA = GPA where it fits the mock aperture); every one joins the shared
+    /// dirty-tracking HWPT. The simulator starts with the first [`MockDmaDevice::resume`].
+    pub fn open(
+        spec: &MockDmaSpec,
+        ram: &[GuestRamRange],
+        space: &mut Option<Arc<IommufdSpace>>,
+    ) -> Result<Self, MockDmaError> {
         let id = spec.id.clone();
         let in_ram = ram
             .iter()
@@ -290,18 +287,29 @@ impl MockDmaDevice {
             id: id.clone(),
             source,
         };
-        let mut dma = IommufdDma::open().map_err(iommufd_err)?;
-        let iommufd = dma.ops().iommufd().clone();
-        let ioas = dma.ops().ioas().id();
-        // The mock device joins the IOAS first, so the IOAS enforces the mock aperture.
+        let space = match space {
+            Some(s) => s.clone(),
+            None => space
+                .insert(IommufdSpace::open().map_err(iommufd_err)?)
+                .clone(),
+        };
+        let iommufd = space.iommufd().clone();
+        let ioas = space.ioas_id();
+        let first = space.mapped().is_empty();
+        // The first mock device joins the IOAS before anything is mapped, so the IOAS enforces
+        // the mock aperture on what is mapped next.
         let mock = mock_domain(&iommufd, ioas, 0).map_err(selftest)?;
-        let hwpt_id = alloc_hwpt(&iommufd, mock.idev_id, ioas, true).map_err(|source| {
-            MockDmaError::Hwpt {
-                id: id.clone(),
-                source,
+        let joined = space.join(mock.idev_id, &id, true, |hwpt| {
+            mock_domain_replace(&iommufd, mock.stdev_id, hwpt).map_err(|e| Box::new(e) as _)
+        });
+        let hwpt = match joined {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = iommufd.destroy_iommu_object(mock.stdev_id);
+                return Err(iommufd_err(e));
             }
-        })?;
-        mock_domain_replace(&iommufd, mock.stdev_id, hwpt_id).map_err(selftest)?;
+        };
+        let hwpt_id = hwpt.id();
         let clipped: Vec<GuestRamRange> = ram
             .iter()
             .filter_map(|r| {
@@ -314,14 +322,9 @@ impl MockDmaDevice {
                 })
             })
             .collect();
-        dma.map(&clipped).map_err(iommufd_err)?;
-        let mapped = clipped
-            .iter()
-            .map(|r| MappedRange {
-                iova: r.iova.0,
-                len: r.len,
-            })
-            .collect();
+        if first {
+            space.map(&clipped).map_err(iommufd_err)?;
+        }
         let access = MockAccess::create(&iommufd, ioas).map_err(selftest)?;
         let pages = (spec.len / PAGE) as usize;
         let sim = Arc::new(Sim {
@@ -351,8 +354,7 @@ impl MockDmaDevice {
             sim,
             thread: None,
             mock,
-            mapped,
-            dma,
+            hwpt,
         })
     }
 
@@ -366,15 +368,15 @@ impl MockDmaDevice {
         &self.dma_dirty
     }
 
-    /// The DMA dirty source (its HWPT), or `None` with `dirty=none`.
-    pub fn dirty_source(&self) -> Option<Box<dyn DirtySource>> {
+    /// Where its DMA writes are recorded (the shared HWPT), or `None` with `dirty=none`.
+    pub fn dirty_domain(&self) -> Option<DirtyDomain> {
         self.dma_dirty.method?;
-        Some(Box::new(HwptDirtySource::new(
-            self.sim.iommufd.clone(),
-            self.sim.hwpt_id,
-            self.mapped.clone(),
-            &[&self.spec.id],
-        )))
+        Some(DirtyDomain::Hwpt(self.hwpt.clone()))
+    }
+
+    /// The HWPT it is attached to.
+    pub fn hwpt(&self) -> &Arc<Hwpt> {
+        &self.hwpt
     }
 
     /// Stops DMA: no write is in flight when this returns.
@@ -449,18 +451,12 @@ impl Drop for MockDmaDevice {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // The mock device leaves before the IOAS's mappings go (IommufdDma's drop unmaps).
+        // The mock device detaches before its HWPT's last user destroys it and before the
+        // space's last user unmaps.
         if let Err(e) = self.sim.iommufd.destroy_iommu_object(self.mock.stdev_id) {
             log::warn!("mock-dma {}: destroying the mock device: {e}", self.spec.id);
         }
-        if let Err(e) = self.sim.iommufd.destroy_iommu_object(self.sim.hwpt_id) {
-            log::warn!(
-                "mock-dma {}: destroying HWPT {}: {e}",
-                self.spec.id,
-                self.sim.hwpt_id
-            );
-        }
-        self.dma.unmap_all();
+        self.hwpt.leave(&self.spec.id);
     }
 }
 
@@ -522,7 +518,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    MockDmaDevice::open(&spec(gpa, len), &ram),
+                    MockDmaDevice::open(&spec(gpa, len), &ram, &mut None),
                     Err(MockDmaError::Window { .. })
                 ),
                 "{gpa:#x}+{len:#x}"
@@ -531,7 +527,7 @@ mod tests {
         let mut s = spec(16 << 20, 1 << 20);
         s.dirty = DirtyChoice::Force(super::super::dma_dirty::method::DmaDirtyMethod::Type1);
         assert!(matches!(
-            MockDmaDevice::open(&s, &ram),
+            MockDmaDevice::open(&s, &ram, &mut None),
             Err(MockDmaError::Dirty { .. })
         ));
     }

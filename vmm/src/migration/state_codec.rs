@@ -1,6 +1,8 @@
 //! Machine state ⇄ the engine's opaque [`MigrationState`]: one serde_json encoding per blob, each in
 //! its own frame (vCPU i, VM, device by id) — never JSON inside JSON.
 
+use std::collections::BTreeMap;
+
 use tern_migration::engine::MigrationState;
 
 use crate::device_manager::DeviceStates;
@@ -63,14 +65,24 @@ pub fn encode_state(state: &MachineState) -> Result<MigrationState, StateCodecEr
         (CMOS_ID.into(), encode(CMOS_ID, &state.devices.cmos)?),
         (PCI_ID.into(), encode(PCI_ID, &state.devices.pci)?),
     ];
-    if let Some(m) = &state.devices.mock_dma {
-        devices.push((MOCK_DMA_ID.into(), encode(MOCK_DMA_ID, m)?));
+    for (id, m) in &state.devices.mock_dma {
+        let section = format!("{MOCK_DMA_ID}/{id}");
+        let bytes = encode(&section, m)?;
+        devices.push((section, bytes));
     }
     Ok(MigrationState {
         vm: encode("VM", &state.vm)?,
         vcpus,
         devices,
     })
+}
+
+/// The device id of a mock-dma state section (`mock-dma/ID`).
+fn mock_dma_id(section: &str) -> Option<&str> {
+    section
+        .strip_prefix(MOCK_DMA_ID)?
+        .strip_prefix('/')
+        .filter(|id| !id.is_empty())
 }
 
 /// Rebuilds a machine state from the engine's blobs, refusing anything missing or unknown.
@@ -91,14 +103,18 @@ pub fn decode_state(state: &MigrationState) -> Result<MachineState, StateCodecEr
     let mut serial = None;
     let mut cmos = None;
     let mut pci = None;
-    let mut mock_dma = None;
+    let mut mock_dma = BTreeMap::new();
     for (id, bytes) in &state.devices {
         match id.as_str() {
             SERIAL_ID => serial = Some(decode(SERIAL_ID, bytes)?),
             CMOS_ID => cmos = Some(decode(CMOS_ID, bytes)?),
             PCI_ID => pci = Some(decode(PCI_ID, bytes)?),
-            MOCK_DMA_ID => mock_dma = Some(decode(MOCK_DMA_ID, bytes)?),
-            _ => return Err(StateCodecError::UnknownDevice { id: id.clone() }),
+            other => match mock_dma_id(other) {
+                Some(mock) => {
+                    mock_dma.insert(mock.to_string(), decode(other, bytes)?);
+                }
+                None => return Err(StateCodecError::UnknownDevice { id: id.clone() }),
+            },
         }
     }
     let missing = |what: &str| StateCodecError::Missing { what: what.into() };
@@ -138,5 +154,14 @@ mod tests {
             decode_state(&unknown),
             Err(StateCodecError::UnknownDevice { .. })
         ));
+    }
+
+    #[test]
+    fn mock_dma_sections_carry_their_device_id() {
+        assert_eq!(mock_dma_id("mock-dma/sim1"), Some("sim1"));
+        assert_eq!(mock_dma_id("mock-dma/a/b"), Some("a/b"));
+        for bad in ["mock-dma", "mock-dma/", "mock-dmax/a", "serial"] {
+            assert_eq!(mock_dma_id(bad), None, "{bad}");
+        }
     }
 }

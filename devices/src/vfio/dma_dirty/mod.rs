@@ -6,6 +6,7 @@
 //! Every source keeps its own enable state: the kernel answers `IOMMU_HWPT_GET_DIRTY_BITMAP` with
 //! success even when tracking is off (6.12), so a read outside start/stop is refused here.
 
+pub mod domain;
 pub mod hwpt;
 pub mod logging;
 pub mod method;
@@ -24,7 +25,7 @@ pub struct MappedRange {
 }
 
 impl MappedRange {
-    /// The ranges of a backend's DMA mappings (`Type1Dma::mapped`, `IommufdDma::mapped`).
+    /// The ranges of a backend's DMA mappings (`Type1Dma::mapped`, `IommufdSpace::mapped`).
     pub fn from_mappings(mappings: &[(crate::sys::iova::Iova, usize)]) -> Vec<MappedRange> {
         mappings
             .iter()
