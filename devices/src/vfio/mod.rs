@@ -11,6 +11,7 @@ pub mod device;
 pub mod dma_dirty;
 pub mod dma_space;
 pub mod iommufd;
+pub mod migration;
 pub mod mock_dma;
 pub mod preflight;
 pub mod spec;
