@@ -1,14 +1,15 @@
 //! What the engine needs from a VM: the source side ([`MigrationHost`]) and the destination side
 //! ([`MigrationTargetFactory`] builds a [`MigrationTarget`] from the source's config bytes).
 //!
-//! No method has a default body: a VMM that cannot do something returns a [`HostError`] that says
-//! what and why.
+//! No method has a default body except the device-state ones (a VM without migratable devices
+//! has none): a VMM that cannot do something returns a [`HostError`] that says what and why.
 
 use std::fs::File;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::device::{DeviceStateSink, DeviceStateSource};
 use crate::dirty::{DirtyBitmap, DirtySource, GpaRange};
 
 /// Boxed cause from the VMM.
@@ -97,6 +98,11 @@ pub trait MigrationHost: Send {
     fn save_state(&mut self) -> Result<MigrationState, HostError>;
     /// Auto-converge: let the vCPUs run only `100 - percent` % of the time (0 = unthrottled).
     fn throttle(&mut self, percent: u8) -> Result<(), HostError>;
+    /// The devices whose own state migrates (VFIO migration v2). Called once per migration, before
+    /// the dirty sources start; the engine drives them from then on.
+    fn device_states(&mut self) -> Result<Vec<Box<dyn DeviceStateSource>>, HostError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The destination VM being filled.
@@ -108,6 +114,11 @@ pub trait MigrationTarget: Send {
     fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError>;
     /// Start running the guest. The source is told to finish only after this succeeds.
     fn start(&mut self) -> Result<(), HostError>;
+    /// The devices that take a source device's state, by the source's ids. Called once, right
+    /// after the VM is built; the engine drives them from then on.
+    fn device_sinks(&mut self) -> Result<Vec<Box<dyn DeviceStateSink>>, HostError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Builds the destination VM.

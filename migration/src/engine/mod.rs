@@ -2,6 +2,7 @@
 //! receiver ([`receive`]), the traits a VMM implements ([`MigrationHost`], [`MigrationTarget`],
 //! [`MigrationTargetFactory`]), convergence policy and live stats.
 
+mod device;
 mod error;
 mod host;
 mod lanes;
@@ -12,6 +13,10 @@ mod precopy;
 mod receive;
 mod stats;
 
+pub use device::{
+    DeviceMigrationRecord, DevicePending, DeviceReadEnd, DeviceStateSink, DeviceStateSource,
+    DEVICE_CHUNK_BYTES,
+};
 pub use error::{error_chain, MigrationError};
 pub use host::{
     HostCause, HostError, LocalRegion, MigrationHost, MigrationState, MigrationTarget,
