@@ -545,7 +545,7 @@ mod tests {
             }
         ));
         assert!(
-            text.contains("unsupported protocol version 9 (this side speaks 2)"),
+            text.contains("unsupported protocol version 9 (this side speaks 3)"),
             "{text}"
         );
         let (_, text) = feed(b"GET / HTTP/1.1\r\n\r\n".to_vec());

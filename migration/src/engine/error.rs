@@ -82,6 +82,31 @@ pub enum MigrationError {
         /// What was observed.
         detail: String,
     },
+    /// A device whose own state migrates failed.
+    #[error("device {id}")]
+    Device {
+        /// The device's id.
+        id: String,
+        /// What failed.
+        #[source]
+        source: super::host::HostError,
+    },
+    /// A peer named a device this migration does not have.
+    #[error("the {peer} named device {id:?}, which this migration does not have")]
+    UnknownDevice {
+        /// "source" or "destination".
+        peer: &'static str,
+        /// The id it sent.
+        id: String,
+    },
+    /// A device's state did not arrive in full.
+    #[error("device {id}: its state stream did not arrive in full ({detail})")]
+    DeviceStateMissing {
+        /// The device's id.
+        id: String,
+        /// What is missing.
+        detail: &'static str,
+    },
     /// A frame arrived that this phase does not allow.
     #[error("unexpected {frame} frame while {during}")]
     Unexpected {

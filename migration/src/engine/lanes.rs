@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, WriteVolatile};
 
-use crate::protocol::{Frame, FrameWriter, PageEncoding};
+use crate::protocol::{DeviceMark, Frame, FrameWriter, PageEncoding};
 use crate::transport::{Connection, RateLimiter};
 
 use super::error::MigrationError;
@@ -31,6 +31,10 @@ pub enum OwnedFrame {
     Complete,
     /// End of a data connection.
     StreamEnd,
+    /// A piece of a device's data stream.
+    DeviceData(String, Vec<u8>),
+    /// A point in a device's data stream.
+    DeviceMark(String, DeviceMark),
 }
 
 impl OwnedFrame {
@@ -41,6 +45,8 @@ impl OwnedFrame {
             OwnedFrame::Device(id, b) => Frame::DeviceState { id, bytes: b },
             OwnedFrame::Complete => Frame::Complete,
             OwnedFrame::StreamEnd => Frame::StreamEnd,
+            OwnedFrame::DeviceData(id, b) => Frame::DeviceData { id, bytes: b },
+            OwnedFrame::DeviceMark(id, mark) => Frame::DeviceMark { id, mark: *mark },
         }
     }
 }

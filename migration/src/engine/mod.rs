@@ -3,6 +3,7 @@
 //! [`MigrationTargetFactory`]), convergence policy and live stats.
 
 mod device;
+mod device_sinks;
 mod error;
 mod host;
 mod lanes;

@@ -45,6 +45,9 @@ pub struct SendParams {
     /// Checksum page bytes too (snapshot copy per page). Off: memory frames carry
     /// `FLAG_DATA_UNCHECKED` (CRC over header and entry table) and pages move without a copy.
     pub page_checksums: bool,
+    /// Switch over only once the destination has loaded every device's initial pre-copy data
+    /// (QEMU's `switchover-ack` capability). On by default.
+    pub switchover_ack: bool,
 }
 
 impl SendParams {
@@ -62,6 +65,7 @@ impl SendParams {
             chunk_bytes: 64 << 20,
             ack_timeout: Duration::from_secs(60),
             page_checksums: false,
+            switchover_ack: true,
         }
     }
 

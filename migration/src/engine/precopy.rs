@@ -30,7 +30,10 @@ use super::stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatus, PassKind,
 };
 
+mod devices;
 mod finish;
+
+use devices::DeviceRun;
 
 /// Allowance for vCPU/VM/device state in the downtime estimate (saved only once paused).
 pub const STATE_ESTIMATE_BYTES: u64 = 256 << 10;
@@ -93,6 +96,7 @@ pub fn send(
         session: new_session_id(),
         plan: Vec::new(),
         destination_ready: false,
+        devices: Vec::new(),
     };
     let result = s.migrate();
     let result = s.unwind(result);
@@ -124,6 +128,8 @@ fn new_session_id() -> u64 {
 #[derive(Debug)]
 enum PeerEvent {
     Ack,
+    /// The destination loaded this device's initial pre-copy data (switchover-ack).
+    DeviceLoaded(String),
     Error(String),
     Gone(String),
 }
@@ -137,6 +143,7 @@ fn spawn_watcher(conn: Connection) -> std::io::Result<(Receiver<PeerEvent>, Join
             loop {
                 let ev = match r.recv() {
                     Ok(Frame::Ack) => PeerEvent::Ack,
+                    Ok(Frame::DeviceLoaded { id }) => PeerEvent::DeviceLoaded(id.to_owned()),
                     Ok(Frame::Error(t)) => PeerEvent::Error(t.to_owned()),
                     Ok(f) => {
                         PeerEvent::Gone(format!("sent an unexpected {} frame", f.tag().name()))
@@ -144,7 +151,7 @@ fn spawn_watcher(conn: Connection) -> std::io::Result<(Receiver<PeerEvent>, Join
                     Err(ProtocolError::Closed) => PeerEvent::Gone("connection closed".into()),
                     Err(e) => PeerEvent::Gone(error_chain(&e)),
                 };
-                let last = !matches!(ev, PeerEvent::Ack);
+                let last = !matches!(ev, PeerEvent::Ack | PeerEvent::DeviceLoaded(_));
                 if tx.send(ev).is_err() || last {
                     return;
                 }
@@ -218,6 +225,8 @@ struct Source<'h> {
     plan: Vec<DirtyBitmap>,
     /// The destination acknowledged the config: its VM is built and waiting for state.
     destination_ready: bool,
+    /// Devices whose own state migrates.
+    devices: Vec<DeviceRun>,
 }
 
 fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
@@ -261,8 +270,11 @@ impl Source<'_> {
                 .map(|&(b, l)| DirtyBitmap::new(b, l))
                 .collect::<Result<_, _>>()
                 .map_err(MigrationError::Bitmap)?;
+            self.start_devices()?;
             self.stats.set_status(MigrationStatus::Active);
             self.precopy()?;
+        } else {
+            self.start_devices()?;
         }
         self.switchover()
     }
@@ -367,29 +379,50 @@ impl Source<'_> {
     }
 
     fn check_abort(&mut self, cancellable: bool) -> Result<(), MigrationError> {
+        self.poll_peer(cancellable, None)
+    }
+
+    /// Handles every event the destination sent so far, waiting up to `wait` for the first one:
+    /// its errors end the migration, its acks are recorded.
+    fn poll_peer(
+        &mut self,
+        cancellable: bool,
+        wait: Option<Duration>,
+    ) -> Result<(), MigrationError> {
         if cancellable && self.stats.cancel_requested() {
             return Err(MigrationError::Cancelled);
         }
-        let ev = self.peer.as_ref().map(|p| p.try_recv());
-        match ev {
-            Some(Ok(PeerEvent::Error(reason))) => Err(MigrationError::PeerError {
-                peer: "destination",
-                reason,
-            }),
-            Some(Ok(PeerEvent::Gone(detail))) => Err(MigrationError::PeerGone {
-                peer: "destination",
-                during: "sending memory",
-                detail,
-            }),
-            Some(Ok(PeerEvent::Ack)) if !self.destination_ready => {
-                self.destination_ready = true;
-                Ok(())
+        let mut wait = wait;
+        loop {
+            let ev = match (self.peer.as_ref(), wait.take()) {
+                (None, _) => return Ok(()),
+                (Some(p), Some(w)) => p.recv_timeout(w).ok(),
+                (Some(p), None) => p.try_recv().ok(),
+            };
+            match ev {
+                None => return Ok(()),
+                Some(PeerEvent::Error(reason)) => {
+                    return Err(MigrationError::PeerError {
+                        peer: "destination",
+                        reason,
+                    })
+                }
+                Some(PeerEvent::Gone(detail)) => {
+                    return Err(MigrationError::PeerGone {
+                        peer: "destination",
+                        during: "sending memory",
+                        detail,
+                    })
+                }
+                Some(PeerEvent::Ack) if !self.destination_ready => self.destination_ready = true,
+                Some(PeerEvent::Ack) => {
+                    return Err(MigrationError::Unexpected {
+                        frame: "ack",
+                        during: "sending memory",
+                    })
+                }
+                Some(PeerEvent::DeviceLoaded(id)) => self.device_loaded(&id)?,
             }
-            Some(Ok(PeerEvent::Ack)) => Err(MigrationError::Unexpected {
-                frame: "ack",
-                during: "sending memory",
-            }),
-            _ => Ok(()),
         }
     }
 
@@ -403,7 +436,7 @@ impl Source<'_> {
 
     /// Every chunk of guest memory, in GPA order, with the lane that owns it.
     fn chunks(&self) -> Vec<(GpaRange, usize)> {
-        let n = usize::from(self.params.connections.max(1));
+        let n = self.memory_lanes();
         let cb = self.params.chunk_bytes;
         let mut v = Vec::new();
         for &(base, len) in &self.regions {
@@ -584,6 +617,7 @@ impl Source<'_> {
         self.stats.set_iteration(0);
         self.sync_sources()?;
         self.pass(PassPlan::full())?;
+        self.pump_devices(false)?;
         let mut sent_before = self.stats.transferred_bytes();
         let mut last_iter_bytes = sent_before;
         let mut iteration = 0u64;
@@ -591,7 +625,11 @@ impl Source<'_> {
             self.check_abort(true)?;
             self.sync_sources()?;
             let (planned, can_peek) = self.plan()?;
-            let remaining = planned * PAGE_SIZE;
+            // Device bytes count: unread pre-copy bytes as remaining (iterating moves them), the
+            // STOP_COPY size as state the switchover moves with the VM paused.
+            let (device_precopy, device_stop_copy) = self.device_bytes_pending()?;
+            let remaining = planned * PAGE_SIZE + device_precopy;
+            let state_bytes = STATE_ESTIMATE_BYTES.saturating_add(device_stop_copy);
             self.stats.set_remaining(remaining);
             let mut bw = self.lanes()?.bandwidth_bytes_per_sec();
             let cap = self.rate.rate();
@@ -600,11 +638,11 @@ impl Source<'_> {
             }
             self.stats.set_bandwidth(bw);
             let expected = if can_peek {
-                expected_downtime_ms(remaining, STATE_ESTIMATE_BYTES, bw)
+                expected_downtime_ms(remaining, state_bytes, bw)
             } else {
                 // A source that cannot peek (type1, DMA logging) reports only when claimed: the
                 // last iteration's volume is the honest estimate of what the switchover sends.
-                expected_downtime_ms(remaining.max(last_iter_bytes), STATE_ESTIMATE_BYTES, bw)
+                expected_downtime_ms(remaining.max(last_iter_bytes), state_bytes, bw)
             };
             self.stats.set_expected_downtime(expected);
             // A source that cannot peek leaves the remaining volume unknown: not zero.
@@ -617,6 +655,15 @@ impl Source<'_> {
                 self.params.timeout,
                 self.params.timeout_strategy,
             ) {
+                // Switchover-ack: not before every device's initial data is loaded on the
+                // destination; past the timeout the strategy decides (Ignore switches anyway).
+                Decision::Switchover
+                    if !self.devices_acked() && started.elapsed() < self.params.timeout =>
+                {
+                    if remaining == 0 {
+                        self.poll_peer(true, Some(Duration::from_millis(20)))?;
+                    }
+                }
                 Decision::Switchover => return Ok(()),
                 Decision::TimedOut => {
                     return Err(MigrationError::Timeout {
@@ -643,6 +690,7 @@ impl Source<'_> {
                 expected_downtime_ms: expected,
                 bandwidth: bw,
             })?;
+            self.pump_devices(false)?;
             let now = self.stats.transferred_bytes();
             last_iter_bytes = now - sent_before;
             sent_before = now;

@@ -18,6 +18,7 @@ use crate::protocol::{
 };
 use crate::transport::{Connection, FdReader, MigrationListener, MigrationUrl};
 
+use super::device_sinks::DeviceSinks;
 use super::error::{error_chain, MigrationError};
 use super::host::{LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory};
 use super::pages::PageWriter;
@@ -226,11 +227,12 @@ fn memory_frame_bytes(entries: usize, data: usize) -> u64 {
     (HEADER_BYTES + 4 + entries * MEMORY_ENTRY_BYTES + data) as u64
 }
 
-/// One extra data connection: memory frames until StreamEnd.
+/// One extra data connection: memory and device frames until StreamEnd.
 fn data_lane(
     r: &mut FrameReader<Connection>,
     pw: &mut PageWriter,
     stats: &MigrationStats,
+    devices: &DeviceSinks,
 ) -> Result<(), MigrationError> {
     loop {
         match r.recv_streaming() {
@@ -251,10 +253,12 @@ fn data_lane(
                 })
             }
             Ok(Received::Frame(f)) => {
-                return Err(MigrationError::Unexpected {
-                    frame: f.tag().name(),
-                    during: "receiving memory on a data connection",
-                })
+                if !devices.handle(&f, stats)? {
+                    return Err(MigrationError::Unexpected {
+                        frame: f.tag().name(),
+                        during: "receiving memory on a data connection",
+                    });
+                }
             }
             Err(e) => return Err(recv_error(e, "receiving memory on a data connection")),
         }
@@ -346,7 +350,7 @@ fn run_control(
 
     // Setup: memfds (local mode), then config.
     let mut local = Vec::new();
-    let mut target = loop {
+    let (mut target, devices) = loop {
         match r.recv() {
             Ok(Frame::MemoryFd(info)) if hello.local => {
                 let file = r.get_mut().take_fd().ok_or(MigrationError::InvalidParams {
@@ -363,16 +367,21 @@ fn run_control(
                 });
             }
             Ok(Frame::Config(cfg)) => {
-                let target = factory
+                let mut target = factory
                     .create(cfg, std::mem::take(&mut local))
                     .map_err(MigrationError::Host)?;
+                // Devices that take a source device's state wait in RESUMING from now on.
+                let sinks = target.device_sinks().map_err(MigrationError::Host)?;
+                let writer = control.try_clone().map_err(MigrationError::Transport)?;
+                let devices = DeviceSinks::begin(sinks, writer)?;
                 // First ack: the VM is built. The source pauses its guest only after this, so
                 // building the destination never counts as downtime.
                 let writer = control.try_clone().map_err(MigrationError::Transport)?;
-                FrameWriter::new(writer)
-                    .send(&Frame::Ack)
-                    .map_err(proto("acknowledging the config"))?;
-                break target;
+                if let Err(e) = FrameWriter::new(writer).send(&Frame::Ack) {
+                    devices.recover();
+                    return Err(proto("acknowledging the config")(e));
+                }
+                break (target, devices);
             }
             Ok(Frame::Error(reason)) => {
                 return Err(MigrationError::PeerError {
@@ -389,6 +398,32 @@ fn run_control(
             Err(e) => return Err(recv_error(e, "waiting for config")),
         }
     };
+    let result = receive_state(
+        &mut target,
+        &devices,
+        &mut r,
+        data,
+        &data_conns,
+        control,
+        stats,
+    );
+    if result.is_err() {
+        // No device keeps a partial state; the half-built VM is dropped by the caller.
+        devices.recover();
+    }
+    result.map(|()| target)
+}
+
+/// Memory, device data and state until Complete, then restore and start.
+fn receive_state(
+    target: &mut Box<dyn MigrationTarget>,
+    devices: &DeviceSinks,
+    r: &mut FrameReader<Incoming>,
+    mut data: Vec<Option<FrameReader<Connection>>>,
+    data_conns: &[Connection],
+    control: &Connection,
+    stats: &MigrationStats,
+) -> Result<(), MigrationError> {
     let mem = target.guest_memory();
     stats.set_total_bytes(
         vm_memory::GuestMemoryBackend::iter(&mem)
@@ -407,7 +442,7 @@ fn run_control(
             handles.push((
                 i,
                 scope.spawn(move || {
-                    let res = data_lane(&mut dr, &mut pw, stats);
+                    let res = data_lane(&mut dr, &mut pw, stats, devices);
                     if res.is_err() {
                         // Wake the control loop so it reports this error to the source.
                         wake.shutdown_read();
@@ -417,10 +452,10 @@ fn run_control(
             ));
         }
         let mut pw = PageWriter::new(mem.clone())?;
-        let control_result = control_loop(&mut r, &mut pw, stats);
+        let control_result = control_loop(r, &mut pw, stats, devices);
         // Unblock data threads on failure; on success each has read StreamEnd.
         if control_result.is_err() {
-            for c in &data_conns {
+            for c in data_conns {
                 c.shutdown();
             }
         }
@@ -443,9 +478,10 @@ fn run_control(
     })?;
 
     stats.set_status(MigrationStatus::Completing);
+    devices.check_complete()?;
     target.restore_state(state).map_err(MigrationError::Host)?;
-    target.start().map_err(MigrationError::Host)?;
-    Ok(target)
+    devices.run()?;
+    target.start().map_err(MigrationError::Host)
 }
 
 /// Memory and state on the control connection until Complete.
@@ -453,6 +489,7 @@ fn control_loop(
     r: &mut FrameReader<Incoming>,
     pw: &mut PageWriter,
     stats: &MigrationStats,
+    devices: &DeviceSinks,
 ) -> Result<MigrationState, MigrationError> {
     let mut state = MigrationState::default();
     loop {
@@ -484,10 +521,12 @@ fn control_loop(
                 })
             }
             Ok(f) => {
-                return Err(MigrationError::Unexpected {
-                    frame: f.tag().name(),
-                    during: "receiving memory and state",
-                })
+                if !devices.handle(&f, stats)? {
+                    return Err(MigrationError::Unexpected {
+                        frame: f.tag().name(),
+                        during: "receiving memory and state",
+                    });
+                }
             }
             Err(e) => return Err(recv_error(e, "receiving memory and state")),
         }

@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::device::DeviceMigrationRecord;
 use crate::dirty::SourceKind;
 
 /// Where a migration is.
@@ -142,6 +143,8 @@ pub struct MigrationStatsSnapshot {
     pub setup_time_ms: Option<u64>,
     /// Error chain of a failed migration.
     pub error: Option<String>,
+    /// Devices whose own state migrated (VFIO migration v2).
+    pub devices: Vec<DeviceMigrationRecord>,
 }
 
 const UNSET: u64 = u64::MAX;
@@ -174,6 +177,7 @@ pub struct MigrationStats {
     // DMA pages by source label; touched once per DMA claim, read by snapshots.
     dma_by_source: Mutex<BTreeMap<String, u64>>,
     history: Mutex<Vec<IterationRecord>>,
+    devices: Mutex<Vec<DeviceMigrationRecord>>,
 }
 
 impl Default for MigrationStats {
@@ -220,6 +224,7 @@ impl MigrationStats {
             started: Mutex::new(None),
             dma_by_source: Mutex::new(BTreeMap::new()),
             history: Mutex::new(Vec::new()),
+            devices: Mutex::new(Vec::new()),
         }
     }
 
@@ -264,6 +269,10 @@ impl MigrationStats {
         self.start_unix_ms.store(unix_ms(), Ordering::Relaxed);
         *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.dma_by_source
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -356,6 +365,15 @@ impl MigrationStats {
         h.push(record);
     }
 
+    /// Records (or replaces) one device's figures.
+    pub(crate) fn set_device(&self, record: &DeviceMigrationRecord) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        match d.iter_mut().find(|r| r.id == record.id) {
+            Some(r) => *r = record.clone(),
+            None => d.push(record.clone()),
+        }
+    }
+
     pub(crate) fn set_expected_downtime(&self, ms: u64) {
         self.expected_downtime_ms.store(ms, Ordering::Relaxed);
     }
@@ -415,6 +433,11 @@ impl MigrationStats {
             total_time_ms,
             setup_time_ms: opt(self.setup_time_ms.load(Ordering::Relaxed)),
             error: self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            devices: self
+                .devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

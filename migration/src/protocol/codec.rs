@@ -15,7 +15,7 @@ use super::frame::{encode_memory_entries, Frame, FrameTag, MemoryEntry, PayloadE
 /// First bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes of the preamble (magic + version).
 pub const PREAMBLE_BYTES: usize = 12;
 /// Bytes of a frame header.
@@ -189,7 +189,7 @@ pub fn read_preamble<R: Read>(r: &mut R) -> Result<(), ProtocolError> {
 /// must follow `buf` on the wire (empty when it was small enough to copy into `buf`).
 pub fn encode_frame<'a>(frame: &Frame<'a>, buf: &mut Vec<u8>) -> Result<&'a [u8], ProtocolError> {
     let tag = frame.tag();
-    if let Frame::DeviceState { id, .. } = frame {
+    if let Some(id) = frame.device_id() {
         if id.len() > usize::from(u16::MAX) {
             return Err(ProtocolError::Malformed {
                 frame: tag.name(),
@@ -313,7 +313,7 @@ impl<W: Write> FrameWriter<W> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::{Hello, MemoryFdInfo, PageEncoding};
+    use super::super::frame::{DeviceMark, Hello, MemoryFdInfo, PageEncoding};
     use super::super::reader::{FrameReader, Received};
     use super::*;
     use std::io::Read;
@@ -376,12 +376,21 @@ mod tests {
             Frame::Ack,
             Frame::Error("destination: out of memory"),
             Frame::StreamEnd,
+            Frame::DeviceData {
+                id: "mtty0",
+                bytes: &[7, 8, 9],
+            },
+            Frame::DeviceMark {
+                id: "mtty0",
+                mark: DeviceMark::InitialSent,
+            },
+            Frame::DeviceLoaded { id: "mtty0" },
         ]
     }
 
     #[test]
     fn preamble_golden_bytes_and_checks() {
-        assert_eq!(hex(&preamble()), "5445524e4d49470002000000");
+        assert_eq!(hex(&preamble()), "5445524e4d49470003000000");
         read_preamble(&mut &preamble()[..]).expect("own preamble");
         // Version 1 had no config ack; a v1 peer must be refused before any frame.
         let mut v1 = preamble();
@@ -390,7 +399,7 @@ mod tests {
             read_preamble(&mut &v1[..]),
             Err(ProtocolError::UnsupportedVersion {
                 found: 1,
-                supported: 2
+                supported: 3
             })
         ));
         assert!(matches!(
@@ -409,9 +418,10 @@ mod tests {
 
     /// Expected bytes computed independently (Python `struct` + `zlib.crc32`) from the layout in
     /// the module docs. A format change must bump VERSION and these together. (Version 2 changed
-    /// the exchange, not the frame layout: the destination acks the config once its VM is built.)
+    /// the exchange, not the frame layout: the destination acks the config once its VM is built.
+    /// Version 3 added the device data, mark and loaded frames.)
     #[test]
-    fn golden_bytes_per_frame_type_version_2() {
+    fn golden_bytes_per_frame_type_version_3() {
         let pg = page(0x5a);
         let golden = [
             "01000000100000002233697f08070605040302010100020001000000",
@@ -425,6 +435,9 @@ mod tests {
             "090000000000000042c46d7a",
             "0a0000001a0000007f0024cd64657374696e6174696f6e3a206f7574206f66206d656d6f7279",
             "0b000000000000003fc34838",
+            "0c0000000a0000002bf7253c05006d74747930070809",
+            "0d000000080000006c49190405006d7474793001",
+            "0e000000070000001e97804f05006d74747930",
         ];
         let frames = samples(&pg);
         assert_eq!(frames.len(), golden.len());

@@ -1,4 +1,4 @@
-//! Typed frames and their payload encoding (version 2). Frames borrow their byte payloads from the
+//! Typed frames and their payload encoding (version 3). Frames borrow their byte payloads from the
 //! codec's buffer, so page data and state blobs are never copied between the socket and the guest.
 
 use vm_memory::GuestAddress;
@@ -31,6 +31,12 @@ pub enum FrameTag {
     Error = 10,
     /// [`Frame::StreamEnd`].
     StreamEnd = 11,
+    /// [`Frame::DeviceData`].
+    DeviceData = 12,
+    /// [`Frame::DeviceMark`].
+    DeviceMark = 13,
+    /// [`Frame::DeviceLoaded`].
+    DeviceLoaded = 14,
 }
 
 impl FrameTag {
@@ -49,6 +55,9 @@ impl FrameTag {
             9 => Ack,
             10 => Error,
             11 => StreamEnd,
+            12 => DeviceData,
+            13 => DeviceMark,
+            14 => DeviceLoaded,
             _ => return None,
         })
     }
@@ -68,6 +77,9 @@ impl FrameTag {
             Ack => "ack",
             Error => "error",
             StreamEnd => "stream-end",
+            DeviceData => "device-data",
+            DeviceMark => "device-mark",
+            DeviceLoaded => "device-loaded",
         }
     }
 }
@@ -132,6 +144,17 @@ pub struct MemoryFdInfo {
     pub file_offset: u64,
 }
 
+/// A point in one device's data stream ([`Frame::DeviceMark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DeviceMark {
+    /// Every byte of the device's initial pre-copy data is before this mark: once it has loaded
+    /// them the destination answers [`Frame::DeviceLoaded`] (QEMU's switchover-ack).
+    InitialSent = 1,
+    /// The device's stream is complete (its STOP_COPY data ended).
+    End = 2,
+}
+
 /// A protocol frame. Byte payloads borrow from the reader's buffer or the sender's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -172,6 +195,51 @@ pub enum Frame<'a> {
     Error(&'a str),
     /// A data connection has no more frames.
     StreamEnd,
+    /// The next piece of a device's migration data stream (VFIO migration v2), in order.
+    DeviceData {
+        /// Device id.
+        id: &'a str,
+        /// Stream bytes.
+        bytes: &'a [u8],
+    },
+    /// A point in a device's data stream.
+    DeviceMark {
+        /// Device id.
+        id: &'a str,
+        /// Which point.
+        mark: DeviceMark,
+    },
+    /// Destination to source: the device loaded its initial pre-copy data.
+    DeviceLoaded {
+        /// Device id.
+        id: &'a str,
+    },
+}
+
+impl<'a> Frame<'a> {
+    /// The device id a device frame names.
+    pub fn device_id(&self) -> Option<&'a str> {
+        match *self {
+            Frame::DeviceState { id, .. }
+            | Frame::DeviceData { id, .. }
+            | Frame::DeviceMark { id, .. }
+            | Frame::DeviceLoaded { id } => Some(id),
+            _ => None,
+        }
+    }
+}
+
+fn encode_id(id: &str, head: &mut Vec<u8>) {
+    // Ids are short names; the codec rejects longer ones before encoding.
+    let n = u16::try_from(id.len()).unwrap_or(u16::MAX);
+    head.extend_from_slice(&n.to_le_bytes());
+    head.extend_from_slice(&id.as_bytes()[..usize::from(n)]);
+}
+
+fn decode_id<'a>(c: &mut Cursor<'a>) -> Result<&'a str, PayloadError> {
+    let n = usize::from(c.u16("device id length")?);
+    std::str::from_utf8(c.take(n, "device id")?)
+        .map_err(|_| PayloadError::Utf8 { field: "device id" })
 }
 
 /// Payload-level problems; the codec wraps them with the frame tag.
@@ -396,6 +464,9 @@ impl<'a> Frame<'a> {
             Frame::Ack => FrameTag::Ack,
             Frame::Error(_) => FrameTag::Error,
             Frame::StreamEnd => FrameTag::StreamEnd,
+            Frame::DeviceData { .. } => FrameTag::DeviceData,
+            Frame::DeviceMark { .. } => FrameTag::DeviceMark,
+            Frame::DeviceLoaded { .. } => FrameTag::DeviceLoaded,
         }
     }
 
@@ -425,12 +496,18 @@ impl<'a> Frame<'a> {
                 head.extend_from_slice(&id.to_le_bytes());
                 bytes
             }
-            Frame::DeviceState { id, bytes } => {
-                // Ids are short names; the codec rejects longer ones before encoding.
-                let n = u16::try_from(id.len()).unwrap_or(u16::MAX);
-                head.extend_from_slice(&n.to_le_bytes());
-                head.extend_from_slice(&id.as_bytes()[..usize::from(n)]);
+            Frame::DeviceState { id, bytes } | Frame::DeviceData { id, bytes } => {
+                encode_id(id, head);
                 bytes
+            }
+            Frame::DeviceMark { id, mark } => {
+                encode_id(id, head);
+                head.push(mark as u8);
+                &[]
+            }
+            Frame::DeviceLoaded { id } => {
+                encode_id(id, head);
+                &[]
             }
             Frame::Error(text) => text.as_bytes(),
             Frame::Complete | Frame::Ack | Frame::StreamEnd => &[],
@@ -505,15 +582,31 @@ impl<'a> Frame<'a> {
                     bytes: c.rest(),
                 }
             }
-            FrameTag::DeviceState => {
-                let n = usize::from(c.u16("device id length")?);
-                let id = std::str::from_utf8(c.take(n, "device id")?)
-                    .map_err(|_| PayloadError::Utf8 { field: "device id" })?;
-                Frame::DeviceState {
-                    id,
-                    bytes: c.rest(),
-                }
+            FrameTag::DeviceState => Frame::DeviceState {
+                id: decode_id(&mut c)?,
+                bytes: c.rest(),
+            },
+            FrameTag::DeviceData => Frame::DeviceData {
+                id: decode_id(&mut c)?,
+                bytes: c.rest(),
+            },
+            FrameTag::DeviceMark => {
+                let id = decode_id(&mut c)?;
+                let mark = match c.u8("device mark")? {
+                    1 => DeviceMark::InitialSent,
+                    2 => DeviceMark::End,
+                    m => {
+                        return Err(PayloadError::Invalid {
+                            field: "device mark",
+                            value: u64::from(m),
+                        })
+                    }
+                };
+                Frame::DeviceMark { id, mark }
             }
+            FrameTag::DeviceLoaded => Frame::DeviceLoaded {
+                id: decode_id(&mut c)?,
+            },
             FrameTag::Error => {
                 Frame::Error(
                     std::str::from_utf8(c.rest()).map_err(|_| PayloadError::Utf8 {

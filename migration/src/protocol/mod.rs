@@ -1,4 +1,4 @@
-//! The tern migration wire protocol, version 2.
+//! The tern migration wire protocol, version 3.
 //!
 //! Every connection opens with a 12-byte preamble in *both* directions (`b"TERNMIG\0"` + `u32`
 //! version), so each side rejects a peer of another version before any frame. Then frames:
@@ -24,10 +24,14 @@
 //!     S->>D: Config(bytes): D builds the VM (on the memfds in local mode)
 //!     D->>S: Ack (VM built: the source never pauses before this)
 //!     loop pre-copy iterations (not in local mode)
-//!         S->>D: Memory(entries: Data | Zero, page bytes), chunk i on connection i mod N
+//!         S->>D: Memory(entries: Data | Zero, page bytes), chunk i on connection i mod M
+//!         S->>D: DeviceData(id, bytes)… of devices in PRE_COPY
+//!         S->>D: DeviceMark(id, InitialSent) once a device's initial bytes are out
+//!         D->>S: DeviceLoaded(id) once it loaded them (switchover-ack)
 //!     end
-//!     Note over S: pause vCPUs, final claim of every source
+//!     Note over S: pause vCPUs, devices (P2P, STOP_COPY), final claim of every source
 //!     S->>D: Memory(last dirty pages)
+//!     S->>D: DeviceData(id, bytes)… to the end of each device's stream, DeviceMark(id, End)
 //!     S->>D: StreamEnd on each extra connection
 //!     S->>D: VmState, VcpuState(id)…, DeviceState(id)…
 //!     S->>D: Complete
@@ -37,8 +41,12 @@
 //!     Note over S,D: at any point either side may send Error(reason) and close;<br/>the source then resumes its VM, the destination drops its VM
 //! ```
 //!
-//! A page is always sent on the connection that owns its chunk (`chunk index mod N`), so a newer
-//! copy of a page can never overtake an older one on another connection.
+//! A page is always sent on the connection that owns its chunk (`chunk index mod M`), so a newer
+//! copy of a page can never overtake an older one on another connection. With devices whose
+//! state migrates and N > 1 connections, the last connection carries only their frames (in order,
+//! one device stream never split across connections) and memory uses M = N - 1; otherwise M = N
+//! and device frames follow memory on connection 0. Device data travels in pieces of at most
+//! 1 MiB with no limit on a device's total.
 
 mod codec;
 mod frame;
@@ -50,7 +58,7 @@ pub use codec::{
     VERSION,
 };
 pub use frame::{
-    decode_memory_table, encode_memory_entries, Frame, FrameTag, Hello, MemoryEntry, MemoryFdInfo,
-    PageEncoding, PayloadError, MEMORY_ENTRY_BYTES,
+    decode_memory_table, encode_memory_entries, DeviceMark, Frame, FrameTag, Hello, MemoryEntry,
+    MemoryFdInfo, PageEncoding, PayloadError, MEMORY_ENTRY_BYTES,
 };
 pub use reader::{FrameReader, Received};

@@ -3,6 +3,7 @@
 //! ordering only; memory, sockets, frames and vm-memory's dirty bitmap are the real ones.
 #![allow(dead_code)]
 
+pub mod device;
 pub mod dma;
 mod run;
 
@@ -19,7 +20,8 @@ use tern_migration::dirty::{
     DirtyBitmap, DirtySource, DirtySourceError, GpaRange, SourceKind, VmmWriteSource, PAGE_SIZE,
 };
 use tern_migration::engine::{
-    HostError, LocalRegion, MigrationHost, MigrationState, MigrationTarget, MigrationTargetFactory,
+    DeviceStateSink, DeviceStateSource, HostError, LocalRegion, MigrationHost, MigrationState,
+    MigrationTarget, MigrationTargetFactory,
 };
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
@@ -356,6 +358,8 @@ pub struct FakeHost {
     pub dma: Option<Arc<dma::FakeDma>>,
     /// More sources handed to the engine as they are (taken by the first `dirty_sources`).
     pub extra_sources: Vec<Box<dyn DirtySource>>,
+    /// Devices with state of their own (taken by the first `device_states`).
+    pub devices: Vec<Box<dyn DeviceStateSource>>,
 }
 
 impl FakeHost {
@@ -391,6 +395,7 @@ impl FakeHost {
             use_populated_hint: true,
             dma: None,
             extra_sources: Vec::new(),
+            devices: Vec::new(),
         }
     }
 }
@@ -460,6 +465,9 @@ impl MigrationHost for FakeHost {
         self.log.push(format!("throttle {percent}"));
         Ok(())
     }
+    fn device_states(&mut self) -> Result<Vec<Box<dyn DeviceStateSource>>, HostError> {
+        Ok(std::mem::take(&mut self.devices))
+    }
 }
 
 pub fn expected_state() -> MigrationState {
@@ -478,6 +486,7 @@ pub struct FakeTarget {
     pub restored: Arc<Mutex<Option<MigrationState>>>,
     pub started: Arc<AtomicBool>,
     fail_start: bool,
+    sinks: Vec<Box<dyn DeviceStateSink>>,
 }
 
 impl MigrationTarget for FakeTarget {
@@ -495,6 +504,9 @@ impl MigrationTarget for FakeTarget {
         self.started.store(true, Ordering::SeqCst);
         Ok(())
     }
+    fn device_sinks(&mut self) -> Result<Vec<Box<dyn DeviceStateSink>>, HostError> {
+        Ok(std::mem::take(&mut self.sinks))
+    }
 }
 
 #[derive(Default)]
@@ -505,6 +517,8 @@ pub struct FakeFactory {
     /// Shared with the target it builds.
     pub restored: Arc<Mutex<Option<MigrationState>>>,
     pub started: Arc<AtomicBool>,
+    /// Handed to the (first) target it builds.
+    pub sinks: Vec<Box<dyn DeviceStateSink>>,
 }
 
 impl MigrationTargetFactory for FakeFactory {
@@ -549,6 +563,7 @@ impl MigrationTargetFactory for FakeFactory {
             restored: self.restored.clone(),
             started: self.started.clone(),
             fail_start: self.fail_start,
+            sinks: std::mem::take(&mut self.sinks),
         }))
     }
 }

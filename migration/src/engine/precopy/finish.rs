@@ -18,6 +18,7 @@ impl Source<'_> {
         // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
         // read: a device write after that read would be lost. Their stop counts as downtime.
         self.host.pause_devices().map_err(MigrationError::Host)?;
+        self.stop_devices()?;
         // The VM is paused: a destination that stops reading must not stall it for long.
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "switchover");
@@ -36,6 +37,9 @@ impl Source<'_> {
             self.stats.set_remaining(0);
             log::info!("switchover: {pages} pages after pause");
         }
+        // The devices' final state, each to the end of its stream (on its own lane when there
+        // are several connections: it does not wait behind the final memory pass).
+        self.pump_devices(true)?;
         let state = self.host.save_state().map_err(MigrationError::Host)?;
         self.check_abort(true)?;
         let lanes = self.lanes()?;
@@ -55,6 +59,7 @@ impl Source<'_> {
         self.wait_ack("waiting for the final ack")?;
         let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.stats.set_downtime(downtime);
+        self.finish_devices();
         Ok(())
     }
 
@@ -64,12 +69,37 @@ impl Source<'_> {
             during,
             detail,
         };
-        let peer = self
-            .peer
-            .as_ref()
-            .ok_or_else(|| gone("no control connection".into()))?;
-        match peer.recv_timeout(self.params.ack_timeout) {
+        let deadline = Instant::now() + self.params.ack_timeout;
+        loop {
+            let peer = self
+                .peer
+                .as_ref()
+                .ok_or_else(|| gone("no control connection".into()))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match peer.recv_timeout(left) {
+                // A switchover-ack that arrives late (the timeout strategy switched over).
+                Ok(PeerEvent::DeviceLoaded(id)) => self.device_loaded(&id)?,
+                other => return self.ack_or_error(other, during),
+            }
+        }
+    }
+
+    fn ack_or_error(
+        &self,
+        event: Result<PeerEvent, RecvTimeoutError>,
+        during: &'static str,
+    ) -> Result<(), MigrationError> {
+        let gone = |detail: String| MigrationError::PeerGone {
+            peer: "destination",
+            during,
+            detail,
+        };
+        match event {
             Ok(PeerEvent::Ack) => Ok(()),
+            Ok(PeerEvent::DeviceLoaded(_)) => Err(MigrationError::Unexpected {
+                frame: "device-loaded",
+                during,
+            }),
             Ok(PeerEvent::Error(reason)) => Err(MigrationError::PeerError {
                 peer: "destination",
                 reason,
@@ -143,6 +173,10 @@ impl Source<'_> {
                 log::warn!("removing the vCPU throttle: {}", error_chain(&e));
             }
             self.stats.set_throttle(0);
+        }
+        if result.is_err() {
+            // Devices back in RUNNING before the vCPUs run again.
+            self.recover_devices();
         }
         if result.is_err() && self.paused {
             if let Err(e) = self.host.resume() {
