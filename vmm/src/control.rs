@@ -205,7 +205,7 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                     .into(),
                     hw_dirty_tracking: d.hw_dirty_tracking,
                     device_dma_logging: d.dma_logging,
-                    vfio_migration: d.vfio_migration,
+                    vfio_migration: d.migration.is_some(),
                 }),
                 dma_dirty: Some(dma_dirty_info(d.dma_dirty)),
                 dma_domain: domain.map(dma_domain_info),

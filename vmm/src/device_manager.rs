@@ -315,7 +315,7 @@ impl DeviceManager {
                     reason: format!(
                         "its DMA is tracked ({}), but moving a VFIO device's own state (migration v2) is not implemented yet{}",
                         info.dma_dirty.method.map_or("dirty=none", |m| m.name()),
-                        if info.vfio_migration { "" } else { "; the device has no VFIO migration support either" }
+                        if info.migration.is_some() { "" } else { "; the device has no VFIO migration support either" }
                     ),
                 });
             }

@@ -59,6 +59,7 @@ use tern_devices::pci::config_io::{PciConfigIo, PCI_CONFIG_IO_LEN, PCI_CONFIG_IO
 use tern_devices::pci::msi::{MsiMessage, MsiRouteError, MsiRouteSink};
 use tern_devices::pci::root::HostBridge;
 use tern_devices::pci::{PciDevice, PciDeviceState, PciStateError};
+use tern_devices::vfio::device::VfioPciDevice;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -350,6 +351,8 @@ pub struct PciManager {
     host_bridge: Arc<Mutex<HostBridge>>,
     // Memory slots of passthrough BAR parts mapped straight into the guest.
     bar_slots: Arc<crate::vfio_manager::BarSlots>,
+    // Typed handles of the passthrough functions, by slot, so restore can load their state in place.
+    vfio: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
 }
 
 fn allocator(what: &'static str, base: u64, len: u64) -> Result<AddressAllocator, PciManagerError> {
@@ -399,6 +402,7 @@ impl PciManager {
             bar_slots: Arc::new(crate::vfio_manager::BarSlots::new(vm.clone())),
             router: Arc::new(GsiRouter::new(vm)),
             host_bridge,
+            vfio: Vec::new(),
         })
     }
 
@@ -482,6 +486,17 @@ impl PciManager {
             .map_err(PciManagerError::Bus)
     }
 
+    /// Adds a passthrough function like [`PciManager::add_device`], in the first free slot, and
+    /// keeps its typed handle for [`PciManager::restore`].
+    pub fn add_vfio_device(
+        &mut self,
+        device: Arc<Mutex<VfioPciDevice>>,
+    ) -> Result<u8, PciManagerError> {
+        let slot = self.add_device(None, device.clone())?;
+        self.vfio.push((slot, device));
+        Ok(slot)
+    }
+
     /// `count` MSI/MSI-X vectors for one device: the sink its capability emulation reports to and the
     /// eventfd to signal for each vector (VFIO hands them to the kernel).
     pub fn msi_vectors(
@@ -513,8 +528,8 @@ impl PciManager {
         self.mem64_base
     }
 
-    /// Every function's state, by slot. The host bridge is the only function today. vCPUs must be
-    /// paused so no configuration access is in flight.
+    /// Every function's state, by slot: the host bridge and the passthrough functions. vCPUs must
+    /// be paused so no configuration access is in flight.
     pub fn save(&self) -> Result<PciManagerState, PciStateError> {
         let bus = self.bus();
         let functions = bus
@@ -528,20 +543,53 @@ impl PciManager {
     }
 
     /// Loads saved state into the existing functions (the destination of a migration). A state that
-    /// names a function this VM does not have, or lacks one it has, is refused before anything
-    /// changes. vCPUs must be paused.
+    /// names a function this VM does not have, lacks one it has, or does not fit the function in
+    /// its slot (a passthrough function of another id or model), is refused before anything
+    /// changes. A passthrough function's BARs then decode where the guest put them on the source
+    /// (the bus's map and the function's memory slots follow). vCPUs must be paused.
     pub fn restore(&self, state: &PciManagerState) -> Result<(), PciManagerError> {
         let mut bridge = None;
+        let mut vfio = Vec::new();
         for (slot, f) in &state.functions {
             match (slot, f) {
                 (0, PciDeviceState::HostBridge(s)) => {
                     bridge = Some(HostBridge::restore(s).map_err(PciManagerError::Restore)?)
                 }
+                (slot, PciDeviceState::Vfio(s)) => {
+                    let (_, device) = self
+                        .vfio
+                        .iter()
+                        .find(|(at, _)| at == slot)
+                        .ok_or(PciManagerError::UnknownFunction { slot: *slot })?;
+                    device
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .check_restore(s)
+                        .map_err(PciManagerError::Restore)?;
+                    vfio.push((*slot, device, s));
+                }
                 (slot, _) => return Err(PciManagerError::UnknownFunction { slot: *slot }),
             }
         }
         let bridge = bridge.ok_or(PciManagerError::MissingFunction { slot: 0 })?;
+        if let Some((slot, _)) = self
+            .vfio
+            .iter()
+            .find(|(at, _)| !vfio.iter().any(|(s, ..)| s == at))
+        {
+            return Err(PciManagerError::MissingFunction { slot: *slot });
+        }
         *self.host_bridge.lock().unwrap_or_else(|p| p.into_inner()) = bridge;
+        for (slot, device, s) in vfio {
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(s)
+                .map_err(PciManagerError::Restore)?;
+            for e in self.bus().refresh(slot) {
+                log::warn!("PCI slot {slot}: {e}");
+            }
+        }
         Ok(())
     }
 }
@@ -744,7 +792,9 @@ mod tests {
         assert_eq!(cfg_read(&pio, 0, 0), 0x0008_1b36);
         // Refused states leave the restored bridge as it was.
         let mut fresh = back.clone();
-        let PciDeviceState::HostBridge(s) = &mut fresh.functions[0].1;
+        let PciDeviceState::HostBridge(s) = &mut fresh.functions[0].1 else {
+            panic!("slot 0 is the host bridge");
+        };
         s.config.regs[1] = 0;
         fresh.functions.push((3, fresh.functions[0].1.clone()));
         assert!(matches!(
@@ -754,6 +804,25 @@ mod tests {
         assert!(matches!(
             r.restore(&PciManagerState { functions: vec![] }),
             Err(PciManagerError::MissingFunction { slot: 0 })
+        ));
+        // A passthrough function's state for a slot without one.
+        let PciDeviceState::HostBridge(bridge) = &back.functions[0].1 else {
+            panic!("slot 0 is the host bridge");
+        };
+        let mut vfio = back.clone();
+        vfio.functions.push((
+            2,
+            PciDeviceState::Vfio(tern_devices::vfio::device::VfioPciState {
+                id: "mtty0".into(),
+                config: bridge.config.clone(),
+                bars: vec![],
+                msi: None,
+                msix: None,
+            }),
+        ));
+        assert!(matches!(
+            r.restore(&vfio),
+            Err(PciManagerError::UnknownFunction { slot: 2 })
         ));
         assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0x4);
     }

@@ -179,7 +179,7 @@ pub fn add_devices(
         let dev = VfioPciDevice::open(&spec, &HostRoots::default(), spaces, &mut resources)?;
         let dev = Arc::new(Mutex::new(dev));
         let slot = pci
-            .add_device(None, dev.clone())
+            .add_vfio_device(dev.clone())
             .map_err(|source| VfioManagerError::Add {
                 id: c.id.clone(),
                 source,

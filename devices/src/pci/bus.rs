@@ -217,6 +217,21 @@ impl PciBus {
         }
         let mut dev = lock(&device);
         dev.config_write(offset, data);
+        self.follow(slot, &mut *dev)
+    }
+
+    /// The BAR map follows `slot`'s function after its configuration changed outside a guest write
+    /// (a migration destination loading saved state). Returns the regions the bus refused to map.
+    pub fn refresh(&mut self, slot: u8) -> Vec<PciBusError> {
+        let Some(device) = self.device(slot).cloned() else {
+            return Vec::new();
+        };
+        let mut dev = lock(&device);
+        self.follow(slot, &mut *dev)
+    }
+
+    /// Brings the map entries of `slot` in line with what `dev` decodes now, telling it each move.
+    fn follow(&mut self, slot: u8, dev: &mut dyn PciDevice) -> Vec<PciBusError> {
         let now = dev.decoded_bars();
         let mut refused = Vec::new();
         for spec in dev.bar_specs() {
@@ -482,6 +497,33 @@ pub(crate) mod tests {
             bus.add_device(None, shared(TestDevice::new(&[]))),
             Err(PciBusError::NoFreeSlot)
         );
+    }
+
+    #[test]
+    fn bus_refresh_follows_state_loaded_behind_its_back() {
+        let mut bus = PciBus::new(windows());
+        let d = shared(TestDevice::new(&[(mem32(0, 0x1000), MEM_BASE)]));
+        bus.add_device(Some(2), d.clone()).unwrap();
+        assert!(bus.mapped_regions().is_empty());
+        // A migration destination loads the guest's BAR address and decode into the function.
+        {
+            let mut dev = d.lock().unwrap();
+            mem32(0, 0x1000)
+                .install(&mut dev.config, MEM_BASE + 0x4000)
+                .unwrap();
+            dev.config.write(4, &COMMAND_MEMORY.to_le_bytes());
+        }
+        assert!(bus.refresh(2).is_empty());
+        assert_eq!(
+            d.lock().unwrap().moves,
+            [(0, None, Some(MEM_BASE + 0x4000))]
+        );
+        assert!(bus.resolve(PciSpace::Memory, MEM_BASE + 0x4008).is_some());
+        assert!(bus.resolve(PciSpace::Memory, MEM_BASE).is_none());
+        // Nothing changed: nothing moves; an empty slot is nothing to do.
+        assert!(bus.refresh(2).is_empty());
+        assert_eq!(d.lock().unwrap().moves.len(), 1);
+        assert!(bus.refresh(7).is_empty());
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct MoveBarError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PciDeviceState {
     HostBridge(root::HostBridgeState),
+    /// A passthrough function's emulated configuration (its device state moves separately, through
+    /// VFIO migration v2).
+    Vfio(crate::vfio::device::VfioPciState),
 }
 
 /// Errors saving or restoring a PCI function.
@@ -87,4 +90,10 @@ pub enum PciStateError {
         #[source]
         source: config::ConfigSpaceError,
     },
+    /// The saved function is not this one (another id, other IDs, BARs or capabilities).
+    #[error("saved state of {device} does not fit this function: {reason}")]
+    Mismatch { device: String, reason: String },
+    /// The restored interrupt vectors could not be programmed.
+    #[error("{device}: cannot re-enable its interrupts: {reason}")]
+    Interrupts { device: String, reason: String },
 }

@@ -136,7 +136,9 @@ mod tests {
         let mut h = HostBridge::new();
         h.config_write(4, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
         h.config_write(0x3c, &[11]);
-        let PciDeviceState::HostBridge(state) = h.save().unwrap();
+        let PciDeviceState::HostBridge(state) = h.save().unwrap() else {
+            panic!("the host bridge saved another function's state");
+        };
         let json = serde_json::to_vec(&state).unwrap();
         let mut r = HostBridge::restore(&serde_json::from_slice(&json).unwrap()).unwrap();
         assert_eq!(r.config_read(1) & 0xffff, 0x6);

@@ -5,7 +5,8 @@
 //!                               sets type1 and maps RAM)
 //!                     iommufd: the VM's IOAS (RAM mapped once) ─► VfioDevice (cdev bound)
 //!                               ─► a shared compatible HWPT, or its own ─► attach
-//!          (all guest RAM, IOVA = GPA) ─► reset ─► read BARs/MSI/MSI-X from the VFIO regions
+//!          (all guest RAM, IOVA = GPA) ─► reset (migration state not RUNNING: the
+//!          checked VFIO_DEVICE_RESET) ─► read BARs/MSI/MSI-X from the VFIO regions
 //!          ─► BARs and vectors from the VMM (PciResources) ─► emulated config space
 //!  guest:  config reads ─► emulated space (IDs copied from the device, BARs and MSI/MSI-X emulated)
 //!          command writes ─► also written to the device (memory/I/O decode, bus master)
@@ -21,12 +22,20 @@
 //! MSI-X capabilities emulated with [`crate::pci::msi`] and [`crate::pci::msix`]. The device's other
 //! capabilities (PCIe, power management, vendor-specific) are not shown yet, and it has no INTx.
 //!
+//! **Migration.** A device with VFIO migration v2 (STOP_COPY) hands out its own state through
+//! [`VfioPciDevice::state_source`] / [`VfioPciDevice::state_sink`] (the engine drives them); what
+//! tern emulates of it (configuration space, MSI-X table) is [`VfioPciState`], saved with the PCI
+//! bus and loaded into the destination's function ([`VfioPciDevice::restore`]), whose BARs then
+//! decode, and whose vectors fire, where the guest had them.
+//!
 //! **BARs.** The parts VFIO lets tern mmap (minus the MSI-X table and PBA pages) are KVM memory
 //! slots that follow the BAR through [`PciDevice::move_bar`] ([`super::bar_map`]); every other
 //! guest access is a `pread`/`pwrite` on the VFIO region.
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use tern_migration::engine::{DeviceStateSink, DeviceStateSource};
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
     VFIO_REGION_INFO_FLAG_MMAP,
@@ -43,12 +52,15 @@ use super::dma_dirty::method::{
 use super::dma_dirty::MappedRange;
 use super::dma_space::DmaSpaces;
 use super::iommufd::{Hwpt, IommufdBackendError};
+use super::migration::{
+    DeviceMigration, DeviceMigrationError, MigState, MigrationCaps, VfioStateSink, VfioStateSource,
+};
 use super::preflight::{preflight, HostRoots, VfioPreflightError};
 use super::spec::{VfioBackend, VfioDeviceSpec};
 use crate::pci::bar::{BarError, BarKind, BarRegion, BarSpec};
-use crate::pci::config::{ConfigSpace, PciIds};
+use crate::pci::config::{ConfigSpace, ConfigSpaceState, PciIds};
 use crate::pci::msi::{MsiCap, MsiCapError, MsiRouteSink};
-use crate::pci::msix::{Msix, MsixError};
+use crate::pci::msix::{Msix, MsixError, MsixState};
 use crate::pci::{MoveBarError, PciDevice, PciDeviceState, PciStateError};
 use crate::sys::vfio_dma_logging_probe::supports_dma_logging;
 use crate::sys::vfio_region_mmap::{page_size, RegionMapping};
@@ -223,6 +235,12 @@ pub enum VfioDeviceError {
         #[source]
         source: ResourceError,
     },
+    #[error("--device {id}: cannot bring its VFIO migration state back to RUNNING")]
+    MigrationState {
+        id: String,
+        #[source]
+        source: DeviceMigrationError,
+    },
 }
 
 /// What `vm.info` shows about a passthrough device.
@@ -235,14 +253,35 @@ pub struct VfioDeviceInfo {
     /// Always false with type1: its dirty log is the pinned-page approximation, which tern does
     /// not count as hardware tracking.
     pub hw_dirty_tracking: bool,
-    /// The device implements VFIO migration v2.
-    pub vfio_migration: bool,
+    /// The device's VFIO migration v2 capabilities; `None`: it has no migration v2 with
+    /// STOP_COPY, so its own state cannot move.
+    pub migration: Option<MigrationCaps>,
+    /// PCI vendor and device ID, as the function reports them.
+    pub vendor_id: u16,
+    pub device_id: u16,
     /// The device offers VFIO DMA logging (probed with VFIO_DEVICE_FEATURE_PROBE).
     pub dma_logging: bool,
     /// How migration learns which pages the device writes, and why.
     pub dma_dirty: DmaDirtySelection,
     /// Bytes of guest RAM mapped for DMA.
     pub dma_mapped_bytes: u64,
+}
+
+/// What migrates of a passthrough function besides its own device state: the configuration space
+/// tern emulates (command register, BAR addresses, MSI and MSI-X capability registers) and the
+/// MSI-X table and PBA it keeps. The destination loads it into the function it opened from its
+/// own path: the BARs decode where the guest put them and the vectors the guest enabled are
+/// handed to VFIO again with the destination's eventfds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfioPciState {
+    /// The device's id (`--device id=`), which the destination maps to its own function.
+    pub id: String,
+    pub config: ConfigSpaceState,
+    /// The BARs the function has (the destination's function must have the same).
+    pub bars: Vec<BarSpec>,
+    pub msi: Option<MsiCap>,
+    /// The emulated MSI-X table and PBA.
+    pub msix: Option<MsixState>,
 }
 
 /// The DMA space a passthrough device is in, and who shares it.
@@ -411,6 +450,37 @@ fn discover_msix(config32: impl Fn(u64) -> u32) -> Option<MsixLayout> {
     None
 }
 
+/// The device's migration capabilities, with its migration state back in RUNNING: a tern that
+/// died mid-migration leaves a device in RESUMING, STOP or ERROR, and vfio-ioctls' reset skips
+/// functions without `VFIO_DEVICE_FLAGS_RESET` (mtty), so the checked reset is issued here.
+/// `None`: no migration v2 with STOP_COPY (or the probe failed, which is logged).
+fn ready_for_migration(
+    id: &str,
+    device: &Arc<VfioDevice>,
+) -> Result<Option<MigrationCaps>, VfioDeviceError> {
+    let caps = match MigrationCaps::probe(device) {
+        Ok(Some(caps)) => caps,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            log::warn!("VFIO {id}: VFIO_DEVICE_FEATURE_MIGRATION failed ({e}); not migratable");
+            return Ok(None);
+        }
+    };
+    let err = |source| VfioDeviceError::MigrationState {
+        id: id.to_string(),
+        source,
+    };
+    let mut mig = DeviceMigration::new(id, device.clone()).map_err(err)?;
+    if mig.state() != MigState::Running {
+        eprintln!(
+            "tern: VFIO {id}: migration state {} left by its last user; resetting the device",
+            mig.state()
+        );
+        mig.reset().map_err(err)?;
+    }
+    Ok(Some(caps))
+}
+
 impl VfioPciDevice {
     /// Checks and opens the device `spec` names, resets it, puts it in the VM's DMA space of its
     /// backend (guest RAM mapped with IOVA = GPA), and takes BAR addresses and MSI vectors from
@@ -474,6 +544,8 @@ impl VfioPciDevice {
         // Start from a known device state whatever the last user left behind (no-op for
         // functions without reset support).
         device.reset();
+        let device = Arc::new(device);
+        let migration = ready_for_migration(&id, &device)?;
         let caps = DmaDirtyCaps {
             hwpt_dirty: matches!(&dma, Dma::Iommufd(h) if h.dirty_tracking()),
             dma_logging: supports_dma_logging(&device),
@@ -490,12 +562,14 @@ impl VfioPciDevice {
             sysfs: target.sysfs.clone(),
             backend: spec.backend,
             hw_dirty_tracking: caps.hwpt_dirty,
-            vfio_migration: matches!(device.query_migration_support(), Ok(Some(_))),
+            migration,
+            // Read from the function by `emulate`.
+            vendor_id: 0,
+            device_id: 0,
             dma_logging: caps.dma_logging,
             dma_dirty,
             dma_mapped_bytes: dma.mappings().iter().map(|&(_, len)| len as u64).sum(),
         };
-        let device = Arc::new(device);
         let mut dev = Self::emulate(info, Box::new(device.clone()), Some(dma), resources)?;
         dev.vfio = Some(device);
         Ok(dev)
@@ -504,7 +578,7 @@ impl VfioPciDevice {
     /// Builds the guest's view of `device`: configuration space with its IDs, BARs at addresses
     /// from `resources`, and MSI/MSI-X capabilities wired to vectors from `resources`.
     fn emulate(
-        info: VfioDeviceInfo,
+        mut info: VfioDeviceInfo,
         device: Box<dyn VfioFunction>,
         dma: Option<Dma>,
         resources: &mut dyn PciResources,
@@ -517,6 +591,7 @@ impl VfioPciDevice {
         )?;
         let cfg = |o| real_config32(device.as_ref(), o);
         let (idv, class, subsys) = (cfg(0), cfg(8), cfg(0x2c));
+        (info.vendor_id, info.device_id) = (idv as u16, (idv >> 16) as u16);
         let mut config = ConfigSpace::new(PciIds {
             vendor: idv as u16,
             device: (idv >> 16) as u16,
@@ -666,8 +741,9 @@ impl VfioPciDevice {
         self.dma.as_ref().map(Dma::info)
     }
 
-    /// Hands the vector eventfds to VFIO (`on`) or takes them back, for MSI or MSI-X.
-    fn set_irqs(&self, irq_index: u32, vectors: u16, on: bool) {
+    /// Hands the vector eventfds to VFIO (`on`) or takes them back, for MSI or MSI-X. Logged
+    /// either way; the error is returned for callers that must not go on without interrupts.
+    fn set_irqs(&self, irq_index: u32, vectors: u16, on: bool) -> Result<(), VfioError> {
         let name = if irq_index == VFIO_PCI_MSI_IRQ_INDEX {
             "MSI"
         } else {
@@ -679,13 +755,174 @@ impl VfioPciDevice {
         } else {
             self.device.disable_irq(irq_index)
         };
-        match r {
+        match &r {
             Ok(()) => log::info!(
                 "VFIO {}: {name} {}",
                 self.info.id,
                 if on { "on" } else { "off" }
             ),
             Err(e) => log::warn!("VFIO {}: cannot switch {name} to {on}: {e}", self.info.id),
+        }
+        r
+    }
+
+    /// The device as the migration engine's source of its state; `None` when it cannot migrate
+    /// (no migration v2 with STOP_COPY) or is not a real VFIO device (the tests' fakes).
+    pub fn state_source(&self) -> Result<Option<Box<dyn DeviceStateSource>>, DeviceMigrationError> {
+        let (Some(_), Some(device)) = (self.info.migration, &self.vfio) else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(VfioStateSource::new(
+            self.info.id.clone(),
+            device.clone(),
+        )?)))
+    }
+
+    /// The device as the migration engine's sink for the state of the source device with the same
+    /// id; `None` as for [`Self::state_source`].
+    pub fn state_sink(&self) -> Result<Option<Box<dyn DeviceStateSink>>, DeviceMigrationError> {
+        let (Some(_), Some(device)) = (self.info.migration, &self.vfio) else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(VfioStateSink::new(
+            self.info.id.clone(),
+            device.clone(),
+        )?)))
+    }
+
+    /// Checks that `state` was saved from a function like this one (same id, PCI IDs, BARs and
+    /// capabilities); returns the configuration space to load.
+    fn check_state(&self, state: &VfioPciState) -> Result<ConfigSpace, PciStateError> {
+        let device = format!("VFIO device {}", self.info.id);
+        let mismatch = |reason: String| PciStateError::Mismatch {
+            device: device.clone(),
+            reason,
+        };
+        if state.id != self.info.id {
+            return Err(mismatch(format!("it was saved from device {}", state.id)));
+        }
+        let config =
+            ConfigSpace::restore(&state.config).map_err(|source| PciStateError::Config {
+                device: device.clone(),
+                source,
+            })?;
+        let ids = |c: &ConfigSpace| {
+            let r = c.read_reg(0);
+            format!("{:04x}:{:04x}", r & 0xffff, r >> 16)
+        };
+        if ids(&config) != ids(&self.config) {
+            return Err(mismatch(format!(
+                "the saved function is {}, this one is {}",
+                ids(&config),
+                ids(&self.config)
+            )));
+        }
+        if state.bars != self.bars {
+            return Err(mismatch(format!(
+                "the saved function has BARs {:?}, this one {:?}",
+                state.bars, self.bars
+            )));
+        }
+        if state.msi != self.msi {
+            return Err(mismatch(format!(
+                "the saved function has MSI {:?}, this one {:?}",
+                state.msi, self.msi
+            )));
+        }
+        let vectors =
+            |n: Option<usize>| n.map_or("no MSI-X".into(), |n| format!("{n} MSI-X vectors"));
+        let (saved, here) = (
+            state.msix.as_ref().map(|m| m.entries.len()),
+            self.msix.as_ref().map(|m| usize::from(m.vectors())),
+        );
+        if saved != here {
+            return Err(mismatch(format!(
+                "the saved function has {}, this one {}",
+                vectors(saved),
+                vectors(here)
+            )));
+        }
+        if config.capabilities() != self.config.capabilities() {
+            return Err(mismatch(format!(
+                "the saved capability list is {:?}, this one {:?}",
+                config.capabilities(),
+                self.config.capabilities()
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Whether [`Self::restore`] would take `state` (same id, PCI IDs, BARs and capabilities),
+    /// without changing anything.
+    pub fn check_restore(&self, state: &VfioPciState) -> Result<(), PciStateError> {
+        self.check_state(state).map(drop)
+    }
+
+    /// Loads a passthrough function's configuration saved on the source into this function (the
+    /// destination's, opened from its own path): the configuration space and MSI-X table, the
+    /// command register written through to the function, and the enabled MSI or MSI-X vectors
+    /// routed and handed to VFIO with this VM's eventfds. The BARs decode at the saved addresses
+    /// from now on; the bus moves their dispatch and memory slots there
+    /// (`PciBus::refresh`). vCPUs must be paused.
+    pub fn restore(&mut self, state: &VfioPciState) -> Result<(), PciStateError> {
+        let config = self.check_state(state)?;
+        let device = format!("VFIO device {}", self.info.id);
+        let fail = |reason: String| PciStateError::Interrupts {
+            device: device.clone(),
+            reason,
+        };
+        // Whatever this function had enabled goes first (nothing, on a fresh destination).
+        self.interrupts_off();
+        let mut msix = self.msix.clone();
+        if let (Some(m), Some(saved)) = (msix.as_mut(), &state.msix) {
+            m.load(saved).map_err(|e| PciStateError::Mismatch {
+                device: device.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        self.config = config;
+        self.msix = msix;
+        // Decode and bus master as the guest left them.
+        let command = self.config.command().to_le_bytes();
+        self.device
+            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, &command, 4);
+        let chain = |e: &dyn std::error::Error| tern_migration::engine::error_chain(e);
+        if let Some(msi) = self.msi.filter(|m| m.enabled(&self.config)) {
+            msi.replay(&self.config, self.sink.as_ref())
+                .map_err(|e| fail(format!("MSI route: {}", chain(&e))))?;
+            self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, msi.vectors(), true)
+                .map_err(|e| fail(format!("VFIO_DEVICE_SET_IRQS (MSI): {}", chain(&e))))?;
+        }
+        if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled(&self.config)) {
+            msix.replay(&self.config, self.sink.as_ref())
+                .map_err(|e| fail(format!("MSI-X route: {}", chain(&e))))?;
+            self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, msix.vectors(), true)
+                .map_err(|e| fail(format!("VFIO_DEVICE_SET_IRQS (MSI-X): {}", chain(&e))))?;
+        }
+        Ok(())
+    }
+
+    /// Disables the enabled MSI or MSI-X vectors: routes removed, eventfds taken back from VFIO.
+    fn interrupts_off(&mut self) {
+        if let Some(msi) = self.msi.filter(|m| m.enabled(&self.config)) {
+            for (v, r) in msi.routes(&self.config).into_iter().enumerate() {
+                if r.is_some() {
+                    if let Err(e) = self.sink.set_route(v as u16, None) {
+                        log::warn!("VFIO {}: vector {v} route: {e}", self.info.id);
+                    }
+                }
+            }
+            let _ = self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, 0, false);
+        }
+        if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled(&self.config)) {
+            for (v, r) in msix.routes(&self.config).into_iter().enumerate() {
+                if r.is_some() {
+                    if let Err(e) = self.sink.set_route(v as u16, None) {
+                        log::warn!("VFIO {}: vector {v} route: {e}", self.info.id);
+                    }
+                }
+            }
+            let _ = self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, false);
         }
     }
 
@@ -718,7 +955,7 @@ impl PciDevice for VfioPciDevice {
             }
             let now = msi.enabled(&self.config);
             if was != now {
-                self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, msi.vectors(), now);
+                let _ = self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, msi.vectors(), now);
             }
         } else if let Some(msix) = self.msix.as_ref().filter(|m| m.covers(offset, data.len())) {
             let was = msix.enabled(&self.config);
@@ -727,7 +964,7 @@ impl PciDevice for VfioPciDevice {
             }
             let (now, vectors) = (msix.enabled(&self.config), msix.vectors());
             if was != now {
-                self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, vectors, now);
+                let _ = self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, vectors, now);
             }
         } else {
             self.config.write(offset, data);
@@ -786,9 +1023,21 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn save(&self) -> Result<PciDeviceState, PciStateError> {
-        Err(PciStateError::NotMigratable {
-            device: format!("VFIO device {}", self.info.id),
-        })
+        if self.info.migration.is_none() {
+            return Err(PciStateError::NotMigratable {
+                device: format!(
+                    "VFIO device {} (no VFIO migration v2 with STOP_COPY)",
+                    self.info.id
+                ),
+            });
+        }
+        Ok(PciDeviceState::Vfio(VfioPciState {
+            id: self.info.id.clone(),
+            config: self.config.save(),
+            bars: self.bars.clone(),
+            msi: self.msi,
+            msix: self.msix.as_ref().map(Msix::save),
+        }))
     }
 }
 
@@ -799,10 +1048,10 @@ impl Drop for VfioPciDevice {
         // the group. The guest's slots go first, while the device is still whole.
         self.direct.clear();
         if self.msi.is_some_and(|m| m.enabled(&self.config)) {
-            self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, 0, false);
+            let _ = self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, 0, false);
         }
         if self.msix.as_ref().is_some_and(|m| m.enabled(&self.config)) {
-            self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, false);
+            let _ = self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, 0, false);
         }
         if let Some(dma) = &self.dma {
             dma.leave(&self.info.id);

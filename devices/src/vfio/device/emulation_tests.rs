@@ -11,6 +11,7 @@ use vfio_ioctls::VfioError;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::pci::bus::{PciBus, PciSpace, PciWindowRange};
 use crate::pci::msi::{MsiMessage, RecordingSink};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +179,9 @@ fn build_with(
         sysfs: "/sys/bus/pci/devices/0000:00:03.0".into(),
         backend: VfioBackend::Type1,
         hw_dirty_tracking: false,
-        vfio_migration: false,
+        migration: Some(crate::vfio::migration::MigrationCaps::ALL),
+        vendor_id: 0,
+        device_id: 0,
         dma_logging: false,
         dma_dirty: crate::vfio::dma_dirty::method::DmaDirtySelection {
             method: None,
@@ -375,15 +378,11 @@ fn msix_table_and_pba_are_emulated_and_the_rest_of_their_bar_passes_through() {
 }
 
 #[test]
-fn teardown_disables_enabled_interrupts_and_state_save_refuses() {
+fn teardown_disables_enabled_interrupts() {
     let (mut dev, log, _) = build(edu_like(), [1 << 20, 0, 0, 0, 0, 0], 1, 0);
     let cap = caps(&mut dev)[0].1;
     dev.config_write(cap + 2, &1u16.to_le_bytes());
     take(&log);
-    assert!(matches!(
-        dev.save(),
-        Err(PciStateError::NotMigratable { device }) if device.contains("fake")
-    ));
     drop(dev);
     assert_eq!(
         take(&log),
@@ -436,4 +435,204 @@ fn mmap_able_bars_become_slots_that_follow_decode_and_skip_the_msix_pages() {
     // Teardown deletes the rest.
     drop(dev);
     assert!(live(&mem).is_empty());
+}
+
+#[test]
+fn a_function_without_migration_support_refuses_to_save() {
+    let (mut dev, _, _) = build(edu_like(), [1 << 20, 0, 0, 0, 0, 0], 1, 0);
+    dev.info.migration = None;
+    assert!(matches!(
+        dev.save(),
+        Err(PciStateError::NotMigratable { device })
+            if device.contains("fake") && device.contains("no VFIO migration v2")
+    ));
+    assert!(dev.state_source().unwrap().is_none());
+    assert!(dev.state_sink().unwrap().is_none());
+}
+
+/// The guest-visible configuration space, register by register.
+fn registers(dev: &mut VfioPciDevice) -> Vec<u32> {
+    (0..64).map(|r| dev.config_read(r)).collect()
+}
+
+fn saved(dev: &VfioPciDevice) -> VfioPciState {
+    // Through the wire format, as a migration carries it.
+    let json = serde_json::to_vec(&dev.save().expect("migratable")).unwrap();
+    match serde_json::from_slice(&json).unwrap() {
+        PciDeviceState::Vfio(s) => s,
+        other => panic!("a VFIO function saved {other:?}"),
+    }
+}
+
+#[test]
+fn saved_config_loads_into_a_fresh_function_bars_where_the_guest_put_them_and_msi_on() {
+    let sizes = [1 << 20, 0, 0, 0, 0, 0];
+    let (mut src, _, _) = build_with(edu_like(), sizes, 1, 0, Some(Arc::default()));
+    // The guest moves BAR 0, turns decode and bus mastering on, programs and enables MSI.
+    src.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+    src.config_write(4, &0x0006u16.to_le_bytes());
+    src.config_write(0x3c, &[0x0b]);
+    let cap = caps(&mut src)[0].1;
+    src.config_write(cap + 4, &0xfee0_1000u32.to_le_bytes());
+    src.config_write(cap + 12, &0x4041u16.to_le_bytes());
+    src.config_write(cap + 2, &1u16.to_le_bytes());
+    let state = saved(&src);
+
+    // The destination opened its own function, with BARs where its VMM put them.
+    let mem = Arc::new(FakeMemory::default());
+    let (dst, log, sink) = build_with(edu_like(), sizes, 1, 0, Some(mem.clone()));
+    let dst = Arc::new(Mutex::new(dst));
+    assert_eq!(dst.lock().unwrap().config_read(4), 0xc000_0000);
+    let mut bus = PciBus::new(vec![PciWindowRange {
+        space: PciSpace::Memory,
+        base: 0xc000_0000,
+        len: 0x2000_0000,
+    }]);
+    bus.add_device(Some(3), dst.clone()).unwrap();
+    dst.lock().unwrap().restore(&state).unwrap();
+    assert!(bus.refresh(3).is_empty());
+
+    let mut d = dst.lock().unwrap();
+    assert_eq!(registers(&mut d), registers(&mut src));
+    assert_eq!(
+        take(&log),
+        vec![
+            Call::Write {
+                index: VFIO_PCI_CONFIG_REGION_INDEX,
+                offset: 4,
+                data: vec![0x06, 0x00]
+            },
+            Call::Enable {
+                index: VFIO_PCI_MSI_IRQ_INDEX,
+                vectors: 1
+            }
+        ],
+        "decode and bus master reach the function; its MSI eventfd goes to VFIO"
+    );
+    assert_eq!(
+        sink.take(),
+        vec![(
+            0,
+            Some(MsiMessage {
+                address: 0xfee0_1000,
+                data: 0x4041
+            })
+        )]
+    );
+    assert_eq!(d.decoded_bars()[0].addr, 0xd000_0000);
+    let live: Vec<_> = mem
+        .live
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| (s.1, s.2))
+        .collect();
+    assert_eq!(
+        live,
+        [(0xd000_0000, 1 << 20)],
+        "the BAR's memory slot moved too"
+    );
+    assert_eq!(d.direct_slots().len(), 1);
+    drop(d);
+    let (_, index, offset) = bus.resolve(PciSpace::Memory, 0xd000_0010).expect("mapped");
+    assert_eq!((index, offset), (0, 0x10));
+    assert!(bus.resolve(PciSpace::Memory, 0xc000_0010).is_none());
+}
+
+#[test]
+fn the_msix_table_and_enable_move_with_the_state() {
+    let mut c = edu_like();
+    put32(&mut c, 4, 1 << 20);
+    c[0x34] = 0x40;
+    put32(&mut c, 0x40, 0x0003_0011);
+    put32(&mut c, 0x44, 0x2000);
+    put32(&mut c, 0x48, 0x3000);
+    put32(&mut c, 0x10, 0x4);
+    let sizes = [0x4000, 0, 0, 0, 0, 0];
+    let (mut src, _, _) = build(c, sizes, 0, 4);
+    let cap = caps(&mut src)
+        .into_iter()
+        .find(|(id, _)| *id == 0x11)
+        .expect("MSI-X capability")
+        .1;
+    src.bar_write(0, 0x2010, &0xfee0_0000u64.to_le_bytes());
+    src.bar_write(0, 0x2018, &0x41u32.to_le_bytes());
+    src.config_write(cap + 2, &0x8000u16.to_le_bytes());
+    src.bar_write(0, 0x201c, &0u32.to_le_bytes());
+    let state = saved(&src);
+
+    let (mut dst, log, sink) = build(c, sizes, 0, 4);
+    dst.restore(&state).unwrap();
+    assert_eq!(registers(&mut dst), registers(&mut src));
+    let mut q = [0u8; 16];
+    dst.bar_read(0, 0x2010, &mut q[..8]);
+    dst.bar_read(0, 0x2018, &mut q[8..]);
+    let mut want = [0u8; 16];
+    src.bar_read(0, 0x2010, &mut want[..8]);
+    src.bar_read(0, 0x2018, &mut want[8..]);
+    assert_eq!(q, want);
+    assert_eq!(u64::from_le_bytes(q[..8].try_into().unwrap()), 0xfee0_0000);
+    assert_eq!(
+        take(&log),
+        vec![
+            Call::Write {
+                index: VFIO_PCI_CONFIG_REGION_INDEX,
+                offset: 4,
+                data: vec![0, 0]
+            },
+            Call::Enable {
+                index: VFIO_PCI_MSIX_IRQ_INDEX,
+                vectors: 4
+            }
+        ]
+    );
+    assert_eq!(
+        sink.take(),
+        vec![(
+            1,
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41
+            })
+        )],
+        "only the unmasked vector is routed"
+    );
+}
+
+#[test]
+fn state_of_another_function_is_refused_and_changes_nothing() {
+    let sizes = [1 << 20, 0, 0, 0, 0, 0];
+    let (mut src, _, _) = build(edu_like(), sizes, 1, 0);
+    src.config_write(4, &0x0006u16.to_le_bytes());
+    let state = saved(&src);
+    let refuse =
+        |config: [u8; 256], sizes: [u64; 6], msi: u32, state: &VfioPciState, want: &str| {
+            let (mut dst, log, sink) = build(config, sizes, msi, 0);
+            let before = registers(&mut dst);
+            let err = dst.restore(state).expect_err("another function");
+            assert!(matches!(err, PciStateError::Mismatch { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("VFIO device fake") && msg.contains(want),
+                "{msg}"
+            );
+            assert_eq!(registers(&mut dst), before);
+            assert!(take(&log).is_empty() && sink.take().is_empty());
+        };
+    let mut other_ids = edu_like();
+    put32(&mut other_ids, 0, 0x11e9_1234);
+    refuse(
+        other_ids,
+        sizes,
+        1,
+        &state,
+        "is 1234:11e8, this one is 1234:11e9",
+    );
+    refuse(edu_like(), [1 << 21, 0, 0, 0, 0, 0], 1, &state, "BARs");
+    refuse(edu_like(), sizes, 0, &state, "MSI");
+    let renamed = VfioPciState {
+        id: "edu1".into(),
+        ..state.clone()
+    };
+    refuse(edu_like(), sizes, 1, &renamed, "saved from device edu1");
 }
