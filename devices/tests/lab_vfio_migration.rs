@@ -1,5 +1,5 @@
 //! tern's VFIO migration v2 device-state layer (`devices/src/vfio/migration`) against the real
-//! kernel inside the nested lab (`scripts/lab run vfio-mtty-migrate`): the kernel's mtty sample
+//! kernel inside the nested lab (`scripts/lab run vfio-mig-uapi`): the kernel's mtty sample
 //! (two mdev instances of type mtty-2, fixed UUIDs from lab/guest/lib.sh) migrates its UART state
 //! from one instance to the other. They need `/dev/vfio` and the mdevs, so plain `cargo test`
 //! skips them; the lab runs this binary with `--ignored --test-threads=1 --nocapture mtty_`.
