@@ -73,6 +73,10 @@ pub struct IommuCapabilities {
     pub device_dma_logging: bool,
     /// The device implements VFIO migration v2, so its internal state can move with the VM.
     pub vfio_migration: bool,
+    /// The device's VFIO migration v2 capabilities (`VFIO_DEVICE_FEATURE_MIGRATION`), e.g.
+    /// `"STOP_COPY|P2P|PRE_COPY"`; `"none"` without migration v2 with STOP_COPY.
+    #[serde(default)]
+    pub vfio_migration_caps: String,
 }
 
 /// One device of the VM.
@@ -295,10 +299,88 @@ impl VmSendMigrationData {
 
 /// Body of `PUT vm.receive-migration`. Returns once the destination listens on `receiver_url`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ReceiveMigrationFields")]
 pub struct VmReceiveMigrationData {
     /// `tcp:HOST:PORT` or `unix:PATH` to listen on for the incoming migration.
     pub receiver_url: MigrationUrl,
+    /// This host's device for each source passthrough device, by the source's id. A source
+    /// device not listed is opened at the source's path.
+    pub devices: Vec<DeviceMapping>,
+}
+
+/// One source passthrough device mapped to a device of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMapping {
+    /// The device's id on the source (`--device id=`).
+    pub id: String,
+    /// This host's device: `/sys/bus/pci/devices/BDF` or `/sys/bus/mdev/devices/UUID`.
+    pub path: std::path::PathBuf,
+}
+
+/// Why a syntactically valid `vm.receive-migration` body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiveMigrationDataError {
+    #[error("devices maps id {id} twice: give each source device one local path")]
+    DuplicateDevice { id: String },
+    #[error("devices has an entry with an empty id: name the source's device id")]
+    EmptyId,
+    #[error(
+        "devices maps {id} to {path}, which is not an absolute path: give its sysfs directory"
+    )]
+    RelativePath { id: String, path: String },
+}
+
+/// The wire shape of [`VmReceiveMigrationData`] (see [`SendMigrationFields`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveMigrationFields {
+    receiver_url: MigrationUrl,
+    #[serde(default)]
+    devices: Vec<DeviceMapping>,
+}
+
+impl TryFrom<ReceiveMigrationFields> for VmReceiveMigrationData {
+    type Error = ReceiveMigrationDataError;
+
+    fn try_from(f: ReceiveMigrationFields) -> Result<Self, Self::Error> {
+        let data = VmReceiveMigrationData {
+            receiver_url: f.receiver_url,
+            devices: f.devices,
+        };
+        data.validate()?;
+        Ok(data)
+    }
+}
+
+impl VmReceiveMigrationData {
+    /// Listen on `receiver_url`; every device at the source's path.
+    pub fn new(receiver_url: MigrationUrl) -> Self {
+        VmReceiveMigrationData {
+            receiver_url,
+            devices: Vec::new(),
+        }
+    }
+
+    /// Checks the rules that types alone do not express. Parsing runs this; call it again after
+    /// building a request by hand.
+    pub fn validate(&self) -> Result<(), ReceiveMigrationDataError> {
+        for (i, d) in self.devices.iter().enumerate() {
+            if d.id.is_empty() {
+                return Err(ReceiveMigrationDataError::EmptyId);
+            }
+            if !d.path.is_absolute() {
+                return Err(ReceiveMigrationDataError::RelativePath {
+                    id: d.id.clone(),
+                    path: d.path.display().to_string(),
+                });
+            }
+            if self.devices[..i].iter().any(|o| o.id == d.id) {
+                return Err(ReceiveMigrationDataError::DuplicateDevice { id: d.id.clone() });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Phase of the current (or last) migration of this VMM.
@@ -553,6 +635,41 @@ mod tests {
             serde_json::from_value::<VmReceiveMigrationData>(json!({"receiver_url": "tcp:h"}))
                 .unwrap_err();
         assert!(err.to_string().contains("has no port"), "{err}");
+    }
+
+    #[test]
+    fn receive_migration_device_mappings_are_checked() {
+        let parse = |devices: serde_json::Value| {
+            serde_json::from_value::<VmReceiveMigrationData>(
+                json!({"receiver_url": "unix:/r", "devices": devices}),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let ok = parse(json!([
+            {"id": "mtty0", "path": "/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"},
+            {"id": "nic0", "path": "/sys/bus/pci/devices/0000:00:04.0"}
+        ]))
+        .unwrap();
+        assert_eq!(ok.devices.len(), 2);
+        assert_eq!(ok.devices[0].id, "mtty0");
+        assert!(parse(json!([])).unwrap().devices.is_empty());
+        let cases = [
+            (
+                json!([{"id": "a", "path": "/x"}, {"id": "a", "path": "/y"}]),
+                "maps id a twice",
+            ),
+            (json!([{"id": "", "path": "/x"}]), "empty id"),
+            (json!([{"id": "a", "path": "x"}]), "not an absolute path"),
+            (json!([{"id": "a"}]), "missing field `path`"),
+            (
+                json!([{"id": "a", "path": "/x", "bdf": 1}]),
+                "unknown field `bdf`",
+            ),
+        ];
+        for (devices, want) in cases {
+            let err = parse(devices.clone()).unwrap_err();
+            assert!(err.contains(want), "{devices}: got {err:?}, want {want:?}");
+        }
     }
 
     #[test]

@@ -217,6 +217,10 @@ fn schema_fields_match_serialized_types() {
             "VmReceiveMigrationData",
             serde_json::to_value(VmReceiveMigrationData {
                 receiver_url: "unix:/r".parse().unwrap(),
+                devices: vec![tern_api::DeviceMapping {
+                    id: "mtty0".into(),
+                    path: "/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1002".into(),
+                }],
             })
             .unwrap(),
         ),
@@ -408,7 +412,10 @@ fn request_schemas_match_required_fields_defaults_and_strictness() {
     check_request_schema::<VmReceiveMigrationData>(
         &spec,
         "VmReceiveMigrationData",
-        json!({"receiver_url": "tcp:0.0.0.0:6000"}),
+        json!({
+            "receiver_url": "tcp:0.0.0.0:6000",
+            "devices": [{"id": "edu0", "path": "/sys/bus/pci/devices/0000:00:04.0"}]
+        }),
     );
 }
 

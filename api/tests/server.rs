@@ -72,14 +72,13 @@ fn receive_migration_reaches_handler_with_parsed_url() {
     let h = Harness::start(std::sync::Arc::new(FakeVmm::default()));
     let data = VmReceiveMigrationData {
         receiver_url: "unix:/tmp/incoming.sock".parse().unwrap(),
+        devices: vec![tern_api::DeviceMapping {
+            id: "mtty0".into(),
+            path: "/sys/bus/mdev/devices/u1".into(),
+        }],
     };
     h.client().vm_receive_migration(&data).unwrap();
-    assert_eq!(
-        h.vmm.lock().received.as_ref().map(|d| &d.receiver_url),
-        Some(&MigrationUrl::Unix {
-            path: "/tmp/incoming.sock".into()
-        })
-    );
+    assert_eq!(h.vmm.lock().received.as_ref(), Some(&data));
 }
 
 #[test]

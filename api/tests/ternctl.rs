@@ -61,6 +61,58 @@ fn every_command_calls_its_endpoint() {
             port: 6000
         })
     );
+    assert!(h.vmm.lock().received.as_ref().unwrap().devices.is_empty());
+}
+
+#[test]
+fn receive_migration_maps_devices_with_repeated_device_flags() {
+    let h = Harness::start(Arc::new(FakeVmm::default()));
+    let out = ternctl(
+        &h,
+        &[
+            "receive-migration",
+            "unix:/tmp/in.sock",
+            "--device",
+            "mtty0=/sys/bus/mdev/devices/u2",
+            "--device",
+            "edu0=/sys/bus/pci/devices/0000:00:05.0",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = h.vmm.lock().received.clone().unwrap().devices;
+    let got: Vec<(String, String)> = got
+        .into_iter()
+        .map(|d| (d.id, d.path.display().to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("mtty0".into(), "/sys/bus/mdev/devices/u2".into()),
+            ("edu0".into(), "/sys/bus/pci/devices/0000:00:05.0".into())
+        ]
+    );
+    // Malformed flags are usage errors; the server's rules (duplicates) come back from it.
+    for bad in ["mtty0", "=/sys/x", "mtty0="] {
+        let out = ternctl(
+            &h,
+            &["receive-migration", "unix:/tmp/in.sock", "--device", bad],
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("is not ID=PATH"), "{}", stderr(&out));
+    }
+    let out = ternctl(
+        &h,
+        &[
+            "receive-migration",
+            "unix:/tmp/in.sock",
+            "--device",
+            "a=/x",
+            "--device",
+            "a=/y",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("maps id a twice"), "{}", stderr(&out));
 }
 
 #[test]

@@ -206,6 +206,9 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                     hw_dirty_tracking: d.hw_dirty_tracking,
                     device_dma_logging: d.dma_logging,
                     vfio_migration: d.migration.is_some(),
+                    vfio_migration_caps: d
+                        .migration
+                        .map_or_else(|| "none".into(), |c| c.to_string()),
                 }),
                 dma_dirty: Some(dma_dirty_info(d.dma_dirty)),
                 dma_domain: domain.map(dma_domain_info),
@@ -222,6 +225,7 @@ fn passthrough_devices(machine: &Machine) -> Vec<tern_api::types::DeviceInfo> {
                 hw_dirty_tracking: true,
                 device_dma_logging: false,
                 vfio_migration: false,
+                vfio_migration_caps: "none".into(),
             }),
             dma_dirty: Some(dma_dirty_info(m.dma_dirty)),
             dma_domain: Some(dma_domain_info(m.domain)),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tern_api::{
-    error_chain, ApiClient, MigrationUrl, TimeoutStrategy, VmReceiveMigrationData,
+    error_chain, ApiClient, DeviceMapping, MigrationUrl, TimeoutStrategy, VmReceiveMigrationData,
     VmSendMigrationData,
 };
 
@@ -86,6 +86,10 @@ enum Command {
         /// tcp:HOST:PORT or unix:PATH to listen on.
         #[arg(value_parser = parse_url)]
         url: MigrationUrl,
+        /// This host's device for the source's passthrough device ID (its sysfs directory);
+        /// repeatable. Unlisted devices are opened at the source's path.
+        #[arg(long = "device", value_name = "ID=PATH", value_parser = parse_device)]
+        devices: Vec<DeviceMapping>,
     },
     /// Show migration progress (GET vm.migration); --watch follows it to the end.
     MigrationStatus {
@@ -103,6 +107,18 @@ enum Command {
 fn parse_url(s: &str) -> Result<MigrationUrl, String> {
     s.parse()
         .map_err(|e: tern_api::MigrationUrlError| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<DeviceMapping, String> {
+    match s.split_once('=') {
+        Some((id, path)) if !id.is_empty() && !path.is_empty() => Ok(DeviceMapping {
+            id: id.to_string(),
+            path: path.into(),
+        }),
+        _ => Err(format!(
+            "'{s}' is not ID=PATH (the source's device id, then this host's sysfs directory)"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -155,8 +171,11 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
             // the same one the user would get from any other client.
             client.vm_send_migration(&data)?
         }
-        Command::ReceiveMigration { url } => {
-            client.vm_receive_migration(&VmReceiveMigrationData { receiver_url: url })?
+        Command::ReceiveMigration { url, devices } => {
+            client.vm_receive_migration(&VmReceiveMigrationData {
+                receiver_url: url,
+                devices,
+            })?
         }
         Command::MigrationStatus { watch, interval_ms } => {
             if watch {

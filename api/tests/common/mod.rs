@@ -86,6 +86,7 @@ pub fn sample_info(state: VmState) -> VmInfo {
                     hw_dirty_tracking: true,
                     device_dma_logging: false,
                     vfio_migration: true,
+                    vfio_migration_caps: "STOP_COPY|P2P|PRE_COPY".into(),
                 }),
                 dma_dirty: Some(DmaDirtyInfo {
                     method: "iommufd".into(),
