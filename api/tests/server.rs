@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use common::{sample_info, FakeVmm, Harness};
 use tern_api::{
     ApiClientError, ApiServer, ApiServerError, Endpoint, MigrationState, MigrationStatus,
-    MigrationUrl, ServerOptions, TimeoutStrategy, VmReceiveMigrationData, VmSendMigrationData,
-    VmState,
+    ServerOptions, TimeoutStrategy, VmReceiveMigrationData, VmSendMigrationData, VmState,
 };
 
 fn put(h: &Harness, name: &str, body: &str) -> tern_api::RawResponse {
