@@ -81,6 +81,8 @@ struct LaneCounters {
     activity_ms: AtomicU64,
     bytes: AtomicU64,
     busy_ns: AtomicU64,
+    /// Memory bytes queued on the lane and not written yet.
+    queued: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -166,8 +168,8 @@ fn lane_main(
         };
         match item {
             LaneItem::Memory(mut b) => {
-                let wire = b.data_len + b.entries.len() * crate::protocol::MEMORY_ENTRY_BYTES;
-                pace(&ctx, wire as u64);
+                let wire = b.wire_bytes();
+                pace(&ctx, wire);
                 if ctx.abort.is_set() {
                     continue;
                 }
@@ -191,6 +193,7 @@ fn lane_main(
                 let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 ctx.counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
                 ctx.counters.bytes.fetch_add(n, Ordering::Relaxed);
+                ctx.counters.queued.fetch_sub(wire, Ordering::Relaxed);
                 ctx.touch();
                 ctx.stats.add_transferred(n);
                 ctx.stats.add_pages(b.data_pages(), b.zero_pages);
@@ -419,7 +422,23 @@ impl Lanes {
 
     /// Queue a memory batch on lane `i`.
     pub fn send_batch(&mut self, i: usize, b: MemoryBatch) -> Result<(), MigrationError> {
-        self.push(i, LaneItem::Memory(b), true)
+        let wire = b.wire_bytes();
+        let counters = self.lanes[i].counters.clone();
+        counters.queued.fetch_add(wire, Ordering::Relaxed);
+        let r = self.push(i, LaneItem::Memory(b), true);
+        if r.is_err() {
+            counters.queued.fetch_sub(wire, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Memory bytes queued on the lanes and not written yet: the switchover's data waits behind
+    /// them, so they count in its downtime.
+    pub fn queued_bytes(&self) -> u64 {
+        self.lanes
+            .iter()
+            .map(|l| l.counters.queued.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Queue a control frame on lane `i`.

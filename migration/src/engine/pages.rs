@@ -98,6 +98,11 @@ impl MemoryBatch {
         self.data_len + PAGE > BATCH_DATA_BYTES || self.entries.len() >= BATCH_MAX_ENTRIES
     }
 
+    /// Bytes the batch puts on the wire: page data and entry table.
+    pub fn wire_bytes(&self) -> u64 {
+        (self.data_len + self.entries.len() * crate::protocol::MEMORY_ENTRY_BYTES) as u64
+    }
+
     /// Data pages in the batch.
     pub fn data_pages(&self) -> u64 {
         (self.data_len / PAGE) as u64

@@ -628,7 +628,10 @@ impl Source<'_> {
             // Device bytes count: unread pre-copy bytes as remaining (iterating moves them), the
             // STOP_COPY size as state the switchover moves with the VM paused.
             let (device_precopy, device_stop_copy) = self.device_bytes_pending()?;
-            let remaining = planned * PAGE_SIZE + device_precopy;
+            // Memory still queued on the lanes goes out before the switchover's data does: it
+            // counts as remaining, and it drains while the loop goes on.
+            let queued = self.lanes()?.queued_bytes();
+            let remaining = planned * PAGE_SIZE + device_precopy + queued;
             let state_bytes = STATE_ESTIMATE_BYTES.saturating_add(device_stop_copy);
             self.stats.set_remaining(remaining);
             let mut bw = self.lanes()?.bandwidth_bytes_per_sec();
@@ -671,6 +674,10 @@ impl Source<'_> {
                         expected_downtime_ms: expected,
                         downtime_ms: self.params.downtime_ms,
                     })
+                }
+                Decision::Iterate if planned == 0 && device_precopy == 0 => {
+                    // Only the queue is left: let it drain instead of spinning on empty passes.
+                    self.poll_peer(true, Some(Duration::from_millis(2)))?;
                 }
                 Decision::Iterate => {}
             }
