@@ -3,12 +3,13 @@
  *
  * tern enters `entry64` on every vCPU in 64-bit mode at CPL 0, with identity paging (user-accessible),
  * the GDT/IDT/TSS it built from this file's header, RDI = parameter block GPA, RSI = vCPU index and RSP =
- * this vCPU's kernel stack. The ring-0 part only drops to ring 3 and serves three gates: on PVM hosts
+ * this vCPU's kernel stack. The ring-0 part only drops to ring 3 and serves four gates: on PVM hosts
  * guest ring 0 is emulated and slow while ring 3 runs natively, and PVM neither honours IOPL for ring-3
  * port I/O nor accepts `int N` from ring 3, and ring-0 port I/O fails after SYSCALL, while exception
  * delivery through the IDT works. So ring 3 enters ring 0 with UD2 (#UD) as a call gate: rax = service
- * (SYS_PRINT with rsi = buffer and r8 = length, SYS_POWER_OFF, SYS_PARK); the #UD handler serves it
- * and returns past the UD2. A #UD from ring 0, or not at a UD2, is still reported as a fault.
+ * (SYS_PRINT with rsi = buffer and r8 = length, SYS_POWER_OFF, SYS_PARK, SYS_DEVICE_CHECK with
+ * rdi = parameter block); the #UD handler serves it and returns past the UD2. A #UD from ring 0, or
+ * not at a UD2, is still reported as a fault.
  *
  * Each vCPU owns a contiguous partition of the working set. Page p at generation g holds 512 qwords
  * (p*K1 ^ g*K2) + j*K3; generation 0 means "never written" and the page must be all zeroes. The
@@ -17,7 +18,26 @@
  * The owner vCPU is the only writer and verifier of its pages, so table and page never disagree from
  * the guest's own point of view, whatever instant the VM is paused at.
  *
- * The parameter block layout is mirrored in vmm/src/demo/params.rs; keep both in sync.
+ * Passed-through device check (SYS_DEVICE_CHECK, vCPU 0 only, serial lock held): the first call scans
+ * PCI bus 0 (0xCF8/0xCFC) for the kernel's mtty sample (4348:3253, a 16550-like UART per I/O BAR whose
+ * transmitter loops back into its receive FIFO) and remembers up to MAX_MTTY of them in the P_DEV
+ * block; with none found (every host without passthrough) D_STATE says so and ring 3 never calls the
+ * gate again. On each device's BAR0 UART it enables I/O decode and programs FCR (FIFO on, cleared), LCR
+ * MTTY_LCR, IER MTTY_IER, MCR MTTY_MCR, SCR = sequence 1 (low byte) and sends the sequence's two bytes
+ * (mtty_pattern: sequence and a per-boot nonce), which stay pending in the RX FIFO:
+ *     MTTY: device N at 00:SS.0 port XXXX programmed
+ * Every later call (one per progress line) reads LCR, IER, MCR, SCR and LSR back, drains the RX FIFO,
+ * and wants exactly the programmed values, SCR = sequence, data ready and the sequence's two bytes;
+ * then it writes SCR = sequence + 1 and sends that sequence's two bytes. Every 16th sequence prints
+ *     MTTY: device N ok seq S
+ * and a mismatch prints (hex, rx = the bytes drained, "none" or up to 4 then "+")
+ *     MTTY: device N LOST lcr=XX ier=XX mcr=XX scr=XX lsr=XX rx=... want scr=XX rx=XXXX
+ * once, then reprograms the device with the next sequence and goes on checking. The oracle's state
+ * (scan result, ports, sequences, nonce) lives in guest RAM, not in the device, so it migrates with the
+ * guest: a destination whose device did not receive the source's UART state says LOST at its first
+ * check.
+ *
+ * The parameter block layout is mirrored in vmm/src/demo/setup.rs; keep both in sync.
  */
         .intel_syntax noprefix
         .code64
@@ -49,12 +69,29 @@
         .set S_WCUR,         0x48
         .set S_NEXTW,        0x50
         .set S_NEXTP,        0x58
+        .set P_DEV,          0x8000    /* device-check block, after the largest slot array */
+        .set D_STATE,        0x00      /* 0 = bus not scanned yet, DEV_NONE, DEV_PRESENT */
+        .set D_COUNT,        0x08      /* mtty devices found */
+        .set D_NONCE,        0x10      /* per-boot key of the loop-back bytes */
+        .set D_DEVS,         0x20      /* MAX_MTTY records of DV_SIZE */
+        .set DV_PORT,        0x00      /* BAR0 UART base port */
+        .set DV_SLOT,        0x08      /* PCI slot on bus 0 */
+        .set DV_SEQ,         0x10      /* sequence the device holds now; 0 = not programmed yet */
+        .set DV_SIZE,        0x20
+        .set DEV_NONE,       1
+        .set DEV_PRESENT,    2
+        .set MAX_MTTY,       2
+        .set MTTY_ID,        0x32534348 /* device 3253, vendor 4348 */
+        .set MTTY_LCR,       0x1b      /* 8 data bits, 1 stop bit, even parity; DLAB off */
+        .set MTTY_IER,       0x05      /* RX data + line status (IF stays 0: no interrupt taken) */
+        .set MTTY_MCR,       0x0b      /* DTR, RTS, OUT2 */
 
         .set USER_SS,        0x1b      /* SYSRET's layout: user data, then user code */
         .set USER_CS,        0x23
         .set SYS_PRINT,      0
         .set SYS_POWER_OFF,  1
         .set SYS_PARK,       2
+        .set SYS_DEVICE_CHECK, 3
         .set COM1,           0x3f8
         .set SLEEP_CTL,      0x3c0
         .set POWER_OFF,      0x34
@@ -91,6 +128,8 @@ ud_gate:
         pop rdi
         jne stub_6
         add qword ptr [rsp], 2          /* return past the UD2 */
+        cmp eax, SYS_DEVICE_CHECK
+        je device_check
         cmp eax, SYS_PRINT
         je 3f
         cmp eax, SYS_POWER_OFF
@@ -151,6 +190,352 @@ kput_hex:
         dec ecx
         jnz 1b
         ret
+
+/* ring 0: the low ecx hex digits of rax (clobbers rax, rdx) */
+kput_hexn:
+        push rbx
+        push rcx
+        push rsi
+        mov rbx, rax
+        mov esi, ecx
+        shl ecx, 2
+        ror rbx, cl                     /* the digits wanted to the top */
+1:      rol rbx, 4
+        mov al, bl
+        and al, 0xf
+        add al, '0'
+        cmp al, '9'
+        jbe 2f
+        add al, 'a' - '9' - 1
+2:      call kputc
+        dec esi
+        jnz 1b
+        pop rsi
+        pop rcx
+        pop rbx
+        ret
+
+/* ring 0: rax in decimal (clobbers rax, rdx) */
+kput_dec:
+        push rbx
+        push rsi
+        sub rsp, 32
+        lea rsi, [rsp + 31]
+        mov byte ptr [rsi], 0
+        mov ebx, 10
+1:      xor edx, edx
+        div rbx
+        add dl, '0'
+        dec rsi
+        mov [rsi], dl
+        test rax, rax
+        jnz 1b
+        call kputs
+        add rsp, 32
+        pop rsi
+        pop rbx
+        ret
+
+/* ring 0: rsi = string, then a two-digit hex byte al (clobbers rax, rdx, rsi, rcx) */
+kput_field:
+        push rax
+        call kputs
+        pop rax
+        movzx eax, al
+        mov ecx, 2
+        jmp kput_hexn
+
+/* SYS_DEVICE_CHECK (rdi = parameter block): scan once, then program or check each mtty found. Keeps
+ * every register: ring 3 calls it from the middle of its loop. */
+device_check:
+        push rax
+        push rbx
+        push rcx
+        push rdx
+        push rsi
+        push rdi
+        push rbp
+        push r8
+        push r9
+        push r10
+        push r11
+        push r12
+        push r13
+        push r14
+        push r15
+        lea rbp, [rdi + P_DEV]
+        cmp qword ptr [rbp + D_STATE], 0
+        jne 1f
+        call mtty_scan
+1:      cmp qword ptr [rbp + D_STATE], DEV_PRESENT
+        jne 3f
+        lea rbx, [rbp + D_DEVS]
+        xor r12d, r12d
+2:      cmp r12, [rbp + D_COUNT]
+        jae 3f
+        call mtty_check
+        add rbx, DV_SIZE
+        inc r12
+        jmp 2b
+3:      pop r15
+        pop r14
+        pop r13
+        pop r12
+        pop r11
+        pop r10
+        pop r9
+        pop r8
+        pop rbp
+        pop rdi
+        pop rsi
+        pop rdx
+        pop rcx
+        pop rbx
+        pop rax
+        iretq
+
+/* rbp = device block: finds up to MAX_MTTY mtty devices with an I/O BAR0 on bus 0 */
+mtty_scan:
+        rdtsc
+        mov [rbp + D_NONCE], rax
+        lea rbx, [rbp + D_DEVS]
+        xor r8d, r8d                    /* found */
+        xor ecx, ecx                    /* slot */
+1:      mov eax, ecx
+        shl eax, 11
+        or eax, 0x80000000
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        in eax, dx
+        cmp eax, MTTY_ID
+        jne 2f
+        mov eax, ecx
+        shl eax, 11
+        or eax, 0x80000010              /* BAR0 */
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        in eax, dx
+        test eax, 1                     /* an I/O BAR? */
+        jz 2f
+        and eax, 0xfffc
+        jz 2f
+        mov [rbx + DV_PORT], rax
+        mov [rbx + DV_SLOT], rcx
+        mov qword ptr [rbx + DV_SEQ], 0
+        add rbx, DV_SIZE
+        inc r8d
+        cmp r8d, MAX_MTTY
+        jae 3f
+2:      inc ecx
+        cmp ecx, 32
+        jb 1b
+3:      mov [rbp + D_COUNT], r8
+        mov eax, DEV_NONE
+        test r8d, r8d
+        jz 4f
+        mov eax, DEV_PRESENT
+4:      mov [rbp + D_STATE], rax
+        ret
+
+/* rax = sequence -> eax = its two loop-back bytes (the first sent in al), keyed by the boot's nonce */
+mtty_pattern:
+        imul eax, eax, 0x9e37
+        add eax, [rbp + D_NONCE]
+        movzx eax, ax
+        ret
+
+/* rbx = device: SCR = low byte of DV_SEQ, then DV_SEQ's two bytes to THR (they loop back to RX) */
+mtty_send:
+        mov rdi, [rbx + DV_PORT]
+        lea edx, [rdi + 7]
+        mov al, [rbx + DV_SEQ]
+        out dx, al
+        mov rax, [rbx + DV_SEQ]
+        call mtty_pattern
+        mov ecx, eax
+        mov edx, edi
+        mov al, cl
+        out dx, al
+        mov al, ch
+        out dx, al
+        ret
+
+/* rbx = device: I/O decode on, FIFOs cleared, LCR/IER/MCR programmed, then mtty_send */
+mtty_program:
+        mov eax, [rbx + DV_SLOT]
+        shl eax, 11
+        or eax, 0x80000004              /* command */
+        mov dx, 0xcf8
+        out dx, eax
+        mov dx, 0xcfc
+        mov ax, 0x0001                  /* I/O space */
+        out dx, ax
+        mov rdi, [rbx + DV_PORT]
+        lea edx, [rdi + 3]              /* LCR first: DLAB off for what follows */
+        mov al, MTTY_LCR
+        out dx, al
+        lea edx, [rdi + 2]              /* FCR: FIFO on, both FIFOs cleared */
+        mov al, 0x07
+        out dx, al
+        lea edx, [rdi + 1]
+        mov al, MTTY_IER
+        out dx, al
+        lea edx, [rdi + 4]
+        mov al, MTTY_MCR
+        out dx, al
+        jmp mtty_send
+
+/* rbx = device, r12 = its index, rbp = device block */
+mtty_check:
+        cmp qword ptr [rbx + DV_SEQ], 0
+        jne 1f
+        mov qword ptr [rbx + DV_SEQ], 1
+        call mtty_program
+        call mtty_put_name
+        lea rsi, [rip + msg_mtty_at]
+        call kputs
+        mov rax, [rbx + DV_SLOT]
+        mov ecx, 2
+        call kput_hexn
+        lea rsi, [rip + msg_mtty_port]
+        call kputs
+        mov rax, [rbx + DV_PORT]
+        mov ecx, 4
+        call kput_hexn
+        lea rsi, [rip + msg_mtty_programmed]
+        jmp kputs
+
+1:      mov rdi, [rbx + DV_PORT]
+        lea edx, [rdi + 3]
+        in al, dx
+        movzx r8d, al                   /* r8 = LCR */
+        test al, 0x80                   /* DLAB on would turn RBR/IER into the divisor: clear it */
+        jz 2f
+        and al, 0x7f
+        out dx, al
+2:      lea edx, [rdi + 1]
+        in al, dx
+        movzx r9d, al                   /* r9 = IER */
+        lea edx, [rdi + 4]
+        in al, dx
+        movzx r10d, al                  /* r10 = MCR */
+        lea edx, [rdi + 7]
+        in al, dx
+        movzx r11d, al                  /* r11 = SCR */
+        lea edx, [rdi + 5]
+        in al, dx
+        movzx r13d, al                  /* r13 = LSR before draining */
+        xor r14d, r14d                  /* r14 = first 4 bytes drained (first in the low byte) */
+        xor r15d, r15d                  /* r15 = bytes drained */
+3:      lea edx, [rdi + 5]
+        in al, dx
+        test al, 1                      /* data ready */
+        jz 4f
+        mov edx, edi
+        in al, dx
+        cmp r15d, 4
+        jae 5f
+        movzx eax, al
+        lea ecx, [r15 * 8]
+        shl rax, cl
+        or r14, rax
+5:      inc r15d
+        cmp r15d, 17                    /* a FIFO holds 16: stop on one that never runs dry */
+        jb 3b
+4:      cmp r8d, MTTY_LCR
+        jne mtty_lost
+        cmp r9d, MTTY_IER
+        jne mtty_lost
+        cmp r10d, MTTY_MCR
+        jne mtty_lost
+        mov rax, [rbx + DV_SEQ]
+        cmp r11b, al
+        jne mtty_lost
+        test r13b, 1
+        jz mtty_lost
+        cmp r15d, 2
+        jne mtty_lost
+        call mtty_pattern
+        cmp r14d, eax
+        jne mtty_lost
+        mov rax, [rbx + DV_SEQ]
+        test al, 15
+        jnz 6f
+        call mtty_put_name
+        lea rsi, [rip + msg_mtty_ok]
+        call kputs
+        mov rax, [rbx + DV_SEQ]
+        call kput_dec
+        mov al, 10
+        call kputc
+6:      inc qword ptr [rbx + DV_SEQ]
+        jmp mtty_send
+
+mtty_lost:
+        call mtty_put_name
+        lea rsi, [rip + msg_mtty_lcr]
+        mov eax, r8d
+        call kput_field
+        lea rsi, [rip + msg_mtty_ier]
+        mov eax, r9d
+        call kput_field
+        lea rsi, [rip + msg_mtty_mcr]
+        mov eax, r10d
+        call kput_field
+        lea rsi, [rip + msg_mtty_scr]
+        mov eax, r11d
+        call kput_field
+        lea rsi, [rip + msg_mtty_lsr]
+        mov eax, r13d
+        call kput_field
+        lea rsi, [rip + msg_mtty_rx]
+        call kputs
+        test r15d, r15d
+        jnz 1f
+        lea rsi, [rip + msg_mtty_none]
+        call kputs
+        jmp 3f
+1:      xor r8d, r8d
+2:      mov rax, r14
+        mov ecx, r8d
+        shl ecx, 3
+        shr rax, cl
+        mov ecx, 2
+        call kput_hexn
+        inc r8d
+        cmp r8d, r15d
+        jae 3f
+        cmp r8d, 4
+        jb 2b
+        mov al, '+'
+        call kputc
+3:      lea rsi, [rip + msg_mtty_want]
+        mov rax, [rbx + DV_SEQ]
+        call kput_field
+        lea rsi, [rip + msg_mtty_rx]
+        call kputs
+        mov rax, [rbx + DV_SEQ]
+        call mtty_pattern
+        mov r8d, eax
+        mov ecx, 2
+        call kput_hexn
+        mov eax, r8d
+        shr eax, 8
+        mov ecx, 2
+        call kput_hexn
+        mov al, 10
+        call kputc
+        inc qword ptr [rbx + DV_SEQ]
+        jmp mtty_program
+
+/* "MTTY: device N" for device r12 */
+mtty_put_name:
+        lea rsi, [rip + msg_mtty_device]
+        call kputs
+        mov rax, r12
+        jmp kput_dec
 
         .macro STUB vec, has_err
 stub_\vec:
@@ -232,6 +617,9 @@ user_main:
         call put_u64
         mov al, 10
         call putc
+        mov rdi, r15                    /* the one PCI scan (and mtty programming) */
+        mov eax, SYS_DEVICE_CHECK
+        ud2
         call unlock_serial
 
 main_loop:
@@ -306,7 +694,12 @@ main_loop:
         call put_u64
         lea rsi, [rip + msg_pages_nl]
         call puts
-        call unlock_serial
+        cmp qword ptr [r15 + P_DEV + D_STATE], DEV_PRESENT
+        jne 1f                          /* no device found at boot: nothing to check */
+        mov rdi, r15
+        mov eax, SYS_DEVICE_CHECK
+        ud2
+1:      call unlock_serial
         mov rcx, [r15 + P_EXIT_TICKS]
         test rcx, rcx
         jz main_loop
@@ -566,3 +959,16 @@ msg_cpu:        .asciz " cpu="
 msg_fault:      .asciz "DEMO: FAULT vector="
 msg_err:        .asciz " error="
 msg_rip:        .asciz " rip="
+msg_mtty_device: .asciz "MTTY: device "
+msg_mtty_at:    .asciz " at 00:"
+msg_mtty_port:  .asciz ".0 port "
+msg_mtty_programmed: .asciz " programmed\n"
+msg_mtty_ok:    .asciz " ok seq "
+msg_mtty_lcr:   .asciz " LOST lcr="
+msg_mtty_ier:   .asciz " ier="
+msg_mtty_mcr:   .asciz " mcr="
+msg_mtty_scr:   .asciz " scr="
+msg_mtty_lsr:   .asciz " lsr="
+msg_mtty_rx:    .asciz " rx="
+msg_mtty_none:  .asciz "none"
+msg_mtty_want:  .asciz " want scr="

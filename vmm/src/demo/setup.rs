@@ -41,6 +41,11 @@ const S_USTACK: u64 = 0x20;
 const S_FIRST: u64 = 0x28;
 const S_COUNT: u64 = 0x30;
 const S_TPW: u64 = 0x38;
+/// Device-check block (`P_DEV`, `D_*`, `DV_*` in demo.S): the guest's own record of the passed-through
+/// mtty UARTs it found and the sequence each must hold. Only the guest writes it (ring 0); tern
+/// zeroes it, which means "PCI bus not scanned yet".
+const P_DEV: u64 = 0x8000;
+const DEV_BLOCK_BYTES: usize = 0x80;
 
 /// Errors laying out the demo guest.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +175,8 @@ pub fn load<M: GuestMemoryBackend>(
     let exit_ticks = config.exit_after_s.map_or(0, |s| s.saturating_mul(tsc_hz));
     write(mem, exit_ticks, PARAMS_GPA + P_EXIT_TICKS)?;
     write(mem, tsc_hz, PARAMS_GPA + P_TSC_HZ)?;
+    mem.write_slice(&[0u8; DEV_BLOCK_BYTES], GuestAddress(PARAMS_GPA + P_DEV))
+        .map_err(DemoSetupError::GuestMemory)?;
     let pages_per_s = config.dirty_mib_per_s.saturating_mul(256);
     let n = u64::from(vcpus);
     let mut entries = Vec::with_capacity(usize::from(vcpus));
@@ -218,7 +225,8 @@ mod tests {
         assert!(l.working_set >= l.gen_table + l.pages * 4);
         assert_eq!(l.working_set % ALIGN_2M, 0);
         assert!(STACKS_GPA + u64::from(MAX_DEMO_VCPUS) * STACK_STRIDE <= GEN_TABLE_GPA);
-        assert!(PARAMS_GPA + PARAMS_SLOTS + u64::from(MAX_DEMO_VCPUS) * SLOT_SIZE <= 0x9_0000);
+        assert!(PARAMS_SLOTS + u64::from(MAX_DEMO_VCPUS) * SLOT_SIZE <= P_DEV);
+        assert!(PARAMS_GPA + P_DEV + DEV_BLOCK_BYTES as u64 <= 0x9_0000);
         assert!(TSS_GPA + u64::from(MAX_DEMO_VCPUS) * TSS_STRIDE <= PARAMS_GPA);
     }
 
