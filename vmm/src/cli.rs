@@ -204,12 +204,14 @@ mod tests {
                     id: "0000:00:03.0".into(),
                     iommufd: false,
                     dirty: Default::default(),
+                    pci_ids: None,
                 },
                 PassthroughConfig {
                     path: "/sys/bus/pci/devices/0000:00:04.0".into(),
                     id: "nic".into(),
                     iommufd: true,
                     dirty: Default::default(),
+                    pci_ids: None,
                 },
             ]
         );

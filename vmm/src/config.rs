@@ -39,6 +39,23 @@ pub struct PassthroughConfig {
     /// How migration tracks the device's DMA (`dirty=`).
     #[serde(default)]
     pub dirty: tern_devices::vfio::dma_dirty::method::DirtyChoice,
+    /// The PCI vendor and device ID of the opened function: filled in by a migration source for
+    /// the destination, which refuses a local device with other IDs. `None` on the command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_ids: Option<PciFunctionIds>,
+}
+
+/// A PCI function's vendor and device ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciFunctionIds {
+    pub vendor: u16,
+    pub device: u16,
+}
+
+impl std::fmt::Display for PciFunctionIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.device)
+    }
 }
 
 impl PassthroughConfig {
@@ -65,6 +82,7 @@ impl From<tern_devices::vfio::spec::VfioDeviceSpec> for PassthroughConfig {
             id: s.id,
             iommufd: s.backend == tern_devices::vfio::spec::VfioBackend::Iommufd,
             dirty: s.dirty,
+            pci_ids: None,
         }
     }
 }

@@ -520,6 +520,11 @@ impl ApiHandler for Controller {
             kvm_path: self.kvm_path.clone(),
             serial: self.serial.clone(),
             received: self.received.clone(),
+            devices: data
+                .devices
+                .iter()
+                .map(|d| (d.id.clone(), d.path.clone()))
+                .collect(),
         };
         std::thread::Builder::new()
             .name("tern-migrate-dst".into())

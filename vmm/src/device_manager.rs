@@ -20,8 +20,10 @@ use tern_devices::vfio::dma_dirty::domain::DirtyDomain;
 use tern_devices::vfio::dma_dirty::method::DmaDirtySelection;
 use tern_devices::vfio::dma_space::DmaSpaces;
 use tern_devices::vfio::iommufd::IommufdSpace;
+use tern_devices::vfio::migration::DeviceMigrationError;
 use tern_devices::vfio::mock_dma::{MockDmaDevice, MockDmaError, MockDmaSpec, MockDmaState};
 use tern_migration::dirty::DirtySource;
+use tern_migration::engine::{DeviceStateSink, DeviceStateSource};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
@@ -69,9 +71,18 @@ pub enum DeviceError {
     MockDmaMissing { id: String },
     #[error("--mock-dma id={id} is given twice")]
     MockDmaDuplicate { id: String },
+    #[error("VFIO device {id}: cannot open its migration state")]
+    DeviceState {
+        id: String,
+        #[source]
+        source: DeviceMigrationError,
+    },
+    #[error("VFIO device {id} cannot take a migrated device state: it has no VFIO migration support (migration v2 with STOP_COPY)")]
+    NoDeviceState { id: String },
 }
 
-/// A device whose DMA cannot be tracked blocks migration; the reason names it.
+/// A device whose DMA cannot be tracked, or whose own state cannot move, blocks migration; the
+/// reason names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("device {id}: {reason}")]
 pub struct MigrationBlocker {
@@ -298,29 +309,66 @@ impl DeviceManager {
         tern_devices::vfio::dma_dirty::domain::sources(&domains)
     }
 
-    /// Why the VM cannot migrate now, device by device (empty: it can).
+    /// Why the VM cannot migrate now, device by device (empty: it can). A passthrough device
+    /// blocks when it has no VFIO migration v2 with STOP_COPY (its own state cannot move) or its
+    /// DMA is not tracked; the reason gives both when both hold.
     pub fn migration_blockers(&self) -> Vec<MigrationBlocker> {
         let mut v = Vec::new();
         for d in &self.passthrough {
             let d = d.lock().unwrap_or_else(|p| p.into_inner());
             let info = d.info();
+            let mut reasons = Vec::new();
+            if info.migration.is_none() {
+                reasons.push(
+                    "no VFIO migration support: the device does not implement VFIO migration v2 \
+                     with STOP_COPY, so its own state cannot move"
+                        .to_string(),
+                );
+            }
             if !info.dma_dirty.migratable {
+                reasons.push(info.dma_dirty.reason.clone());
+            }
+            if !reasons.is_empty() {
                 v.push(MigrationBlocker {
                     id: info.id.clone(),
-                    reason: info.dma_dirty.reason.clone(),
-                });
-            } else {
-                v.push(MigrationBlocker {
-                    id: info.id.clone(),
-                    reason: format!(
-                        "its DMA is tracked ({}), but moving a VFIO device's own state (migration v2) is not implemented yet{}",
-                        info.dma_dirty.method.map_or("dirty=none", |m| m.name()),
-                        if info.migration.is_some() { "" } else { "; the device has no VFIO migration support either" }
-                    ),
+                    reason: reasons.join("; "),
                 });
             }
         }
         v
+    }
+
+    /// The passthrough devices whose own state migrates, as the engine's sources (one per
+    /// device with VFIO migration v2; the others block migration before this is asked).
+    pub fn device_states(&self) -> Result<Vec<Box<dyn DeviceStateSource>>, DeviceError> {
+        let mut v = Vec::new();
+        for d in &self.passthrough {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            let source = d
+                .state_source()
+                .map_err(|source| DeviceError::DeviceState {
+                    id: d.info().id.clone(),
+                    source,
+                })?;
+            v.extend(source);
+        }
+        Ok(v)
+    }
+
+    /// Every passthrough device as the engine's sink for the source device of the same id. A
+    /// device without VFIO migration support is an error: its source's state would be lost.
+    pub fn device_sinks(&self) -> Result<Vec<Box<dyn DeviceStateSink>>, DeviceError> {
+        let mut v = Vec::new();
+        for d in &self.passthrough {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            let id = d.info().id.clone();
+            let sink = d.state_sink().map_err(|source| DeviceError::DeviceState {
+                id: id.clone(),
+                source,
+            })?;
+            v.push(sink.ok_or(DeviceError::NoDeviceState { id })?);
+        }
+        Ok(v)
     }
 
     /// Stops every device's DMA (migration switchover, after the vCPUs).

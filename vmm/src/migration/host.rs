@@ -3,12 +3,14 @@
 use std::sync::Arc;
 
 use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, VmmWriteSource};
-use tern_migration::engine::{HostError, MigrationHost, MigrationState};
+use tern_migration::engine::{DeviceStateSource, HostError, MigrationHost, MigrationState};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
+use super::device_map::stamp_pci_ids;
 use super::state_codec::encode_state;
 use super::throttle::Throttle;
+use crate::config::PciFunctionIds;
 use crate::machine::Machine;
 
 /// A [`MigrationHost`] over a shared [`Machine`]; the VMM keeps its own reference for the API.
@@ -40,7 +42,23 @@ impl MigrationHost for MachineHost {
     }
 
     fn config(&mut self) -> Result<Vec<u8>, HostError> {
-        serde_json::to_vec(self.machine.config()).map_err(|e| HostError::new("encode config", e))
+        // The destination checks its devices against the source's PCI IDs.
+        let mut config = self.machine.config().clone();
+        let opened: Vec<(String, PciFunctionIds)> = self
+            .machine
+            .devices()
+            .passthrough_info()
+            .into_iter()
+            .map(|(d, _)| {
+                let ids = PciFunctionIds {
+                    vendor: d.vendor_id,
+                    device: d.device_id,
+                };
+                (d.id, ids)
+            })
+            .collect();
+        stamp_pci_ids(&mut config.devices, &opened);
+        serde_json::to_vec(&config).map_err(|e| HostError::new("encode config", e))
     }
 
     fn dirty_sources(&mut self) -> Result<Vec<Box<dyn DirtySource>>, HostError> {
@@ -91,6 +109,13 @@ impl MigrationHost for MachineHost {
             .save_state()
             .map_err(|e| HostError::new("save state", e))?;
         encode_state(&state).map_err(|e| HostError::new("encode state", e))
+    }
+
+    fn device_states(&mut self) -> Result<Vec<Box<dyn DeviceStateSource>>, HostError> {
+        self.machine
+            .devices()
+            .device_states()
+            .map_err(|e| HostError::new("open the devices' migration state", e))
     }
 
     fn throttle(&mut self, percent: u8) -> Result<(), HostError> {

@@ -2,6 +2,7 @@
 //! `MigrationHost` (source), a factory that rebuilds it on the destination, the state encoding that
 //! travels between them, and vCPU throttling for auto-converge.
 
+pub mod device_map;
 pub mod host;
 pub mod state_codec;
 pub mod target;

@@ -5,14 +5,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tern_migration::engine::{
-    HostError, LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory,
+    DeviceStateSink, HostError, LocalRegion, MigrationState, MigrationTarget,
+    MigrationTargetFactory,
 };
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device_map::{apply_mapping, check_local, LocalDevice};
 use super::state_codec::decode_state;
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{PciFunctionIds, SerialConfig, VmConfig};
 use crate::machine::Machine;
 use crate::vstate::memory::GuestRam;
 
@@ -56,6 +58,9 @@ pub struct TernTargetFactory {
     /// The destination's own console setting (not the source's).
     pub serial: SerialConfig,
     pub received: Arc<ReceivedMachine>,
+    /// This host's device for source passthrough devices, by the source's id (the receive
+    /// request's `devices`); the others are opened at the source's path.
+    pub devices: Vec<(String, PathBuf)>,
 }
 
 impl MigrationTargetFactory for TernTargetFactory {
@@ -67,6 +72,9 @@ impl MigrationTargetFactory for TernTargetFactory {
         let mut config: VmConfig =
             serde_json::from_slice(config).map_err(|e| HostError::new("decode VM config", e))?;
         config.serial = self.serial.clone();
+        // Refused here, before the source pauses, with the reason.
+        apply_mapping(&mut config.devices, &self.devices)
+            .map_err(|e| HostError::new("map the source's passthrough devices", e))?;
         let ram = match local.into_iter().next() {
             None => GuestRam::new(config.memory_bytes)
                 .map_err(|e| HostError::new("create guest memory", e))?,
@@ -79,6 +87,21 @@ impl MigrationTargetFactory for TernTargetFactory {
         // only has to load state.
         let machine = Machine::create_incoming(&self.kvm_path, config, ram)
             .map_err(|e| HostError::new("build the incoming VM", e))?;
+        let local: Vec<LocalDevice> = machine
+            .devices()
+            .passthrough_info()
+            .into_iter()
+            .map(|(d, _)| LocalDevice {
+                id: d.id,
+                migration: d.migration,
+                ids: PciFunctionIds {
+                    vendor: d.vendor_id,
+                    device: d.device_id,
+                },
+            })
+            .collect();
+        check_local(&machine.config().devices, &local)
+            .map_err(|e| HostError::new("check the local passthrough devices", e))?;
         Ok(Box::new(TernTarget {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
@@ -115,6 +138,13 @@ impl MigrationTarget for TernTarget {
         self.machine("restore state")?
             .restore_state(&state)
             .map_err(|e| HostError::new("restore state", e))
+    }
+
+    fn device_sinks(&mut self) -> Result<Vec<Box<dyn DeviceStateSink>>, HostError> {
+        self.machine("open the devices' migration state")?
+            .devices()
+            .device_sinks()
+            .map_err(|e| HostError::new("open the devices' migration state", e))
     }
 
     fn start(&mut self) -> Result<(), HostError> {
