@@ -77,8 +77,8 @@ chmod "$kvm_mode" /dev/kvm
 [ "$perm" -eq 0 ] || exit 1
 lab_log "bad --device input refused with one clear line each"
 
-# vm.info lists the device; vm.send-migration is refused (VFIO migration is not built yet) and the
-# VM keeps running.
+# vm.info lists the device and its (absent) VFIO migration capabilities; vm.send-migration is
+# refused (edu has no VFIO migration v2, and type1 does not track its DMA) and the VM keeps running.
 dir=/tmp/vfio-edu-mig
 mkdir -p "$dir"
 timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
@@ -102,12 +102,14 @@ fi
 # vm.info says so, and vm.send-migration is refused before anything pauses, naming the device and
 # the opt-in.
 grep -q '"method": *"none"' "$dir/info" || { lab_log "vm.info does not show edu0's DMA dirty method as none"; exit 1; }
+grep -q '"vfio_migration_caps": *"none"' "$dir/info" || { lab_log "vm.info does not show edu0 without VFIO migration capabilities"; exit 1; }
 before=$(passes "$dir/a.log")
 ternctl --api-socket "$dir/a.sock" send-migration "unix:$dir/x.mig" >"$dir/send.out" 2>&1
 src=$?
 lab_log "send-migration: exit $src: $(cat "$dir/send.out")"
-if [ "$src" -eq 0 ] || ! grep -q 'edu0' "$dir/send.out" || ! grep -q 'dirty=type1' "$dir/send.out"; then
-    lab_log "send-migration of a VM with edu was not refused naming edu0 and the dirty=type1 opt-in"
+if [ "$src" -eq 0 ] || ! grep -q 'device edu0: no VFIO migration support' "$dir/send.out" ||
+    ! grep -q 'dirty=type1' "$dir/send.out"; then
+    lab_log "send-migration of a VM with edu was not refused naming edu0, its missing VFIO migration support and the dirty=type1 opt-in"
     exit 1
 fi
 wait_progress "$dir/a.log" "$before" || { lab_log "the guest stopped after the refusal"; exit 1; }
