@@ -12,19 +12,35 @@
 //!
 //! Each device is opened as tern opens an mdev with the type1 backend: its group in a type1
 //! container (`VfioContainer` + `VfioDevice::new`). Each test opens and drops its own devices and
-//! first brings a device some earlier failure left outside RUNNING back (`recover`).
+//! first brings a device some earlier failure left outside RUNNING back (`recover`). The engine's
+//! view (`VfioStateSource` / `VfioStateSink`) is driven the same way, and `VfioPciDevice::open`
+//! must bring back a device a dead tern left in RESUMING.
 
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tern_devices::pci::bar::BarSpec;
+use tern_devices::pci::msi::{MsiMessage, MsiRouteError, MsiRouteSink};
+use tern_devices::sys::iova::Iova;
+use tern_devices::sys::vfio_region_mmap::RegionMapping;
+use tern_devices::vfio::container::GuestRamRange;
+use tern_devices::vfio::device::{PciResources, ResourceError, VfioPciDevice};
+use tern_devices::vfio::dma_space::DmaSpaces;
 use tern_devices::vfio::migration::{
     path, DeviceMigration, DeviceMigrationError, MigState, MigrationCaps, ReadEnd, Recovery,
+    VfioStateSink, VfioStateSource,
+};
+use tern_devices::vfio::preflight::HostRoots;
+use tern_devices::vfio::spec::{VfioBackend, VfioDeviceSpec};
+use tern_migration::engine::{
+    DeviceReadEnd, DeviceStateSink, DeviceStateSource, DEVICE_CHUNK_BYTES,
 };
 use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vmm_sys_util::eventfd::EventFd;
 
 use MigState::*;
 
@@ -505,5 +521,187 @@ fn mtty_destination_state_is_exactly_what_the_stream_carried() -> Result<()> {
     assert_ne!(got, want);
     drain(a.dev());
     drain(b.dev());
+    Ok(())
+}
+
+/// Moves the source's whole stream into `sink` as the engine does: chunks of at most
+/// [`DEVICE_CHUNK_BYTES`] read until `until`, each written as it is read. Returns the bytes moved.
+fn pump_chunks(
+    src: &mut dyn DeviceStateSource,
+    sink: &mut dyn DeviceStateSink,
+    until: DeviceReadEnd,
+) -> Result<usize> {
+    let mut moved = 0;
+    loop {
+        let mut chunk = Vec::new();
+        let end = src.read_chunk(&mut chunk).map_err(|e| anyhow!(chain(&e)))?;
+        ensure!(
+            chunk.len() <= DEVICE_CHUNK_BYTES,
+            "chunk of {}",
+            chunk.len()
+        );
+        sink.write(&chunk).map_err(|e| anyhow!(chain(&e)))?;
+        moved += chunk.len();
+        if end == until {
+            return Ok(moved);
+        }
+        ensure!(end == DeviceReadEnd::ChunkFull, "read ended {end:?}");
+    }
+}
+
+#[test]
+#[ignore = "lab: needs /dev/vfio and the lab's mtty mdevs"]
+fn mtty_engine_adapters_move_the_uart_state() -> Result<()> {
+    let a = Mtty::open(MTTY_SRC, "mtty-src")?;
+    let b = Mtty::open(MTTY_DST, "mtty-dst")?;
+    let want = program(a.dev(), 0x30);
+    clear(b.dev());
+    let h = |e: tern_migration::engine::HostError| anyhow!(chain(&e));
+    // The destination knows the device by the source's id.
+    let mut src = VfioStateSource::new("mtty0", a.mig.device().clone())?;
+    let mut sink = VfioStateSink::new("mtty0", b.mig.device().clone())?;
+    assert!(src.has_precopy() && src.has_p2p());
+    assert_eq!(sink.id(), src.id());
+
+    sink.begin().map_err(h)?;
+    src.start().map_err(h)?;
+    let pending = src.pending().map_err(h)?;
+    println!("adapter pending at start: {pending:?}");
+    assert_eq!(pending.initial_bytes, MTTY_HEADER as u64);
+    assert_eq!(
+        pending.stop_copy_bytes,
+        (MTTY_HEADER + 2 * MTTY_PORT_STATE) as u64
+    );
+    let pre = pump_chunks(&mut src, &mut sink, DeviceReadEnd::NoDataNow)?;
+    assert_eq!(pre, MTTY_HEADER);
+    assert_eq!(src.pending().map_err(h)?.initial_bytes, 0);
+
+    src.quiesce_p2p().map_err(h)?;
+    assert_eq!(src.handle().state(), PreCopyP2p);
+    src.stop_copy().map_err(h)?;
+    let rest = pump_chunks(&mut src, &mut sink, DeviceReadEnd::EndOfStream)?;
+    assert_eq!(rest, 2 * MTTY_PORT_STATE);
+    src.finish().map_err(h)?;
+    assert_eq!(src.handle().state(), Stop);
+
+    sink.end().map_err(h)?;
+    sink.run_p2p().map_err(h)?;
+    assert_eq!(sink.handle().state(), RunningP2p);
+    sink.run().map_err(h)?;
+    assert_eq!(
+        registers(b.dev()),
+        want,
+        "the destination reads the source's UARTs"
+    );
+    assert_eq!(
+        drain(b.dev()),
+        (0..PORTS).map(pending_bytes).collect::<Vec<_>>(),
+        "the pending bytes arrived"
+    );
+    check_loopback(b.dev(), "destination")?;
+    let stats = (src.stats(), sink.stats());
+    println!(
+        "adapter stats: source {:?}, destination {:?}",
+        stats.0, stats.1
+    );
+    assert_eq!(stats.0.precopy_bytes + stats.0.stop_copy_bytes, 96);
+    assert_eq!(stats.1.resumed_bytes, 96);
+
+    // A source that finished (STOP) is brought back by walking, without a reset.
+    assert!(!src.recover().map_err(h)?, "walked back, not reset");
+    assert_eq!(src.handle().state(), Running);
+    // A destination that took a corrupt stream is reset.
+    sink.begin().map_err(h)?;
+    let refused = sink
+        .write(&[0xff; 96])
+        .and_then(|()| sink.end())
+        .expect_err("mtty refuses a stream without its magic");
+    println!("corrupt stream: {}", chain(&refused));
+    assert!(sink.recover().map_err(h)?);
+    assert_eq!(sink.handle().state(), Running);
+    Ok(())
+}
+
+/// BARs from a bump allocator and vectors nobody routes: what a function needs to open outside
+/// a VM.
+struct NoVm {
+    next: u64,
+}
+
+struct NoRoutes;
+
+impl MsiRouteSink for NoRoutes {
+    fn set_route(&self, _: u16, _: Option<MsiMessage>) -> Result<(), MsiRouteError> {
+        Ok(())
+    }
+}
+
+impl PciResources for NoVm {
+    fn allocate_bar(&mut self, spec: &BarSpec) -> Result<u64, ResourceError> {
+        let addr = self.next.next_multiple_of(spec.size.max(4096));
+        self.next = addr + spec.size;
+        Ok(addr)
+    }
+    fn msi_vectors(
+        &mut self,
+        count: u16,
+    ) -> Result<(Arc<dyn MsiRouteSink>, Vec<EventFd>), ResourceError> {
+        let fds = (0..count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<_, _>>()?;
+        Ok((Arc::new(NoRoutes), fds))
+    }
+}
+
+#[test]
+#[ignore = "lab: needs /dev/vfio and the lab's mtty mdevs"]
+fn mtty_left_resuming_is_reset_when_tern_opens_it() -> Result<()> {
+    // A tern that died mid-migration leaves the destination's device in RESUMING.
+    let mut b = Mtty::open(MTTY_DST, "mtty-dst")?;
+    b.mig.transition_to(Resuming)?;
+    drop(b);
+
+    // tern's open of the function: mtty has no VFIO_DEVICE_FLAGS_RESET, so vfio-ioctls' reset
+    // skips it; the open must reset it through the migration uAPI.
+    let ram = RegionMapping::anonymous(2 << 20)?;
+    let spec = VfioDeviceSpec {
+        path: Path::new("/sys/bus/mdev/devices").join(MTTY_DST),
+        id: "mtty0".into(),
+        backend: VfioBackend::Type1,
+        dirty: Default::default(),
+    };
+    let mut spaces = DmaSpaces::new(vec![GuestRamRange {
+        iova: Iova(0),
+        host_addr: ram.host_addr() as usize,
+        len: ram.len(),
+    }]);
+    let dev = VfioPciDevice::open(
+        &spec,
+        &HostRoots::default(),
+        &mut spaces,
+        &mut NoVm { next: 0xc000_0000 },
+    )
+    .map_err(|e| anyhow!(chain(&e)))?;
+    let info = dev.info().clone();
+    println!(
+        "opened: migration {:?}, PCI {:04x}:{:04x}",
+        info.migration, info.vendor_id, info.device_id
+    );
+    assert_eq!(info.migration, Some(MigrationCaps::ALL));
+    assert!(dev.state_source()?.is_some() && dev.state_sink()?.is_some());
+    drop(dev);
+    drop(spaces);
+
+    let container = Arc::new(VfioContainer::new(None)?);
+    let device = VfioDevice::new(
+        &Path::new("/sys/bus/mdev/devices").join(MTTY_DST),
+        container.clone() as Arc<dyn VfioOps>,
+        false,
+    )?;
+    let found = DeviceMigration::new("mtty-dst", Arc::new(device))?.state();
+    ensure!(
+        found == Running,
+        "after tern's open the device is in {found}"
+    );
     Ok(())
 }
