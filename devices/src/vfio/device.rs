@@ -871,8 +871,6 @@ impl VfioPciDevice {
             device: device.clone(),
             reason,
         };
-        // Whatever this function had enabled goes first (nothing, on a fresh destination).
-        self.interrupts_off();
         let mut msix = self.msix.clone();
         if let (Some(m), Some(saved)) = (msix.as_mut(), &state.msix) {
             m.load(saved).map_err(|e| PciStateError::Mismatch {
@@ -880,6 +878,8 @@ impl VfioPciDevice {
                 reason: e.to_string(),
             })?;
         }
+        // Whatever this function had enabled goes first (nothing, on a fresh destination).
+        self.interrupts_off();
         self.config = config;
         self.msix = msix;
         // Decode and bus master as the guest left them.
