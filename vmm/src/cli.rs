@@ -59,6 +59,10 @@ pub struct Cli {
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
+    /// Least severe log messages shown on stderr: off, error, warn, info, debug, trace (default:
+    /// RUST_LOG if set, else warn).
+    #[arg(long, value_name = "LEVEL", value_parser = crate::logger::parse_level)]
+    pub log_level: Option<log::LevelFilter>,
 }
 
 /// Any bad command-line value.

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod device_manager;
 pub mod dirty;
 pub mod features;
+pub mod logger;
 pub mod machine;
 pub mod migration;
 pub mod pci_manager;

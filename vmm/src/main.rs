@@ -87,6 +87,20 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let level = match cli.log_level {
+        Some(l) => l,
+        None => match std::env::var("RUST_LOG") {
+            Ok(v) => match tern_vmm::logger::parse_level(&v) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("tern: error: RUST_LOG: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            Err(_) => log::LevelFilter::Warn,
+        },
+    };
+    tern_vmm::logger::init(level);
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
