@@ -33,9 +33,9 @@ pub use handler::ApiHandler;
 pub use router::{Endpoint, HttpMethod, API_PREFIX};
 pub use server::{ApiServer, ApiServerError, ServerOptions};
 pub use types::{
-    DeviceInfo, DeviceMapping, DirtyPagesBySource, DmaDirtyInfo, DmaDomain, IommuCapabilities,
-    MigrationState, MigrationStatus, ReceiveMigrationDataError, SendMigrationDataError,
-    TimeoutStrategy, VmConfigInfo, VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmState,
-    VmmPingResponse,
+    DeviceInfo, DeviceMapping, DeviceMigrationStatus, DirtyPagesBySource, DmaDirtyInfo, DmaDomain,
+    IommuCapabilities, MigrationState, MigrationStatus, ReceiveMigrationDataError,
+    SendMigrationDataError, TimeoutStrategy, VmConfigInfo, VmInfo, VmReceiveMigrationData,
+    VmSendMigrationData, VmState, VmmPingResponse,
 };
 pub use url::{MigrationUrl, MigrationUrlError};

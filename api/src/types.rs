@@ -530,6 +530,27 @@ pub struct MigrationStatus {
     pub setup_time_ms: Option<u64>,
     /// Why the migration failed or was cancelled, including the peer's reason when it sent one.
     pub error: Option<String>,
+    /// Devices whose own state migrates (VFIO migration v2), source side.
+    pub devices: Vec<DeviceMigrationStatus>,
+}
+
+/// One device's state migration (VFIO migration v2).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeviceMigrationStatus {
+    pub id: String,
+    /// Device state bytes sent while the guest ran (PRE_COPY).
+    pub precopy_bytes: u64,
+    /// Device state bytes sent after the device stopped (STOP_COPY), during the downtime.
+    pub stop_copy_bytes: u64,
+    /// From entering STOP_COPY to the end of the device's stream, in microseconds.
+    pub stop_copy_us: u64,
+    /// The destination acknowledged loading the device's initial data (switchover-ack).
+    pub initial_data_acked: bool,
+    /// The switchover went through the P2P states (several devices).
+    pub p2p: bool,
+    /// The device was reset to get it back to RUNNING after a failed migration.
+    pub reset: bool,
 }
 
 #[cfg(test)]

@@ -83,6 +83,14 @@ fn migration_status() -> MigrationStatus {
         status: MigrationState::Active,
         dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
         iterations: vec![iteration()],
+        devices: vec![tern_api::DeviceMigrationStatus {
+            id: "mtty0".into(),
+            precopy_bytes: 24,
+            stop_copy_bytes: 72,
+            stop_copy_us: 310,
+            initial_data_acked: true,
+            ..Default::default()
+        }],
         ..MigrationStatus::default()
     }
 }

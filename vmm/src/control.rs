@@ -332,6 +332,19 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         total_time_ms: status.is_terminal().then_some(s.total_time_ms),
         setup_time_ms: s.setup_time_ms,
         error: s.error.clone(),
+        devices: s
+            .devices
+            .iter()
+            .map(|d| tern_api::types::DeviceMigrationStatus {
+                id: d.id.clone(),
+                precopy_bytes: d.precopy_bytes,
+                stop_copy_bytes: d.stop_copy_bytes,
+                stop_copy_us: d.stop_copy_us,
+                initial_data_acked: d.initial_data_acked,
+                p2p: d.p2p,
+                reset: d.reset,
+            })
+            .collect(),
     }
 }
 

@@ -194,6 +194,22 @@ fn summary(s: &MigrationStatus) -> String {
     if !s.dma_pages_by_device.is_empty() {
         out.push_str(&format!("  dma pages:    {}\n", dma_by_device(s)));
     }
+    for d in &s.devices {
+        out.push_str(&format!(
+            "  device {}: pre-copy {} B, stop-copy {} B in {} us{}{}{}\n",
+            d.id,
+            d.precopy_bytes,
+            d.stop_copy_bytes,
+            d.stop_copy_us,
+            if d.initial_data_acked {
+                ", initial data acked"
+            } else {
+                ""
+            },
+            if d.p2p { ", p2p" } else { "" },
+            if d.reset { ", reset" } else { "" },
+        ));
+    }
     if let Some(e) = &s.error {
         out.push_str(&format!("  error:        {e}\n"));
     }
