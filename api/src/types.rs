@@ -543,7 +543,7 @@ pub struct DeviceMigrationStatus {
     pub precopy_bytes: u64,
     /// Device state bytes sent after the device stopped (STOP_COPY), during the downtime.
     pub stop_copy_bytes: u64,
-    /// From entering STOP_COPY to the end of the device's stream, in microseconds.
+    /// Time in the device's STOP_COPY arc and the reads of its final state, in microseconds.
     pub stop_copy_us: u64,
     /// The destination acknowledged loading the device's initial data (switchover-ack).
     pub initial_data_acked: bool,

@@ -1,7 +1,10 @@
 # Shell helpers for the lab guest, sourced by /init and by the scenarios (/lab/lib.sh).
 
-# Fixed mtty instance UUIDs, so scenarios and tests can name them.
-MTTY_UUIDS="83b8f4f2-509f-382f-3c1e-e6bfe0fa1001 83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"
+# Fixed mtty instance UUIDs, so scenarios and tests can name them: four mtty-2 (two ports each; a
+# VM with two devices migrates to the other two) and one mtty-1 (one port: a device whose state
+# layout differs from the others', for refused-state tests).
+MTTY_UUIDS="83b8f4f2-509f-382f-3c1e-e6bfe0fa1001 83b8f4f2-509f-382f-3c1e-e6bfe0fa1002 83b8f4f2-509f-382f-3c1e-e6bfe0fa1003 83b8f4f2-509f-382f-3c1e-e6bfe0fa1004"
+MTTY1_UUID="83b8f4f2-509f-382f-3c1e-e6bfe0fa1101"
 
 lab_log() { echo "lab: $*"; }
 
@@ -38,12 +41,13 @@ bind_edu_vfio() {
     done
 }
 
-# Creates the mtty instances of MTTY_UUIDS (type mtty-2: two ports each).
+# Creates the mtty instances of MTTY_UUIDS (type mtty-2: two ports each) and MTTY1_UUID (mtty-1).
 create_mtty() {
     types=/sys/class/mdev_bus/mtty/mdev_supported_types
     for u in $MTTY_UUIDS; do
         [ -e "/sys/bus/mdev/devices/$u" ] || echo "$u" >"$types/mtty-2/create" || return 1
     done
+    [ -e "/sys/bus/mdev/devices/$MTTY1_UUID" ] || echo "$MTTY1_UUID" >"$types/mtty-1/create" || return 1
     lab_log "mtty instances: $(ls /sys/bus/mdev/devices | tr '\n' ' ')"
 }
 

@@ -96,7 +96,8 @@ pub struct DeviceMigrationRecord {
     pub precopy_bytes: u64,
     /// Bytes read after STOP_COPY.
     pub stop_copy_bytes: u64,
-    /// From entering STOP_COPY to the end of its stream, in microseconds.
+    /// Time in the device's STOP_COPY arc and the reads of its final state, in microseconds (the
+    /// final memory pass in between is not counted).
     pub stop_copy_us: u64,
     /// The destination acknowledged loading the initial pre-copy data (switchover-ack).
     pub initial_data_acked: bool,

@@ -23,7 +23,8 @@ pub(super) struct DeviceRun {
     initial_sent: bool,
     /// The stream's End mark went out.
     ended: bool,
-    stop_copy_at: Option<Instant>,
+    /// Time spent in the device's STOP_COPY arc and its final reads.
+    stop_copy_time: Duration,
 }
 
 impl DeviceRun {
@@ -40,7 +41,7 @@ impl DeviceRun {
             started: false,
             initial_sent: false,
             ended: false,
-            stop_copy_at: None,
+            stop_copy_time: Duration::ZERO,
         }
     }
 }
@@ -128,10 +129,14 @@ impl Source<'_> {
             loop {
                 let mut chunk = Vec::with_capacity(DEVICE_CHUNK_BYTES);
                 let d = &mut self.devices[i];
+                let t = Instant::now();
                 let end = d
                     .dev
                     .read_chunk(&mut chunk)
                     .map_err(|e| device_error(&d.record.id, e))?;
+                if stopped {
+                    d.stop_copy_time += t.elapsed();
+                }
                 let n = chunk.len() as u64;
                 if stopped {
                     d.record.stop_copy_bytes += n;
@@ -161,10 +166,8 @@ impl Source<'_> {
                     }
                     DeviceReadEnd::EndOfStream => {
                         let d = &mut self.devices[i];
-                        if let Some(t) = d.stop_copy_at {
-                            d.record.stop_copy_us =
-                                u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        }
+                        d.record.stop_copy_us =
+                            u64::try_from(d.stop_copy_time.as_micros()).unwrap_or(u64::MAX);
                         d.ended = true;
                         self.lanes()?
                             .send_frame(lane, OwnedFrame::DeviceMark(id, DeviceMark::End))?;
@@ -211,10 +214,11 @@ impl Source<'_> {
             );
         }
         for d in &mut self.devices {
-            d.stop_copy_at = Some(Instant::now());
+            let t = Instant::now();
             d.dev
                 .stop_copy()
                 .map_err(|e| device_error(&d.record.id, e))?;
+            d.stop_copy_time += t.elapsed();
         }
         Ok(())
     }
