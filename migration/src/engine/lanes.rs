@@ -108,6 +108,50 @@ pub struct Lanes {
     epoch: Instant,
 }
 
+/// Queues frames on one lane from another thread (the switchover's device stream, read while the
+/// main thread queues the final memory pass on the other lanes).
+#[derive(Debug)]
+pub struct LaneSender {
+    index: usize,
+    tx: SyncSender<LaneItem>,
+    counters: Arc<LaneCounters>,
+    epoch: Instant,
+    stall: Option<(Duration, &'static str)>,
+}
+
+impl LaneSender {
+    /// Queues `f`, waiting while the lane is full; fails when the lane is gone or made no
+    /// progress within the stall limit.
+    pub fn send_frame(&self, f: OwnedFrame) -> Result<(), MigrationError> {
+        let gone = |detail: String| MigrationError::Lane {
+            index: self.index,
+            source: Box::new(MigrationError::PeerGone {
+                peer: "destination",
+                during: self.stall.map_or("sending device state", |s| s.1),
+                detail,
+            }),
+        };
+        let mut item = LaneItem::Frame(f);
+        loop {
+            match self.tx.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(gone("lane closed".into())),
+                Err(TrySendError::Full(back)) => {
+                    if let Some((limit, _)) = self.stall {
+                        let last = self.counters.activity_ms.load(Ordering::Relaxed);
+                        let idle = ms_since(self.epoch).saturating_sub(last);
+                        if u128::from(idle) >= limit.as_millis() {
+                            return Err(gone(format!("it took no data for {} s", limit.as_secs())));
+                        }
+                    }
+                    item = back;
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+}
+
 /// Queue depth per lane: enough to keep the socket busy while the next batch is read.
 const QUEUE_DEPTH: usize = 3;
 const POLL: Duration = Duration::from_micros(200);
@@ -208,6 +252,7 @@ fn lane_main(
                         during: "sending state",
                         source,
                     })?;
+                ctx.touch();
                 ctx.stats.add_transferred(n);
             }
             LaneItem::Flush(done) => {
@@ -430,6 +475,18 @@ impl Lanes {
             counters.queued.fetch_sub(wire, Ordering::Relaxed);
         }
         r
+    }
+
+    /// A sender for lane `i` usable from another thread (`None` when the lane is gone).
+    pub fn sender(&self, i: usize) -> Option<LaneSender> {
+        let lane = self.lanes.get(i)?;
+        Some(LaneSender {
+            index: i,
+            tx: lane.tx.clone()?,
+            counters: lane.counters.clone(),
+            epoch: self.epoch,
+            stall: self.stall,
+        })
     }
 
     /// Memory bytes queued on the lanes and not written yet: the switchover's data waits behind

@@ -97,6 +97,9 @@ pub fn send(
         plan: Vec::new(),
         destination_ready: false,
         devices: Vec::new(),
+        dedicated_device_lane: false,
+        devices_out: false,
+        deferred_loaded: Vec::new(),
     };
     let result = s.migrate();
     let result = s.unwind(result);
@@ -227,6 +230,12 @@ struct Source<'h> {
     destination_ready: bool,
     /// Devices whose own state migrates.
     devices: Vec<DeviceRun>,
+    /// The last connection carries only device data (devices and several connections).
+    dedicated_device_lane: bool,
+    /// `devices` are with the switchover's device thread.
+    devices_out: bool,
+    /// Switchover-acks that arrived meanwhile.
+    deferred_loaded: Vec<String>,
 }
 
 fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {

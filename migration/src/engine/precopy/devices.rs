@@ -10,6 +10,7 @@ use super::*;
 use crate::engine::device::{
     DeviceMigrationRecord, DeviceReadEnd, DeviceStateSource, DEVICE_CHUNK_BYTES,
 };
+use crate::engine::stats::MigrationStats;
 use crate::engine::HostError;
 use crate::protocol::DeviceMark;
 
@@ -58,6 +59,7 @@ impl Source<'_> {
     pub(super) fn start_devices(&mut self) -> Result<(), MigrationError> {
         let devs = self.host.device_states().map_err(MigrationError::Host)?;
         self.devices = devs.into_iter().map(DeviceRun::new).collect();
+        self.dedicated_device_lane = self.params.connections > 1 && !self.devices.is_empty();
         for d in &mut self.devices {
             d.dev.start().map_err(|e| device_error(&d.record.id, e))?;
             d.started = true;
@@ -75,7 +77,7 @@ impl Source<'_> {
     /// connections.
     pub(super) fn memory_lanes(&self) -> usize {
         let n = usize::from(self.params.connections.max(1));
-        if n > 1 && !self.devices.is_empty() {
+        if self.dedicated_device_lane {
             n - 1
         } else {
             n
@@ -104,6 +106,11 @@ impl Source<'_> {
 
     /// The destination loaded device `id`'s initial data.
     pub(super) fn device_loaded(&mut self, id: &str) -> Result<(), MigrationError> {
+        if self.devices_out {
+            // The switchover's device thread has them: note it for when they are back.
+            self.deferred_loaded.push(id.to_owned());
+            return Ok(());
+        }
         let d = self
             .devices
             .iter_mut()
@@ -122,79 +129,49 @@ impl Source<'_> {
     /// state to its end. Sends InitialSent once a device's initial bytes are all out.
     pub(super) fn pump_devices(&mut self, stopped: bool) -> Result<(), MigrationError> {
         let lane = self.device_lane();
-        for i in 0..self.devices.len() {
-            if self.devices[i].ended || !(stopped || self.devices[i].dev.has_precopy()) {
-                continue;
-            }
-            loop {
-                let mut chunk = Vec::with_capacity(DEVICE_CHUNK_BYTES);
-                let d = &mut self.devices[i];
-                let t = Instant::now();
-                let end = d
-                    .dev
-                    .read_chunk(&mut chunk)
-                    .map_err(|e| device_error(&d.record.id, e))?;
-                if stopped {
-                    d.stop_copy_time += t.elapsed();
-                }
-                let n = chunk.len() as u64;
-                if stopped {
-                    d.record.stop_copy_bytes += n;
-                } else {
-                    d.record.precopy_bytes += n;
-                }
-                let id = d.record.id.clone();
-                if n > 0 {
-                    self.lanes()?
-                        .send_frame(lane, OwnedFrame::DeviceData(id.clone(), chunk))?;
-                }
-                match end {
-                    DeviceReadEnd::ChunkFull => continue,
-                    DeviceReadEnd::NoDataNow if stopped => {
-                        // STOP_COPY data ends with the stream; "nothing now" would lose the rest.
-                        return Err(device_error(
-                            &id,
-                            HostError::new(
-                                "read STOP_COPY data",
-                                "the device reported no data before the end of its stream",
-                            ),
-                        ));
-                    }
-                    DeviceReadEnd::NoDataNow => {
-                        self.mark_initial_sent(i)?;
-                        break;
-                    }
-                    DeviceReadEnd::EndOfStream => {
-                        let d = &mut self.devices[i];
-                        d.record.stop_copy_us =
-                            u64::try_from(d.stop_copy_time.as_micros()).unwrap_or(u64::MAX);
-                        d.ended = true;
-                        self.lanes()?
-                            .send_frame(lane, OwnedFrame::DeviceMark(id, DeviceMark::End))?;
-                        break;
-                    }
-                }
-            }
-            self.stats.set_device(&self.devices[i].record);
-        }
-        Ok(())
+        let mut devices = std::mem::take(&mut self.devices);
+        let stats = self.stats.clone();
+        let result = match self.lanes() {
+            Ok(lanes) => pump(&mut devices, stopped, &stats, &mut |f| {
+                lanes.send_frame(lane, f)
+            }),
+            Err(e) => Err(e),
+        };
+        self.devices = devices;
+        result
     }
 
-    /// Sends device `i`'s InitialSent mark once the driver says its initial bytes are all read.
-    fn mark_initial_sent(&mut self, i: usize) -> Result<(), MigrationError> {
-        let lane = self.device_lane();
-        let d = &mut self.devices[i];
-        if d.initial_sent {
-            return Ok(());
+    /// The switchover's device stream, overlapped with `memory` (the final memory pass) when the
+    /// devices have a connection of their own: a thread reads the devices' final state onto it
+    /// while this one queues memory on the others.
+    pub(super) fn final_pass_and_devices(
+        &mut self,
+        memory: impl FnOnce(&mut Self) -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let sender = if self.dedicated_device_lane {
+            let lane = self.device_lane();
+            self.lanes()?.sender(lane)
+        } else {
+            None
+        };
+        let Some(sender) = sender else {
+            memory(self)?;
+            return self.pump_devices(true);
+        };
+        let mut devices = std::mem::take(&mut self.devices);
+        let stats = self.stats.clone();
+        self.devices_out = true;
+        let (mem_result, dev_result) = std::thread::scope(|scope| {
+            let h = scope.spawn(|| pump(&mut devices, true, &stats, &mut |f| sender.send_frame(f)));
+            let m = memory(self);
+            (m, h.join().unwrap_or(Err(MigrationError::Panicked)))
+        });
+        self.devices = devices;
+        self.devices_out = false;
+        for id in std::mem::take(&mut self.deferred_loaded) {
+            self.device_loaded(&id)?;
         }
-        let pending = d.dev.pending().map_err(|e| device_error(&d.record.id, e))?;
-        if pending.initial_bytes > 0 {
-            return Ok(());
-        }
-        d.initial_sent = true;
-        let id = d.record.id.clone();
-        self.lanes()?
-            .send_frame(lane, OwnedFrame::DeviceMark(id, DeviceMark::InitialSent))
+        mem_result.and(dev_result)
     }
 
     /// Switchover, with vCPUs paused: every device to its P2P state first when several devices
@@ -257,4 +234,81 @@ impl Source<'_> {
             self.stats.set_device(&d.record);
         }
     }
+}
+
+/// Streams what each device has now (see [`Source::pump_devices`]) through `send`.
+fn pump(
+    devices: &mut [DeviceRun],
+    stopped: bool,
+    stats: &MigrationStats,
+    send: &mut dyn FnMut(OwnedFrame) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    for d in devices.iter_mut() {
+        if d.ended || !(stopped || d.dev.has_precopy()) {
+            continue;
+        }
+        loop {
+            let mut chunk = Vec::with_capacity(DEVICE_CHUNK_BYTES);
+            let t = Instant::now();
+            let end = d
+                .dev
+                .read_chunk(&mut chunk)
+                .map_err(|e| device_error(&d.record.id, e))?;
+            let n = chunk.len() as u64;
+            if stopped {
+                d.stop_copy_time += t.elapsed();
+                d.record.stop_copy_bytes += n;
+            } else {
+                d.record.precopy_bytes += n;
+            }
+            if n > 0 {
+                send(OwnedFrame::DeviceData(d.record.id.clone(), chunk))?;
+            }
+            match end {
+                DeviceReadEnd::ChunkFull => continue,
+                DeviceReadEnd::NoDataNow if stopped => {
+                    // STOP_COPY data ends with the stream; "nothing now" would lose the rest.
+                    return Err(device_error(
+                        &d.record.id,
+                        HostError::new(
+                            "read STOP_COPY data",
+                            "the device reported no data before the end of its stream",
+                        ),
+                    ));
+                }
+                DeviceReadEnd::NoDataNow => {
+                    mark_initial_sent(d, send)?;
+                    break;
+                }
+                DeviceReadEnd::EndOfStream => {
+                    d.record.stop_copy_us =
+                        u64::try_from(d.stop_copy_time.as_micros()).unwrap_or(u64::MAX);
+                    d.ended = true;
+                    send(OwnedFrame::DeviceMark(d.record.id.clone(), DeviceMark::End))?;
+                    break;
+                }
+            }
+        }
+        stats.set_device(&d.record);
+    }
+    Ok(())
+}
+
+/// Sends the device's InitialSent mark once the driver says its initial bytes are all read.
+fn mark_initial_sent(
+    d: &mut DeviceRun,
+    send: &mut dyn FnMut(OwnedFrame) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    if d.initial_sent {
+        return Ok(());
+    }
+    let pending = d.dev.pending().map_err(|e| device_error(&d.record.id, e))?;
+    if pending.initial_bytes > 0 {
+        return Ok(());
+    }
+    d.initial_sent = true;
+    send(OwnedFrame::DeviceMark(
+        d.record.id.clone(),
+        DeviceMark::InitialSent,
+    ))
 }

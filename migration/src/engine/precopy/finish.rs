@@ -22,24 +22,26 @@ impl Source<'_> {
         // The VM is paused: a destination that stops reading must not stall it for long.
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "switchover");
-        if !self.params.local {
-            // The final pass, with every vCPU and device stopped: nothing can dirty a page after
-            // its claim now.
-            self.sync_sources()?;
-            let iteration = self.stats.snapshot_iteration() + 1;
-            let pages = self.pass(PassPlan {
+        // The final memory pass and the devices' final state, each device to the end of its
+        // stream; overlapped when the devices have a connection of their own.
+        self.final_pass_and_devices(|this| {
+            if this.params.local {
+                return Ok(());
+            }
+            // With every vCPU and device stopped nothing can dirty a page after its claim now.
+            this.sync_sources()?;
+            let iteration = this.stats.snapshot_iteration() + 1;
+            let pages = this.pass(PassPlan {
                 kind: PassKind::Final,
                 iteration,
                 skip_unplanned: false,
                 expected_downtime_ms: 0,
                 bandwidth: 0,
             })?;
-            self.stats.set_remaining(0);
+            this.stats.set_remaining(0);
             log::info!("switchover: {pages} pages after pause");
-        }
-        // The devices' final state, each to the end of its stream (on its own lane when there
-        // are several connections: it does not wait behind the final memory pass).
-        self.pump_devices(true)?;
+            Ok(())
+        })?;
         let state = self.host.save_state().map_err(MigrationError::Host)?;
         self.check_abort(true)?;
         let lanes = self.lanes()?;
