@@ -65,6 +65,18 @@ wait_mtty_ok() {
     done
 }
 
+# Usage: wait_next_mtty_ok LOG CASE — waits (40 s at most) for one more "device 0 ok" line in LOG
+# than it has now: a check that passed after whatever just happened.
+wait_next_mtty_ok() {
+    seen=$(grep -c 'MTTY: device 0 ok seq' "$1")
+    i=0
+    while [ "$(grep -c 'MTTY: device 0 ok seq' "$1")" -le "${seen:-0}" ]; do
+        i=$((i + 1))
+        [ "$i" -gt 400 ] && { lab_log "$2: no mtty check passed in $1 afterwards"; return 1; }
+        sleep 0.1
+    done
+}
+
 # Usage: clean LOG... — no lost device state, no memory corruption.
 clean() {
     if grep -q 'LOST\|CORRUPT\|FAULT' "$@"; then
@@ -155,16 +167,7 @@ b=
 ternctl --api-socket "$d/a.sock" migration-status --watch >"$d/watch" 2>&1
 grep -q 'migration failed' "$d/watch" || { lab_log "killed: the source did not report the migration failed"; cat "$d/watch"; exit 1; }
 grep -q 'device mtty0: .*reset' "$d/watch" && lab_log "killed: the source reset mtty0 to get it back"
-seen=$(grep -c 'MTTY: device 0 ok seq' "$d/a.log")
-before=$(passes "$d/a.log")
-wait_progress "$d/a.log" "$((before + 2))" || exit 1
-# A check after the failure: wait for the next ok line.
-i=0
-while [ "$(grep -c 'MTTY: device 0 ok seq' "$d/a.log")" -le "${seen:-0}" ]; do
-    i=$((i + 1))
-    [ "$i" -gt 400 ] && { lab_log "killed: no mtty check passed on the source after the failure"; exit 1; }
-    sleep 0.1
-done
+wait_next_mtty_ok "$d/a.log" killed || exit 1
 clean "$d/a.log" || exit 1
 ternctl --api-socket "$d/a.sock" shutdown-vmm || exit 1
 wait_tern a source "$d/a.err" || exit 1
@@ -182,13 +185,7 @@ grep -q 'destination reported: .*mtty0' "$d/watch" || { lab_log "refused: the de
 # The destination drops the half-built VM and stays up for another attempt.
 ternctl --api-socket "$d/b.sock" shutdown-vmm || { lab_log "refused: the destination is gone"; exit 1; }
 wait_tern b destination "$d/b.err" || exit 1
-seen=$(grep -c 'MTTY: device 0 ok seq' "$d/a.log")
-i=0
-while [ "$(grep -c 'MTTY: device 0 ok seq' "$d/a.log")" -le "${seen:-0}" ]; do
-    i=$((i + 1))
-    [ "$i" -gt 400 ] && { lab_log "refused: no mtty check passed on the source afterwards"; exit 1; }
-    sleep 0.1
-done
+wait_next_mtty_ok "$d/a.log" refused || exit 1
 clean "$d/a.log" || exit 1
 ternctl --api-socket "$d/a.sock" shutdown-vmm || exit 1
 wait_tern a source "$d/a.err" || exit 1
