@@ -283,8 +283,8 @@ mod tests {
     }
 
     #[test]
-    fn destination_dies_before_ack_source_resumes() {
-        // Reads everything up to Complete, then closes without acknowledging.
+    fn destination_dies_before_ready_source_resumes() {
+        // Reads everything up to Complete, then closes without saying it is ready.
         let l = listener();
         let url = l.url().clone();
         let dst = std::thread::spawn(move || {
@@ -306,7 +306,7 @@ mod tests {
         });
         let (out, log, view) = send_fake_guest(&url);
         let e = source_err(&out);
-        assert!(e.contains("waiting for the final ack"), "{e}");
+        assert!(e.contains("waiting for the destination to be ready"), "{e}");
         assert!(log.events().contains(&"pause".to_string()));
         assert_source_running(&log, &view);
         dst.join().expect("destination thread");

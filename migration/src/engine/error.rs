@@ -107,6 +107,15 @@ pub enum MigrationError {
         /// What is missing.
         detail: &'static str,
     },
+    /// The link died at the switchover's undecidable point: this side cannot know whether the
+    /// other runs the VM, so its VM stays paused until the operator resumes it on one side.
+    #[error("in doubt after the switchover ({detail}): the VM stays paused here until the operator resumes it on one side")]
+    InDoubt {
+        /// What was lost, and when.
+        detail: String,
+        /// On the destination: the received VM, held paused for the operator's decision.
+        held: Option<Box<super::in_doubt::InDoubtVm>>,
+    },
     /// A frame arrived that this phase does not allow.
     #[error("unexpected {frame} frame while {during}")]
     Unexpected {

@@ -29,6 +29,8 @@ pub enum OwnedFrame {
     Device(String, Vec<u8>),
     /// End of migration.
     Complete,
+    /// The source stopped for good: the destination may run the VM.
+    Commit,
     /// End of a data connection.
     StreamEnd,
     /// A piece of a device's data stream.
@@ -44,6 +46,7 @@ impl OwnedFrame {
             OwnedFrame::Vcpu(id, b) => Frame::VcpuState { id: *id, bytes: b },
             OwnedFrame::Device(id, b) => Frame::DeviceState { id, bytes: b },
             OwnedFrame::Complete => Frame::Complete,
+            OwnedFrame::Commit => Frame::Commit,
             OwnedFrame::StreamEnd => Frame::StreamEnd,
             OwnedFrame::DeviceData(id, b) => Frame::DeviceData { id, bytes: b },
             OwnedFrame::DeviceMark(id, mark) => Frame::DeviceMark { id, mark: *mark },

@@ -6,6 +6,7 @@ mod device;
 mod device_sinks;
 mod error;
 mod host;
+mod in_doubt;
 mod lanes;
 mod pages;
 mod params;
@@ -23,6 +24,7 @@ pub use host::{
     HostCause, HostError, LocalRegion, MigrationHost, MigrationState, MigrationTarget,
     MigrationTargetFactory,
 };
+pub use in_doubt::InDoubtVm;
 pub use pages::{is_zero_page, MemoryBatch, PageWriter, BATCH_DATA_PAGES};
 pub use params::{SendParams, TimeoutStrategy};
 pub use policy::{decide, expected_downtime_ms, AutoConverge, Decision};

@@ -109,6 +109,11 @@ pub fn send(
             MigrationStatus::Cancelled,
             Some("migration cancelled".into()),
         ),
+        Err(e @ MigrationError::InDoubt { .. }) => {
+            log::error!("{}", error_chain(e));
+            s.stats
+                .finish(MigrationStatus::InDoubt, Some(error_chain(e)))
+        }
         Err(e) => {
             log::error!("migration failed: {}", error_chain(e));
             s.stats
@@ -131,6 +136,8 @@ fn new_session_id() -> u64 {
 #[derive(Debug)]
 enum PeerEvent {
     Ack,
+    /// The destination restored everything and will run the VM on Commit.
+    Ready,
     /// The destination loaded this device's initial pre-copy data (switchover-ack).
     DeviceLoaded(String),
     Error(String),
@@ -146,6 +153,7 @@ fn spawn_watcher(conn: Connection) -> std::io::Result<(Receiver<PeerEvent>, Join
             loop {
                 let ev = match r.recv() {
                     Ok(Frame::Ack) => PeerEvent::Ack,
+                    Ok(Frame::Ready) => PeerEvent::Ready,
                     Ok(Frame::DeviceLoaded { id }) => PeerEvent::DeviceLoaded(id.to_owned()),
                     Ok(Frame::Error(t)) => PeerEvent::Error(t.to_owned()),
                     Ok(f) => {
@@ -154,7 +162,10 @@ fn spawn_watcher(conn: Connection) -> std::io::Result<(Receiver<PeerEvent>, Join
                     Err(ProtocolError::Closed) => PeerEvent::Gone("connection closed".into()),
                     Err(e) => PeerEvent::Gone(error_chain(&e)),
                 };
-                let last = !matches!(ev, PeerEvent::Ack | PeerEvent::DeviceLoaded(_));
+                let last = !matches!(
+                    ev,
+                    PeerEvent::Ack | PeerEvent::Ready | PeerEvent::DeviceLoaded(_)
+                );
                 if tx.send(ev).is_err() || last {
                     return;
                 }
@@ -427,6 +438,12 @@ impl Source<'_> {
                 Some(PeerEvent::Ack) => {
                     return Err(MigrationError::Unexpected {
                         frame: "ack",
+                        during: "sending memory",
+                    })
+                }
+                Some(PeerEvent::Ready) => {
+                    return Err(MigrationError::Unexpected {
+                        frame: "ready",
                         during: "sending memory",
                     })
                 }

@@ -21,6 +21,7 @@ use crate::transport::{Connection, FdReader, MigrationListener, MigrationUrl};
 use super::device_sinks::DeviceSinks;
 use super::error::{error_chain, MigrationError};
 use super::host::{LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory};
+use super::in_doubt::InDoubtVm;
 use super::pages::PageWriter;
 use super::stats::{MigrationStats, MigrationStatus};
 
@@ -53,13 +54,18 @@ pub fn receive_on(
         cancel.done.store(true, Ordering::SeqCst);
         r
     });
-    // Any failure after a cancel request is the cancel.
+    // Any failure after a cancel request is the cancel (except in doubt: that VM is held).
     let result = match result {
+        Err(e @ MigrationError::InDoubt { .. }) => Err(e),
         Err(_) if stats.cancel_requested() => Err(MigrationError::Cancelled),
         r => r,
     };
     match &result {
         Ok(_) => stats.finish(MigrationStatus::Completed, None),
+        Err(e @ MigrationError::InDoubt { .. }) => {
+            log::error!("{}", error_chain(e));
+            stats.finish(MigrationStatus::InDoubt, Some(error_chain(e)));
+        }
         Err(MigrationError::Cancelled) => stats.finish(
             MigrationStatus::Cancelled,
             Some("migration cancelled".into()),
@@ -277,9 +283,20 @@ fn run(
     let result = run_control(listener, &control, factory, stats, cancel);
     match result {
         Ok(target) => {
-            w.send(&Frame::Ack)
-                .map_err(proto("sending the final ack"))?;
+            // The VM runs here now, whatever happens to this ack: a source that does not get it
+            // stays paused, in doubt, and the operator stops it.
+            if let Err(e) = w.send(&Frame::Ack) {
+                log::warn!(
+                    "the VM runs here, but the final ack did not reach the source: {}",
+                    error_chain(&e)
+                );
+            }
             Ok(target)
+        }
+        // The source may have committed and stopped: say nothing that could make it resume.
+        Err(e @ MigrationError::InDoubt { .. }) => {
+            control.shutdown();
+            Err(e)
         }
         Err(e) => {
             let e = if cancel.cancelled() {
@@ -407,14 +424,74 @@ fn run_control(
         control,
         stats,
     );
-    if result.is_err() {
+    if let Err(e) = result {
         // No device keeps a partial state; the half-built VM is dropped by the caller.
         devices.recover();
+        return Err(e);
     }
-    result.map(|()| target)
+    await_commit(control, &mut r, target, devices)
 }
 
-/// Memory, device data and state until Complete, then restore and start.
+/// How long the destination waits for the source's Commit after its Ready.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Phase two: tell the source this side can run the VM, and run it only on its Commit. The
+/// source's Error means it resumed (drop the VM); a lost link means it may have committed or not:
+/// the VM is held paused, in doubt, for the operator.
+fn await_commit(
+    control: &Connection,
+    r: &mut FrameReader<Incoming>,
+    mut target: Box<dyn MigrationTarget>,
+    devices: DeviceSinks,
+) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    let writer = control.try_clone().map_err(MigrationError::Transport);
+    if let Err(e) = writer.and_then(|w| {
+        FrameWriter::new(w)
+            .send(&Frame::Ready)
+            .map_err(proto("telling the source this side is ready"))
+    }) {
+        // A Ready that did not go out whole cannot have been taken for one: the source resumes.
+        devices.recover();
+        return Err(e);
+    }
+    let _ = control.set_read_timeout(Some(COMMIT_TIMEOUT));
+    let in_doubt = |detail: String, target, devices| MigrationError::InDoubt {
+        detail,
+        held: Some(Box::new(InDoubtVm::new(target, devices))),
+    };
+    match r.recv() {
+        Ok(Frame::Commit) => {}
+        Ok(Frame::Error(reason)) => {
+            devices.recover();
+            return Err(MigrationError::PeerError {
+                peer: "source",
+                reason: reason.to_owned(),
+            });
+        }
+        Ok(f) => {
+            let detail = format!("the source sent {} instead of commit", f.tag().name());
+            return Err(in_doubt(detail, target, devices));
+        }
+        Err(e) => {
+            let detail = format!(
+                "the link was lost after this side's ready: {}",
+                error_chain(&e)
+            );
+            return Err(in_doubt(detail, target, devices));
+        }
+    }
+    // Committed: the source has stopped for good. Devices first, then the vCPUs.
+    let started = devices
+        .run()
+        .and_then(|()| target.start().map_err(MigrationError::Host));
+    if let Err(e) = started {
+        devices.recover();
+        return Err(e);
+    }
+    Ok(target)
+}
+
+/// Memory, device data and state until Complete, then restore (the VM starts on Commit).
 fn receive_state(
     target: &mut Box<dyn MigrationTarget>,
     devices: &DeviceSinks,
@@ -479,9 +556,7 @@ fn receive_state(
 
     stats.set_status(MigrationStatus::Completing);
     devices.check_complete()?;
-    target.restore_state(state).map_err(MigrationError::Host)?;
-    devices.run()?;
-    target.start().map_err(MigrationError::Host)
+    target.restore_state(state).map_err(MigrationError::Host)
 }
 
 /// Memory and state on the control connection until Complete.

@@ -29,6 +29,11 @@ pub enum MigrationStatus {
     Failed,
     /// Cancelled by the user. The source VM runs.
     Cancelled,
+    /// The link died at the one point of the switchover that cannot be decided (between the
+    /// destination's Ready and the source's Commit reaching it, or the Commit's ack): this side
+    /// cannot know whether the other runs the VM, so its VM stays paused until the operator
+    /// resumes it on one side.
+    InDoubt,
 }
 
 impl MigrationStatus {
@@ -40,15 +45,19 @@ impl MigrationStatus {
             4 => MigrationStatus::Completed,
             5 => MigrationStatus::Failed,
             6 => MigrationStatus::Cancelled,
+            7 => MigrationStatus::InDoubt,
             _ => MigrationStatus::None,
         }
     }
 
-    /// True for completed, failed and cancelled.
+    /// True for completed, failed, cancelled and in doubt: the migration thread has ended.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+            MigrationStatus::Completed
+                | MigrationStatus::Failed
+                | MigrationStatus::Cancelled
+                | MigrationStatus::InDoubt
         )
     }
 }

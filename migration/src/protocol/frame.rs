@@ -37,6 +37,10 @@ pub enum FrameTag {
     DeviceMark = 13,
     /// [`Frame::DeviceLoaded`].
     DeviceLoaded = 14,
+    /// [`Frame::Ready`].
+    Ready = 15,
+    /// [`Frame::Commit`].
+    Commit = 16,
 }
 
 impl FrameTag {
@@ -58,6 +62,8 @@ impl FrameTag {
             12 => DeviceData,
             13 => DeviceMark,
             14 => DeviceLoaded,
+            15 => Ready,
+            16 => Commit,
             _ => return None,
         })
     }
@@ -80,6 +86,8 @@ impl FrameTag {
             DeviceData => "device-data",
             DeviceMark => "device-mark",
             DeviceLoaded => "device-loaded",
+            Ready => "ready",
+            Commit => "commit",
         }
     }
 }
@@ -189,7 +197,12 @@ pub enum Frame<'a> {
     },
     /// The source has sent everything.
     Complete,
-    /// The destination restored and started the VM.
+    /// Destination to source: everything arrived and is restored; this side can run the VM and
+    /// will, on [`Frame::Commit`] (and only then).
+    Ready,
+    /// Source to destination: the source stopped for good; run the VM.
+    Commit,
+    /// The destination built its VM (after Config) or started it (after Commit).
     Ack,
     /// Either side gives up; the text says why.
     Error(&'a str),
@@ -461,6 +474,8 @@ impl<'a> Frame<'a> {
             Frame::VmState(_) => FrameTag::VmState,
             Frame::DeviceState { .. } => FrameTag::DeviceState,
             Frame::Complete => FrameTag::Complete,
+            Frame::Ready => FrameTag::Ready,
+            Frame::Commit => FrameTag::Commit,
             Frame::Ack => FrameTag::Ack,
             Frame::Error(_) => FrameTag::Error,
             Frame::StreamEnd => FrameTag::StreamEnd,
@@ -510,7 +525,7 @@ impl<'a> Frame<'a> {
                 &[]
             }
             Frame::Error(text) => text.as_bytes(),
-            Frame::Complete | Frame::Ack | Frame::StreamEnd => &[],
+            Frame::Complete | Frame::Ack | Frame::StreamEnd | Frame::Ready | Frame::Commit => &[],
         }
     }
 
@@ -615,6 +630,8 @@ impl<'a> Frame<'a> {
                 )
             }
             FrameTag::Complete => Frame::Complete,
+            FrameTag::Ready => Frame::Ready,
+            FrameTag::Commit => Frame::Commit,
             FrameTag::Ack => Frame::Ack,
             FrameTag::StreamEnd => Frame::StreamEnd,
         };

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod dma;
+pub mod proxy;
 mod run;
 
 #[allow(unused_imports)]

@@ -56,9 +56,29 @@ impl Source<'_> {
             lanes.send_frame(0, OwnedFrame::Device(id, b))?;
         }
         lanes.send_frame(0, OwnedFrame::Complete)?;
-        // Past this point the destination may run the guest: cancel no longer applies.
         lanes.flush(false)?;
-        self.wait_ack("waiting for the final ack")?;
+        // Phase one: the destination restores everything and says it can run the VM. It runs it
+        // only on Commit, so until Commit goes out any failure resumes the VM here.
+        self.wait_peer(
+            PeerEvent::Ready,
+            "waiting for the destination to be ready to run",
+        )?;
+        // The commit point: from here on this side never resumes the VM on its own.
+        let in_doubt = |e: MigrationError| MigrationError::InDoubt {
+            detail: format!("the source committed, then: {}", error_chain(&e)),
+            held: None,
+        };
+        let lanes = self.lanes()?;
+        lanes
+            .send_frame(0, OwnedFrame::Commit)
+            .and_then(|()| lanes.flush(false))
+            .map_err(in_doubt)?;
+        match self.wait_peer(PeerEvent::Ack, "waiting for the destination to run the VM") {
+            Ok(()) => {}
+            // The destination says it will not run the VM: resuming here is safe.
+            Err(e @ MigrationError::PeerError { .. }) => return Err(e),
+            Err(e) => return Err(in_doubt(e)),
+        }
         let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.stats.set_downtime(downtime);
         self.finish_devices();
@@ -66,6 +86,12 @@ impl Source<'_> {
     }
 
     fn wait_ack(&mut self, during: &'static str) -> Result<(), MigrationError> {
+        self.wait_peer(PeerEvent::Ack, during)
+    }
+
+    /// Waits for `want` (Ack or Ready) from the destination; its Error, a closed link or the ack
+    /// timeout end the wait with an error.
+    fn wait_peer(&mut self, want: PeerEvent, during: &'static str) -> Result<(), MigrationError> {
         let gone = |detail: String| MigrationError::PeerGone {
             peer: "destination",
             during,
@@ -81,6 +107,8 @@ impl Source<'_> {
             match peer.recv_timeout(left) {
                 // A switchover-ack that arrives late (the timeout strategy switched over).
                 Ok(PeerEvent::DeviceLoaded(id)) => self.device_loaded(&id)?,
+                Ok(PeerEvent::Ack) if matches!(want, PeerEvent::Ack) => return Ok(()),
+                Ok(PeerEvent::Ready) if matches!(want, PeerEvent::Ready) => return Ok(()),
                 other => return self.ack_or_error(other, during),
             }
         }
@@ -97,7 +125,14 @@ impl Source<'_> {
             detail,
         };
         match event {
-            Ok(PeerEvent::Ack) => Ok(()),
+            Ok(PeerEvent::Ack) => Err(MigrationError::Unexpected {
+                frame: "ack",
+                during,
+            }),
+            Ok(PeerEvent::Ready) => Err(MigrationError::Unexpected {
+                frame: "ready",
+                during,
+            }),
             Ok(PeerEvent::DeviceLoaded(_)) => Err(MigrationError::Unexpected {
                 frame: "device-loaded",
                 during,
@@ -143,9 +178,12 @@ impl Source<'_> {
         result: Result<(), MigrationError>,
     ) -> Result<(), MigrationError> {
         let result = result.map_err(|e| self.refine(e));
+        let in_doubt = matches!(result, Err(MigrationError::InDoubt { .. }));
+        // In doubt the destination may be running the VM: no Error frame that could stop it.
         let reason = result
             .as_ref()
             .err()
+            .filter(|_| !in_doubt)
             .map(|e| format!("source: {}", error_chain(e)));
         match self.lanes.take() {
             Some(l) => l.close(reason, Duration::from_secs(2)),
@@ -175,6 +213,10 @@ impl Source<'_> {
                 log::warn!("removing the vCPU throttle: {}", error_chain(&e));
             }
             self.stats.set_throttle(0);
+        }
+        if in_doubt {
+            // Committed: the VM stays paused, its devices stopped, until the operator decides.
+            return result;
         }
         if result.is_err() {
             // Devices back in RUNNING before the vCPUs run again.
