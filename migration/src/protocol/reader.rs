@@ -8,6 +8,9 @@ use super::codec::{
 };
 use super::frame::{Frame, FrameTag, MemoryEntry, PayloadError};
 
+/// How far the payload buffer grows ahead of the bytes received.
+const GROW_STEP_BYTES: usize = 1 << 20;
+
 /// Reads frames from a byte stream into a reused buffer.
 #[derive(Debug)]
 pub struct FrameReader<R> {
@@ -74,17 +77,29 @@ impl<R: Read> FrameReader<R> {
 
     /// Read `n` payload bytes at `at` of the reused buffer.
     fn read_payload(&mut self, at: usize, n: usize, want: usize) -> Result<(), ProtocolError> {
-        // Grow only: re-zeroing megabytes per frame would cost as much as the copy itself.
-        if self.buf.len() < at + n {
-            self.buf.resize(at + n, 0);
-        }
-        let got = read_full(&mut self.inner, &mut self.buf[at..at + n], "frame payload")?;
-        if got < n {
-            return Err(ProtocolError::Truncated {
-                what: "frame payload",
-                got: at + got,
-                want,
-            });
+        let end = at + n;
+        let mut pos = at;
+        while pos < end {
+            // Grow only: re-zeroing megabytes per frame would cost as much as the copy itself.
+            // And grow with the bytes that arrive, a step at a time: a header alone (12 bytes)
+            // must not make the receiver allocate and zero the 64 MiB it may announce.
+            let upto = if self.buf.len() >= end {
+                end
+            } else {
+                end.min(pos.max(self.buf.len()) + GROW_STEP_BYTES)
+            };
+            if self.buf.len() < upto {
+                self.buf.resize(upto, 0);
+            }
+            let got = read_full(&mut self.inner, &mut self.buf[pos..upto], "frame payload")?;
+            pos += got;
+            if pos < upto {
+                return Err(ProtocolError::Truncated {
+                    what: "frame payload",
+                    got: pos,
+                    want,
+                });
+            }
         }
         Ok(())
     }
@@ -200,4 +215,53 @@ pub enum Received<'a> {
     /// An unchecked memory frame's (checked) entry table; the `Data` entries' bytes follow in
     /// the stream.
     MemoryStream(Vec<MemoryEntry>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Frame, FrameWriter};
+
+    /// Found by the migration_stream fuzz target: a 12-byte header announcing a 64 MiB payload
+    /// made the reader allocate and zero 64 MiB before reading any of it. The buffer now grows
+    /// with the bytes that arrive.
+    #[test]
+    fn a_header_alone_does_not_allocate_its_announced_length() {
+        for tag in [2u8, 3] {
+            let mut h = vec![tag, 0, 0, 0];
+            h.extend_from_slice(&(MAX_PAYLOAD_BYTES as u32).to_le_bytes());
+            h.extend_from_slice(&[0; 4]);
+            h.extend_from_slice(&[0xab; 100]);
+            let mut r = FrameReader::new(&h[..]);
+            assert!(matches!(
+                r.recv(),
+                Err(ProtocolError::Truncated { got: 100, .. })
+            ));
+            assert!(r.buf.len() <= GROW_STEP_BYTES, "{}", r.buf.len());
+            let mut r = FrameReader::new(&h[..]);
+            assert!(r.recv_streaming().is_err());
+            assert!(r.buf.len() <= GROW_STEP_BYTES, "{}", r.buf.len());
+        }
+    }
+
+    #[test]
+    fn payloads_larger_than_a_grow_step_still_arrive_whole() {
+        let blob: Vec<u8> = (0..3 * GROW_STEP_BYTES + 7).map(|i| i as u8).collect();
+        let mut w = FrameWriter::new(Vec::new());
+        w.send(&Frame::VmState(&blob)).expect("encode");
+        w.send(&Frame::Config(b"{}")).expect("encode");
+        let bytes = w.get_mut().clone();
+        let mut r = FrameReader::new(&bytes[..]);
+        assert_eq!(r.recv().expect("big frame"), Frame::VmState(&blob));
+        assert_eq!(r.recv().expect("small frame"), Frame::Config(b"{}"));
+        // Cut inside the third step: the error counts the bytes that did arrive.
+        let cut = HEADER_BYTES + 2 * GROW_STEP_BYTES + 5;
+        let mut r = FrameReader::new(&bytes[..cut]);
+        match r.recv() {
+            Err(ProtocolError::Truncated { got, want, .. }) => {
+                assert_eq!((got, want), (cut - HEADER_BYTES, blob.len()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
