@@ -304,16 +304,9 @@ async fn serve(
         let options = options.clone();
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
-            let read_timeout = options.header_read_timeout;
-            let service = service_fn(move |req| handle(req, handler.clone(), options.clone()));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Some(read_timeout))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = stopped.changed() => {}
-                res = conn => {
+                res = serve_connection(stream, handler, options, false) => {
                     if let Err(e) = res {
                         log::debug!("api connection ended: {e}");
                     }
@@ -322,6 +315,79 @@ async fn serve(
             drop(slot);
         });
     }
+}
+
+/// Serves HTTP/1.1 requests on one accepted connection until either side closes it.
+async fn serve_connection<S>(
+    stream: S,
+    handler: Arc<dyn ApiHandler>,
+    options: Arc<ServerOptions>,
+    half_close: bool,
+) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let read_timeout = options.header_read_timeout;
+    let service = service_fn(move |req| handle(req, handler.clone(), options.clone()));
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Some(read_timeout))
+        .max_buf_size(16 * 1024)
+        .half_close(half_close)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+}
+
+/// Serves one connection whose client writes `request`, closes its sending side and reads until
+/// the server closes: returns every byte the server answered. The request goes through exactly
+/// what a socket client's does (hyper's parser, the head and body limits, routing, body parsing,
+/// the handler deadline), except that the server keeps answering after the client's half-close.
+/// The API fuzz targets and their corpus replay drive the server through this. Fails with
+/// [`io::ErrorKind::TimedOut`] when the exchange has not ended within `deadline`.
+pub fn answer_raw(
+    handler: Arc<dyn ApiHandler>,
+    options: ServerOptions,
+    request: &[u8],
+    deadline: Duration,
+) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let (mut client, server) = StdUnixStream::pair()?;
+    server.set_nonblocking(true)?;
+    let request = request.to_vec();
+    let client = std::thread::Builder::new()
+        .name("tern-api-raw".into())
+        .spawn(move || -> io::Result<Vec<u8>> {
+            // The server may stop reading early (413, a malformed head): its answer is still read.
+            let _ = client.write_all(&request);
+            let _ = client.shutdown(std::net::Shutdown::Write);
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer)?;
+            Ok(answer)
+        })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(options.handler_threads.max(1))
+        .build()?;
+    let served = runtime.block_on(async {
+        let stream = tokio::net::UnixStream::from_std(server)?;
+        let conn = serve_connection(stream, handler, Arc::new(options), true);
+        match tokio::time::timeout(deadline, conn).await {
+            // A connection error (bad request head, EOF inside a message) is an answer too.
+            Ok(_) => Ok(()),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the api connection did not end",
+            )),
+        }
+    });
+    // Closes the server side (if the deadline passed) so the client thread's read ends.
+    runtime.shutdown_background();
+    let answer = client
+        .join()
+        .map_err(|_| io::Error::other("the api client thread panicked"))?;
+    served?;
+    answer
 }
 
 async fn handle(
