@@ -51,6 +51,44 @@ impl ReceivedMachine {
     }
 }
 
+/// The source's VM needs more memory than this host has.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the source's VM has {asked_mib} MiB of memory; this host has {available_mib} MiB available \
+     (MemAvailable + SwapFree)"
+)]
+pub struct HostMemoryError {
+    pub asked_mib: u64,
+    pub available_mib: u64,
+}
+
+/// Memory this host can give a new VM now: `MemAvailable` plus `SwapFree` from `/proc/meminfo`.
+/// `None` when that cannot be read (then nothing is refused).
+pub fn host_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
+}
+
+/// Refuses a guest of `memory_bytes` on a host with `available` bytes to give.
+pub fn check_host_memory(memory_bytes: u64, available: Option<u64>) -> Result<(), HostMemoryError> {
+    match available {
+        Some(available) if memory_bytes > available => Err(HostMemoryError {
+            asked_mib: memory_bytes >> 20,
+            available_mib: available >> 20,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Builds destination machines for the engine.
 #[derive(Debug)]
 pub struct TernTargetFactory {
@@ -76,8 +114,14 @@ impl MigrationTargetFactory for TernTargetFactory {
         apply_mapping(&mut config.devices, &self.devices)
             .map_err(|e| HostError::new("map the source's passthrough devices", e))?;
         let ram = match local.into_iter().next() {
-            None => GuestRam::new(config.memory_bytes)
-                .map_err(|e| HostError::new("create guest memory", e))?,
+            // A copy needs memory of its own: refuse a VM this host cannot hold now, with the
+            // reason, rather than start a migration the kernel's OOM killer would end.
+            None => check_host_memory(config.memory_bytes, host_available_bytes())
+                .map_err(|e| HostError::new("reserve guest memory", e))
+                .and_then(|()| {
+                    GuestRam::new(config.memory_bytes)
+                        .map_err(|e| HostError::new("create guest memory", e))
+                })?,
             // All of tern's RAM regions live in one memfd, at their file offsets; the first
             // region's file is that memfd.
             Some(first) => GuestRam::from_file(first.file, config.memory_bytes)
@@ -155,5 +199,58 @@ impl MigrationTarget for TernTarget {
         machine.resume();
         self.received.put(machine);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PayloadConfig;
+    use crate::demo::DemoConfig;
+
+    #[test]
+    fn a_vm_larger_than_the_host_can_give_is_refused_with_both_sizes() {
+        assert_eq!(check_host_memory(1 << 30, Some(2 << 30)), Ok(()));
+        assert_eq!(check_host_memory(1 << 30, None), Ok(()));
+        let e = check_host_memory(64 << 30, Some(3 << 30)).unwrap_err();
+        assert_eq!(
+            e,
+            HostMemoryError {
+                asked_mib: 64 << 10,
+                available_mib: 3 << 10
+            }
+        );
+        assert!(e.to_string().contains("65536 MiB"), "{e}");
+        assert!(host_available_bytes().is_some_and(|b| b > 0));
+    }
+
+    /// A source announcing 16 TiB is refused when its config arrives, before any memory is made.
+    #[test]
+    fn the_factory_refuses_a_config_announcing_more_memory_than_the_host_has() {
+        let config = VmConfig {
+            cpus: 1,
+            memory_bytes: 16 << 40,
+            payload: PayloadConfig::Demo(DemoConfig {
+                mib: 8,
+                dirty_mib_per_s: 64,
+                exit_after_s: None,
+            }),
+            serial: SerialConfig::Off,
+            dirty_tracking: Default::default(),
+            devices: Vec::new(),
+            mock_dma: Vec::new(),
+        };
+        let mut factory = TernTargetFactory {
+            kvm_path: "/dev/kvm".into(),
+            serial: SerialConfig::Off,
+            received: ReceivedMachine::new().expect("eventfd"),
+            devices: Vec::new(),
+        };
+        let bytes = serde_json::to_vec(&config).expect("config");
+        let Err(e) = factory.create(&bytes, Vec::new()) else {
+            panic!("a 16 TiB VM was accepted");
+        };
+        let text = tern_migration::engine::error_chain(&e);
+        assert!(text.contains("16777216 MiB of memory"), "{text}");
     }
 }
