@@ -10,13 +10,14 @@
 //!   before any byte of the body is read; a chunked body is cut off at the cap.
 //! - Nothing a client sends can panic the server; a panicking handler yields a 500.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::error::ApiError;
 use crate::handler::ApiHandler;
@@ -90,7 +91,9 @@ pub struct ServerOptions {
     pub handler_timeout: Duration,
     /// How long a client may take to send the request head before the connection is closed.
     pub header_read_timeout: Duration,
-    /// Concurrent connections; more are closed at once.
+    /// Concurrent connections. A connection beyond them takes the place of the one that has gone
+    /// longest without a request in flight (idle, or still sending its head); when every one is
+    /// being answered, it is closed at once.
     pub max_connections: usize,
     /// Threads that run handler calls (tokio's blocking pool size).
     pub handler_threads: usize,
@@ -283,6 +286,7 @@ async fn serve(
     };
     let options = Arc::new(options);
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let open = Arc::new(Mutex::new(OpenConnections::default()));
     loop {
         let stream = tokio::select! {
             _ = stopped.changed() => return,
@@ -296,39 +300,134 @@ async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            log::warn!("api: too many connections, closing a new one");
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // Full: clients that hold connections without asking anything (or dribble their
+            // heads) must not lock the others out, so the longest-idle one makes room.
+            Err(_) if lock(&open).evict_oldest_idle() => {
+                match tokio::time::timeout(EVICT_WAIT, slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    _ => {
+                        log::warn!("api: too many connections, closing a new one");
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                log::warn!("api: every connection is being answered, closing a new one");
+                continue;
+            }
         };
         let handler = handler.clone();
         let options = options.clone();
         let mut stopped = stopped.clone();
+        let open = open.clone();
+        let (id, busy, evict) = lock(&open).add();
         tokio::spawn(async move {
             tokio::select! {
                 _ = stopped.changed() => {}
-                res = serve_connection(stream, handler, options, false) => {
+                _ = evict.notified() => {
+                    log::debug!("api: closed an idle connection to make room for a new one");
+                }
+                res = serve_connection(stream, handler, options, false, busy) => {
                     if let Err(e) = res {
                         log::debug!("api connection ended: {e}");
                     }
                 }
             }
+            lock(&open).remove(id);
             drop(slot);
         });
     }
 }
 
-/// Serves HTTP/1.1 requests on one accepted connection until either side closes it.
+/// How long a new connection waits for the slot of the idle one it displaced.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
+
+fn lock(open: &Mutex<OpenConnections>) -> std::sync::MutexGuard<'_, OpenConnections> {
+    open.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The open connections in the order they were accepted, each with whether a request of it is
+/// being answered and how to close it.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    next_id: u64,
+    conns: VecDeque<(u64, Arc<AtomicBool>, Arc<Notify>)>,
+}
+
+impl OpenConnections {
+    fn add(&mut self) -> (u64, Arc<AtomicBool>, Arc<Notify>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let entry = (
+            id,
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Notify::new()),
+        );
+        self.conns.push_back(entry.clone());
+        entry
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.conns.retain(|(i, _, _)| *i != id);
+    }
+
+    /// Closes the oldest connection with no request in flight; false if every one has one.
+    fn evict_oldest_idle(&mut self) -> bool {
+        let Some(pos) = self
+            .conns
+            .iter()
+            .position(|(_, busy, _)| !busy.load(Ordering::Acquire))
+        else {
+            return false;
+        };
+        if let Some((_, _, evict)) = self.conns.remove(pos) {
+            // Stored if the connection's task is not waiting yet: it ends at its next poll.
+            evict.notify_one();
+        }
+        true
+    }
+}
+
+/// Marks a connection busy while one of its requests is being answered.
+struct Busy(Arc<AtomicBool>);
+
+impl Busy {
+    fn new(flag: &Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Release);
+        Busy(flag.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Serves HTTP/1.1 requests on one accepted connection until either side closes it; `busy` is
+/// true while a request of it is being answered.
 async fn serve_connection<S>(
     stream: S,
     handler: Arc<dyn ApiHandler>,
     options: Arc<ServerOptions>,
     half_close: bool,
+    busy: Arc<AtomicBool>,
 ) -> Result<(), hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let read_timeout = options.header_read_timeout;
-    let service = service_fn(move |req| handle(req, handler.clone(), options.clone()));
+    let service = service_fn(move |req| {
+        let busy = Busy::new(&busy);
+        let answer = handle(req, handler.clone(), options.clone());
+        async move {
+            let answer = answer.await;
+            drop(busy);
+            answer
+        }
+    });
     http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Some(read_timeout))
@@ -371,7 +470,8 @@ pub fn answer_raw(
         .build()?;
     let served = runtime.block_on(async {
         let stream = tokio::net::UnixStream::from_std(server)?;
-        let conn = serve_connection(stream, handler, Arc::new(options), true);
+        let busy = Arc::new(AtomicBool::new(false));
+        let conn = serve_connection(stream, handler, Arc::new(options), true, busy);
         match tokio::time::timeout(deadline, conn).await {
             // A connection error (bad request head, EOF inside a message) is an answer too.
             Ok(_) => Ok(()),

@@ -500,3 +500,45 @@ fn keep_alive_connection_serves_several_requests_in_order() {
     assert!(resp.contains(r#""state":"paused""#), "{resp}");
     assert_eq!(h.vmm.calls(), ["vmm.ping", "vm.pause", "vm.info"]);
 }
+
+/// Clients holding every connection slot — idle, or dribbling a request head a byte at a time —
+/// do not lock out the next client: it takes the place of the longest-idle one and is answered
+/// at once, long before the header timeout would have freed a slot.
+#[test]
+fn clients_hogging_every_connection_do_not_stop_others_being_answered() {
+    let opts = ServerOptions {
+        max_connections: 8,
+        header_read_timeout: Duration::from_secs(30),
+        ..ServerOptions::default()
+    };
+    let h = Harness::start_with(FakeVmm::with_vm(VmState::Running), opts);
+    let mut hogs = Vec::new();
+    for i in 0..40 {
+        let mut s = UnixStream::connect(&h.socket).unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET /api/v1/vmm.pi").unwrap();
+        }
+        hogs.push(s);
+    }
+    for round in 0..5 {
+        let started = Instant::now();
+        h.client().vmm_ping().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "round {round}: {:?}",
+            started.elapsed()
+        );
+        // The slow ones keep sending, one byte each.
+        for s in hogs.iter_mut().skip(30) {
+            let _ = s.write_all(b"n");
+        }
+    }
+    // A displaced client sees its connection closed (not a hang).
+    hogs[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let started = Instant::now();
+    let _ = hogs[0].read(&mut buf);
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
