@@ -401,11 +401,16 @@ pub enum MigrationState {
     Failed,
     /// Ended by `vm.migration-cancel` or by `timeout_strategy: cancel`. The source VM keeps running.
     Cancelled,
+    /// The link died at the switchover's one undecidable point (between the destination's ready
+    /// and the source's commit, or the commit's ack): this side cannot know whether the other
+    /// runs the VM, so its VM stays paused. The operator, who can see both sides, resumes it on
+    /// one side (`vm.resume`) and shuts the other down.
+    InDoubt,
 }
 
 impl MigrationState {
     /// Every state, in declaration order (used by the spec test).
-    pub const ALL: [MigrationState; 7] = [
+    pub const ALL: [MigrationState; 8] = [
         MigrationState::None,
         MigrationState::Setup,
         MigrationState::Active,
@@ -413,13 +418,17 @@ impl MigrationState {
         MigrationState::Completed,
         MigrationState::Failed,
         MigrationState::Cancelled,
+        MigrationState::InDoubt,
     ];
 
-    /// True once the migration can no longer change: completed, failed or cancelled.
+    /// True once the migration can no longer change: completed, failed, cancelled or in doubt.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+            MigrationState::Completed
+                | MigrationState::Failed
+                | MigrationState::Cancelled
+                | MigrationState::InDoubt
         )
     }
 
@@ -714,14 +723,15 @@ mod tests {
                 "completing",
                 "completed",
                 "failed",
-                "cancelled"
+                "cancelled",
+                "in_doubt"
             ]
         );
         let terminal: Vec<_> = MigrationState::ALL
             .iter()
             .filter(|s| s.is_terminal())
             .collect();
-        assert_eq!(terminal.len(), 3);
+        assert_eq!(terminal.len(), 4);
         assert!(MigrationState::ALL
             .iter()
             .all(|s| !(s.is_terminal() && s.is_running())));

@@ -17,8 +17,8 @@ use tern_api::types::{
 };
 use tern_api::{ApiError, ApiHandler, MigrationUrl as ApiUrl};
 use tern_migration::engine::{
-    error_chain, receive_on, start_send, MigrationStats, MigrationStatsSnapshot,
-    MigrationStatus as EngineStatus, SendParams, TimeoutStrategy,
+    error_chain, receive_on, start_send, InDoubtVm, MigrationError, MigrationStats,
+    MigrationStatsSnapshot, MigrationStatus as EngineStatus, SendParams, TimeoutStrategy,
 };
 use tern_migration::transport::{MigrationListener, MigrationUrl};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -65,6 +65,9 @@ struct Inner {
     run_state: RunState,
     migration: Option<MigrationJob>,
     exit: Option<VmmExit>,
+    /// An incoming VM held paused because the link died at the switchover's undecidable point:
+    /// `vm.resume` runs it here, `vm.shutdown` / `vmm.shutdown` drop it.
+    in_doubt: Option<InDoubtVm>,
 }
 
 /// The controller shared by the API threads and the main loop.
@@ -102,6 +105,7 @@ impl Controller {
                 run_state: RunState::Running,
                 migration: None,
                 exit: None,
+                in_doubt: None,
             }),
             wake,
             received,
@@ -314,6 +318,7 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         EngineStatus::Completed => ApiMigrationState::Completed,
         EngineStatus::Failed => ApiMigrationState::Failed,
         EngineStatus::Cancelled => ApiMigrationState::Cancelled,
+        EngineStatus::InDoubt => ApiMigrationState::InDoubt,
     };
     MigrationStatus {
         status,
@@ -361,9 +366,15 @@ impl ApiHandler for Controller {
     }
 
     fn vmm_shutdown(&self) -> Result<(), ApiError> {
-        if let Some(job) = &self.lock().migration {
+        let mut inner = self.lock();
+        if let Some(job) = &inner.migration {
             job.stats.cancel();
         }
+        if let Some(vm) = inner.in_doubt.take() {
+            log::warn!("dropping the VM held in doubt: the operator chose the source");
+            vm.abandon();
+        }
+        drop(inner);
         self.request_exit(VmmExit::Requested);
         Ok(())
     }
@@ -417,7 +428,22 @@ impl ApiHandler for Controller {
         if Self::running_migration(&inner) {
             return Err(ApiError::MigrationRunning);
         }
+        if let Some(vm) = inner.in_doubt.take() {
+            // The operator resolved an in-doubt switchover in favour of this side: devices to
+            // RUNNING, vCPUs start, and the main loop takes the machine.
+            log::warn!("running the VM held in doubt: the operator chose this side");
+            return vm.run().map(drop).map_err(|e| ApiError::Internal {
+                reason: format!("running the VM held in doubt: {}", error_chain(&e)),
+            });
+        }
         let machine = inner.machine.clone().ok_or(ApiError::NoVm)?;
+        // After an in-doubt switchover the devices are stopped: back to RUNNING first.
+        machine
+            .devices()
+            .recover_device_states()
+            .map_err(|e| ApiError::Internal {
+                reason: format!("bringing the devices back to RUNNING: {}", error_chain(&e)),
+            })?;
         machine.resume();
         inner.run_state = RunState::Running;
         Ok(())
@@ -427,6 +453,11 @@ impl ApiHandler for Controller {
         let mut inner = self.lock();
         if Self::running_migration(&inner) {
             return Err(ApiError::MigrationRunning);
+        }
+        if let Some(vm) = inner.in_doubt.take() {
+            log::warn!("dropping the VM held in doubt: the operator chose the source");
+            vm.abandon();
+            return Ok(());
         }
         let machine = inner.machine.take().ok_or(ApiError::NoVm)?;
         machine.pause();
@@ -493,14 +524,17 @@ impl ApiHandler for Controller {
                             c.request_exit(VmmExit::MigratedAway);
                         }
                     }
-                    Ok(o) => {
-                        if let Err(e) = &o.result {
-                            eprintln!(
-                                "tern: migration failed, VM keeps running here: {}",
-                                error_chain(e)
-                            );
-                        }
-                    }
+                    Ok(o) => match &o.result {
+                        Err(e @ MigrationError::InDoubt { .. }) => eprintln!(
+                            "tern: {}; vm.resume runs it here, vmm.shutdown ends it",
+                            error_chain(e)
+                        ),
+                        Err(e) => eprintln!(
+                            "tern: migration failed, VM keeps running here: {}",
+                            error_chain(e)
+                        ),
+                        Ok(()) => {}
+                    },
                     Err(_) => eprintln!("tern: migration thread panicked; VM state unknown"),
                 }
             })
@@ -539,12 +573,24 @@ impl ApiHandler for Controller {
                 .map(|d| (d.id.clone(), d.path.clone()))
                 .collect(),
         };
+        let controller = self.self_ref();
         std::thread::Builder::new()
             .name("tern-migrate-dst".into())
-            .spawn(move || {
-                if let Err(e) = receive_on(&listener, &mut factory, &stats) {
-                    eprintln!("tern: incoming migration failed: {}", error_chain(&e));
+            .spawn(move || match receive_on(&listener, &mut factory, &stats) {
+                Ok(_) => {}
+                Err(MigrationError::InDoubt {
+                    detail,
+                    held: Some(vm),
+                }) => {
+                    eprintln!(
+                        "tern: incoming migration in doubt ({detail}): the VM is held paused here; \
+                         vm.resume runs it here, vm.shutdown drops it"
+                    );
+                    if let Some(c) = &controller {
+                        c.lock().in_doubt = Some(*vm);
+                    }
                 }
+                Err(e) => eprintln!("tern: incoming migration failed: {}", error_chain(&e)),
             })
             .map_err(internal)?;
         Ok(())

@@ -79,6 +79,12 @@ pub enum DeviceError {
     },
     #[error("VFIO device {id} cannot take a migrated device state: it has no VFIO migration support (migration v2 with STOP_COPY)")]
     NoDeviceState { id: String },
+    #[error("VFIO device {id}: cannot bring it back to RUNNING")]
+    Recover {
+        id: String,
+        #[source]
+        source: tern_migration::engine::HostError,
+    },
 }
 
 /// A device whose DMA cannot be tracked, or whose own state cannot move, blocks migration; the
@@ -336,6 +342,19 @@ impl DeviceManager {
             }
         }
         v
+    }
+
+    /// Brings every migratable passthrough device back to RUNNING (walking back, or by reset)
+    /// when a migration left it elsewhere: resuming a VM the operator chose after an in-doubt
+    /// switchover, whose devices stopped for the commit. Devices already RUNNING are left alone.
+    pub fn recover_device_states(&self) -> Result<(), DeviceError> {
+        for mut source in self.device_states()? {
+            source.recover().map_err(|e| DeviceError::Recover {
+                id: source.id().to_owned(),
+                source: e,
+            })?;
+        }
+        Ok(())
     }
 
     /// The passthrough devices whose own state migrates, as the engine's sources (one per

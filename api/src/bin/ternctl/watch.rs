@@ -166,6 +166,7 @@ fn state_name(state: MigrationState) -> &'static str {
         MigrationState::Completed => "completed",
         MigrationState::Failed => "failed",
         MigrationState::Cancelled => "cancelled",
+        MigrationState::InDoubt => "in doubt (VM paused: resume it on one side)",
     }
 }
 
