@@ -35,9 +35,14 @@
 //!     S->>D: StreamEnd on each extra connection
 //!     S->>D: VmState, VcpuState(id)…, DeviceState(id)…
 //!     S->>D: Complete
-//!     Note over D: join data connections, restore state, start the VM
+//!     Note over D: join data connections, restore state (not running)
+//!     D->>S: Ready (this side can run the VM, and will only on Commit)
+//!     Note over S: the commit point: never resumes on its own from here
+//!     S->>D: Commit
+//!     Note over D: devices RUNNING, vCPUs start
 //!     D->>S: Ack (guest running here)
 //!     Note over S: report completed (the VMM exits)
+//!     Note over S,D: link lost after Ready: a side that cannot know whether the other runs<br/>keeps its VM paused (in_doubt) until the operator resumes one side
 //!     Note over S,D: at any point either side may send Error(reason) and close;<br/>the source then resumes its VM, the destination drops its VM
 //! ```
 //!
@@ -59,6 +64,6 @@ pub use codec::{
 };
 pub use frame::{
     decode_memory_table, encode_memory_entries, DeviceMark, Frame, FrameTag, Hello, MemoryEntry,
-    MemoryFdInfo, PageEncoding, PayloadError, MEMORY_ENTRY_BYTES,
+    MemoryFdInfo, PageEncoding, PayloadError, MAX_CONNECTIONS, MEMORY_ENTRY_BYTES,
 };
 pub use reader::{FrameReader, Received};
