@@ -8,7 +8,7 @@ use std::io::Read;
 use tern_migration::protocol::{
     encode_frame, encode_memory_head, preamble, read_preamble, DeviceMark, Frame, FrameReader,
     Hello, MemoryEntry, MemoryFdInfo, PageEncoding, ProtocolError, Received, HEADER_BYTES,
-    MAX_PAYLOAD_BYTES,
+    MAX_CONNECTIONS, MAX_PAYLOAD_BYTES,
 };
 use vm_memory::GuestAddress;
 
@@ -122,8 +122,8 @@ impl Owned {
         match self.tag {
             1 => Frame::Hello(Hello {
                 session: self.a,
-                connections: (self.b as u16).max(1),
-                connection_index: (self.c as u16) % (self.b as u16).max(1),
+                connections: 1 + (self.b as u16) % MAX_CONNECTIONS,
+                connection_index: (self.c as u16) % (1 + (self.b as u16) % MAX_CONNECTIONS),
                 local: self.a & 1 == 1,
             }),
             2 => Frame::Config(&self.bytes),

@@ -456,6 +456,73 @@ mod tests {
         })
     }
 
+    /// Receiver limits: a hello announcing more connections than the protocol allows, a frame
+    /// announcing more than the frame limit, a memory table announcing more entries than its
+    /// frame holds: each a clear error at once, before waiting for or allocating what it claims.
+    #[test]
+    fn receiver_refuses_absurd_counts_and_sizes_at_once() {
+        let started = std::time::Instant::now();
+        let mut b = preamble().to_vec();
+        b.extend(frame(&Frame::Hello(Hello {
+            session: 1,
+            connection_index: 0,
+            connections: 1,
+            local: false,
+        })));
+        // connections: 65535 (bytes 10..12 of the payload), with the CRC recomputed.
+        let at = preamble().len() + 12 + 10;
+        b[at..at + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+        let start = preamble().len();
+        let mut h = crc32fast::Hasher::new();
+        h.update(&b[start..start + 8]);
+        h.update(&b[start + 12..]);
+        let crc = h.finalize().to_le_bytes();
+        b[start + 8..start + 12].copy_from_slice(&crc);
+        let (err, text) = feed(b);
+        assert!(text.contains("malformed hello frame"), "{text} / {err:?}");
+        assert!(
+            error_chain(&err).contains("invalid connections: 0xffff"),
+            "{}",
+            error_chain(&err)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited for the connections"
+        );
+
+        let mut b = good_prefix();
+        b.extend_from_slice(&[2, 0, 0, 0]);
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        let (err, _) = feed(b);
+        assert!(
+            matches!(
+                err,
+                MigrationError::Protocol {
+                    source: ProtocolError::TooLarge { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        let mut b = good_prefix();
+        let mut m = memory_frame();
+        m[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&m[..8]);
+        h.update(&m[12..]);
+        let crc = h.finalize().to_le_bytes();
+        m[8..12].copy_from_slice(&crc);
+        b.extend(m);
+        let (err, _) = feed(b);
+        assert!(
+            error_chain(&err).contains("memory entries"),
+            "{}",
+            error_chain(&err)
+        );
+    }
+
     #[test]
     fn receiver_rejects_truncated_stream_with_clear_error() {
         let mut b = good_prefix();

@@ -84,6 +84,9 @@ impl SendParams {
         if self.connections == 0 {
             return bad("connections must be at least 1");
         }
+        if self.connections > crate::protocol::MAX_CONNECTIONS {
+            return bad("connections must be at most 64 (the protocol's limit)");
+        }
         if self.local && !matches!(self.destination, MigrationUrl::Unix(_)) {
             return bad("local migration needs a unix: destination_url");
         }

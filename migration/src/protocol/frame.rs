@@ -127,6 +127,10 @@ impl MemoryEntry {
     }
 }
 
+/// Most connections one migration may use. Sources use at most 16 (the API's limit); a receiver
+/// must not wait for (and hold a slot per) tens of thousands a hello announces.
+pub const MAX_CONNECTIONS: u16 = 64;
+
 /// Per-connection greeting from the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
@@ -547,7 +551,13 @@ impl<'a> Frame<'a> {
                         value: u64::from(flags),
                     });
                 }
-                if connections == 0 || connection_index >= connections {
+                if connections == 0 || connections > MAX_CONNECTIONS {
+                    return Err(PayloadError::Invalid {
+                        field: "connections",
+                        value: u64::from(connections),
+                    });
+                }
+                if connection_index >= connections {
                     return Err(PayloadError::Invalid {
                         field: "connection index",
                         value: u64::from(connection_index),
