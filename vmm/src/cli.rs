@@ -63,6 +63,10 @@ pub struct Cli {
     /// RUST_LOG if set, else warn).
     #[arg(long, value_name = "LEVEL", value_parser = crate::logger::parse_level)]
     pub log_level: Option<log::LevelFilter>,
+    /// seccomp filters per thread kind (vCPU, API, migration, device, main): true (a call outside a
+    /// thread's list fails with EPERM), false, or log (allowed, and logged by the kernel).
+    #[arg(long, default_value = "true", value_name = "true|false|log")]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Any bad command-line value.

@@ -17,8 +17,9 @@ use tern_api::types::{
 };
 use tern_api::{ApiError, ApiHandler, MigrationUrl as ApiUrl};
 use tern_migration::engine::{
-    error_chain, receive_on, start_send, InDoubtVm, MigrationError, MigrationStats,
-    MigrationStatsSnapshot, MigrationStatus as EngineStatus, SendParams, TimeoutStrategy,
+    error_chain, receive_on, send, InDoubtVm, MigrationError, MigrationHost, MigrationOutcome,
+    MigrationStats, MigrationStatsSnapshot, MigrationStatus as EngineStatus, SendParams,
+    TimeoutStrategy,
 };
 use tern_migration::transport::{MigrationListener, MigrationUrl};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -28,6 +29,7 @@ use crate::config::{PayloadConfig, SerialConfig};
 use crate::machine::{Machine, MachineExit};
 use crate::migration::host::MachineHost;
 use crate::migration::target::{ReceivedMachine, TernTargetFactory};
+use crate::seccomp::{self, ThreadKind};
 
 /// How long a source that handed its VM over keeps answering the API (so a watcher sees
 /// `completed`) before it exits.
@@ -505,7 +507,17 @@ impl ApiHandler for Controller {
             reason: error_chain(&e),
         })?;
         let stats = Arc::new(MigrationStats::new());
-        let handle = start_send(Box::new(MachineHost::new(machine)), params, stats.clone())
+        // The engine's own thread (what `start_send` does), started here so that it runs under the
+        // migration seccomp filter; the lane and watcher threads it starts inherit that filter.
+        let mut host: Box<dyn MigrationHost> = Box::new(MachineHost::new(machine));
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("tern-migrate-src".into())
+            .spawn(move || {
+                seccomp::install_or_log(ThreadKind::Migration);
+                let result = send(host.as_mut(), params, thread_stats);
+                MigrationOutcome { host, result }
+            })
             .map_err(internal)?;
         inner.migration = Some(MigrationJob {
             stats: stats.clone(),
@@ -576,7 +588,7 @@ impl ApiHandler for Controller {
         let controller = self.self_ref();
         std::thread::Builder::new()
             .name("tern-migrate-dst".into())
-            .spawn(move || match receive_on(&listener, &mut factory, &stats) {
+            .spawn(move || match mig_receive(&listener, &mut factory, &stats) {
                 Ok(_) => {}
                 Err(MigrationError::InDoubt {
                     detail,
@@ -621,4 +633,16 @@ impl Controller {
     fn self_ref(&self) -> Option<Arc<Controller>> {
         self.me.upgrade()
     }
+}
+
+/// [`receive_on`] on the calling (`tern-migrate-dst`) thread under the migration seccomp filter: its
+/// data-lane threads and the VM it builds (vCPU and helper threads) start under that filter.
+fn mig_receive(
+    listener: &MigrationListener,
+    factory: &mut TernTargetFactory,
+    stats: &MigrationStats,
+) -> Result<Box<dyn tern_migration::engine::MigrationTarget>, tern_migration::engine::MigrationError>
+{
+    seccomp::install_or_log(ThreadKind::Migration);
+    receive_on(listener, factory, stats)
 }

@@ -18,6 +18,7 @@ pub mod logger;
 pub mod machine;
 pub mod migration;
 pub mod pci_manager;
+pub mod seccomp;
 pub mod sys;
 pub mod vfio_manager;
 pub mod vstate;

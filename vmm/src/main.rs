@@ -11,6 +11,7 @@ use tern_vmm::cli::Cli;
 use tern_vmm::config::parse_serial;
 use tern_vmm::control::{Controller, VmmExit};
 use tern_vmm::machine::{Machine, MachineExit};
+use tern_vmm::seccomp::{self, ThreadKind};
 
 /// An error and its whole source chain on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -65,6 +66,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let machine = machine.ok_or("nothing to run")?;
         machine.resume();
         report_start_latency();
+        seccomp::install(ThreadKind::Main)?;
         return Ok(guest_exit_code(&machine.wait_exit()?));
     };
     if let Some(m) = &machine {
@@ -72,7 +74,11 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         report_start_latency();
     }
     let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.serial)?, machine)?;
+    // The API server thread (and its handler threads) inherit the API filter; the main thread then
+    // narrows itself to the main filter.
+    seccomp::install(ThreadKind::Api)?;
     let server = ApiServer::start(socket, controller.clone() as Arc<dyn tern_api::ApiHandler>)?;
+    seccomp::install(ThreadKind::Main)?;
     let exit = controller.run()?;
     let _ = server.shutdown();
     Ok(match exit {
@@ -101,6 +107,12 @@ fn main() -> ExitCode {
         },
     };
     tern_vmm::logger::init(level);
+    // Compiled and checked before any thread starts; each thread installs its kind's filter.
+    if let Err(e) = seccomp::init(cli.seccomp) {
+        eprintln!("tern: error: {}", error_chain(&e));
+        return ExitCode::from(1);
+    }
+    tern_devices::vfio::mock_dma::set_thread_init(seccomp::install_device);
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {

@@ -10,7 +10,7 @@
 //! last write's — a lost DMA write.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,14 @@ use crate::sys::iommufd_test::{
 use crate::sys::iova::Iova;
 
 const PAGE: u64 = 4096;
+
+/// Run first on each simulator thread; the VMM sets it to install its device seccomp filter.
+static THREAD_INIT: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what each simulator thread runs first (once per process; later calls are ignored).
+pub fn set_thread_init(init: fn()) {
+    let _ = THREAD_INIT.set(init);
+}
 
 /// What the operator asked for (`--mock-dma`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,7 +399,12 @@ impl MockDmaDevice {
             let sim = self.sim.clone();
             let t = std::thread::Builder::new()
                 .name(format!("tern-mockdma-{}", self.spec.id))
-                .spawn(move || sim.run())
+                .spawn(move || {
+                    if let Some(init) = THREAD_INIT.get() {
+                        init();
+                    }
+                    sim.run()
+                })
                 .map_err(|source| MockDmaError::Thread {
                     id: self.spec.id.clone(),
                     source,

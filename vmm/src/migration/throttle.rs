@@ -28,6 +28,7 @@ impl Throttle {
         let thread = std::thread::Builder::new()
             .name("tern-throttle".into())
             .spawn(move || {
+                crate::seccomp::install_or_log(crate::seccomp::ThreadKind::Device);
                 while !s.load(Ordering::Acquire) {
                     let pct = u32::from(p.load(Ordering::Acquire).min(99));
                     if pct == 0 {

@@ -131,7 +131,10 @@ impl VcpuHandle {
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || ctx.run(&thread_shared))?;
+            .spawn(move || {
+                crate::seccomp::install_or_log(crate::seccomp::ThreadKind::Vcpu);
+                ctx.run(&thread_shared)
+            })?;
         Ok(Self {
             index,
             shared,

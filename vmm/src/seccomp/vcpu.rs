@@ -1,0 +1,20 @@
+//! vCPU threads: run KVM_RUN and emulate the device accesses that exit to tern. The smallest list:
+//! a vCPU thread opens nothing, connects nowhere and starts no thread.
+
+/// The vCPU allow list (with [`super::base`]).
+pub(super) fn syscalls() -> Vec<i64> {
+    vec![
+        // KVM_RUN and the vCPU's state ioctls; on guest PCI programming also KVM memory slots (BAR
+        // moves), irqfd/ioeventfd and VFIO's SET_IRQS/region ioctls. Allowed for any request: the
+        // set spans KVM, VFIO and iommufd and an argument filter would have to follow each device.
+        libc::SYS_ioctl,
+        // Eventfd signals (interrupts, exits), the serial console (stdout or a file), VFIO config
+        // space and BAR access through the device fd.
+        libc::SYS_read,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        // Serial console to a file: position and flushing.
+        libc::SYS_lseek,
+        libc::SYS_fsync,
+    ]
+}
