@@ -240,8 +240,13 @@ pub fn body_seeds() -> Vec<Vec<u8>> {
 /// Every request seed gets an answer, and the valid bodies are accepted (204).
 pub fn seeds_are_answered() {
     for s in request_seeds() {
-        let answer = answer_raw(Arc::new(NullHandler), options(), &s, Duration::from_secs(20))
-            .expect("answered");
+        let answer = answer_raw(
+            Arc::new(NullHandler),
+            options(),
+            &s,
+            Duration::from_secs(20),
+        )
+        .expect("answered");
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 "), "{text:?}");
         let valid_body = BODIES[..5].iter().any(|(_, b)| s.ends_with(b.as_bytes()));
