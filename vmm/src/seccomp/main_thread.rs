@@ -17,8 +17,20 @@ pub(super) fn syscalls() -> Vec<i64> {
         libc::SYS_ppoll,
         // Epoll and eventfd descriptors are created close-on-exec.
         libc::SYS_fcntl,
-        // Tearing the VM down: vCPU fds, KVM/VFIO/iommufd cleanup ioctls.
+        // Tearing the VM down: vCPU fds, KVM/VFIO/iommufd cleanup ioctls; a VFIO device's drop
+        // finds its group again through sysfs (the iommu_group link) — vfio-ioctls panics if it
+        // cannot.
         libc::SYS_ioctl,
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_getdents64,
+        libc::SYS_lseek,
+        libc::SYS_getcwd,
         // Removing the API socket file at shutdown.
         libc::SYS_unlink,
         libc::SYS_unlinkat,

@@ -59,6 +59,7 @@ pub(super) fn syscalls() -> Vec<i64> {
         libc::SYS_readlink,
         libc::SYS_readlinkat,
         libc::SYS_getdents64,
+        libc::SYS_getcwd,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
         // Installing the vCPU kick signal handler when the destination VM is built.
