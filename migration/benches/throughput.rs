@@ -145,7 +145,7 @@ fn raw_guest(tcp: bool, src: &Mem, dst: &Mem) -> f64 {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (b, _) = l.accept().expect("accept");
-        (Connection::Tcp(a), Connection::Tcp(b))
+        (Connection::Tcp(a.into()), Connection::Tcp(b.into()))
     } else {
         let (a, b) = UnixStream::pair().expect("pair");
         (Connection::Unix(a), Connection::Unix(b))

@@ -11,6 +11,8 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, WriteVolatile};
 use vm_memory::{VolatileMemoryError, VolatileSlice};
 
+use super::tls::{TlsError, TlsServer};
+use super::tls_pump::TlsStream;
 use super::url::MigrationUrl;
 
 /// Transport errors; each names the URL or operation.
@@ -59,6 +61,9 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    /// TLS setup or handshake failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Local mode needs a Unix socket.
     #[error("local migration needs a unix: url, got {url}")]
     LocalNeedsUnix {
@@ -70,10 +75,58 @@ pub enum TransportError {
 /// One established migration connection.
 #[derive(Debug)]
 pub enum Connection {
-    /// TCP.
-    Tcp(TcpStream),
+    /// TCP, plain or with TLS; never carries fds.
+    Tcp(TcpLink),
     /// Unix stream socket (can carry fds).
     Unix(UnixStream),
+}
+
+/// A TCP connection: plain, or TLS through a pump thread (see `tls_pump`).
+#[derive(Debug)]
+pub enum TcpLink {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mutually authenticated TLS; the engine holds a socket pair end the pump serves.
+    Tls(TlsStream),
+}
+
+impl From<TcpStream> for TcpLink {
+    fn from(s: TcpStream) -> Self {
+        TcpLink::Plain(s)
+    }
+}
+
+macro_rules! on_conn {
+    ($conn:expr, $s:ident => $e:expr) => {
+        match $conn {
+            Connection::Tcp(TcpLink::Plain($s)) => $e,
+            Connection::Tcp(TcpLink::Tls($s)) => $e,
+            Connection::Unix($s) => $e,
+        }
+    };
+}
+
+fn connect_tcp(url: &MigrationUrl, host: &str, port: u16) -> Result<TcpStream, TransportError> {
+    let err = |source| TransportError::Connect {
+        url: url.clone(),
+        source,
+    };
+    let addrs = (host, port).to_socket_addrs().map_err(err)?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
+    for a in addrs {
+        match TcpStream::connect(a) {
+            Ok(s) => {
+                s.set_nodelay(true)
+                    .map_err(|source| TransportError::Socket {
+                        what: "set TCP_NODELAY",
+                        source,
+                    })?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(err(last))
 }
 
 impl Connection {
@@ -84,24 +137,12 @@ impl Connection {
             source,
         };
         match url {
-            MigrationUrl::Tcp { host, port } => {
-                let addrs = (host.as_str(), *port).to_socket_addrs().map_err(err)?;
-                let mut last =
-                    io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
-                for a in addrs {
-                    match TcpStream::connect(a) {
-                        Ok(s) => {
-                            s.set_nodelay(true)
-                                .map_err(|source| TransportError::Socket {
-                                    what: "set TCP_NODELAY",
-                                    source,
-                                })?;
-                            return Ok(Connection::Tcp(s));
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                Err(err(last))
+            MigrationUrl::Tcp { host, port } => Ok(Connection::Tcp(TcpLink::Plain(connect_tcp(
+                url, host, *port,
+            )?))),
+            MigrationUrl::TcpTls { host, port, tls } => {
+                let s = connect_tcp(url, host, *port)?;
+                Ok(Connection::Tcp(TcpLink::Tls(tls.connect(s, host)?)))
             }
             MigrationUrl::Unix(p) => UnixStream::connect(p).map(Connection::Unix).map_err(err),
         }
@@ -114,7 +155,10 @@ impl Connection {
             source,
         };
         Ok(match self {
-            Connection::Tcp(s) => Connection::Tcp(s.try_clone().map_err(err)?),
+            Connection::Tcp(l) => Connection::Tcp(match l {
+                TcpLink::Plain(s) => TcpLink::Plain(s.try_clone().map_err(err)?),
+                TcpLink::Tls(s) => TcpLink::Tls(s.try_clone().map_err(err)?),
+            }),
             Connection::Unix(s) => Connection::Unix(s.try_clone().map_err(err)?),
         })
     }
@@ -122,27 +166,17 @@ impl Connection {
     /// Shut both directions down; a blocked reader on a clone wakes with EOF.
     pub fn shutdown(&self) {
         // Already-closed sockets return ENOTCONN, which is the state we want.
-        let _ = match self {
-            Connection::Tcp(s) => s.shutdown(Shutdown::Both),
-            Connection::Unix(s) => s.shutdown(Shutdown::Both),
-        };
+        let _ = on_conn!(self, s => s.shutdown(Shutdown::Both));
     }
 
     /// Shut the read side down: a blocked reader wakes with EOF, writes still work.
     pub fn shutdown_read(&self) {
-        let _ = match self {
-            Connection::Tcp(s) => s.shutdown(Shutdown::Read),
-            Connection::Unix(s) => s.shutdown(Shutdown::Read),
-        };
+        let _ = on_conn!(self, s => s.shutdown(Shutdown::Read));
     }
 
     /// Bound blocking reads (None = forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), TransportError> {
-        match self {
-            Connection::Tcp(s) => s.set_read_timeout(t),
-            Connection::Unix(s) => s.set_read_timeout(t),
-        }
-        .map_err(|source| TransportError::Socket {
+        on_conn!(self, s => s.set_read_timeout(t)).map_err(|source| TransportError::Socket {
             what: "set read timeout",
             source,
         })
@@ -155,6 +189,11 @@ impl Connection {
             Connection::Tcp(_) => None,
         }
     }
+
+    /// Whether this connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Connection::Tcp(TcpLink::Tls(_)))
+    }
 }
 
 // Page data moves between guest memory and the socket without a bounce buffer.
@@ -163,10 +202,7 @@ impl ReadVolatile for Connection {
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        match self {
-            Connection::Tcp(s) => s.read_volatile(buf),
-            Connection::Unix(s) => s.read_volatile(buf),
-        }
+        on_conn!(self, s => s.read_volatile(buf))
     }
 }
 
@@ -175,28 +211,19 @@ impl WriteVolatile for Connection {
         &mut self,
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        match self {
-            Connection::Tcp(s) => s.write_volatile(buf),
-            Connection::Unix(s) => s.write_volatile(buf),
-        }
+        on_conn!(self, s => s.write_volatile(buf))
     }
 }
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Connection::Tcp(s) => s.read(buf),
-            Connection::Unix(s) => s.read(buf),
-        }
+        on_conn!(self, s => s.read(buf))
     }
 }
 
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Connection::Tcp(s) => s.write(buf),
-            Connection::Unix(s) => s.write(buf),
-        }
+        on_conn!(self, s => s.write(buf))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -208,6 +235,9 @@ impl Write for Connection {
 pub enum MigrationListener {
     /// TCP.
     Tcp(TcpListener, MigrationUrl),
+    /// TCP with mutual TLS: each accepted connection must complete a handshake with a client
+    /// certificate the CA signed.
+    Tls(TcpListener, MigrationUrl, TlsServer),
     /// Unix; the socket file is removed on drop.
     Unix(UnixListener, MigrationUrl, PathBuf),
 }
@@ -220,7 +250,7 @@ impl MigrationListener {
             source,
         };
         match url {
-            MigrationUrl::Tcp { host, port } => {
+            MigrationUrl::Tcp { host, port } | MigrationUrl::TcpTls { host, port, .. } => {
                 let l = TcpListener::bind((host.as_str(), *port)).map_err(err)?;
                 let port = l.local_addr().map_err(err)?.port();
                 let bound = MigrationUrl::Tcp {
@@ -241,10 +271,36 @@ impl MigrationListener {
         }
     }
 
-    /// The URL actually bound (a `tcp:` port 0 becomes the chosen port).
+    /// Listen on the `tcp:` `url` with TLS; every accepted connection handshakes with `tls`.
+    pub fn bind_tls(url: &MigrationUrl, tls: TlsServer) -> Result<Self, TransportError> {
+        let err = |source| TransportError::Bind {
+            url: url.clone(),
+            source,
+        };
+        match url {
+            MigrationUrl::Tcp { host, port } | MigrationUrl::TcpTls { host, port, .. } => {
+                let l = TcpListener::bind((host.as_str(), *port)).map_err(err)?;
+                let port = l.local_addr().map_err(err)?.port();
+                let bound = MigrationUrl::Tcp {
+                    host: host.clone(),
+                    port,
+                };
+                Ok(MigrationListener::Tls(l, bound, tls))
+            }
+            MigrationUrl::Unix(_) => Err(err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "tls_dir needs a tcp: url",
+            ))),
+        }
+    }
+
+    /// The URL actually bound (a `tcp:` port 0 becomes the chosen port). For a TLS listener this
+    /// is the plain `tcp:` URL (connecting to it without TLS fails the handshake).
     pub fn url(&self) -> &MigrationUrl {
         match self {
-            MigrationListener::Tcp(_, u) | MigrationListener::Unix(_, u, _) => u,
+            MigrationListener::Tcp(_, u)
+            | MigrationListener::Tls(_, u, _)
+            | MigrationListener::Unix(_, u, _) => u,
         }
     }
 
@@ -258,7 +314,7 @@ impl MigrationListener {
         self.set_nonblocking(true)
             .map_err(|e| sock("make listener non-blocking", e))?;
         let result = loop {
-            match self.accept() {
+            match self.accept_socket() {
                 Ok(c) => break Ok(Some(c)),
                 Err(TransportError::Accept { source, .. })
                     if source.kind() == io::ErrorKind::WouldBlock =>
@@ -274,38 +330,54 @@ impl MigrationListener {
         self.set_nonblocking(false)
             .map_err(|e| sock("make listener blocking", e))?;
         // Accepted sockets must block regardless of what they inherited.
-        if let Ok(Some(c)) = &result {
-            match c {
-                Connection::Tcp(s) => s.set_nonblocking(false),
-                Connection::Unix(s) => s.set_nonblocking(false),
+        match result? {
+            Some(c) => {
+                on_conn!(&c, s => s.set_nonblocking(false))
+                    .map_err(|e| sock("make connection blocking", e))?;
+                self.secure(c).map(Some)
             }
-            .map_err(|e| sock("make connection blocking", e))?;
+            None => Ok(None),
         }
-        result
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
-            MigrationListener::Tcp(l, _) => l.set_nonblocking(on),
+            MigrationListener::Tcp(l, _) | MigrationListener::Tls(l, _, _) => l.set_nonblocking(on),
             MigrationListener::Unix(l, _, _) => l.set_nonblocking(on),
         }
     }
 
-    /// Wait for the next connection.
+    /// Wait for the next connection. On a TLS listener a failed handshake (a client without a
+    /// certificate the CA signed, or not speaking TLS) is an error naming the peer.
     pub fn accept(&self) -> Result<Connection, TransportError> {
+        let c = self.accept_socket()?;
+        self.secure(c)
+    }
+
+    /// TLS listener: handshake on the accepted TCP socket.
+    fn secure(&self, c: Connection) -> Result<Connection, TransportError> {
+        match (self, c) {
+            (MigrationListener::Tls(_, _, tls), Connection::Tcp(TcpLink::Plain(s))) => {
+                Ok(Connection::Tcp(TcpLink::Tls(tls.accept(s)?)))
+            }
+            (_, c) => Ok(c),
+        }
+    }
+
+    fn accept_socket(&self) -> Result<Connection, TransportError> {
         let err = |source| TransportError::Accept {
             url: self.url().clone(),
             source,
         };
         match self {
-            MigrationListener::Tcp(l, _) => {
+            MigrationListener::Tcp(l, _) | MigrationListener::Tls(l, _, _) => {
                 let (s, _) = l.accept().map_err(err)?;
                 s.set_nodelay(true)
                     .map_err(|source| TransportError::Socket {
                         what: "set TCP_NODELAY",
                         source,
                     })?;
-                Ok(Connection::Tcp(s))
+                Ok(Connection::Tcp(TcpLink::Plain(s)))
             }
             MigrationListener::Unix(l, _, _) => Ok(Connection::Unix(l.accept().map_err(err)?.0)),
         }

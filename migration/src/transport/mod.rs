@@ -1,12 +1,20 @@
 //! Byte transports for the protocol: `tcp:HOST:PORT`, `unix:PATH`, and local mode (guest memory as
-//! memfds passed with SCM_RIGHTS over the Unix socket), plus a shared token-bucket bandwidth cap.
+//! memfds passed with SCM_RIGHTS over the Unix socket), mutual TLS over `tcp:` (`tls`, `tls_pump`),
+//! plus a shared token-bucket bandwidth cap.
 
 mod conn;
 mod local;
 mod rate;
+mod tls;
+mod tls_pump;
 mod url;
 
-pub use conn::{Connection, MigrationListener, TransportError};
+pub use conn::{Connection, MigrationListener, TcpLink, TransportError};
 pub use local::{send_frame_with_fd, FdReader, SendFdError};
 pub use rate::RateLimiter;
-pub use url::{MigrationUrl, UrlError};
+pub use tls::{
+    check_plain_tcp, is_loopback_host, TlsClient, TlsError, TlsServer, ALLOW_PLAIN_TCP_FLAG,
+    CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY,
+};
+pub use tls_pump::TlsStream;
+pub use url::{MigrationUrl, TlsNeedsTcp, UrlError};

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use super::tls::TlsClient;
+
 /// Where to connect or listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MigrationUrl {
@@ -14,6 +16,16 @@ pub enum MigrationUrl {
     },
     /// `unix:PATH`.
     Unix(PathBuf),
+    /// `tcp:HOST:PORT` with mutual TLS: the sender's credentials from a `tls_dir` (see
+    /// [`MigrationUrl::with_tls`]). The receiver's certificate must name HOST.
+    TcpTls {
+        /// Host part; the receiver's certificate must match it.
+        host: String,
+        /// Port.
+        port: u16,
+        /// The sender's certificate, key and CA.
+        tls: TlsClient,
+    },
 }
 
 /// Why a URL was rejected.
@@ -88,6 +100,34 @@ impl MigrationUrl {
     }
 }
 
+/// TLS was asked for a `unix:` URL.
+#[derive(Debug, thiserror::Error)]
+#[error("tls_dir needs a tcp: url, got {url}")]
+pub struct TlsNeedsTcp {
+    /// The URL.
+    pub url: MigrationUrl,
+}
+
+impl MigrationUrl {
+    /// This `tcp:` URL with mutual TLS (connections made to it handshake with `tls`).
+    pub fn with_tls(self, tls: TlsClient) -> Result<Self, TlsNeedsTcp> {
+        match self {
+            MigrationUrl::Tcp { host, port } | MigrationUrl::TcpTls { host, port, .. } => {
+                Ok(MigrationUrl::TcpTls { host, port, tls })
+            }
+            url @ MigrationUrl::Unix(_) => Err(TlsNeedsTcp { url }),
+        }
+    }
+
+    /// The TLS credentials, if connections to this URL use TLS.
+    pub fn tls(&self) -> Option<&TlsClient> {
+        match self {
+            MigrationUrl::TcpTls { tls, .. } => Some(tls),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for MigrationUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -96,6 +136,10 @@ impl std::fmt::Display for MigrationUrl {
             }
             MigrationUrl::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             MigrationUrl::Unix(p) => write!(f, "unix:{}", p.display()),
+            MigrationUrl::TcpTls { host, port, .. } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port} (tls)")
+            }
+            MigrationUrl::TcpTls { host, port, .. } => write!(f, "tcp:{host}:{port} (tls)"),
         }
     }
 }
