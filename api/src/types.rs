@@ -177,6 +177,8 @@ pub enum SendMigrationDataError {
         "local migration needs a unix: destination url to pass memory file descriptors, not {url}"
     )]
     LocalNeedsUnix { url: String },
+    #[error("tls_dir needs a tcp: destination url, not {url}")]
+    TlsNeedsTcp { url: String },
 }
 
 /// Body of `PUT vm.send-migration`. The migration starts in the background; the call returns at once.
@@ -198,6 +200,10 @@ pub struct VmSendMigrationData {
     pub connections: u32,
     /// Throttle the vCPUs step by step when the guest dirties memory faster than the link sends it.
     pub auto_converge: bool,
+    /// Mutual TLS: a directory with `ca-cert.pem`, `client-cert.pem` and `client-key.pem`; the
+    /// destination's certificate must name the URL's host (Cloud Hypervisor's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// The wire shape of [`VmSendMigrationData`]: serde fills defaults and rejects unknown fields here,
@@ -220,6 +226,8 @@ struct SendMigrationFields {
     connections: u32,
     #[serde(default)]
     auto_converge: bool,
+    #[serde(default)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -247,6 +255,7 @@ impl TryFrom<SendMigrationFields> for VmSendMigrationData {
             max_bandwidth_mbps: f.max_bandwidth_mbps,
             connections: f.connections,
             auto_converge: f.auto_converge,
+            tls_dir: f.tls_dir,
         };
         data.validate()?;
         Ok(data)
@@ -265,6 +274,7 @@ impl VmSendMigrationData {
             max_bandwidth_mbps: 0,
             connections: default_connections(),
             auto_converge: false,
+            tls_dir: None,
         }
     }
 
@@ -287,6 +297,11 @@ impl VmSendMigrationData {
                 url: self.destination_url.to_string(),
             });
         }
+        if self.tls_dir.is_some() && self.destination_url.is_unix() {
+            return Err(SendMigrationDataError::TlsNeedsTcp {
+                url: self.destination_url.to_string(),
+            });
+        }
         Ok(())
     }
 
@@ -306,6 +321,10 @@ pub struct VmReceiveMigrationData {
     /// This host's device for each source passthrough device, by the source's id. A source
     /// device not listed is opened at the source's path.
     pub devices: Vec<DeviceMapping>,
+    /// Mutual TLS: a directory with `ca-cert.pem`, `server-cert.pem` and `server-key.pem`; only
+    /// sources whose client certificate the CA signed are accepted (Cloud Hypervisor's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// One source passthrough device mapped to a device of this host.
@@ -329,6 +348,8 @@ pub enum ReceiveMigrationDataError {
         "devices maps {id} to {path}, which is not an absolute path: give its sysfs directory"
     )]
     RelativePath { id: String, path: String },
+    #[error("tls_dir needs a tcp: receiver url, not {url}")]
+    TlsNeedsTcp { url: String },
 }
 
 /// The wire shape of [`VmReceiveMigrationData`] (see [`SendMigrationFields`]).
@@ -338,6 +359,8 @@ struct ReceiveMigrationFields {
     receiver_url: MigrationUrl,
     #[serde(default)]
     devices: Vec<DeviceMapping>,
+    #[serde(default)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 impl TryFrom<ReceiveMigrationFields> for VmReceiveMigrationData {
@@ -347,6 +370,7 @@ impl TryFrom<ReceiveMigrationFields> for VmReceiveMigrationData {
         let data = VmReceiveMigrationData {
             receiver_url: f.receiver_url,
             devices: f.devices,
+            tls_dir: f.tls_dir,
         };
         data.validate()?;
         Ok(data)
@@ -359,6 +383,7 @@ impl VmReceiveMigrationData {
         VmReceiveMigrationData {
             receiver_url,
             devices: Vec::new(),
+            tls_dir: None,
         }
     }
 
@@ -378,6 +403,11 @@ impl VmReceiveMigrationData {
             if self.devices[..i].iter().any(|o| o.id == d.id) {
                 return Err(ReceiveMigrationDataError::DuplicateDevice { id: d.id.clone() });
             }
+        }
+        if self.tls_dir.is_some() && self.receiver_url.is_unix() {
+            return Err(ReceiveMigrationDataError::TlsNeedsTcp {
+                url: self.receiver_url.to_string(),
+            });
         }
         Ok(())
     }
@@ -569,6 +599,27 @@ mod tests {
 
     fn parse_send(v: serde_json::Value) -> Result<VmSendMigrationData, String> {
         serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_dir_is_parsed_and_needs_tcp() {
+        let d = parse_send(json!({"destination_url": "tcp:10.0.0.2:6000", "tls_dir": "/etc/t"}))
+            .expect("valid");
+        assert_eq!(d.tls_dir.as_deref(), Some(std::path::Path::new("/etc/t")));
+        let e = parse_send(json!({"destination_url": "unix:/s", "tls_dir": "/etc/t"}))
+            .expect_err("tls over unix");
+        assert!(e.contains("tls_dir needs a tcp:"), "{e}");
+        let r: VmReceiveMigrationData =
+            serde_json::from_value(json!({"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/t"}))
+                .expect("valid");
+        assert_eq!(r.tls_dir.as_deref(), Some(std::path::Path::new("/t")));
+        assert!(serde_json::from_value::<VmReceiveMigrationData>(
+            json!({"receiver_url": "unix:/s", "tls_dir": "/t"})
+        )
+        .is_err());
+        // Absent stays absent on the wire.
+        let plain = serde_json::to_value(VmSendMigrationData::new(d.destination_url)).unwrap();
+        assert!(plain.get("tls_dir").is_none());
     }
 
     #[test]

@@ -219,7 +219,11 @@ fn schema_fields_match_serialized_types() {
         ("IommuCapabilities", serde_json::to_value(&iommu).unwrap()),
         (
             "VmSendMigrationData",
-            serde_json::to_value(send_data()).unwrap(),
+            serde_json::to_value(VmSendMigrationData {
+                tls_dir: Some("/etc/tern/tls".into()),
+                ..send_data()
+            })
+            .unwrap(),
         ),
         (
             "VmReceiveMigrationData",
@@ -229,6 +233,7 @@ fn schema_fields_match_serialized_types() {
                     id: "mtty0".into(),
                     path: "/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1002".into(),
                 }],
+                tls_dir: Some("/etc/tern/tls".into()),
             })
             .unwrap(),
         ),

@@ -75,6 +75,7 @@ fn receive_migration_reaches_handler_with_parsed_url() {
             id: "mtty0".into(),
             path: "/sys/bus/mdev/devices/u1".into(),
         }],
+        tls_dir: None,
     };
     h.client().vm_receive_migration(&data).unwrap();
     assert_eq!(h.vmm.lock().received.as_ref(), Some(&data));

@@ -67,6 +67,11 @@ pub struct Cli {
     /// thread's list fails with EPERM), false, or log (allowed, and logged by the kernel).
     #[arg(long, default_value = "true", value_name = "true|false|log")]
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Allow migration over plain (unencrypted, unauthenticated) TCP to or on a non-loopback
+    /// address; without it such a send or receive needs `tls_dir`. unix: and loopback tcp: are
+    /// always allowed.
+    #[arg(long)]
+    pub migration_allow_plain_tcp: bool,
 }
 
 /// Any bad command-line value.

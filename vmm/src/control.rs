@@ -21,7 +21,9 @@ use tern_migration::engine::{
     MigrationStats, MigrationStatsSnapshot, MigrationStatus as EngineStatus, SendParams,
     TimeoutStrategy,
 };
-use tern_migration::transport::{MigrationListener, MigrationUrl};
+use tern_migration::transport::{
+    check_plain_tcp, MigrationListener, MigrationUrl, TlsClient, TlsServer,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -82,6 +84,8 @@ pub struct Controller {
     received: Arc<ReceivedMachine>,
     /// Background threads (migration watchers) hold the controller through this.
     me: std::sync::Weak<Controller>,
+    /// `--migration-allow-plain-tcp`: plain tcp to/on a non-loopback address without `tls_dir`.
+    allow_plain_tcp: std::sync::atomic::AtomicBool,
 }
 
 fn internal(e: impl std::error::Error) -> ApiError {
@@ -112,7 +116,38 @@ impl Controller {
             wake,
             received,
             me: me.clone(),
+            allow_plain_tcp: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Allow plain tcp migration to or on non-loopback addresses (`--migration-allow-plain-tcp`).
+    pub fn set_allow_plain_tcp(&self, on: bool) {
+        self.allow_plain_tcp
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The URL to migrate over: with `tls_dir`, TLS from its files; without, the plain-tcp policy.
+    fn secure_url(
+        &self,
+        url: MigrationUrl,
+        tls_dir: Option<&std::path::Path>,
+    ) -> Result<MigrationUrl, ApiError> {
+        let bad = |e: &dyn std::error::Error| ApiError::BadRequest {
+            reason: error_chain(e),
+        };
+        match tls_dir {
+            Some(dir) => {
+                let tls = TlsClient::from_dir(dir).map_err(|e| bad(&e))?;
+                url.with_tls(tls).map_err(|e| bad(&e))
+            }
+            None => {
+                let allow = self
+                    .allow_plain_tcp
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                check_plain_tcp(&url, allow).map_err(|e| bad(&e))?;
+                Ok(url)
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -490,7 +525,9 @@ impl ApiHandler for Controller {
                 state: "paused (resume it first)".into(),
             });
         }
-        let mut params = SendParams::new(convert_url(&data.destination_url));
+        let destination =
+            self.secure_url(convert_url(&data.destination_url), data.tls_dir.as_deref())?;
+        let mut params = SendParams::new(destination);
         params.local = data.local;
         params.downtime_ms = data.downtime_ms;
         params.timeout = Duration::from_secs(data.timeout_s);
@@ -567,7 +604,25 @@ impl ApiHandler for Controller {
             return Err(ApiError::MigrationRunning);
         }
         let url = convert_url(&data.receiver_url);
-        let listener = MigrationListener::bind(&url).map_err(|e| ApiError::BadRequest {
+        let tls = match &data.tls_dir {
+            Some(dir) => Some(TlsServer::from_dir(dir).map_err(|e| ApiError::BadRequest {
+                reason: error_chain(&e),
+            })?),
+            None => {
+                let allow = self
+                    .allow_plain_tcp
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                check_plain_tcp(&url, allow).map_err(|e| ApiError::BadRequest {
+                    reason: error_chain(&e),
+                })?;
+                None
+            }
+        };
+        let bound = match tls {
+            Some(tls) => MigrationListener::bind_tls(&url, tls),
+            None => MigrationListener::bind(&url),
+        };
+        let listener = bound.map_err(|e| ApiError::BadRequest {
             reason: format!("cannot listen on the receiver url: {}", error_chain(&e)),
         })?;
         let stats = Arc::new(MigrationStats::new());

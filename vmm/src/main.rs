@@ -74,6 +74,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         report_start_latency();
     }
     let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.serial)?, machine)?;
+    controller.set_allow_plain_tcp(cli.migration_allow_plain_tcp);
     // The API server thread (and its handler threads) inherit the API filter; the main thread then
     // narrows itself to the main filter.
     seccomp::install(ThreadKind::Api)?;

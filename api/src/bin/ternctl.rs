@@ -80,6 +80,9 @@ enum Command {
         /// Throttle vCPUs when the guest dirties memory faster than the link sends it.
         #[arg(long)]
         auto_converge: bool,
+        /// Mutual TLS: directory with ca-cert.pem, client-cert.pem, client-key.pem.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<std::path::PathBuf>,
     },
     /// Listen for an incoming migration (PUT vm.receive-migration).
     ReceiveMigration {
@@ -90,6 +93,9 @@ enum Command {
         /// repeatable. Unlisted devices are opened at the source's path.
         #[arg(long = "device", value_name = "ID=PATH", value_parser = parse_device)]
         devices: Vec<DeviceMapping>,
+        /// Mutual TLS: directory with ca-cert.pem, server-cert.pem, server-key.pem.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<std::path::PathBuf>,
     },
     /// Show migration progress (GET vm.migration); --watch follows it to the end.
     MigrationStatus {
@@ -153,6 +159,7 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
             max_bandwidth_mbps,
             connections,
             auto_converge,
+            tls_dir,
         } => {
             let data = VmSendMigrationData {
                 destination_url: url,
@@ -166,17 +173,21 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
                 max_bandwidth_mbps,
                 connections,
                 auto_converge,
+                tls_dir,
             };
             // Not validated here: the server's check is the one that counts, and its message is
             // the same one the user would get from any other client.
             client.vm_send_migration(&data)?
         }
-        Command::ReceiveMigration { url, devices } => {
-            client.vm_receive_migration(&VmReceiveMigrationData {
-                receiver_url: url,
-                devices,
-            })?
-        }
+        Command::ReceiveMigration {
+            url,
+            devices,
+            tls_dir,
+        } => client.vm_receive_migration(&VmReceiveMigrationData {
+            receiver_url: url,
+            devices,
+            tls_dir,
+        })?,
         Command::MigrationStatus { watch, interval_ms } => {
             if watch {
                 return watch::watch(client, Duration::from_millis(interval_ms.max(10)));
