@@ -33,9 +33,11 @@ fn loopback() -> MigrationUrl {
 fn migrate(server: TlsServer, client: TlsClient, connections: u16) -> (Outcome, common::Mem) {
     let listener = MigrationListener::bind_tls(&loopback(), server).expect("bind");
     let url = listener.url().clone().with_tls(client).expect("tcp url");
+    let dst_stats = Arc::new(MigrationStats::new());
+    let ds = dst_stats.clone();
     let dst = std::thread::spawn(move || {
         let mut f = FakeFactory::default();
-        receive_on(&listener, &mut f, &MigrationStats::new())
+        receive_on(&listener, &mut f, &ds)
     });
     let host = FakeHost::new(anon_memory(), 256, 20);
     let mem = host.mem.clone();
@@ -50,6 +52,16 @@ fn migrate(server: TlsServer, client: TlsClient, connections: u16) -> (Outcome, 
         .expect("spawn")
         .join()
         .expect("source thread");
+    if out.result.is_err() {
+        // A peer that failed authentication does not end the receive (anyone who can reach the
+        // port could otherwise abort it): the operator cancels it.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !dst.is_finished(),
+            "the receive ended on a refused handshake"
+        );
+        dst_stats.cancel();
+    }
     let dst = dst.join().expect("destination thread");
     (
         Outcome {
@@ -62,7 +74,7 @@ fn migrate(server: TlsServer, client: TlsClient, connections: u16) -> (Outcome, 
     )
 }
 
-fn assert_refused(o: &Outcome, src_says: &[&str], dst_says: &[&str]) {
+fn assert_refused(o: &Outcome, src_says: &[&str]) {
     let src = match &o.src {
         Ok(()) => panic!("the source must fail"),
         Err(e) => error_chain(e),
@@ -70,13 +82,11 @@ fn assert_refused(o: &Outcome, src_says: &[&str], dst_says: &[&str]) {
     for s in src_says {
         assert!(src.contains(s), "source error {src:?} lacks {s:?}");
     }
-    let dst = match &o.dst {
-        Ok(_) => panic!("the destination must fail"),
-        Err(e) => error_chain(e),
-    };
-    for s in dst_says {
-        assert!(dst.contains(s), "destination error {dst:?} lacks {s:?}");
-    }
+    assert!(
+        matches!(o.dst, Err(MigrationError::Cancelled)),
+        "the destination kept waiting until cancelled: {:?}",
+        o.dst.as_ref().err().map(|e| error_chain(e))
+    );
     assert!(!o.guest.is_paused(), "the source VM keeps running");
     assert_eq!(o.src_stats.snapshot().status, MigrationStatus::Failed);
 }
@@ -108,11 +118,7 @@ fn client_certificate_from_another_ca_is_refused_by_the_receiver() {
     // Trusts the right CA for the receiver, but its own certificate is the rogue CA's.
     let client = TlsClient::from_dir(&pki::client_dir(&ca, &rogue)).expect("client");
     let (o, _) = migrate(server, client, 1);
-    assert_refused(
-        &o,
-        &["tls handshake with 127.0.0.1:", "UnknownCA"],
-        &["tls handshake with 127.0.0.1:", "UnknownIssuer"],
-    );
+    assert_refused(&o, &["tls handshake with 127.0.0.1:", "UnknownCA"]);
 }
 
 #[test]
@@ -122,11 +128,7 @@ fn receiver_certificate_for_another_host_is_refused_by_the_sender() {
         .expect("server");
     let client = TlsClient::from_dir(&pki::client_dir(&ca, &ca)).expect("client");
     let (o, _) = migrate(server, client, 1);
-    assert_refused(
-        &o,
-        &["tls handshake with 127.0.0.1:", "not valid for name"],
-        &["tls handshake with 127.0.0.1:"],
-    );
+    assert_refused(&o, &["tls handshake with 127.0.0.1:", "not valid for name"]);
 }
 
 #[test]
@@ -136,7 +138,7 @@ fn receiver_certificate_from_another_ca_is_refused_by_the_sender() {
     let server = TlsServer::from_dir(&pki::server_dir(&ca, &rogue, &["127.0.0.1"])).expect("srv");
     let client = TlsClient::from_dir(&pki::client_dir(&ca, &ca)).expect("client");
     let (o, _) = migrate(server, client, 1);
-    assert_refused(&o, &["UnknownIssuer"], &["tls handshake"]);
+    assert_refused(&o, &["UnknownIssuer"]);
 }
 
 #[test]

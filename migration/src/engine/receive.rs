@@ -16,7 +16,9 @@ use crate::protocol::{
     read_preamble, write_preamble, Frame, FrameReader, FrameWriter, Hello, ProtocolError, Received,
     HEADER_BYTES, MEMORY_ENTRY_BYTES,
 };
-use crate::transport::{Connection, FdReader, MigrationListener, MigrationUrl};
+use crate::transport::{
+    Connection, FdReader, MigrationListener, MigrationUrl, TlsError, TransportError,
+};
 
 use super::device_sinks::DeviceSinks;
 use super::error::{error_chain, MigrationError};
@@ -185,14 +187,22 @@ fn accept(
     cancel: &Canceller<'_>,
     deadline: Option<Instant>,
 ) -> Result<Connection, MigrationError> {
-    let c = match deadline {
-        // The first connection may take minutes: block; a cancel wakes us by connecting.
-        None => Some(listener.accept().map_err(MigrationError::Transport)?),
-        Some(d) => {
-            let stop = || cancel.cancelled() || Instant::now() >= d;
-            listener
-                .accept_until(&stop)
-                .map_err(MigrationError::Transport)?
+    let c = loop {
+        let accepted = match deadline {
+            // The first connection may take minutes: block; a cancel wakes us by connecting.
+            None => listener.accept().map(Some),
+            Some(d) => {
+                let stop = || cancel.cancelled() || Instant::now() >= d;
+                listener.accept_until(&stop)
+            }
+        };
+        match accepted {
+            // Anyone who can reach the port could otherwise abort the receive: a peer that fails
+            // TLS authentication is turned away and the listener waits for the real source.
+            Err(TransportError::Tls(e @ TlsError::Handshake { .. })) if !cancel.cancelled() => {
+                log::warn!("refused a connection: {}", error_chain(&e));
+            }
+            other => break other.map_err(MigrationError::Transport)?,
         }
     };
     if cancel.cancelled() {
