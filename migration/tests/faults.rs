@@ -645,6 +645,32 @@ mod tests {
     }
 
     #[test]
+    fn receiver_refuses_repeated_state_blobs() {
+        // Without the check the receiver keeps every copy: 64 MiB frames, without end.
+        for dup in [
+            Frame::VcpuState {
+                id: 0,
+                bytes: &[1; 64],
+            },
+            Frame::DeviceState {
+                id: "serial0",
+                bytes: &[2; 64],
+            },
+            Frame::VmState(&[3; 64]),
+        ] {
+            let mut b = good_prefix();
+            b.extend(frame(&dup));
+            b.extend(frame(&dup));
+            let (err, text) = feed(b);
+            assert!(
+                matches!(err, MigrationError::InvalidParams { .. }),
+                "{err:?}"
+            );
+            assert!(text.contains("twice"), "{text}");
+        }
+    }
+
+    #[test]
     fn receiver_reports_source_that_vanishes() {
         let (err, text) = feed(good_prefix());
         assert!(

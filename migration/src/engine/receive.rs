@@ -569,6 +569,35 @@ fn receive_state(
     target.restore_state(state).map_err(MigrationError::Host)
 }
 
+/// The most vCPU, VM and device state a source may send (each blob is one frame of at most
+/// 64 MiB; a VM's real state is kilobytes per vCPU and device).
+const MAX_STATE_BYTES: usize = 256 << 20;
+
+/// Refuses a second blob for the same part of the VM, or state past [`MAX_STATE_BYTES`]: a
+/// source could otherwise make the receiver hold any number of 64 MiB frames.
+fn check_state(
+    state: &MigrationState,
+    what: &str,
+    duplicate: bool,
+    len: usize,
+) -> Result<(), MigrationError> {
+    if duplicate {
+        return Err(MigrationError::InvalidParams {
+            reason: format!("the source sent the state of {what} twice"),
+        });
+    }
+    let total = usize::try_from(state.len_bytes()).unwrap_or(usize::MAX);
+    if total.saturating_add(len) > MAX_STATE_BYTES {
+        return Err(MigrationError::InvalidParams {
+            reason: format!(
+                "the source's VM state passes {} MiB (at {what})",
+                MAX_STATE_BYTES >> 20
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Memory and state on the control connection until Complete.
 fn control_loop(
     r: &mut FrameReader<Incoming>,
@@ -593,10 +622,19 @@ fn control_loop(
                 pw.apply(&entries, data)?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
             }
-            Ok(Frame::VmState(b)) => state.vm = b.to_vec(),
-            Ok(Frame::VcpuState { id, bytes }) => state.vcpus.push((id, bytes.to_vec())),
+            Ok(Frame::VmState(b)) => {
+                check_state(&state, "VM", !state.vm.is_empty(), b.len())?;
+                state.vm = b.to_vec();
+            }
+            Ok(Frame::VcpuState { id, bytes }) => {
+                let dup = state.vcpus.iter().any(|(i, _)| *i == id);
+                check_state(&state, &format!("vCPU {id}"), dup, bytes.len())?;
+                state.vcpus.push((id, bytes.to_vec()));
+            }
             Ok(Frame::DeviceState { id, bytes }) => {
-                state.devices.push((id.to_owned(), bytes.to_vec()))
+                let dup = state.devices.iter().any(|(i, _)| i == id);
+                check_state(&state, &format!("device {id}"), dup, bytes.len())?;
+                state.devices.push((id.to_owned(), bytes.to_vec()));
             }
             Ok(Frame::Complete) => return Ok(state),
             Ok(Frame::Error(reason)) => {
