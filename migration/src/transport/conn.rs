@@ -242,6 +242,17 @@ pub enum MigrationListener {
     Unix(UnixListener, MigrationUrl, PathBuf),
 }
 
+/// A TCP listener on `host:port` and the `tcp:` URL it bound (port 0 becomes the chosen port).
+fn bind_tcp(host: &str, port: u16) -> io::Result<(TcpListener, MigrationUrl)> {
+    let l = TcpListener::bind((host, port))?;
+    let port = l.local_addr()?.port();
+    let bound = MigrationUrl::Tcp {
+        host: host.to_owned(),
+        port,
+    };
+    Ok((l, bound))
+}
+
 impl MigrationListener {
     /// Listen on `url`. A stale Unix socket file at the path is replaced; any other file is not.
     pub fn bind(url: &MigrationUrl) -> Result<Self, TransportError> {
@@ -251,12 +262,7 @@ impl MigrationListener {
         };
         match url {
             MigrationUrl::Tcp { host, port } | MigrationUrl::TcpTls { host, port, .. } => {
-                let l = TcpListener::bind((host.as_str(), *port)).map_err(err)?;
-                let port = l.local_addr().map_err(err)?.port();
-                let bound = MigrationUrl::Tcp {
-                    host: host.clone(),
-                    port,
-                };
+                let (l, bound) = bind_tcp(host, *port).map_err(err)?;
                 Ok(MigrationListener::Tcp(l, bound))
             }
             MigrationUrl::Unix(p) => {
@@ -279,12 +285,7 @@ impl MigrationListener {
         };
         match url {
             MigrationUrl::Tcp { host, port } | MigrationUrl::TcpTls { host, port, .. } => {
-                let l = TcpListener::bind((host.as_str(), *port)).map_err(err)?;
-                let port = l.local_addr().map_err(err)?.port();
-                let bound = MigrationUrl::Tcp {
-                    host: host.clone(),
-                    port,
-                };
+                let (l, bound) = bind_tcp(host, *port).map_err(err)?;
                 Ok(MigrationListener::Tls(l, bound, tls))
             }
             MigrationUrl::Unix(_) => Err(err(io::Error::new(

@@ -48,30 +48,38 @@ const _: () = {
     send::<VfioStateSink>();
 };
 
+/// The constructor and accessors both adapters share: each wraps one [`DeviceMigration`].
+macro_rules! adapter_common {
+    ($adapter:ident) => {
+        impl<D: MigrationOps> $adapter<D> {
+            /// Probes `device` (the source's `id` for it names it everywhere) and reads its
+            /// migration state.
+            pub fn new(id: impl Into<String>, device: D) -> Result<Self, DeviceMigrationError> {
+                Ok(Self {
+                    mig: DeviceMigration::new(id, device)?,
+                })
+            }
+
+            /// The handle underneath (state, capabilities).
+            pub fn handle(&self) -> &DeviceMigration<D> {
+                &self.mig
+            }
+
+            /// Bytes moved, STOP_COPY time and resets so far.
+            pub fn stats(&self) -> DeviceMigrationStats {
+                self.mig.stats()
+            }
+        }
+    };
+}
+
 /// One source device: saves its state for the engine.
 #[derive(Debug)]
 pub struct VfioStateSource<D: MigrationOps = Arc<VfioDevice>> {
     mig: DeviceMigration<D>,
 }
 
-impl<D: MigrationOps> VfioStateSource<D> {
-    /// Probes `device` (`id` names it everywhere) and reads its migration state.
-    pub fn new(id: impl Into<String>, device: D) -> Result<Self, DeviceMigrationError> {
-        Ok(Self {
-            mig: DeviceMigration::new(id, device)?,
-        })
-    }
-
-    /// The handle underneath (state, capabilities).
-    pub fn handle(&self) -> &DeviceMigration<D> {
-        &self.mig
-    }
-
-    /// Bytes moved, STOP_COPY time and resets so far.
-    pub fn stats(&self) -> DeviceMigrationStats {
-        self.mig.stats()
-    }
-}
+adapter_common!(VfioStateSource);
 
 impl<D: MigrationOps + Send> DeviceStateSource for VfioStateSource<D> {
     fn id(&self) -> &str {
@@ -173,24 +181,7 @@ pub struct VfioStateSink<D: MigrationOps = Arc<VfioDevice>> {
     mig: DeviceMigration<D>,
 }
 
-impl<D: MigrationOps> VfioStateSink<D> {
-    /// Probes `device`, known to the source as `id`, and reads its migration state.
-    pub fn new(id: impl Into<String>, device: D) -> Result<Self, DeviceMigrationError> {
-        Ok(Self {
-            mig: DeviceMigration::new(id, device)?,
-        })
-    }
-
-    /// The handle underneath (state, capabilities).
-    pub fn handle(&self) -> &DeviceMigration<D> {
-        &self.mig
-    }
-
-    /// Bytes loaded and resets so far.
-    pub fn stats(&self) -> DeviceMigrationStats {
-        self.mig.stats()
-    }
-}
+adapter_common!(VfioStateSink);
 
 impl<D: MigrationOps + Send> DeviceStateSink for VfioStateSink<D> {
     fn id(&self) -> &str {
