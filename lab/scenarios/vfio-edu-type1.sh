@@ -86,12 +86,7 @@ timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
 a=$!
 # An early exit must not leave tern holding the device for the next scenario.
 trap 'kill $a 2>/dev/null' EXIT
-i=0
-while [ ! -S "$dir/a.sock" ]; do
-    i=$((i + 1))
-    [ "$i" -gt 300 ] && { lab_log "API socket never appeared"; cat "$dir/a.err"; exit 1; }
-    sleep 0.1
-done
+wait_socket "$dir/a.sock" || { cat "$dir/a.err"; exit 1; }
 ternctl --api-socket "$dir/a.sock" info >"$dir/info" 2>&1
 cat "$dir/info"
 if ! grep -q 'edu0' "$dir/info" || ! grep -q 'vfio-pci' "$dir/info" || ! grep -q 'vfio-type1' "$dir/info"; then

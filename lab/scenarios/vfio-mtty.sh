@@ -35,12 +35,7 @@ timeout -s KILL 120 tern --api-socket "$dir/a.sock" --serial "file=$dir/a.log" \
     --guest demo,mib=8 --memory 128M --device "path=$dev,id=mtty0" 2>"$dir/a.err" &
 a=$!
 trap 'kill $a 2>/dev/null' EXIT
-i=0
-while [ ! -S "$dir/a.sock" ]; do
-    i=$((i + 1))
-    [ "$i" -gt 300 ] && { lab_log "API socket never appeared"; cat "$dir/a.err"; exit 1; }
-    sleep 0.1
-done
+wait_socket "$dir/a.sock" || { cat "$dir/a.err"; exit 1; }
 ternctl --api-socket "$dir/a.sock" info >"$dir/info" 2>&1
 cat "$dir/info"
 if ! grep -q '"vfio_migration_caps": *"STOP_COPY|P2P|PRE_COPY"' "$dir/info"; then
