@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::dma::{device_view, DeviceView};
+use common::dma::{device_view, report_pages, DeviceView};
 use common::{
     assert_same_memory, config_bytes, expected_state, shared_memory_of, sock_path, FakeFactory, Mem,
 };
@@ -228,23 +228,7 @@ impl ReadAtStart {
         out: &mut DirtyBitmap,
         clear: bool,
     ) -> Result<(), DirtySourceError> {
-        let pages: Vec<u64> = self
-            .snapshot
-            .range(range.start.0..range.end())
-            .copied()
-            .collect();
-        for &g in &pages {
-            out.mark_range(GuestAddress(g), PAGE_SIZE)
-                .map_err(|source| DirtySourceError::OutputBitmap {
-                    kind: SourceKind::Dma,
-                    range,
-                    source,
-                })?;
-            if clear {
-                self.snapshot.remove(&g);
-            }
-        }
-        Ok(())
+        report_pages(&mut self.snapshot, range, out, clear)
     }
 }
 

@@ -8,9 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tern_api::types::{
-    MigrationState, MigrationStatus, VmReceiveMigrationData, VmSendMigrationData,
-};
+use tern_api::types::{MigrationState, MigrationStatus};
 
 /// Migrations run one at a time: each one keeps two busy guests on a 2-core host.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -59,23 +57,9 @@ fn thread_states(pid: u32) -> String {
         .join(", ")
 }
 
-fn send_body(v: serde_json::Value) -> VmSendMigrationData {
-    serde_json::from_value(v).expect("valid send body")
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn receive(dst: &TernProcess, url: &str) {
-    let body: VmReceiveMigrationData =
-        serde_json::from_value(serde_json::json!({ "receiver_url": url })).unwrap();
     dst.client()
-        .vm_receive_migration(&body)
+        .vm_receive_migration(&receive_body(serde_json::json!({ "receiver_url": url })))
         .expect("receive-migration");
 }
 

@@ -12,7 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use tern_api::types::{MigrationState, VmReceiveMigrationData, VmSendMigrationData};
+use tern_api::types::MigrationState;
 
 const GUEST: &str = "demo,mib=8,dirty-mib-per-s=64";
 const T: Duration = Duration::from_secs(60);
@@ -42,22 +42,6 @@ fn write_pki(dir: &std::path::Path) {
         std::fs::write(dir.join(format!("{side}-cert.pem")), cert.pem()).unwrap();
         std::fs::write(dir.join(format!("{side}-key.pem")), key.serialize_pem()).unwrap();
     }
-}
-
-fn receive_body(v: serde_json::Value) -> VmReceiveMigrationData {
-    serde_json::from_value(v).expect("valid receive body")
-}
-
-fn send_body(v: serde_json::Value) -> VmSendMigrationData {
-    serde_json::from_value(v).expect("valid send body")
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -16,6 +16,29 @@ use vm_memory::{
 
 use super::{Mem, PAGE_SIZE};
 
+/// Marks in `out` every page of `set` (dirty page GPAs) inside `range`, as a DMA source reports;
+/// with `clear` those pages leave the set.
+pub fn report_pages(
+    set: &mut BTreeSet<u64>,
+    range: GpaRange,
+    out: &mut DirtyBitmap,
+    clear: bool,
+) -> Result<(), DirtySourceError> {
+    let pages: Vec<u64> = set.range(range.start.0..range.end()).copied().collect();
+    for &g in &pages {
+        out.mark_range(GuestAddress(g), PAGE_SIZE)
+            .map_err(|source| DirtySourceError::OutputBitmap {
+                kind: SourceKind::Dma,
+                range,
+                source,
+            })?;
+        if clear {
+            set.remove(&g);
+        }
+    }
+    Ok(())
+}
+
 /// The device's view of guest memory: the same file, mapped again, with no dirty bitmap.
 pub type DeviceView = GuestMemoryMmap<()>;
 
@@ -138,20 +161,12 @@ impl FakeDmaSource {
         out: &mut DirtyBitmap,
         clear: bool,
     ) -> Result<(), DirtySourceError> {
-        let mut dirty = self.dev.dirty.lock().expect("dirty");
-        let pages: Vec<u64> = dirty.range(range.start.0..range.end()).copied().collect();
-        for &g in &pages {
-            out.mark_range(GuestAddress(g), PAGE_SIZE)
-                .map_err(|source| DirtySourceError::OutputBitmap {
-                    kind: SourceKind::Dma,
-                    range,
-                    source,
-                })?;
-            if clear {
-                dirty.remove(&g);
-            }
-        }
-        Ok(())
+        report_pages(
+            &mut self.dev.dirty.lock().expect("dirty"),
+            range,
+            out,
+            clear,
+        )
     }
 }
 

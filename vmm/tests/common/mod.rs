@@ -190,3 +190,22 @@ pub fn assert_verifier_clean(text: &str) {
         "guest verifier failed:\n{text}"
     );
 }
+
+/// A `vm.receive-migration` body from JSON (a test's own input: panics if it does not parse).
+pub fn receive_body(v: serde_json::Value) -> tern_api::types::VmReceiveMigrationData {
+    serde_json::from_value(v).expect("valid receive body")
+}
+
+/// A `vm.send-migration` body from JSON (a test's own input: panics if it does not parse).
+pub fn send_body(v: serde_json::Value) -> tern_api::types::VmSendMigrationData {
+    serde_json::from_value(v).expect("valid send body")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
