@@ -140,12 +140,12 @@ impl LaneSender {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Disconnected(_)) => return Err(gone("lane closed".into())),
                 Err(TrySendError::Full(back)) => {
-                    if let Some((limit, _)) = self.stall {
-                        let last = self.counters.activity_ms.load(Ordering::Relaxed);
-                        let idle = ms_since(self.epoch).saturating_sub(last);
-                        if u128::from(idle) >= limit.as_millis() {
-                            return Err(gone(format!("it took no data for {} s", limit.as_secs())));
-                        }
+                    let last = self.counters.activity_ms.load(Ordering::Relaxed);
+                    if let Some(e) = stalled(self.stall, self.epoch, last) {
+                        return Err(MigrationError::Lane {
+                            index: self.index,
+                            source: Box::new(e),
+                        });
                     }
                     item = back;
                     std::thread::sleep(POLL);
@@ -153,6 +153,21 @@ impl LaneSender {
             }
         }
     }
+}
+
+/// The stall error when the last progress (`last_ms` since `epoch`) is older than the stall limit.
+fn stalled(
+    stall: Option<(Duration, &'static str)>,
+    epoch: Instant,
+    last_ms: u64,
+) -> Option<MigrationError> {
+    let (limit, during) = stall?;
+    let idle = ms_since(epoch).saturating_sub(last_ms);
+    (u128::from(idle) >= limit.as_millis()).then(|| MigrationError::PeerGone {
+        peer: "destination",
+        during,
+        detail: format!("it took no data for {} s", limit.as_secs()),
+    })
 }
 
 /// Queue depth per lane: enough to keep the socket busy while the next batch is read.
@@ -423,24 +438,13 @@ impl Lanes {
     }
 
     fn check_stall(&self) -> Result<(), MigrationError> {
-        let Some((limit, during)) = self.stall else {
-            return Ok(());
-        };
         let last = self
             .lanes
             .iter()
             .map(|l| l.counters.activity_ms.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
-        let idle = ms_since(self.epoch).saturating_sub(last);
-        if u128::from(idle) >= limit.as_millis() {
-            return Err(MigrationError::PeerGone {
-                peer: "destination",
-                during,
-                detail: format!("it took no data for {} s", limit.as_secs()),
-            });
-        }
-        Ok(())
+        stalled(self.stall, self.epoch, last).map_or(Ok(()), Err)
     }
 
     fn push(
