@@ -86,11 +86,6 @@ clean() {
     fi
 }
 
-# Usage: json_num FILE KEY — the first number after "KEY": in FILE.
-json_num() {
-    sed -n "s/.*\"$2\": *\([0-9][0-9]*\).*/\1/p" "$1" | head -1
-}
-
 # --- one device ----------------------------------------------------------------------------------
 start_source one 1 --device "path=$m1,id=mtty0" || exit 1
 start_destination || exit 1
@@ -99,7 +94,6 @@ grep -q 'STOP_COPY|P2P|PRE_COPY' "$d/info" || { lab_log "vm.info does not show m
 ternctl --api-socket "$d/b.sock" receive-migration "unix:$d/ab.mig" --device "mtty0=$m2" || exit 1
 ternctl --api-socket "$d/a.sock" send-migration "unix:$d/ab.mig" >/dev/null || exit 1
 ternctl --api-socket "$d/a.sock" migration-status --watch >"$d/watch" 2>&1 || { cat "$d/watch" "$d"/*.err; exit 1; }
-ternctl --api-socket "$d/a.sock" migration-status >"$d/status" 2>/dev/null
 cat "$d/watch"
 wait_tern a source "$d/a.err" || exit 1
 before=$(passes "$d/b.log")
