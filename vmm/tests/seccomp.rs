@@ -39,8 +39,25 @@ fn outcome<T>(what: &str, r: std::io::Result<T>) -> String {
     }
 }
 
+/// `ioctl(fd, request)` with no argument, as an io::Result.
+fn ioctl_no_arg(fd: &impl std::os::fd::AsRawFd, request: u64) -> std::io::Result<i32> {
+    // SAFETY: the requests used here (TIOCEXCL, KVM_GET_API_VERSION) take no argument, so the
+    // kernel reads or writes no memory of ours.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, 0usize) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `_IO(KVMIO, 0x00)`: KVM_GET_API_VERSION.
+const KVM_GET_API_VERSION: u64 = 0xAE00;
+
 /// In the child only: a thread installs the vCPU filter (as a tern vCPU thread does) and tries to
-/// open a UDP socket and to run /bin/true.
+/// open a UDP socket, to run /bin/true, a terminal ioctl (`TIOCEXCL`, no argument) on /dev/null
+/// (ENOTTY without a filter: the call reaches the driver) and a KVM ioctl on /dev/kvm (opened
+/// before the filter, as tern's vCPU threads get their fds).
 #[test]
 fn child_entry() {
     let Ok(mode) = std::env::var(CHILD_ENV) else {
@@ -48,12 +65,22 @@ fn child_entry() {
     };
     let mode: SeccompMode = mode.parse().unwrap();
     seccomp::init(mode).unwrap();
-    let lines = std::thread::spawn(|| {
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let kvm = std::fs::File::open("/dev/kvm").ok();
+    let lines = std::thread::spawn(move || {
         seccomp::install(ThreadKind::Vcpu).unwrap();
-        vec![
+        let mut lines = vec![
             outcome("socket", std::net::UdpSocket::bind("127.0.0.1:0")),
             outcome("spawn", Command::new("/bin/true").status()),
-        ]
+            outcome("tty-ioctl", ioctl_no_arg(&null, libc::TIOCEXCL)),
+        ];
+        if let Some(kvm) = kvm {
+            lines.push(outcome(
+                "kvm-ioctl",
+                ioctl_no_arg(&kvm, KVM_GET_API_VERSION),
+            ));
+        }
+        lines
     })
     .join()
     .unwrap();
@@ -74,6 +101,16 @@ fn vcpu_filter_stops_socket_and_exec() {
         out.contains(&format!("RESULT spawn errno={eperm}")),
         "starting a program was not refused: {out}"
     );
+    assert!(
+        out.contains(&format!("RESULT tty-ioctl errno={eperm}")),
+        "a terminal ioctl was not refused: {out}"
+    );
+    if std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            out.contains("RESULT kvm-ioctl ok"),
+            "the vCPU filter refused a KVM ioctl: {out}"
+        );
+    }
 }
 
 #[test]
@@ -81,6 +118,11 @@ fn without_the_filter_the_same_calls_work() {
     let out = run_child("false");
     assert!(out.contains("RESULT socket ok"), "{out}");
     assert!(out.contains("RESULT spawn ok"), "{out}");
+    // /dev/null is no terminal: the driver itself answers ENOTTY.
+    assert!(
+        out.contains(&format!("RESULT tty-ioctl errno={}", libc::ENOTTY)),
+        "{out}"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! Handlers start migrations — the threads they start are intersected with this filter — so the list
 //! includes the migration list.
 
+use super::ioctl::{IoctlAllow, SET_NONBLOCKING};
 use super::migration;
 
 /// The API allow list (with [`super::base`] and [`super::base::spawn_syscalls`]).
@@ -31,5 +32,12 @@ pub(super) fn syscalls() -> Vec<i64> {
         libc::SYS_ioctl,
     ];
     v.extend(migration::syscalls());
+    v
+}
+
+/// The API threads' ioctls: the listener handed to tokio non-blocking, and the migration list.
+pub(super) fn ioctls() -> Vec<IoctlAllow> {
+    let mut v = vec![SET_NONBLOCKING];
+    v.extend(migration::ioctls());
     v
 }

@@ -2,6 +2,8 @@
 //! selftest), the auto-converge throttle (pauses and resumes the vCPUs). A helper thread opens and
 //! connects nothing.
 
+use super::ioctl::{IoctlAllow, VFIO_IOMMUFD};
+
 /// The device/helper allow list (with [`super::base`]).
 pub(super) fn syscalls() -> Vec<i64> {
     vec![
@@ -12,4 +14,9 @@ pub(super) fn syscalls() -> Vec<i64> {
         libc::SYS_pread64,
         libc::SYS_pwrite64,
     ]
+}
+
+/// The helper's ioctls: the iommufd selftest's and VFIO's only.
+pub(super) fn ioctls() -> Vec<IoctlAllow> {
+    vec![VFIO_IOMMUFD]
 }

@@ -3,6 +3,7 @@
 //! migration, and tears the VM down.
 
 use super::device;
+use super::ioctl::{IoctlAllow, KVM, VFIO_IOMMUFD};
 
 /// The main thread's allow list (with [`super::base`] and [`super::base::spawn_syscalls`]).
 pub(super) fn syscalls() -> Vec<i64> {
@@ -40,5 +41,12 @@ pub(super) fn syscalls() -> Vec<i64> {
     ];
     // A VM received or resumed after this filter is installed may start its mock-DMA thread here.
     v.extend(device::syscalls());
+    v
+}
+
+/// The main thread's ioctls: KVM, VFIO and iommufd teardown (and the helper it may start).
+pub(super) fn ioctls() -> Vec<IoctlAllow> {
+    let mut v = vec![KVM, VFIO_IOMMUFD];
+    v.extend(device::ioctls());
     v
 }

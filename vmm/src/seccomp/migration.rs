@@ -4,6 +4,7 @@
 //! holds what building a VM needs; and both ends start vCPU/helper threads, whose own filters are
 //! intersected with this one, so it includes their lists.
 
+use super::ioctl::{IoctlAllow, SET_NONBLOCKING};
 use super::{device, vcpu};
 
 /// The migration allow list (with [`super::base`] and [`super::base::spawn_syscalls`]).
@@ -67,7 +68,7 @@ pub(super) fn syscalls() -> Vec<i64> {
         // Installing the vCPU kick signal handler when the destination VM is built.
         libc::SYS_rt_sigaction,
         // KVM (dirty log/ring, VM and vCPU state), VFIO migration (device feature/state), iommufd
-        // dirty tracking.
+        // dirty tracking, non-blocking sockets: see [`ioctls`].
         libc::SYS_ioctl,
         // Pinning down guest memory writes before they are sent (msync of the shared mapping).
         libc::SYS_msync,
@@ -75,5 +76,14 @@ pub(super) fn syscalls() -> Vec<i64> {
     ];
     v.extend(vcpu::syscalls());
     v.extend(device::syscalls());
+    v
+}
+
+/// The migration threads' ioctls: the vCPU's and helper's (which they start), and switching
+/// connections to non-blocking.
+pub(super) fn ioctls() -> Vec<IoctlAllow> {
+    let mut v = vec![SET_NONBLOCKING];
+    v.extend(vcpu::ioctls());
+    v.extend(device::ioctls());
     v
 }

@@ -18,6 +18,7 @@
 mod api;
 mod base;
 mod device;
+mod ioctl;
 mod main_thread;
 mod migration;
 mod vcpu;
@@ -102,6 +103,20 @@ impl ThreadKind {
         v
     }
 
+    /// The ioctl requests this kind may make (`ioctl` is in every kind's syscall list, always
+    /// with these conditions).
+    fn allowed_ioctls(self) -> Vec<ioctl::IoctlAllow> {
+        let mut v = match self {
+            ThreadKind::Vcpu => vcpu::ioctls(),
+            ThreadKind::Device => device::ioctls(),
+            ThreadKind::Migration => migration::ioctls(),
+            ThreadKind::Api => api::ioctls(),
+            ThreadKind::Main => main_thread::ioctls(),
+        };
+        v.dedup();
+        v
+    }
+
     /// This kind's filter compiled for `mode` (`None` when filters are off).
     pub fn compile(self, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
         let mismatch = match mode {
@@ -109,11 +124,20 @@ impl ThreadKind {
             SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
             SeccompMode::Log => SeccompAction::Log,
         };
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = self
-            .allowed_syscalls()
-            .into_iter()
-            .map(|nr| (nr, Vec::new()))
-            .collect();
+        let compile_err = |e: seccompiler::BackendError| SeccompError::Compile(self, e.into());
+        let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = BTreeMap::new();
+        for nr in self.allowed_syscalls() {
+            // An empty rule list matches every call of `nr`; ioctl matches only its requests.
+            let conditions = if nr == libc::SYS_ioctl {
+                self.allowed_ioctls()
+                    .into_iter()
+                    .map(|a| a.rule().map_err(compile_err))
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                Vec::new()
+            };
+            rules.insert(nr, conditions);
+        }
         let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|e| SeccompError::Compile(self, e.into()))?;
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
