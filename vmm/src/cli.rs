@@ -72,6 +72,11 @@ pub struct Cli {
     /// always allowed.
     #[arg(long)]
     pub migration_allow_plain_tcp: bool,
+    /// After the VM migrated away, keep serving the API with no VM instead of exiting (QEMU's
+    /// source stays in `postmigrate` the same way), so a manager reads the final statistics when it
+    /// likes and can reuse the process for an incoming migration.
+    #[arg(long)]
+    pub stay_after_migration: bool,
 }
 
 /// Any bad command-line value.

@@ -86,6 +86,8 @@ pub struct Controller {
     me: std::sync::Weak<Controller>,
     /// `--migration-allow-plain-tcp`: plain tcp to/on a non-loopback address without `tls_dir`.
     allow_plain_tcp: std::sync::atomic::AtomicBool,
+    /// `--stay-after-migration`: a source whose VM migrated away drops it and keeps serving.
+    stay_after_migration: std::sync::atomic::AtomicBool,
 }
 
 fn internal(e: impl std::error::Error) -> ApiError {
@@ -117,6 +119,7 @@ impl Controller {
             received,
             me: me.clone(),
             allow_plain_tcp: std::sync::atomic::AtomicBool::new(false),
+            stay_after_migration: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -124,6 +127,31 @@ impl Controller {
     pub fn set_allow_plain_tcp(&self, on: bool) {
         self.allow_plain_tcp
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Keep the process serving after its VM migrated away (`--stay-after-migration`).
+    pub fn set_stay_after_migration(&self, on: bool) {
+        self.stay_after_migration
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After a completed send: exit, or (`--stay-after-migration`) drop the VM, which now runs at
+    /// the destination, and stay idle with the final statistics, ready to receive again.
+    fn migrated_away(&self) {
+        if !self
+            .stay_after_migration
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.request_exit(VmmExit::MigratedAway);
+            return;
+        }
+        let mut inner = self.lock();
+        let machine = inner.machine.take();
+        inner.run_state = RunState::Shutdown;
+        drop(inner);
+        // The main loop drops its epoll on the machine's exit fds when it wakes.
+        drop(machine);
+        let _ = self.wake.write(1);
     }
 
     /// The URL to migrate over: with `tls_dir`, TLS from its files; without, the plain-tcp policy.
@@ -568,9 +596,12 @@ impl ApiHandler for Controller {
                 let outcome = handle.join();
                 match outcome {
                     Ok(o) if o.result.is_ok() => {
-                        log::info!("migration completed; this tern hands its VM over and exits");
+                        log::info!("migration completed; this tern hands its VM over");
+                        // The engine's host holds the machine too: release it first, so that the
+                        // VM's memory and threads go when the controller lets go of it.
+                        drop(o);
                         if let Some(c) = controller {
-                            c.request_exit(VmmExit::MigratedAway);
+                            c.migrated_away();
                         }
                     }
                     Ok(o) => match &o.result {

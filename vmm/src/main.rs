@@ -75,6 +75,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.serial)?, machine)?;
     controller.set_allow_plain_tcp(cli.migration_allow_plain_tcp);
+    controller.set_stay_after_migration(cli.stay_after_migration);
     // The API server thread (and its handler threads) inherit the API filter; the main thread then
     // narrows itself to the main filter.
     seccomp::install(ThreadKind::Api)?;
