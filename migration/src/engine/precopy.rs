@@ -77,6 +77,7 @@ pub fn send(
     let mem = host.guest_memory();
     let regions: Vec<(GuestAddress, u64)> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
     stats.begin(regions.iter().map(|r| r.1).sum());
+    stats.set_downtime_target(params.downtime_ms);
     let mut s = Source {
         host,
         rate: Arc::new(RateLimiter::new(params.max_bandwidth_bytes_per_sec())),
@@ -628,6 +629,7 @@ impl Source<'_> {
             dma_pages_by_source: tally.dma,
             expected_downtime_ms: plan.expected_downtime_ms,
             bandwidth_bytes_per_sec: plan.bandwidth,
+            throttle_percent: self.stats.throttle_percent(),
         });
         if plan.kind == PassKind::Dirty {
             let secs = started.elapsed().as_secs_f64().max(1e-6);

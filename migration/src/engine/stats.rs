@@ -108,6 +108,8 @@ pub struct IterationRecord {
     pub expected_downtime_ms: u64,
     /// Bandwidth the estimate used, bytes/s.
     pub bandwidth_bytes_per_sec: u64,
+    /// Auto-converge vCPU throttle in force at the end of the pass, in percent.
+    pub throttle_percent: u64,
 }
 
 /// Most passes kept in the history (the oldest are dropped beyond this).
@@ -142,6 +144,8 @@ pub struct MigrationStatsSnapshot {
     pub zero_pages: u64,
     /// Expected downtime if switching over now, in ms.
     pub expected_downtime_ms: u64,
+    /// The downtime limit the source switches over under (source side only).
+    pub downtime_target_ms: Option<u64>,
     /// Current auto-converge throttle in percent.
     pub throttle_percent: u64,
     /// Measured downtime (pause → destination ack), once completed.
@@ -175,6 +179,7 @@ pub struct MigrationStats {
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
     expected_downtime_ms: AtomicU64,
+    downtime_target_ms: AtomicU64,
     throttle_percent: AtomicU64,
     downtime_ms: AtomicU64,
     start_unix_ms: AtomicU64,
@@ -224,6 +229,7 @@ impl MigrationStats {
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             expected_downtime_ms: AtomicU64::new(0),
+            downtime_target_ms: AtomicU64::new(UNSET),
             throttle_percent: AtomicU64::new(0),
             downtime_ms: AtomicU64::new(UNSET),
             start_unix_ms: AtomicU64::new(0),
@@ -272,6 +278,7 @@ impl MigrationStats {
             a.store(0, Ordering::Relaxed);
         }
         self.downtime_ms.store(UNSET, Ordering::Relaxed);
+        self.downtime_target_ms.store(UNSET, Ordering::Relaxed);
         self.end_unix_ms.store(UNSET, Ordering::Relaxed);
         self.setup_time_ms.store(UNSET, Ordering::Relaxed);
         self.total_bytes.store(total_bytes, Ordering::Relaxed);
@@ -387,6 +394,15 @@ impl MigrationStats {
         self.expected_downtime_ms.store(ms, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_downtime_target(&self, ms: u64) {
+        self.downtime_target_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The auto-converge throttle now, in percent.
+    pub(crate) fn throttle_percent(&self) -> u64 {
+        self.throttle_percent.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn set_throttle(&self, percent: u8) {
         self.throttle_percent
             .store(u64::from(percent), Ordering::Relaxed);
@@ -437,6 +453,7 @@ impl MigrationStats {
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             expected_downtime_ms: self.expected_downtime_ms.load(Ordering::Relaxed),
+            downtime_target_ms: opt(self.downtime_target_ms.load(Ordering::Relaxed)),
             throttle_percent: self.throttle_percent.load(Ordering::Relaxed),
             downtime_ms: opt(self.downtime_ms.load(Ordering::Relaxed)),
             total_time_ms,
