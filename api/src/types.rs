@@ -528,6 +528,8 @@ pub struct MigrationIteration {
     pub expected_downtime_ms: u64,
     /// Bandwidth that estimate used.
     pub bandwidth_bytes_per_s: u64,
+    /// vCPU throttle auto-converge had applied at the end of the pass, in percent.
+    pub cpu_throttle_percent: u8,
 }
 
 /// Answer to `GET vm.migration`: progress and, once terminal, the result of the migration.
@@ -561,6 +563,8 @@ pub struct MigrationStatus {
     pub expected_downtime_ms: u64,
     /// vCPU throttle applied by auto-converge, in percent (0 when off).
     pub cpu_throttle_percent: u8,
+    /// The downtime the source switches over under (source side only).
+    pub downtime_limit_ms: Option<u64>,
     /// Guest pause measured at switch-over (set when `completed`).
     pub downtime_ms: Option<u64>,
     /// From the start of `setup` to the end (set once terminal).

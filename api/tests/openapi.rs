@@ -75,6 +75,7 @@ fn iteration() -> MigrationIteration {
         dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
         expected_downtime_ms: 1,
         bandwidth_bytes_per_s: 1 << 30,
+        cpu_throttle_percent: 20,
     }
 }
 
@@ -83,6 +84,7 @@ fn migration_status() -> MigrationStatus {
         status: MigrationState::Active,
         dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
         iterations: vec![iteration()],
+        downtime_limit_ms: Some(300),
         devices: vec![tern_api::DeviceMigrationStatus {
             id: "mtty0".into(),
             precopy_bytes: 24,

@@ -263,10 +263,11 @@ fn watch_without_tty_prints_lines_then_summary() {
                 dma_pages_by_device: [("hwpt 3: edu0".to_owned(), dma)].into(),
                 expected_downtime_ms,
                 bandwidth_bytes_per_s: 1 << 30,
+                cpu_throttle_percent: if pass == MigrationPass::Dirty { 20 } else { 0 },
             };
         done.iterations = vec![
             pass(0, MigrationPass::Full, 131_072, 0, 0, 0),
-            pass(1, MigrationPass::Dirty, 1_200, 1_190, 5, 12),
+            pass(1, MigrationPass::Dirty, 1_000, 990, 5, 12),
             pass(2, MigrationPass::Final, 50, 44, 2, 0),
         ];
         s.script.push_back(done);
@@ -312,9 +313,11 @@ fn watch_without_tty_prints_lines_then_summary() {
     assert_eq!(
         rows,
         [
-            ["0", "full", "131072", "512.0", "131", "0", "0", "0", "-"].as_slice(),
-            ["1", "dirty", "1200", "4.7", "1", "1190", "0", "5", "12", "ms"].as_slice(),
-            ["2", "final", "50", "0.2", "0", "44", "0", "2", "-"].as_slice(),
+            // iter pass pages MiB ms MiB/s dirty:kvm vmm dma exp.downtime throttle
+            ["0", "full", "131072", "512.0", "131", "3908", "0", "0", "0", "-", "0%"].as_slice(),
+            ["1", "dirty", "1000", "3.9", "1", "3906", "990", "0", "5", "12", "ms", "20%"]
+                .as_slice(),
+            ["2", "final", "50", "0.2", "0", "-", "44", "0", "2", "-", "0%"].as_slice(),
         ],
         "{text}"
     );
@@ -388,5 +391,90 @@ fn watch_reports_a_vmm_that_went_away() {
         stderr(&out).contains("lost the VMM while the migration was completing"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// A migration that never converged: every pre-copy pass expects more than the limit while the
+/// throttle climbs, then the timeout cancels it.
+fn stuck_migration() -> MigrationStatus {
+    let mut s = progress(MigrationState::Cancelled, 6, 64 << 20);
+    s.downtime_limit_ms = Some(20);
+    s.error = Some("timeout: expected downtime never fell to 20 ms".into());
+    s.iterations = (0..6u8)
+        .map(|i| MigrationIteration {
+            iteration: u64::from(i),
+            pass: if i == 0 {
+                MigrationPass::Full
+            } else {
+                MigrationPass::Dirty
+            },
+            pages_sent: 16_384,
+            bytes_sent: 64 << 20,
+            duration_ms: 100,
+            dirty_pages_by_source: DirtyPagesBySource {
+                kvm: 16_000,
+                vmm: 0,
+                dma: 384,
+            },
+            expected_downtime_ms: if i == 0 { 0 } else { 80 - u64::from(i) },
+            cpu_throttle_percent: 10 * i,
+            ..MigrationIteration::default()
+        })
+        .collect();
+    s
+}
+
+#[test]
+fn migration_report_explains_the_history_and_draws_it() {
+    let vmm = FakeVmm::with_vm(VmState::Running);
+    vmm.lock().script.push_back(stuck_migration());
+    let h = Harness::start(vmm);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chart = dir.path().join("chart.svg");
+    let chart_arg = chart.to_string_lossy().into_owned();
+    let out = ternctl(&h, &["migration-report", "--svg", &chart_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("did not converge") && text.contains("75 ms > 20 ms"),
+        "{text}"
+    );
+    assert!(text.contains("throttled the vCPUs up to 50%"), "{text}");
+    // One row per pass, all of them.
+    let rows = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("dirty"))
+        .count();
+    assert_eq!(rows, 5, "{text}");
+    let svg = std::fs::read_to_string(&chart).expect("the chart was written");
+    assert!(
+        svg.starts_with("<svg"),
+        "not an SVG: {}",
+        &svg[..svg.len().min(80)]
+    );
+    for label in ["dirty: kvm", "dirty: dma", "downtime limit", "throttle %"] {
+        assert!(svg.contains(label), "no {label:?} in the chart");
+    }
+
+    // The same report from a saved status, without asking the VMM.
+    let saved = dir.path().join("status.json");
+    let json = ternctl(&h, &["migration-status"]);
+    std::fs::write(&saved, &json.stdout).expect("save");
+    let saved_arg = saved.to_string_lossy().into_owned();
+    let again = ternctl(&h, &["migration-report", "--from", &saved_arg]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(
+        stdout(&again),
+        text.replace(&format!("chart: {chart_arg}\n"), "")
+    );
+
+    // A file that is not a status is named in the error.
+    std::fs::write(&saved, "{\"status\": 7}").expect("write");
+    let bad = ternctl(&h, &["migration-report", "--from", &saved_arg]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("is not a vm.migration answer"),
+        "{}",
+        stderr(&bad)
     );
 }

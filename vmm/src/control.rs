@@ -373,6 +373,7 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
             dma_pages_by_device: r.dma_pages_by_source.clone(),
             expected_downtime_ms: r.expected_downtime_ms,
             bandwidth_bytes_per_s: r.bandwidth_bytes_per_sec,
+            cpu_throttle_percent: u8::try_from(r.throttle_percent).unwrap_or(u8::MAX),
         })
         .collect();
     let status = match s.status {
@@ -398,6 +399,7 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         iterations,
         expected_downtime_ms: s.expected_downtime_ms,
         cpu_throttle_percent: u8::try_from(s.throttle_percent).unwrap_or(u8::MAX),
+        downtime_limit_ms: s.downtime_target_ms,
         downtime_ms: s.downtime_ms,
         total_time_ms: status.is_terminal().then_some(s.total_time_ms),
         setup_time_ms: s.setup_time_ms,

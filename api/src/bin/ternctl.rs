@@ -14,6 +14,8 @@ use tern_api::{
     VmSendMigrationData,
 };
 
+#[path = "ternctl/report.rs"]
+mod report;
 #[path = "ternctl/watch.rs"]
 mod watch;
 
@@ -108,6 +110,17 @@ enum Command {
     },
     /// Cancel the running migration; the VM keeps running here (PUT vm.migration-cancel).
     MigrationCancel,
+    /// Explain a migration: a verdict on its convergence and every pass (bytes, rate, pages each
+    /// dirty source reported, expected downtime, throttle); --svg draws the convergence chart.
+    MigrationReport {
+        /// Read a status saved with `ternctl migration-status > FILE` instead of asking the VMM
+        /// (a source tern exits after a completed migration unless --stay-after-migration).
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// Also draw the chart to this SVG file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
 }
 
 fn parse_url(s: &str) -> Result<MigrationUrl, String> {
@@ -195,6 +208,17 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
             print_json(&client.vm_migration_status()?)
         }
         Command::MigrationCancel => client.vm_migration_cancel()?,
+        Command::MigrationReport { from, svg } => {
+            let status = match from {
+                Some(path) => report::load(&path)?,
+                None => client.vm_migration_status()?,
+            };
+            print!("{}", report::text(&status)?);
+            if let Some(path) = svg {
+                report::svg(&status, &path)?;
+                println!("chart: {}", path.display());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tern_api::types::{MigrationIteration, MigrationPass};
 use tern_api::{ApiClient, ApiClientError, MigrationState, MigrationStatus};
 
 /// Why watching stopped before the migration ended.
@@ -214,95 +213,12 @@ fn summary(s: &MigrationStatus) -> String {
     if let Some(e) = &s.error {
         out.push_str(&format!("  error:        {e}\n"));
     }
-    out.push_str(&history_table(&s.iterations));
+    out.push_str(&super::report::history_table(
+        &s.iterations,
+        Some(HISTORY_ROWS),
+    ));
     out
 }
 
-/// Passes listed in full; a longer history shows its first [`HISTORY_HEAD`] and last passes.
+/// Passes the summary lists in full; `ternctl migration-report` shows every pass.
 const HISTORY_ROWS: usize = 20;
-const HISTORY_HEAD: usize = 4;
-
-/// One line per pass over guest memory: what it sent, how long it took, what each source
-/// reported dirty during it, and the downtime the engine expected before it.
-fn history_table(iterations: &[MigrationIteration]) -> String {
-    if iterations.is_empty() {
-        return String::new();
-    }
-    let mut out = format!(
-        "  {:>4} {:<5} {:>9} {:>9} {:>7}   {:>9} {:>7} {:>7}   {:>12}\n",
-        "iter", "pass", "pages", "MiB", "ms", "dirty:kvm", "vmm", "dma", "exp.downtime"
-    );
-    let row = |r: &MigrationIteration| {
-        let d = &r.dirty_pages_by_source;
-        let expected = match r.pass {
-            MigrationPass::Dirty => format!("{} ms", r.expected_downtime_ms),
-            MigrationPass::Full | MigrationPass::Final => "-".to_owned(),
-        };
-        format!(
-            "  {:>4} {:<5} {:>9} {:>9.1} {:>7}   {:>9} {:>7} {:>7}   {:>12}\n",
-            r.iteration,
-            pass_name(r.pass),
-            r.pages_sent,
-            r.bytes_sent as f64 / f64::from(1u32 << 20),
-            r.duration_ms,
-            d.kvm,
-            d.vmm,
-            d.dma,
-            expected
-        )
-    };
-    if iterations.len() <= HISTORY_ROWS {
-        iterations.iter().for_each(|r| out.push_str(&row(r)));
-    } else {
-        let tail = HISTORY_ROWS - HISTORY_HEAD;
-        iterations[..HISTORY_HEAD]
-            .iter()
-            .for_each(|r| out.push_str(&row(r)));
-        out.push_str(&format!(
-            "  {:>4} ({} more passes)\n",
-            "…",
-            iterations.len() - HISTORY_ROWS
-        ));
-        iterations[iterations.len() - tail..]
-            .iter()
-            .for_each(|r| out.push_str(&row(r)));
-    }
-    out
-}
-
-fn pass_name(pass: MigrationPass) -> &'static str {
-    match pass {
-        MigrationPass::Full => "full",
-        MigrationPass::Dirty => "dirty",
-        MigrationPass::Final => "final",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_histories_keep_their_first_and_last_passes() {
-        let passes: Vec<_> = (0..30)
-            .map(|i| MigrationIteration {
-                iteration: i,
-                pass: MigrationPass::Dirty,
-                ..MigrationIteration::default()
-            })
-            .collect();
-        let table = history_table(&passes);
-        let first: Vec<_> = table
-            .lines()
-            .skip(1)
-            .map(|l| l.split_whitespace().next().unwrap())
-            .collect();
-        let mut want: Vec<String> = (0..4).map(|i| i.to_string()).collect();
-        want.push("…".into());
-        want.extend((14..30).map(|i| i.to_string()));
-        assert_eq!(first, want);
-        assert!(table.contains("(10 more passes)"), "{table}");
-        assert_eq!(history_table(&passes[..20]).lines().count(), 21);
-        assert!(history_table(&[]).is_empty());
-    }
-}
