@@ -88,12 +88,21 @@ impl RawResponse {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The `error` text of a JSON error body, or the body as text.
+    /// The text of an error body: Cloud Hypervisor's array of messages (outermost first, what
+    /// tern sends) joined by `": "`, the `{"error": "..."}` object older tern servers sent, or
+    /// the body as it is.
     pub fn error_text(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
+        let parsed = serde_json::from_slice::<serde_json::Value>(&self.body).ok();
+        let text = match &parsed {
+            Some(serde_json::Value::Array(messages)) => messages
+                .iter()
+                .map(|m| m.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .map(|m| m.join(": ")),
+            Some(v) => v.get("error").and_then(|e| e.as_str()).map(str::to_owned),
+            None => None,
+        };
+        text.unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
     }
 }
 
@@ -350,11 +359,22 @@ mod tests {
 
     #[test]
     fn read_response_parses_content_length_body() {
+        // An older tern server: reason phrase, lower-case header, `{"error": ...}` body.
         let raw = b"HTTP/1.1 409 Conflict\r\ncontent-length: 13\r\n\r\n{\"error\":\"x\"}";
         let resp = read_response(&mut &raw[..]).ok().unwrap();
         assert_eq!(resp.status, 409);
         assert_eq!(resp.error_text(), "x");
         assert_eq!(resp.header("content-length"), Some("13"));
+    }
+
+    #[test]
+    fn read_response_parses_cloud_hypervisor_style_errors() {
+        // What tern (and CH) send: empty reason phrase, title-case header, array of messages.
+        let raw = b"HTTP/1.1 400 \r\nContent-Length: 17\r\n\r\n[\"outer\",\"inner\"]x";
+        let resp = read_response(&mut &raw[..]).ok().unwrap();
+        assert_eq!(resp.status, 400);
+        assert_eq!(resp.error_text(), "outer: inner");
+        assert_eq!(resp.header("content-length"), Some("17"));
     }
 
     #[test]

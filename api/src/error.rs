@@ -2,8 +2,9 @@
 
 use std::error::Error as StdError;
 
-/// An API call that did not succeed. Handlers return it; the server turns it into a status code and a
-/// `{"error": "..."}` body whose text is [`error_chain`] of the error.
+/// An API call that did not succeed. Handlers return it; the server turns it into a status code and
+/// Cloud Hypervisor's error body: a JSON array of the messages of the error and its sources,
+/// outermost first ([`error_messages`]).
 ///
 /// Messages say what went wrong and, where the caller can act, what to do.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +84,24 @@ impl ApiError {
         }
     }
 
-    /// The JSON body sent for this error: `{"error": "<chain>"}`.
+    /// The JSON body sent for this error, as Cloud Hypervisor's server writes it (its
+    /// `vmm/src/api/http/mod.rs` `error_response`): an array of each error's message from the
+    /// outermost to the root cause, e.g. `["invalid body for vm.send-migration (...)", "unknown
+    /// field `speed`, expected ..."]`. CH's `api_client` hands this text to the user as it is.
     pub fn to_body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": error_chain(self) })
+        serde_json::Value::from(error_messages(self))
     }
+}
+
+/// The message of `err` and of each of its sources, outermost first.
+pub fn error_messages(err: &(dyn StdError + 'static)) -> Vec<String> {
+    let mut messages = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        messages.push(e.to_string());
+        source = e.source();
+    }
+    messages
 }
 
 /// `err` and its sources joined by `": "`. Error messages do not interpolate their source, so this is
@@ -157,9 +172,17 @@ mod tests {
             source,
         };
         let body = err.to_body();
-        let text = body["error"].as_str().unwrap();
-        assert!(text.starts_with(
-            "invalid body for vm.send-migration (schema VmSendMigrationData in api/openapi.yaml): invalid type"
-        ), "{text}");
+        let messages: Vec<&str> = body
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|m| m.as_str().expect("a string"))
+            .collect();
+        assert_eq!(messages.len(), 2, "{body}");
+        assert_eq!(
+            messages[0],
+            "invalid body for vm.send-migration (schema VmSendMigrationData in api/openapi.yaml)"
+        );
+        assert!(messages[1].starts_with("invalid type"), "{body}");
     }
 }

@@ -6,7 +6,8 @@
 //! - defines [`ApiHandler`], the one trait the VMM implements (one method per endpoint), and
 //!   [`ApiError`], whose [`ApiError::status_code`] is the only error → HTTP status mapping;
 //! - serves HTTP/1.1 on a Unix socket created mode 0600 ([`ApiServer`], hyper underneath), routing
-//!   `(method, path)` to the handler and refusing bad requests with `{"error": "..."}` bodies;
+//!   `(method, path)` to the handler and refusing bad requests with Cloud Hypervisor's error body (a
+//!   JSON array of the error chain's messages, outermost first);
 //! - offers a blocking client ([`ApiClient`]) and the `ternctl` command line on top of it;
 //! - keeps `api/openapi.yaml` honest: a test fails when it and the route table or types disagree.
 //!
@@ -26,6 +27,8 @@ pub mod router;
 pub mod server;
 pub mod types;
 pub mod url;
+pub mod vm_config;
+pub mod wire;
 
 pub use client::{ApiClient, ApiClientError, RawResponse};
 pub use error::{error_chain, ApiError};
@@ -34,7 +37,7 @@ pub use router::{Endpoint, HttpMethod, API_PREFIX};
 pub use server::{ApiServer, ApiServerError, ServerOptions};
 pub use types::{
     DeviceInfo, DeviceMapping, DeviceMigrationStatus, DirtyPagesBySource, DmaDirtyInfo, DmaDomain,
-    IommuCapabilities, MigrationState, MigrationStatus, ReceiveMigrationDataError,
+    IommuCapabilities, MigrationMode, MigrationState, MigrationStatus, ReceiveMigrationDataError,
     SendMigrationDataError, TimeoutStrategy, VmConfigInfo, VmInfo, VmReceiveMigrationData,
     VmSendMigrationData, VmState, VmmPingResponse,
 };

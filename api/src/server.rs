@@ -9,6 +9,11 @@
 //! - Bodies are capped: a `Content-Length` above [`ServerOptions::max_body_bytes`] is answered 413
 //!   before any byte of the body is read; a chunked body is cut off at the cap.
 //! - Nothing a client sends can panic the server; a panicking handler yields a 500.
+//! - Responses are written the way Cloud Hypervisor's client library reads them (see [`crate::wire`]):
+//!   `HTTP/1.1 <code> \r\n` with an empty reason phrase, title-cased header names
+//!   (`Content-Length: `), ASCII-only JSON bodies, and errors as a JSON array of messages.
+//! - A request needs no `Content-Type` (CH's client sends none): bodies are read as JSON whatever
+//!   it says.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -430,6 +435,8 @@ where
     });
     http1::Builder::new()
         .timer(TokioTimer::new())
+        // CH's client finds the body only through `Content-Length: ` spelled exactly so.
+        .title_case_headers(true)
         .header_read_timeout(Some(read_timeout))
         .max_buf_size(16 * 1024)
         .half_close(half_close)
@@ -562,10 +569,9 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    // Serializing a Value cannot fail: its map keys are strings.
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
+    let body = crate::wire::to_ascii_json(value);
+    let mut resp = empty_response(status);
+    *resp.body_mut() = Full::new(Bytes::from(body));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -574,6 +580,8 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
 fn empty_response(status: StatusCode) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = status;
+    // `HTTP/1.1 204 \r\n`: CH's client parses everything after the version as the status code.
+    resp.extensions_mut().insert(crate::wire::reason_phrase());
     resp
 }
 

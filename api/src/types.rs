@@ -12,10 +12,18 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::url::MigrationUrl;
+pub use crate::vm_config::{
+    ConsoleMode, CpusInfo, DemoPayloadInfo, DeviceConfigInfo, MemoryInfo, PayloadInfo, SerialInfo,
+    VmConfigInfo,
+};
 
-/// Answer to `GET vmm.ping`.
+/// Answer to `GET vmm.ping`, in Cloud Hypervisor's `VmmPingResponse` shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmmPingResponse {
+    /// The build (CH: its `git describe`; tern: its version, or `TERN_BUILD_VERSION` at build
+    /// time). Older tern servers did not send it.
+    #[serde(default)]
+    pub build_version: String,
     /// tern's version (`CARGO_PKG_VERSION` of the VMM).
     pub version: String,
     /// Process id of the VMM, so tools can tell a restarted VMM from the one they talked to.
@@ -25,15 +33,20 @@ pub struct VmmPingResponse {
     pub features: Vec<String>,
 }
 
-/// Life-cycle state of the VM, as `vm.info` reports it.
+/// Life-cycle state of the VM, as `vm.info` reports it, spelled as Cloud Hypervisor spells its
+/// `VmState` (`Created`, `Running`, `Shutdown`, `Paused`; tern has no `BreakPoint`). The
+/// lower-case names older tern servers sent are still read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Built (or received) but its vCPUs have not run yet.
+    #[serde(alias = "created")]
     Created,
+    #[serde(alias = "running")]
     Running,
+    #[serde(alias = "paused")]
     Paused,
     /// The guest shut down or `vm.shutdown` was called; the VMM process may still be up.
+    #[serde(alias = "shutdown")]
     Shutdown,
 }
 
@@ -45,21 +58,6 @@ impl VmState {
         VmState::Paused,
         VmState::Shutdown,
     ];
-}
-
-/// Summary of the VM's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmConfigInfo {
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    /// The guest kernel or firmware image the VM booted from, if it was booted (not received).
-    #[serde(default)]
-    pub kernel: Option<String>,
-    #[serde(default)]
-    pub cmdline: Option<String>,
-    /// How KVM dirty pages are tracked: `"log"` (dirty bitmap) or `"ring"` (dirty ring).
-    #[serde(default)]
-    pub dirty_tracking: Option<String>,
 }
 
 /// What the IOMMU behind a passthrough device can do for migration.
@@ -132,23 +130,30 @@ pub struct DmaDirtyInfo {
     pub reason: String,
 }
 
-/// Answer to `GET vm.info`.
+/// Answer to `GET vm.info`: Cloud Hypervisor's `VmInfo` (`state`, `config`, `memory_actual_size`)
+/// plus tern's `devices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
     pub state: VmState,
     pub config: VmConfigInfo,
+    /// Guest RAM in bytes (tern has no balloon or hotplug: the configured size).
+    #[serde(default)]
+    pub memory_actual_size: u64,
+    /// Every device of the VM with what migration needs to know of it (tern's addition).
     #[serde(default)]
     pub devices: Vec<DeviceInfo>,
 }
 
-/// What to do when a migration has not converged within `timeout_s`.
+/// What to do when a migration has not converged within `timeout_s`. Spelled as Cloud Hypervisor
+/// spells it (`Cancel`, `Ignore`); tern's earlier lower-case names are accepted too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum TimeoutStrategy {
     /// Give up: the source VM keeps running, the migration ends `cancelled`.
     #[default]
+    #[serde(alias = "cancel")]
     Cancel,
     /// Switch over anyway, accepting a longer downtime than `downtime_ms`.
+    #[serde(alias = "ignore")]
     Ignore,
 }
 
@@ -157,8 +162,31 @@ impl TimeoutStrategy {
     pub const ALL: [TimeoutStrategy; 2] = [TimeoutStrategy::Cancel, TimeoutStrategy::Ignore];
 }
 
+/// How guest memory moves: Cloud Hypervisor's `MigrationMode`. `MemFDs` is tern's `local`
+/// (memory handed over as file descriptors on a unix socket); `Precopy` copies it while the guest
+/// runs. tern has no post-copy: `Postcopy` parses, and the request is refused naming the field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationMode {
+    #[serde(alias = "memfds")]
+    MemFDs,
+    #[default]
+    #[serde(alias = "precopy")]
+    Precopy,
+    #[serde(alias = "postcopy")]
+    Postcopy,
+}
+
+impl MigrationMode {
+    /// Every mode, in declaration order (used by the spec test).
+    pub const ALL: [MigrationMode; 3] = [
+        MigrationMode::MemFDs,
+        MigrationMode::Precopy,
+        MigrationMode::Postcopy,
+    ];
+}
+
 /// Smallest and largest accepted `connections`.
-pub const CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
+pub const CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=128;
 /// Default `downtime_ms` of `vm.send-migration`.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Default `timeout_s` of `vm.send-migration`.
@@ -167,8 +195,16 @@ pub const DEFAULT_TIMEOUT_S: u64 = 3600;
 /// Why a syntactically valid `vm.send-migration` body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendMigrationDataError {
-    #[error("connections is {connections}: use 1 to 16 parallel streams")]
+    #[error("connections is {connections}: use 1 to 128 parallel streams")]
     ConnectionsOutOfRange { connections: u32 },
+    #[error(
+        "memory_mode is Postcopy: tern migrates by pre-copy only; use \"Precopy\" (or \"MemFDs\" on one host)"
+    )]
+    PostcopyUnsupported,
+    #[error(
+        "preserve_source is true: tern does not keep a paused copy of a VM that migrated away (at most one copy of a VM exists); leave it false"
+    )]
+    PreserveSourceUnsupported,
     #[error("downtime_ms is 0: give the longest acceptable pause in milliseconds, e.g. 300")]
     ZeroDowntime,
     #[error("timeout_s is 0: give the migration's time budget in seconds, e.g. 3600")]
@@ -196,7 +232,7 @@ pub struct VmSendMigrationData {
     pub timeout_strategy: TimeoutStrategy,
     /// Bandwidth cap in megabits (10^6 bits) per second; 0 means unlimited.
     pub max_bandwidth_mbps: u64,
-    /// Parallel streams for memory pages (1..=16).
+    /// Parallel streams for memory pages (1..=128).
     pub connections: u32,
     /// Throttle the vCPUs step by step when the guest dirties memory faster than the link sends it.
     pub auto_converge: bool,
@@ -204,6 +240,8 @@ pub struct VmSendMigrationData {
     /// destination's certificate must name the URL's host (Cloud Hypervisor's field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<std::path::PathBuf>,
+    /// `Precopy`, or `MemFDs` (the same as `local: true`; parsing sets both together).
+    pub memory_mode: MigrationMode,
 }
 
 /// The wire shape of [`VmSendMigrationData`]: serde fills defaults and rejects unknown fields here,
@@ -228,6 +266,11 @@ struct SendMigrationFields {
     auto_converge: bool,
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
+    #[serde(default)]
+    memory_mode: MigrationMode,
+    /// Cloud Hypervisor's "keep the source VM paused after it migrated": refused when true.
+    #[serde(default)]
+    preserve_source: bool,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -246,9 +289,19 @@ impl TryFrom<SendMigrationFields> for VmSendMigrationData {
     type Error = SendMigrationDataError;
 
     fn try_from(f: SendMigrationFields) -> Result<Self, Self::Error> {
+        if f.preserve_source {
+            return Err(SendMigrationDataError::PreserveSourceUnsupported);
+        }
+        // CH: `local: true` is `memory_mode: "MemFDs"` (its deprecated spelling).
+        let local = f.local || f.memory_mode == MigrationMode::MemFDs;
+        let memory_mode = match f.memory_mode {
+            MigrationMode::Postcopy => MigrationMode::Postcopy,
+            _ if local => MigrationMode::MemFDs,
+            _ => MigrationMode::Precopy,
+        };
         let data = VmSendMigrationData {
             destination_url: f.destination_url,
-            local: f.local,
+            local,
             downtime_ms: f.downtime_ms,
             timeout_s: f.timeout_s,
             timeout_strategy: f.timeout_strategy,
@@ -256,6 +309,7 @@ impl TryFrom<SendMigrationFields> for VmSendMigrationData {
             connections: f.connections,
             auto_converge: f.auto_converge,
             tls_dir: f.tls_dir,
+            memory_mode,
         };
         data.validate()?;
         Ok(data)
@@ -275,6 +329,7 @@ impl VmSendMigrationData {
             connections: default_connections(),
             auto_converge: false,
             tls_dir: None,
+            memory_mode: MigrationMode::Precopy,
         }
     }
 
@@ -285,6 +340,9 @@ impl VmSendMigrationData {
             return Err(SendMigrationDataError::ConnectionsOutOfRange {
                 connections: self.connections,
             });
+        }
+        if self.memory_mode == MigrationMode::Postcopy {
+            return Err(SendMigrationDataError::PostcopyUnsupported);
         }
         if self.downtime_ms == 0 {
             return Err(SendMigrationDataError::ZeroDowntime);
@@ -325,6 +383,9 @@ pub struct VmReceiveMigrationData {
     /// sources whose client certificate the CA signed are accepted (Cloud Hypervisor's field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<std::path::PathBuf>,
+    /// `Precopy` or `MemFDs`: the receiver takes whichever the source sends (tern's hello says
+    /// which), so both mean the same here; `Postcopy` is refused.
+    pub memory_mode: MigrationMode,
 }
 
 /// One source passthrough device mapped to a device of this host.
@@ -350,6 +411,20 @@ pub enum ReceiveMigrationDataError {
     RelativePath { id: String, path: String },
     #[error("tls_dir needs a tcp: receiver url, not {url}")]
     TlsNeedsTcp { url: String },
+    #[error("memory_mode is Postcopy: tern receives by pre-copy only; use \"Precopy\"")]
+    PostcopyUnsupported,
+    #[error(
+        "vfio_fds passes device file descriptors, which tern does not take over the API socket: give each device's sysfs path in devices: [{{\"id\", \"path\"}}]"
+    )]
+    VfioFdsUnsupported,
+    #[error(
+        "iommufd_fd passes a file descriptor, which tern does not take over the API socket: tern opens /dev/iommu itself"
+    )]
+    IommufdFdUnsupported,
+    #[error(
+        "zone_updates is not empty: tern has no memory zones or host NUMA placement to update"
+    )]
+    ZoneUpdatesUnsupported,
 }
 
 /// The wire shape of [`VmReceiveMigrationData`] (see [`SendMigrationFields`]).
@@ -361,16 +436,36 @@ struct ReceiveMigrationFields {
     devices: Vec<DeviceMapping>,
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
+    #[serde(default)]
+    memory_mode: MigrationMode,
+    // Cloud Hypervisor's fields for what tern does not have: read so that their CH default (null
+    // or empty, which current ch-remote sends) is accepted and anything else refused by name.
+    #[serde(default)]
+    vfio_fds: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    iommufd_fd: Option<serde_json::Value>,
+    #[serde(default)]
+    zone_updates: Vec<serde_json::Value>,
 }
 
 impl TryFrom<ReceiveMigrationFields> for VmReceiveMigrationData {
     type Error = ReceiveMigrationDataError;
 
     fn try_from(f: ReceiveMigrationFields) -> Result<Self, Self::Error> {
+        if f.vfio_fds.is_some_and(|fds| !fds.is_empty()) {
+            return Err(ReceiveMigrationDataError::VfioFdsUnsupported);
+        }
+        if f.iommufd_fd.is_some() {
+            return Err(ReceiveMigrationDataError::IommufdFdUnsupported);
+        }
+        if !f.zone_updates.is_empty() {
+            return Err(ReceiveMigrationDataError::ZoneUpdatesUnsupported);
+        }
         let data = VmReceiveMigrationData {
             receiver_url: f.receiver_url,
             devices: f.devices,
             tls_dir: f.tls_dir,
+            memory_mode: f.memory_mode,
         };
         data.validate()?;
         Ok(data)
@@ -384,6 +479,7 @@ impl VmReceiveMigrationData {
             receiver_url,
             devices: Vec::new(),
             tls_dir: None,
+            memory_mode: MigrationMode::Precopy,
         }
     }
 
@@ -408,6 +504,9 @@ impl VmReceiveMigrationData {
             return Err(ReceiveMigrationDataError::TlsNeedsTcp {
                 url: self.receiver_url.to_string(),
             });
+        }
+        if self.memory_mode == MigrationMode::Postcopy {
+            return Err(ReceiveMigrationDataError::PostcopyUnsupported);
         }
         Ok(())
     }
@@ -651,8 +750,9 @@ mod tests {
         data.timeout_s = 9;
         data.timeout_strategy = TimeoutStrategy::Ignore;
         data.max_bandwidth_mbps = 800;
-        data.connections = 16;
+        data.connections = 128;
         data.auto_converge = true;
+        data.memory_mode = MigrationMode::MemFDs;
         let text = serde_json::to_string(&data).unwrap();
         assert_eq!(
             serde_json::from_str::<VmSendMigrationData>(&text).unwrap(),
@@ -669,8 +769,8 @@ mod tests {
                 "connections is 0",
             ),
             (
-                json!({"destination_url": "tcp:h:1", "connections": 17}),
-                "connections is 17",
+                json!({"destination_url": "tcp:h:1", "connections": 129}),
+                "connections is 129",
             ),
             (
                 json!({"destination_url": "tcp:h:1", "downtime_ms": 0}),
@@ -703,6 +803,86 @@ mod tests {
         for (body, want) in cases {
             let err = parse_send(body.clone()).unwrap_err();
             assert!(err.contains(want), "{body}: got {err:?}, want {want:?}");
+        }
+    }
+
+    /// The bodies current ch-remote sends: its `VmSendMigrationData` / `VmReceiveMigrationData`
+    /// serialized whole (CH's `api_types`), every optional field at its CH default.
+    #[test]
+    fn cloud_hypervisor_bodies_are_accepted_with_their_meaning() {
+        let send = parse_send(json!({
+            "destination_url": "tcp:127.0.0.1:6000", "local": false, "preserve_source": false,
+            "downtime_ms": 200, "timeout_s": 60, "timeout_strategy": "Ignore",
+            "connections": 128, "tls_dir": null, "memory_mode": "Precopy"
+        }))
+        .expect("CH send body");
+        assert_eq!(send.timeout_strategy, TimeoutStrategy::Ignore);
+        assert_eq!(
+            (send.downtime_ms, send.timeout_s, send.connections),
+            (200, 60, 128)
+        );
+        assert!(!send.local && send.memory_mode == MigrationMode::Precopy);
+        // MemFDs is CH's name for tern's local migration, and `local: true` CH's old spelling.
+        for body in [
+            json!({"destination_url": "unix:/m", "memory_mode": "MemFDs"}),
+            json!({"destination_url": "unix:/m", "local": true}),
+        ] {
+            let d = parse_send(body).expect("memfds");
+            assert!(d.local && d.memory_mode == MigrationMode::MemFDs);
+        }
+        let recv: VmReceiveMigrationData = serde_json::from_value(json!({
+            "receiver_url": "tcp:0.0.0.0:6000", "tls_dir": null, "memory_mode": "Precopy",
+            "vfio_fds": null, "iommufd_fd": null, "zone_updates": []
+        }))
+        .expect("CH receive body");
+        assert_eq!(recv, VmReceiveMigrationData::new(recv.receiver_url.clone()));
+        let recv: VmReceiveMigrationData =
+            serde_json::from_value(json!({"receiver_url": "unix:/r", "vfio_fds": []})).unwrap();
+        assert!(recv.devices.is_empty());
+    }
+
+    #[test]
+    fn cloud_hypervisor_features_tern_lacks_are_refused_by_name() {
+        let send = [
+            (
+                json!({"memory_mode": "Postcopy"}),
+                "memory_mode is Postcopy",
+            ),
+            (json!({"preserve_source": true}), "preserve_source is true"),
+            (
+                json!({"memory_mode": "Sideways"}),
+                "unknown variant `Sideways`",
+            ),
+        ];
+        for (extra, want) in send {
+            let mut body = json!({"destination_url": "unix:/m"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let err = parse_send(body.clone()).unwrap_err();
+            assert!(err.contains(want), "{body}: {err}");
+        }
+        let recv = [
+            (
+                json!({"memory_mode": "Postcopy"}),
+                "memory_mode is Postcopy",
+            ),
+            (json!({"vfio_fds": [{"id": "v", "fd": 5}]}), "vfio_fds"),
+            (json!({"iommufd_fd": 7}), "iommufd_fd"),
+            (
+                json!({"zone_updates": [{"id": "z", "host_numa_node": 0}]}),
+                "zone_updates",
+            ),
+        ];
+        for (extra, want) in recv {
+            let mut body = json!({"receiver_url": "unix:/r"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let err = serde_json::from_value::<VmReceiveMigrationData>(body.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{body}: {err}");
         }
     }
 

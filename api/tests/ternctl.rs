@@ -123,7 +123,8 @@ fn data_commands_print_json() {
     assert_eq!(v["version"], "9.9.9-fake");
     let out = ternctl(&h, &["info"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(v["state"], "paused");
+    assert_eq!(v["state"], "Paused");
+    assert_eq!(v["config"]["cpus"]["boot_vcpus"], 2);
     assert_eq!(v["devices"][1]["iommu"]["hw_dirty_tracking"], true);
     let out = ternctl(&h, &["migration-status"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -177,10 +178,10 @@ fn send_migration_flags_reach_the_handler() {
 fn failures_exit_nonzero_with_the_servers_error() {
     let h = Harness::start(FakeVmm::with_vm(VmState::Running));
     // Rejected by the server's validation.
-    let out = ternctl(&h, &["send-migration", "tcp:h:1", "--connections", "99"]);
+    let out = ternctl(&h, &["send-migration", "tcp:h:1", "--connections", "129"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("connections is 99"),
+        stderr(&out).contains("connections is 129"),
         "{}",
         stderr(&out)
     );

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use tern_api::types::{
     DirtyPagesBySource as ApiDirtyPages, MigrationState as ApiMigrationState, MigrationStatus,
-    VmConfigInfo, VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmState as ApiVmState,
-    VmmPingResponse,
+    VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmState as ApiVmState, VmmPingResponse,
 };
 use tern_api::{ApiError, ApiHandler, MigrationUrl as ApiUrl};
 use tern_migration::engine::{
@@ -27,7 +26,7 @@ use tern_migration::transport::{
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{PayloadConfig, SerialConfig};
+use crate::config::SerialConfig;
 use crate::machine::{Machine, MachineExit};
 use crate::migration::host::MachineHost;
 use crate::migration::target::{ReceivedMachine, TernTargetFactory};
@@ -425,11 +424,9 @@ impl ApiHandler for Controller {
         // Probe outside the lock: without a VM it opens /dev/kvm.
         let machine = self.lock().machine.clone();
         let facts = crate::features::probe(&self.kvm_path, machine.as_deref());
-        Ok(VmmPingResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            features: crate::features::feature_names(&facts),
-        })
+        Ok(crate::api_info::ping(crate::features::feature_names(
+            &facts,
+        )))
     }
 
     fn vmm_shutdown(&self) -> Result<(), ApiError> {
@@ -450,31 +447,14 @@ impl ApiHandler for Controller {
         let inner = self.lock();
         let machine = inner.machine.as_ref().ok_or(ApiError::NoVm)?;
         let config = machine.config();
-        let (kernel, cmdline) = match &config.payload {
-            PayloadConfig::Demo(d) => (
-                Some(format!(
-                    "built-in demo guest (mib={}, dirty-mib-per-s={})",
-                    d.mib, d.dirty_mib_per_s
-                )),
-                None,
-            ),
-            PayloadConfig::Kernel {
-                kernel, cmdline, ..
-            } => (Some(kernel.display().to_string()), Some(cmdline.clone())),
-        };
         Ok(VmInfo {
             state: match inner.run_state {
                 RunState::Running => ApiVmState::Running,
                 RunState::Paused => ApiVmState::Paused,
                 RunState::Shutdown => ApiVmState::Shutdown,
             },
-            config: VmConfigInfo {
-                cpus: u32::from(config.cpus),
-                memory_bytes: config.memory_bytes,
-                kernel,
-                cmdline,
-                dirty_tracking: Some(config.dirty_tracking.name().into()),
-            },
+            config: crate::api_info::vm_config_info(config),
+            memory_actual_size: config.memory_bytes,
             devices: passthrough_devices(machine),
         })
     }

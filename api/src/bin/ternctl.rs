@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tern_api::{
-    error_chain, ApiClient, DeviceMapping, MigrationUrl, TimeoutStrategy, VmReceiveMigrationData,
-    VmSendMigrationData,
+    error_chain, ApiClient, DeviceMapping, MigrationMode, MigrationUrl, TimeoutStrategy,
+    VmReceiveMigrationData, VmSendMigrationData,
 };
 
 #[path = "ternctl/report.rs"]
@@ -76,7 +76,7 @@ enum Command {
         /// Bandwidth cap in megabits per second (0 = unlimited).
         #[arg(long, value_name = "MBPS", default_value_t = 0)]
         max_bandwidth_mbps: u64,
-        /// Parallel streams (1 to 16).
+        /// Parallel streams (1 to 128).
         #[arg(long, value_name = "N", default_value_t = 1)]
         connections: u32,
         /// Throttle vCPUs when the guest dirties memory faster than the link sends it.
@@ -187,6 +187,11 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
                 connections,
                 auto_converge,
                 tls_dir,
+                memory_mode: if local {
+                    MigrationMode::MemFDs
+                } else {
+                    MigrationMode::Precopy
+                },
             };
             // Not validated here: the server's check is the one that counts, and its message is
             // the same one the user would get from any other client.
@@ -200,6 +205,7 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
             receiver_url: url,
             devices,
             tls_dir,
+            memory_mode: MigrationMode::Precopy,
         })?,
         Command::MigrationStatus { watch, interval_ms } => {
             if watch {

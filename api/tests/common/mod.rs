@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tern_api::types::{
+    ConsoleMode, CpusInfo, DeviceConfigInfo, MemoryInfo, PayloadInfo, SerialInfo,
+};
 use tern_api::{
     ApiError, ApiHandler, ApiServer, DeviceInfo, DmaDirtyInfo, DmaDomain, IommuCapabilities,
     MigrationState, MigrationStatus, ServerOptions, VmConfigInfo, VmInfo, VmReceiveMigrationData,
@@ -62,12 +65,27 @@ pub fn sample_info(state: VmState) -> VmInfo {
     VmInfo {
         state,
         config: VmConfigInfo {
-            cpus: 2,
-            memory_bytes: 512 << 20,
-            kernel: Some("/guests/demo.elf".into()),
-            cmdline: Some("console=ttyS0".into()),
+            cpus: CpusInfo {
+                boot_vcpus: 2,
+                max_vcpus: 2,
+            },
+            memory: MemoryInfo { size: 512 << 20 },
+            payload: PayloadInfo {
+                kernel: Some("/guests/vmlinux".into()),
+                cmdline: Some("console=ttyS0".into()),
+                ..PayloadInfo::default()
+            },
+            serial: SerialInfo {
+                mode: ConsoleMode::Tty,
+                file: None,
+            },
+            devices: vec![DeviceConfigInfo {
+                path: "/sys/bus/pci/devices/0000:00:04.0".into(),
+                id: "vfio0".into(),
+            }],
             dirty_tracking: Some("log".into()),
         },
+        memory_actual_size: 512 << 20,
         devices: vec![
             DeviceInfo {
                 id: "serial0".into(),
@@ -109,6 +127,7 @@ impl ApiHandler for FakeVmm {
     fn vmm_ping(&self) -> Result<VmmPingResponse, ApiError> {
         drop(self.record("vmm.ping"));
         Ok(VmmPingResponse {
+            build_version: "v9.9.9-fake".into(),
             version: "9.9.9-fake".into(),
             pid: 4242,
             features: vec!["dirty-ring".into()],

@@ -85,7 +85,7 @@ impl SendParams {
             return bad("connections must be at least 1");
         }
         if self.connections > crate::protocol::MAX_CONNECTIONS {
-            return bad("connections must be at most 64 (the protocol's limit)");
+            return bad("connections must be at most 128 (the protocol's limit)");
         }
         if self.local && !matches!(self.destination, MigrationUrl::Unix(_)) {
             return bad("local migration needs a unix: destination_url");

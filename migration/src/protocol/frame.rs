@@ -127,9 +127,10 @@ impl MemoryEntry {
     }
 }
 
-/// Most connections one migration may use. Sources use at most 16 (the API's limit); a receiver
-/// must not wait for (and hold a slot per) tens of thousands a hello announces.
-pub const MAX_CONNECTIONS: u16 = 64;
+/// Most connections one migration may use: Cloud Hypervisor's limit (`connections` of its
+/// `vm.send-migration` is 1 to 128), which the API accepts too. A receiver must not wait for (and
+/// hold a slot per) tens of thousands a hello announces.
+pub const MAX_CONNECTIONS: u16 = 128;
 
 /// Per-connection greeting from the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
