@@ -5,9 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `tern` binary cargo built for these tests.
+pub mod ch_client;
+
+/// The `tern` binary cargo built for these tests, or the one `TERN_TEST_BIN` names (to run a
+/// suite against another build, e.g. an older tern as a negative control).
 pub fn tern_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tern")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("TERN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tern").to_owned())
+    })
 }
 
 /// A fresh temporary directory, removed on drop.
