@@ -623,7 +623,8 @@ pub struct MigrationIteration {
     /// DMA dirty pages claimed during the pass, per DMA tracking domain; the key names the domain
     /// and its devices, e.g. `"hwpt 3: edu0"`.
     pub dma_pages_by_device: BTreeMap<String, u64>,
-    /// Downtime estimated before the pass (0 for the full and final passes).
+    /// Downtime estimated before the pass: 0 for the full pass; for the final pass, the estimate
+    /// that decided the switchover.
     pub expected_downtime_ms: u64,
     /// Bandwidth that estimate used.
     pub bandwidth_bytes_per_s: u64,

@@ -269,7 +269,7 @@ fn watch_without_tty_prints_lines_then_summary() {
         done.iterations = vec![
             pass(0, MigrationPass::Full, 131_072, 0, 0, 0),
             pass(1, MigrationPass::Dirty, 1_000, 990, 5, 12),
-            pass(2, MigrationPass::Final, 50, 44, 2, 0),
+            pass(2, MigrationPass::Final, 50, 44, 2, 9),
         ];
         s.script.push_back(done);
     }
@@ -318,7 +318,7 @@ fn watch_without_tty_prints_lines_then_summary() {
             ["0", "full", "131072", "512.0", "131", "3908", "0", "0", "0", "-", "0%"].as_slice(),
             ["1", "dirty", "1000", "3.9", "1", "3906", "990", "0", "5", "12", "ms", "20%"]
                 .as_slice(),
-            ["2", "final", "50", "0.2", "0", "-", "44", "0", "2", "-", "0%"].as_slice(),
+            ["2", "final", "50", "0.2", "0", "-", "44", "0", "2", "9", "ms", "0%"].as_slice(),
         ],
         "{text}"
     );

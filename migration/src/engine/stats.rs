@@ -104,7 +104,8 @@ pub struct IterationRecord {
     pub dirty_pages: DirtyPagesBySource,
     /// DMA dirty pages claimed per tracking domain (its label names the devices).
     pub dma_pages_by_source: BTreeMap<String, u64>,
-    /// Expected downtime estimated before the pass, in ms (0 for the full and final passes).
+    /// Expected downtime estimated before the pass, in ms: 0 for the full pass; for the final
+    /// pass, the estimate that decided the switchover.
     pub expected_downtime_ms: u64,
     /// Bandwidth the estimate used, bytes/s.
     pub bandwidth_bytes_per_sec: u64,
@@ -324,6 +325,14 @@ impl MigrationStats {
 
     pub(crate) fn snapshot_iteration(&self) -> u64 {
         self.iteration.load(Ordering::Relaxed)
+    }
+
+    /// The latest downtime estimate and the bandwidth it used (bytes/s).
+    pub(crate) fn latest_estimate(&self) -> (u64, u64) {
+        (
+            self.expected_downtime_ms.load(Ordering::Relaxed),
+            self.bandwidth.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn set_iteration(&self, v: u64) {

@@ -61,11 +61,13 @@ pub fn verdict(s: &MigrationStatus) -> String {
         .iter()
         .filter(|r| r.pass == MigrationPass::Dirty)
         .count();
+    // The final pass carries the estimate that decided the switchover; without one (cancelled,
+    // failed), the last pre-copy pass's.
     let last_expected = s
         .iterations
         .iter()
         .rev()
-        .find(|r| r.pass == MigrationPass::Dirty)
+        .find(|r| r.pass != MigrationPass::Full)
         .map(|r| r.expected_downtime_ms);
     let limit = s
         .downtime_limit_ms
@@ -91,13 +93,16 @@ pub fn verdict(s: &MigrationStatus) -> String {
         .unwrap_or(0);
     let why = match (s.status, last_expected, s.downtime_limit_ms) {
         (MigrationState::Completed, Some(e), Some(l)) if e <= l => {
-            format!("converged: the last pre-copy pass expected {e} ms, within the limit")
+            format!(
+                "converged: the switchover was decided on an estimate of {e} ms, within the limit"
+            )
         }
         (MigrationState::Completed, Some(e), Some(_)) => {
             format!("switched over without converging (timeout strategy ignore): expected {e} ms")
         }
         (MigrationState::Completed, None, _) => {
-            "converged after the full pass: nothing left to iterate".to_owned()
+            "completed without a pre-copy estimate (memory handed over, or the destination's view)"
+                .to_owned()
         }
         (MigrationState::Failed | MigrationState::Cancelled, Some(e), Some(l)) if e > l => {
             format!("did not converge: the guest dirtied faster than the link sent (last expected {e} ms > {l} ms)")
@@ -157,8 +162,8 @@ pub fn history_table(iterations: &[MigrationIteration], max_rows: Option<usize>)
     let row = |r: &MigrationIteration| {
         let d = &r.dirty_pages_by_source;
         let expected = match r.pass {
-            MigrationPass::Dirty => format!("{} ms", r.expected_downtime_ms),
-            MigrationPass::Full | MigrationPass::Final => "-".to_owned(),
+            MigrationPass::Dirty | MigrationPass::Final => format!("{} ms", r.expected_downtime_ms),
+            MigrationPass::Full => "-".to_owned(),
         };
         let mib = r.bytes_sent as f64 / f64::from(1u32 << 20);
         let rate = if r.duration_ms == 0 {
@@ -298,7 +303,8 @@ fn pages_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
     Ok(())
 }
 
-/// Bottom: the downtime expected before each pre-copy pass against the limit, and the throttle.
+/// Bottom: the downtime expected before each pass (the final pass: the estimate that decided the
+/// switchover) against the limit and the measured downtime, and the throttle.
 fn downtime_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
     let limit = s.downtime_limit_ms.map(|l| l as f64);
     let max = s
@@ -330,7 +336,7 @@ fn downtime_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
         .draw()?;
     let expected: Vec<(u32, f64)> = (0u32..)
         .zip(s.iterations.iter())
-        .filter(|(_, r)| r.pass == MigrationPass::Dirty)
+        .filter(|(_, r)| r.pass != MigrationPass::Full)
         .map(|(i, r)| (i, r.expected_downtime_ms as f64))
         .collect();
     chart
@@ -431,11 +437,13 @@ mod tests {
 
     #[test]
     fn the_verdict_tells_convergence_from_its_absence() {
-        let ok = verdict(&status(MigrationState::Completed, &[400, 120, 30]));
-        assert!(
-            ok.contains("converged: the last pre-copy pass expected 30 ms"),
-            "{ok}"
-        );
+        let mut done = status(MigrationState::Completed, &[400, 120, 60]);
+        done.iterations
+            .push(pass(4, MigrationPass::Final, 10, 10, 30));
+        let ok = verdict(&done);
+        assert!(ok.contains("decided on an estimate of 30 ms"), "{ok}");
+        let forced = verdict(&status(MigrationState::Completed, &[400, 120, 60]));
+        assert!(forced.contains("without converging"), "{forced}");
         let stuck = verdict(&status(MigrationState::Failed, &[400, 390, 410]));
         assert!(stuck.contains("did not converge"), "{stuck}");
         assert!(stuck.contains("410 ms > 50 ms"), "{stuck}");

@@ -31,12 +31,14 @@ impl Source<'_> {
             // With every vCPU and device stopped nothing can dirty a page after its claim now.
             this.sync_sources()?;
             let iteration = this.stats.snapshot_iteration() + 1;
+            // The record shows the estimate that decided the switchover beside what it sent.
+            let (expected_downtime_ms, bandwidth) = this.stats.latest_estimate();
             let pages = this.pass(PassPlan {
                 kind: PassKind::Final,
                 iteration,
                 skip_unplanned: false,
-                expected_downtime_ms: 0,
-                bandwidth: 0,
+                expected_downtime_ms,
+                bandwidth,
             })?;
             this.stats.set_remaining(0);
             log::info!("switchover: {pages} pages after pause");
