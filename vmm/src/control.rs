@@ -5,7 +5,6 @@
 //! long operation (a migration) runs on its own thread and reports back through [`MigrationStats`]
 //! and the controller's wake eventfd.
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,10 +22,10 @@ use tern_migration::engine::{
 use tern_migration::transport::{
     check_plain_tcp, MigrationListener, MigrationUrl, TlsClient, TlsServer,
 };
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
+use crate::event_loop::{self, ControlEvents, WatchedMachine};
 use crate::machine::{Machine, MachineExit};
 use crate::migration::host::MachineHost;
 use crate::migration::target::{ReceivedMachine, TernTargetFactory};
@@ -79,7 +78,8 @@ pub struct Controller {
     kvm_path: PathBuf,
     serial: SerialConfig,
     inner: Mutex<Inner>,
-    wake: EventFd,
+    /// Shared with the main loop's [`ControlEvents`] subscriber, which drains it.
+    wake: Arc<EventFd>,
     received: Arc<ReceivedMachine>,
     /// Background threads (migration watchers) hold the controller through this.
     me: std::sync::Weak<Controller>,
@@ -102,7 +102,7 @@ impl Controller {
         serial: SerialConfig,
         machine: Option<Machine>,
     ) -> std::io::Result<Arc<Self>> {
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let received = ReceivedMachine::new()?;
         Ok(Arc::new_cyclic(|me| Self {
             kvm_path,
@@ -148,7 +148,7 @@ impl Controller {
         let machine = inner.machine.take();
         inner.run_state = RunState::Shutdown;
         drop(inner);
-        // The main loop drops its epoll on the machine's exit fds when it wakes.
+        // The main loop stops watching the machine's exit fds when it wakes.
         drop(machine);
         let _ = self.wake.write(1);
     }
@@ -193,25 +193,42 @@ impl Controller {
             .is_some_and(|m| !m.stats.status().is_final())
     }
 
-    /// Runs until the guest ends, `vmm.shutdown`, or the VM migrated away.
+    /// Runs until the guest ends, `vmm.shutdown`, or the VM migrated away: the main thread's
+    /// event loop ([`crate::event_loop`]), which wakes when the VM's exit eventfds, the API's
+    /// wake-up or a received VM fire, and then looks at the controller's state again.
     pub fn run(self: &Arc<Self>) -> std::io::Result<VmmExit> {
+        let mut events = event_loop::new_manager()?;
+        let _control =
+            ControlEvents::add(&mut events, self.wake.clone(), self.received.ready_fd())?;
+        let mut watched: Option<WatchedMachine> = None;
         loop {
             if let Some(m) = self.received.take() {
                 let mut inner = self.lock();
                 inner.machine = Some(m);
                 inner.run_state = RunState::Running;
             }
+            // Follow the VM: one arrives by an incoming migration, one leaves by an outgoing one.
             let machine = self.lock().machine.clone();
-            if let Some(m) = &machine {
-                if let Some(exit) = m.check_exit() {
-                    let mut inner = self.lock();
-                    if let Some(job) = inner.migration.as_ref().filter(|j| j.outgoing) {
-                        job.stats.cancel();
-                    }
-                    inner.machine = None;
-                    inner.run_state = RunState::Shutdown;
-                    return Ok(VmmExit::Guest(exit));
+            if watched
+                .as_ref()
+                .is_some_and(|w| !machine.as_ref().is_some_and(|m| w.watches(m)))
+            {
+                if let Some(w) = watched.take() {
+                    w.remove(&mut events);
                 }
+            }
+            if let (None, Some(m)) = (&watched, &machine) {
+                watched = Some(WatchedMachine::add(&mut events, m.clone())?);
+            }
+            drop(machine);
+            if let Some(exit) = watched.as_ref().and_then(WatchedMachine::take_exit) {
+                let mut inner = self.lock();
+                if let Some(job) = inner.migration.as_ref().filter(|j| j.outgoing) {
+                    job.stats.cancel();
+                }
+                inner.machine = None;
+                inner.run_state = RunState::Shutdown;
+                return Ok(VmmExit::Guest(exit));
             }
             // Bound first: an `if let` on `self.lock()` would hold the lock through the grace sleep
             // and starve the API threads.
@@ -224,26 +241,7 @@ impl Controller {
                 }
                 return Ok(exit);
             }
-            let epoll = Epoll::new()?;
-            let mut fds = vec![self.wake.as_raw_fd(), self.received.ready_fd().as_raw_fd()];
-            if let Some(m) = &machine {
-                fds.extend(m.exit_fds());
-            }
-            for fd in &fds {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    *fd,
-                    EpollEvent::new(EventSet::IN, *fd as u64),
-                )?;
-            }
-            drop(machine);
-            let mut events = vec![EpollEvent::default(); fds.len()];
-            match epoll.wait(-1, &mut events) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-            let _ = self.wake.read();
+            event_loop::run_once(&mut events)?;
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod demo;
 pub mod device_manager;
 pub mod dirty;
+pub mod event_loop;
 pub mod features;
 pub mod logger;
 pub mod machine;

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::regs::{self, BootEntry};
@@ -412,31 +411,6 @@ impl Machine {
             });
         }
         None
-    }
-
-    /// Blocks until the guest ends.
-    pub fn wait_exit(&self) -> Result<MachineExit, MachineError> {
-        let epoll = Epoll::new().map_err(MachineError::Epoll)?;
-        for fd in self.exit_fds() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, fd as u64),
-                )
-                .map_err(MachineError::Epoll)?;
-        }
-        let mut ready = [EpollEvent::default(); 3];
-        loop {
-            if let Some(exit) = self.check_exit() {
-                return Ok(exit);
-            }
-            match epoll.wait(-1, &mut ready) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(MachineError::Epoll(e)),
-            }
-        }
     }
 }
 

@@ -10,6 +10,7 @@ use tern_api::ApiServer;
 use tern_vmm::cli::Cli;
 use tern_vmm::config::parse_serial;
 use tern_vmm::control::{Controller, VmmExit};
+use tern_vmm::event_loop;
 use tern_vmm::machine::{Machine, MachineExit};
 use tern_vmm::seccomp::{self, ThreadKind};
 
@@ -67,7 +68,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         machine.resume();
         report_start_latency();
         seccomp::install(ThreadKind::Main)?;
-        return Ok(guest_exit_code(&machine.wait_exit()?));
+        return Ok(guest_exit_code(&event_loop::wait_machine_exit(Arc::new(
+            machine,
+        ))?));
     };
     if let Some(m) = &machine {
         m.resume();
