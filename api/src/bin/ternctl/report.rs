@@ -275,14 +275,14 @@ fn pages_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
         .configure_mesh()
         .x_desc("pass (0 = full)")
         .y_desc("pages")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
-    let series: [(&str, RGBColor, PassValue); 4] = [
-        ("sent", BLACK, |r| r.pages_sent as f64),
+    let dirty: [(&str, RGBColor, PassValue); 3] = [
         ("dirty: kvm", BLUE, |r| r.dirty_pages_by_source.kvm as f64),
         ("dirty: vmm", GREEN, |r| r.dirty_pages_by_source.vmm as f64),
         ("dirty: dma", RED, |r| r.dirty_pages_by_source.dma as f64),
     ];
-    for (name, color, f) in series {
+    for (name, color, f) in dirty {
         // Zero does not exist on a log axis: a source that reported nothing sits on the floor.
         let points = indexed(s, |r| f(r).max(0.5));
         chart
@@ -295,8 +295,19 @@ fn pages_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
                 .map(|p| Circle::new(p, 3, color.filled())),
         )?;
     }
+    // Sent last, thin, with rings: when the union is one source, it lies on that source's line.
+    let sent = indexed(s, |r| (r.pages_sent as f64).max(0.5));
+    chart
+        .draw_series(LineSeries::new(sent.clone(), BLACK.stroke_width(1)))?
+        .label("sent")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK));
+    chart.draw_series(
+        sent.into_iter()
+            .map(|p| Circle::new(p, 5, BLACK.stroke_width(1))),
+    )?;
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
@@ -329,6 +340,7 @@ fn downtime_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
         .configure_mesh()
         .x_desc("pass (0 = full)")
         .y_desc("ms")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     chart
         .configure_secondary_axes()
@@ -375,6 +387,7 @@ fn downtime_chart(area: &Area<'_>, s: &MigrationStatus) -> DrawResult {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], MAGENTA));
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
