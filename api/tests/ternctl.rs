@@ -479,3 +479,24 @@ fn migration_report_explains_the_history_and_draws_it() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn a_reader_that_went_away_ends_ternctl_quietly() {
+    let h = Harness::start(FakeVmm::with_vm(VmState::Running));
+    // A pipe whose read end is already closed: every write to it fails with EPIPE.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .arg("--api-socket")
+        .arg(&h.socket)
+        .arg("info")
+        .stdout(writer)
+        .output()
+        .expect("ternctl runs");
+    assert!(
+        !stderr(&out).contains("panicked"),
+        "ternctl panicked on a closed stdout: {}",
+        stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

@@ -14,6 +14,8 @@ use tern_api::{
     VmReceiveMigrationData, VmSendMigrationData,
 };
 
+#[path = "ternctl/out.rs"]
+mod out;
 #[path = "ternctl/report.rs"]
 mod report;
 #[path = "ternctl/watch.rs"]
@@ -219,10 +221,10 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
                 Some(path) => report::load(&path)?,
                 None => client.vm_migration_status()?,
             };
-            print!("{}", report::text(&status)?);
+            out::emit(&report::text(&status)?);
             if let Some(path) = svg {
                 report::svg(&status, &path)?;
-                println!("chart: {}", path.display());
+                out::emit(&format!("chart: {}\n", path.display()));
             }
         }
     }
@@ -231,7 +233,7 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
 
 fn print_json<T: serde::Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => out::emit(&format!("{text}\n")),
         // The API types always serialize; this only guards against a future non-string map key.
         Err(e) => eprintln!("ternctl: cannot print the answer as JSON: {e}"),
     }

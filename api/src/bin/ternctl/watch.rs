@@ -59,7 +59,7 @@ pub fn watch(
         };
     }
     view.finish();
-    print!("{}", summary(&status));
+    super::out::emit(&summary(&status));
     if status.status == MigrationState::Completed {
         Ok(ExitCode::SUCCESS)
     } else {
@@ -105,7 +105,7 @@ impl View {
             View::Lines { last } => {
                 let line = format!("migration {} {}", state_name(s.status), progress_text(s));
                 if last.as_deref() != Some(line.as_str()) {
-                    println!("{line}");
+                    super::out::emit(&format!("{line}\n"));
                     *last = Some(line);
                 }
             }
