@@ -40,8 +40,50 @@ fn pki() -> std::path::PathBuf {
     dir
 }
 
-/// GB/s moving PER_CONN bytes over each of `n` connections in parallel.
-fn run(tls: Option<&std::path::Path>, n: usize) -> f64 {
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .expect("spawn")
+}
+
+/// CPU seconds this thread used so far (user + system, clock ticks of /proc/thread-self/stat).
+fn thread_cpu() -> f64 {
+    cpu("/proc/thread-self/stat")
+}
+
+/// CPU seconds the whole process used so far (every thread, also ones the transport starts).
+fn process_cpu() -> f64 {
+    cpu("/proc/self/stat")
+}
+
+fn cpu(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
+/// One run: GB/s over all connections, and CPU seconds per GB of the writing and of the
+/// reading threads (with TLS they do the crypto too) and of the whole process.
+struct Run {
+    gbps: f64,
+    tx_cpu: f64,
+    rx_cpu: f64,
+    all_cpu: f64,
+}
+
+/// Move PER_CONN bytes over each of `n` connections in parallel.
+fn run(tls: Option<&std::path::Path>, n: usize) -> Run {
     let any = MigrationUrl::parse("tcp:127.0.0.1:0").expect("url");
     let listener = match tls {
         Some(d) => MigrationListener::bind_tls(&any, TlsServer::from_dir(d).expect("server")),
@@ -62,10 +104,13 @@ fn run(tls: Option<&std::path::Path>, n: usize) -> f64 {
     let servers: Vec<Connection> = (0..n).map(|_| listener.accept().expect("accept")).collect();
     let clients = connector.join().expect("connector");
     let start = Instant::now();
+    let cpu0 = process_cpu();
     let readers: Vec<_> = servers
         .into_iter()
         .map(|mut s| {
-            std::thread::spawn(move || {
+            // Named for profiles (perf --sort comm).
+            spawn("bench-rx", move || {
+                let cpu = thread_cpu();
                 let mut buf = vec![0u8; CHUNK];
                 let mut got = 0;
                 while got < PER_CONN {
@@ -73,31 +118,41 @@ fn run(tls: Option<&std::path::Path>, n: usize) -> f64 {
                     assert!(r > 0, "early eof");
                     got += r;
                 }
+                thread_cpu() - cpu
             })
         })
         .collect();
     let writers: Vec<_> = clients
         .into_iter()
         .map(|mut c| {
-            std::thread::spawn(move || {
+            spawn("bench-tx", move || {
+                let cpu = thread_cpu();
                 let buf = vec![0x5au8; CHUNK];
                 for _ in 0..PER_CONN / CHUNK {
                     c.write_all(&buf).expect("write");
                 }
-                c
+                (c, thread_cpu() - cpu)
             })
         })
         .collect();
-    let clients: Vec<_> = writers
+    let (clients, tx_cpu): (Vec<_>, Vec<f64>) = writers
         .into_iter()
         .map(|w| w.join().expect("writer"))
+        .unzip();
+    let rx_cpu: Vec<f64> = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader"))
         .collect();
-    for r in readers {
-        r.join().expect("reader");
-    }
     let secs = start.elapsed().as_secs_f64();
+    let all_cpu = process_cpu() - cpu0;
     drop(clients);
-    (n * PER_CONN) as f64 / secs / 1e9
+    let gb = (n * PER_CONN) as f64 / 1e9;
+    Run {
+        gbps: gb / secs,
+        tx_cpu: tx_cpu.iter().sum::<f64>() / gb,
+        rx_cpu: rx_cpu.iter().sum::<f64>() / gb,
+        all_cpu: all_cpu / gb,
+    }
 }
 
 fn main() {
@@ -107,16 +162,42 @@ fn main() {
         PER_CONN >> 20,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let rounds: usize = std::env::var("TLS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
     for n in [1, 2] {
-        // Best of three each, interleaved so both see the same machine state.
-        let (mut plain, mut tls) = (0f64, 0f64);
-        for _ in 0..3 {
-            plain = plain.max(run(None, n));
-            tls = tls.max(run(Some(&dir), n));
+        // Interleaved so both see the same machine state; the ratio is taken per round.
+        let (mut plain, mut tls, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let (p, t) = (run(None, n), run(Some(&dir), n));
+            println!(
+                "    {n} conn: plain {:.2} GB/s (cpu s/GB tx {:.2} rx {:.2} all {:.2}), tls {:.2} \
+                 GB/s (cpu s/GB tx {:.2} rx {:.2} all {:.2}), ratio {:.2}",
+                p.gbps,
+                p.tx_cpu,
+                p.rx_cpu,
+                p.all_cpu,
+                t.gbps,
+                t.tx_cpu,
+                t.rx_cpu,
+                t.all_cpu,
+                t.gbps / p.gbps
+            );
+            plain.push(p.gbps);
+            tls.push(t.gbps);
+            ratios.push(t.gbps / p.gbps);
         }
+        let best = |v: &[f64]| v.iter().cloned().fold(0f64, f64::max);
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "  {n} connection(s): plain tcp {plain:.2} GB/s, tls {tls:.2} GB/s, ratio {:.2}",
-            tls / plain
+            "  {n} connection(s): ratio per round min {:.2} median {:.2} max {:.2}; best plain tcp \
+             {:.2} GB/s, best tls {:.2} GB/s",
+            ratios[0],
+            ratios[ratios.len() / 2],
+            ratios[ratios.len() - 1],
+            best(&plain),
+            best(&tls)
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

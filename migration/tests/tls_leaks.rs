@@ -1,6 +1,7 @@
-//! The TLS pump threads end, and their sockets close, whichever side ends a connection and how:
-//! /proc/self/fd and /proc/self/task are back to their counts afterwards. (Its own test binary:
-//! other tests' threads and fds would move the counts.)
+//! TLS connections leave nothing behind (no thread per connection, the socket closes with the
+//! last handle), whichever side ends a connection and how: /proc/self/fd and /proc/self/task are
+//! back to their counts afterwards. (Its own test binary: other tests' threads and fds would move
+//! the counts.)
 
 mod pki;
 
@@ -28,7 +29,7 @@ fn settle(fds: usize, threads: usize) -> (usize, usize) {
 }
 
 #[test]
-fn pumps_end_and_close_their_sockets() {
+fn connections_close_their_sockets() {
     let ca = Ca::new("tern test ca");
     let dir = pki::both_dir(&ca, &["127.0.0.1"]);
     let server = TlsServer::from_dir(&dir).expect("server");

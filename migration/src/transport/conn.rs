@@ -12,7 +12,7 @@ use vm_memory::{ReadVolatile, WriteVolatile};
 use vm_memory::{VolatileMemoryError, VolatileSlice};
 
 use super::tls::{TlsError, TlsServer};
-use super::tls_pump::TlsStream;
+use super::tls_stream::TlsStream;
 use super::url::MigrationUrl;
 
 /// Transport errors; each names the URL or operation.
@@ -81,12 +81,12 @@ pub enum Connection {
     Unix(UnixStream),
 }
 
-/// A TCP connection: plain, or TLS through a pump thread (see `tls_pump`).
+/// A TCP connection: plain, or TLS (see `tls_stream`).
 #[derive(Debug)]
 pub enum TcpLink {
     /// Plain TCP.
     Plain(TcpStream),
-    /// Mutually authenticated TLS; the engine holds a socket pair end the pump serves.
+    /// Mutually authenticated TLS, encrypted on the thread that reads or writes.
     Tls(TlsStream),
 }
 

@@ -1,12 +1,15 @@
 //! Byte transports for the protocol: `tcp:HOST:PORT`, `unix:PATH`, and local mode (guest memory as
-//! memfds passed with SCM_RIGHTS over the Unix socket), mutual TLS over `tcp:` (`tls`, `tls_pump`),
+//! memfds passed with SCM_RIGHTS over the Unix socket), mutual TLS over `tcp:` (`tls`,
+//! `tls_handshake`, `tls_record`, `tls_stream`),
 //! plus a shared token-bucket bandwidth cap.
 
 mod conn;
 mod local;
 mod rate;
 mod tls;
-mod tls_pump;
+mod tls_handshake;
+mod tls_record;
+mod tls_stream;
 mod url;
 
 pub use conn::{Connection, MigrationListener, TcpLink, TransportError};
@@ -16,5 +19,5 @@ pub use tls::{
     check_plain_tcp, is_loopback_host, TlsClient, TlsError, TlsServer, ALLOW_PLAIN_TCP_FLAG,
     CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY,
 };
-pub use tls_pump::TlsStream;
+pub use tls_stream::TlsStream;
 pub use url::{MigrationUrl, TlsNeedsTcp, UrlError};

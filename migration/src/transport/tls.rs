@@ -8,22 +8,27 @@
 //! Each connection does its own handshake; the receiver then sends one confirmation byte that the
 //! sender waits for, so a client certificate the receiver refuses (TLS 1.3 judges it after the
 //! client already finished) fails `connect` with the receiver's alert, not a later read.
-//! After that the connection is handed to a pump thread (see `tls_pump`) so the engine keeps a
-//! socket it can `try_clone` and shut down.
+//! The handshake runs through rustls's unbuffered API (`tls_handshake`); afterwards rustls keeps
+//! only key updates, and the records are sealed and opened on the engine's own threads
+//! (`tls_record`, `tls_stream`), each direction on its own, so the engine keeps a connection it
+//! can `try_clone` and shut down like a socket.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::UnbufferedServerConnection;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use super::tls_pump::TlsStream;
+use super::tls_handshake;
+use super::tls_stream::TlsStream;
 use super::url::MigrationUrl;
 
 /// CA that signs both sides' certificates.
@@ -42,9 +47,6 @@ pub const ALLOW_PLAIN_TCP_FLAG: &str = "--migration-allow-plain-tcp";
 
 /// How long one handshake (and the confirmation byte) may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The byte the receiver sends once it accepted the sender's certificate.
-const CONFIRM: u8 = 0x5a;
 
 /// Why TLS could not be set up or used.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +174,7 @@ impl TlsClient {
             let dir = dir.to_owned();
             move |source| TlsError::Config { dir, what, source }
         };
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg("protocol versions"))?
             .with_root_certificates(roots)
@@ -180,6 +182,8 @@ impl TlsClient {
             .map_err(cfg(
                 "client-cert.pem and client-key.pem do not form a usable pair",
             ))?;
+        // The records are ours after the handshake (see `tls_stream`).
+        config.enable_secret_extraction = true;
         Ok(TlsClient {
             config: Arc::new(config),
             dir: dir.to_owned(),
@@ -196,24 +200,13 @@ impl TlsClient {
             peer: peer.clone(),
             source,
         };
-        let mut conn = ClientConnection::new(self.config.clone(), name)
+        let conn = UnbufferedClientConnection::new(self.config.clone(), name)
             .map_err(|e| fail(io::Error::other(e)))?;
         let mut tcp = tcp;
         set_timeouts(&tcp, Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
-        handshake(&mut conn, &mut tcp).map_err(fail)?;
-        // Wait for the receiver's verdict on our certificate.
-        let mut b = [0u8; 1];
-        rustls::Stream::new(&mut conn, &mut tcp)
-            .read_exact(&mut b)
-            .map_err(fail)?;
-        if b[0] != CONFIRM {
-            return Err(fail(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the receiver did not confirm the handshake",
-            )));
-        }
+        let est = tls_handshake::client(conn, &mut tcp).map_err(fail)?;
         set_timeouts(&tcp, None).map_err(fail)?;
-        TlsStream::spawn(conn.into(), tcp, peer.clone()).map_err(fail)
+        TlsStream::new(tcp, peer.clone(), est).map_err(fail)
     }
 }
 
@@ -265,6 +258,7 @@ impl TlsServer {
             ))?;
         // Every connection is a fresh, fully authenticated handshake.
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = true;
         Ok(TlsServer {
             config: Arc::new(config),
             dir: dir.to_owned(),
@@ -278,19 +272,13 @@ impl TlsServer {
             peer: peer.clone(),
             source,
         };
-        let mut conn =
-            ServerConnection::new(self.config.clone()).map_err(|e| fail(io::Error::other(e)))?;
+        let conn = UnbufferedServerConnection::new(self.config.clone())
+            .map_err(|e| fail(io::Error::other(e)))?;
         let mut tcp = tcp;
         set_timeouts(&tcp, Some(HANDSHAKE_TIMEOUT)).map_err(fail)?;
-        handshake(&mut conn, &mut tcp).map_err(fail)?;
-        rustls::Stream::new(&mut conn, &mut tcp)
-            .write_all(&[CONFIRM])
-            .map_err(fail)?;
-        while conn.wants_write() {
-            conn.write_tls(&mut tcp).map_err(fail)?;
-        }
+        let est = tls_handshake::server(conn, &mut tcp).map_err(fail)?;
         set_timeouts(&tcp, None).map_err(fail)?;
-        TlsStream::spawn(conn.into(), tcp, peer.clone()).map_err(fail)
+        TlsStream::new(tcp, peer.clone(), est).map_err(fail)
     }
 }
 
@@ -308,22 +296,6 @@ fn peer_name(tcp: &TcpStream) -> String {
 fn set_timeouts(tcp: &TcpStream, t: Option<Duration>) -> io::Result<()> {
     tcp.set_read_timeout(t)?;
     tcp.set_write_timeout(t)
-}
-
-fn handshake<D: rustls::SideData>(
-    conn: &mut rustls::ConnectionCommon<D>,
-    tcp: &mut TcpStream,
-) -> io::Result<()> {
-    while conn.is_handshaking() {
-        let (rd, wr) = conn.complete_io(tcp)?;
-        if rd == 0 && wr == 0 && conn.is_handshaking() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed the connection during the handshake",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Whether `host` is (or resolves only to) a loopback address.

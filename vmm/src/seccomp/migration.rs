@@ -23,8 +23,6 @@ pub(super) fn syscalls() -> Vec<i64> {
         libc::SYS_getsockname,
         libc::SYS_getpeername,
         libc::SYS_shutdown,
-        // A TLS connection's pump thread serves the engine one end of a unix socket pair.
-        libc::SYS_socketpair,
         // The stream itself: frames and page data; SCM_RIGHTS passes the memfd for local migration.
         libc::SYS_read,
         libc::SYS_readv,

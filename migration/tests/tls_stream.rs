@@ -1,0 +1,191 @@
+//! The TLS stream's own guarantees below the engine: data survives key updates in both directions
+//! at once, with each side reading and writing on its own thread; a stream cut short or altered on
+//! the wire is an error, never a clean end of stream.
+
+mod pki;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+
+use pki::Ca;
+use tern_migration::transport::{
+    Connection, MigrationListener, MigrationUrl, TcpLink, TlsClient, TlsServer,
+};
+
+fn tls_dir() -> std::path::PathBuf {
+    pki::both_dir(&Ca::new("tern test ca"), &["127.0.0.1"])
+}
+
+/// A TLS listener for `dir` and the URL clients reach it at.
+fn listen(dir: &Path) -> (MigrationListener, MigrationUrl) {
+    let server = TlsServer::from_dir(dir).expect("server");
+    let l = MigrationListener::bind_tls(
+        &MigrationUrl::parse("tcp:127.0.0.1:0").expect("url"),
+        server,
+    )
+    .expect("bind");
+    let u = l.url().clone();
+    (l, u)
+}
+
+fn connect(url: MigrationUrl, dir: &Path) -> std::thread::JoinHandle<Connection> {
+    let url = url
+        .with_tls(TlsClient::from_dir(dir).expect("client"))
+        .expect("tls url");
+    std::thread::spawn(move || Connection::connect(&url).expect("connect"))
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(seed) ^ (i >> 11)) as u8)
+        .collect()
+}
+
+fn rekey_every(c: &Connection, records: u64) {
+    match c {
+        Connection::Tcp(TcpLink::Tls(s)) => s.rekey_every(records),
+        other => panic!("not tls: {other:?}"),
+    }
+}
+
+#[test]
+fn both_directions_at_once_across_key_updates() {
+    let dir = tls_dir();
+    let (l, url) = listen(&dir);
+    let t = connect(url, &dir);
+    let s = l.accept().expect("accept");
+    let c = t.join().expect("client");
+    // A KeyUpdate every 3 records: 8 MiB is ~170 updates each way.
+    rekey_every(&c, 3);
+    rekey_every(&s, 3);
+    let len = 8 << 20;
+    let mut threads = Vec::new();
+    for (conn, seed_out, seed_in) in [(c, 7, 13), (s, 13, 7)] {
+        let mut r = conn.try_clone().expect("clone");
+        threads.push(std::thread::spawn(move || {
+            let mut got = vec![0; len];
+            r.read_exact(&mut got).expect("read");
+            assert!(got == pattern(len, seed_in), "bytes arrive intact");
+        }));
+        let mut w = conn;
+        threads.push(std::thread::spawn(move || {
+            w.write_all(&pattern(len, seed_out)).expect("write");
+        }));
+    }
+    for t in threads {
+        t.join().expect("thread");
+    }
+}
+
+/// Client → relay → server; `cut(offset, bytes)` may alter what goes to the server or end the
+/// stream there (false: shut the server's side down, as a lost or hostile link would).
+fn relayed(
+    dir: &Path,
+    cut: impl FnMut(usize, &mut [u8]) -> bool + Send + 'static,
+) -> (Connection, Connection) {
+    let (l, server_url) = listen(dir);
+    let relay = TcpListener::bind("127.0.0.1:0").expect("relay");
+    let relay_url =
+        MigrationUrl::parse(&format!("tcp:{}", relay.local_addr().expect("addr"))).expect("url");
+    let MigrationUrl::Tcp { port, .. } = server_url else {
+        panic!("tcp url")
+    };
+    std::thread::spawn(move || {
+        let (from_client, _) = relay.accept().expect("relay accept");
+        let to_server = TcpStream::connect(("127.0.0.1", port)).expect("relay connect");
+        let (mut a, mut b) = (
+            to_server.try_clone().expect("clone"),
+            from_client.try_clone().expect("clone"),
+        );
+        // Server → client untouched.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut a, &mut b);
+            let _ = b.shutdown(Shutdown::Write);
+        });
+        let (mut from_client, mut to_server) = (from_client, to_server);
+        let mut cut = cut;
+        let mut buf = vec![0; 64 << 10];
+        let mut off = 0;
+        loop {
+            let n = match from_client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !cut(off, &mut buf[..n]) {
+                break;
+            }
+            if to_server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            off += n;
+        }
+        let _ = to_server.shutdown(Shutdown::Write);
+        // Keep draining so the client's writes finish.
+        let _ = std::io::copy(&mut from_client, &mut std::io::sink());
+    });
+    let t = connect(relay_url, dir);
+    let s = l.accept().expect("accept");
+    (t.join().expect("client"), s)
+}
+
+/// Send `len` bytes then end the stream properly; what the server reads until its end or error.
+fn send_and_read(c: Connection, mut s: Connection, len: usize) -> (Vec<u8>, std::io::Result<()>) {
+    let w = std::thread::spawn(move || {
+        let mut c = c;
+        let _ = c.write_all(&pattern(len, 5));
+        // Dropping the last handle sends close_notify.
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0; 1 << 20];
+    let res = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    w.join().expect("writer");
+    (got, res)
+}
+
+#[test]
+fn an_intact_stream_ends_cleanly_through_the_relay() {
+    let dir = tls_dir();
+    let (c, s) = relayed(&dir, |_, _| true);
+    let len = 4 << 20;
+    let (got, res) = send_and_read(c, s, len);
+    res.expect("clean end after close_notify");
+    assert!(got == pattern(len, 5), "bytes arrive intact");
+}
+
+#[test]
+fn a_stream_cut_on_the_wire_is_an_error_not_an_end() {
+    let dir = tls_dir();
+    // Everything up to the cut arrives, then a TCP FIN without close_notify.
+    let (c, s) = relayed(&dir, |off, _| off < 300_000);
+    let len = 4 << 20;
+    let (got, res) = send_and_read(c, s, len);
+    let e = res.expect_err("a truncated stream must not read as its end");
+    assert_eq!(e.kind(), ErrorKind::UnexpectedEof, "{e}");
+    assert!(e.to_string().contains("close_notify"), "{e}");
+    assert!(got.len() < len && got[..] == pattern(len, 5)[..got.len()]);
+}
+
+#[test]
+fn an_altered_record_is_an_error() {
+    let dir = tls_dir();
+    // Flip one bit well past the handshake.
+    let (c, s) = relayed(&dir, |off, b| {
+        let at = 200_000usize;
+        if (off..off + b.len()).contains(&at) {
+            b[at - off] ^= 0x10;
+        }
+        true
+    });
+    let len = 4 << 20;
+    let (got, res) = send_and_read(c, s, len);
+    let e = res.expect_err("an altered record must fail");
+    assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+    assert!(got.len() < 200_000 && got[..] == pattern(len, 5)[..got.len()]);
+}
