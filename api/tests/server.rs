@@ -500,6 +500,8 @@ fn keep_alive_connection_serves_several_requests_in_order() {
         .collect();
     // Cloud Hypervisor's status lines: the code and an empty reason phrase.
     assert_eq!(statuses, ["200 ", "204 ", "200 "], "{resp}");
+    // ... and the header CH's client finds the body by, spelled as it searches for it.
+    assert_eq!(resp.matches("\r\nContent-Length: ").count(), 2, "{resp}");
     assert!(resp.contains(r#""state":"Paused""#), "{resp}");
     assert_eq!(h.vmm.calls(), ["vmm.ping", "vm.pause", "vm.info"]);
 }
