@@ -1,7 +1,7 @@
 //! Byte transports for the protocol: `tcp:HOST:PORT`, `unix:PATH`, and local mode (guest memory as
-//! memfds passed with SCM_RIGHTS over the Unix socket), mutual TLS over `tcp:` (`tls`,
-//! `tls_handshake`, `tls_record`, `tls_stream`),
-//! plus a shared token-bucket bandwidth cap.
+//! memfds passed with SCM_RIGHTS over the Unix socket), mutual TLS over `tcp:` (`tls`: config and
+//! policy; `tls_handshake`: rustls handshake; `tls_record`: record protection; `tls_stream`: the
+//! splittable connection, and what TLS costs), plus a shared token-bucket bandwidth cap.
 
 mod conn;
 mod local;

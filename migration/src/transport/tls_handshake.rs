@@ -208,7 +208,11 @@ fn drive<S: Side>(conn: &mut S, tcp: &mut TcpStream) -> io::Result<Vec<u8>> {
                     _ => {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            "the receiver did not confirm the handshake",
+                            if S::SERVER {
+                                "the sender sent data before the handshake was confirmed"
+                            } else {
+                                "the receiver did not confirm the handshake"
+                            },
                         ))
                     }
                 }

@@ -8,6 +8,14 @@
 //! The end of the stream is authenticated: a reader gets EOF only after the peer's close_notify
 //! (or after shutting its own read side); a TCP EOF before it is an error (truncation). This
 //! side sends close_notify when its write side is shut or the last handle is dropped.
+//!
+//! Cost (`benches/tls_throughput.rs` has the numbers): per byte, one AES-GCM pass and one copy on
+//! each side beyond plain TCP — the writer copies plaintext into the record and seals it in place,
+//! the reader opens records in place in its receive buffer and copies the plaintext out. The AEAD
+//! is most of it. Against the earlier pump thread per connection this halved the CPU per GB (1.35
+//! → 0.73 s/GB for 1 GiB over one loopback connection). Kernel TLS (absent from this host's
+//! kernel: no `tls` ULP) would take the same secrets (`tls_handshake` already ends in rustls's
+//! `KernelConnection`) and save the copy, not the AEAD; NIC TLS offload would save the AEAD.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
