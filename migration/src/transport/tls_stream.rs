@@ -229,6 +229,10 @@ impl Inner {
                 }
             }
             if let Err(e) = self.fill(&mut rx) {
+                if self.read_shut.load(Ordering::SeqCst) {
+                    // Shut down meanwhile (EOF, or EAGAIN while close_notify went out).
+                    continue;
+                }
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock
@@ -238,9 +242,7 @@ impl Inner {
                     // Nothing lost: the partial record stays buffered.
                     return Err(e);
                 }
-                if !self.read_shut.load(Ordering::SeqCst) {
-                    rx.failed = Some((e.kind(), e.to_string()));
-                }
+                rx.failed = Some((e.kind(), e.to_string()));
             }
         }
     }
@@ -395,7 +397,8 @@ impl Inner {
 }
 
 /// Send close_notify once, without blocking (a full socket just misses it: the peer then
-/// reports truncation, which is what an abort is).
+/// reports truncation, which is what an abort is). Only syscalls the migration threads' seccomp
+/// filter allows; on a thread whose filter refuses them (EPERM) it is skipped the same way.
 fn close_notify(tcp: &TcpStream, tx: &mut Tx) {
     if tx.closed || tx.broken {
         tx.closed = true;
