@@ -140,6 +140,24 @@ impl ApiClient {
         self.call_empty(Endpoint::VmmShutdown, None)
     }
 
+    /// `vm.create` with a VmConfig as JSON text (as `ch-remote create` sends a config file): the
+    /// server's parser is the one that checks it.
+    pub fn vm_create_json(&self, config: &str) -> Result<(), ApiClientError> {
+        self.call_empty(Endpoint::VmCreate, Some(config.as_bytes()))
+    }
+
+    pub fn vm_boot(&self) -> Result<(), ApiClientError> {
+        self.call_empty(Endpoint::VmBoot, None)
+    }
+
+    pub fn vm_delete(&self) -> Result<(), ApiClientError> {
+        self.call_empty(Endpoint::VmDelete, None)
+    }
+
+    pub fn vm_reboot(&self) -> Result<(), ApiClientError> {
+        self.call_empty(Endpoint::VmReboot, None)
+    }
+
     pub fn vm_info(&self) -> Result<VmInfo, ApiClientError> {
         self.call_json(Endpoint::VmInfo)
     }

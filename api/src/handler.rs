@@ -4,6 +4,7 @@ use crate::error::ApiError;
 use crate::types::{
     MigrationStatus, VmInfo, VmReceiveMigrationData, VmSendMigrationData, VmmPingResponse,
 };
+use crate::vm_create::VmCreateConfig;
 
 /// Serves the API's endpoints. The server calls these from a small pool of blocking threads, possibly
 /// several at once, so implementations forward to the VMM (e.g. over a channel) and return quickly.
@@ -18,6 +19,15 @@ pub trait ApiHandler: Send + Sync {
     /// `PUT /api/v1/vmm.shutdown`: stop the VM (if any) and exit the VMM process. Answer first, exit
     /// after; the caller sees 204.
     fn vmm_shutdown(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.create`: record the VM's configuration (Cloud Hypervisor's `VmConfig`);
+    /// nothing runs until `vm.boot`. [`ApiError::Conflict`] if the VMM already has a VM.
+    fn vm_create(&self, config: VmCreateConfig) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.boot`: build and start the created VM (again, after `vm.shutdown`).
+    fn vm_boot(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.delete`: stop the VM if it runs and forget its configuration.
+    fn vm_delete(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.reboot`: stop the running VM and boot it again from its configuration.
+    fn vm_reboot(&self) -> Result<(), ApiError>;
     /// `GET /api/v1/vm.info`; [`ApiError::NoVm`] when there is no VM.
     fn vm_info(&self) -> Result<VmInfo, ApiError>;
     /// `PUT /api/v1/vm.pause`.

@@ -28,6 +28,7 @@ pub mod server;
 pub mod types;
 pub mod url;
 pub mod vm_config;
+pub mod vm_create;
 pub mod wire;
 
 pub use client::{ApiClient, ApiClientError, RawResponse};

@@ -30,6 +30,10 @@ impl HttpMethod {
 pub enum Endpoint {
     VmmPing,
     VmmShutdown,
+    VmCreate,
+    VmBoot,
+    VmDelete,
+    VmReboot,
     VmInfo,
     VmPause,
     VmResume,
@@ -41,9 +45,13 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 14] = [
         Endpoint::VmmPing,
         Endpoint::VmmShutdown,
+        Endpoint::VmCreate,
+        Endpoint::VmBoot,
+        Endpoint::VmDelete,
+        Endpoint::VmReboot,
         Endpoint::VmInfo,
         Endpoint::VmPause,
         Endpoint::VmResume,
@@ -59,6 +67,10 @@ impl Endpoint {
         match self {
             Endpoint::VmmPing => "vmm.ping",
             Endpoint::VmmShutdown => "vmm.shutdown",
+            Endpoint::VmCreate => "vm.create",
+            Endpoint::VmBoot => "vm.boot",
+            Endpoint::VmDelete => "vm.delete",
+            Endpoint::VmReboot => "vm.reboot",
             Endpoint::VmInfo => "vm.info",
             Endpoint::VmPause => "vm.pause",
             Endpoint::VmResume => "vm.resume",
@@ -85,6 +97,7 @@ impl Endpoint {
     /// Name of the request body's schema (in openapi.yaml and in [`crate::types`]), if it takes one.
     pub fn request_schema(self) -> Option<&'static str> {
         match self {
+            Endpoint::VmCreate => Some("VmConfig"),
             Endpoint::VmSendMigration => Some("VmSendMigrationData"),
             Endpoint::VmReceiveMigration => Some("VmReceiveMigrationData"),
             _ => None,
@@ -144,6 +157,12 @@ pub fn dispatch(
     match endpoint {
         Endpoint::VmmPing => json(handler.vmm_ping()?),
         Endpoint::VmmShutdown => handler.vmm_shutdown().map(|()| Reply::NoContent),
+        Endpoint::VmCreate => handler
+            .vm_create(parse_body(endpoint, body)?)
+            .map(|()| Reply::NoContent),
+        Endpoint::VmBoot => handler.vm_boot().map(|()| Reply::NoContent),
+        Endpoint::VmDelete => handler.vm_delete().map(|()| Reply::NoContent),
+        Endpoint::VmReboot => handler.vm_reboot().map(|()| Reply::NoContent),
         Endpoint::VmInfo => json(handler.vm_info()?),
         Endpoint::VmPause => handler.vm_pause().map(|()| Reply::NoContent),
         Endpoint::VmResume => handler.vm_resume().map(|()| Reply::NoContent),

@@ -122,7 +122,7 @@ fn handler_errors_map_to_status_and_json_error() {
 fn unknown_path_is_404_with_json_error() {
     let h = Harness::start(FakeVmm::with_vm(VmState::Running));
     for path in [
-        "/api/v1/vm.boot",
+        "/api/v1/vm.restore",
         "/",
         "/api/v1/vm.info/extra",
         "/api/v2/vm.info",

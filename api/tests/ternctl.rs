@@ -47,6 +47,31 @@ fn every_command_calls_its_endpoint() {
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
         assert_eq!(h.vmm.calls().last(), Some(endpoint), "{args:?}");
     }
+    // A VM's life, from a VmConfig file.
+    let h = Harness::start(Arc::new(FakeVmm::default()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("vm.json");
+    std::fs::write(&config, r#"{"payload": {"demo": {"mib": 8}}}"#).expect("write");
+    let config_arg = config.to_string_lossy().into_owned();
+    let life: &[(&[&str], &str)] = &[
+        (&["create", &config_arg], "vm.create"),
+        (&["boot"], "vm.boot"),
+        (&["reboot"], "vm.reboot"),
+        (&["delete"], "vm.delete"),
+    ];
+    for (args, endpoint) in life {
+        let out = ternctl(&h, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(h.vmm.calls().last(), Some(endpoint), "{args:?}");
+    }
+    let missing = ternctl(&h, &["create", "/nonexistent/vm.json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("cannot read /nonexistent/vm.json"),
+        "{}",
+        stderr(&missing)
+    );
+
     let h = Harness::start(Arc::new(FakeVmm::default()));
     let out = ternctl(&h, &["receive-migration", "tcp:0.0.0.0:6000"]);
     assert!(out.status.success(), "{}", stderr(&out));

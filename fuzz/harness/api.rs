@@ -38,6 +38,18 @@ impl ApiHandler for NullHandler {
     fn vmm_shutdown(&self) -> Result<(), ApiError> {
         Ok(())
     }
+    fn vm_create(&self, _config: tern_api::vm_create::VmCreateConfig) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_boot(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_delete(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn vm_reboot(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
     fn vm_info(&self) -> Result<VmInfo, ApiError> {
         Err(ApiError::NoVm)
     }
@@ -140,13 +152,21 @@ fn check_answer(mut answer: &[u8], request: &[u8]) {
         if len > 0 {
             // tern's own answers (hyper's answers to malformed heads carry no body): Cloud
             // Hypervisor's client reads them, so an empty reason phrase and an ASCII body.
-            assert_eq!(resp.reason, Some(""), "{:?}", String::from_utf8_lossy(answer));
+            assert_eq!(
+                resp.reason,
+                Some(""),
+                "{:?}",
+                String::from_utf8_lossy(answer)
+            );
             assert!(body.is_ascii(), "{:?}", String::from_utf8_lossy(body));
         }
         if code >= 400 && len > 0 {
             let v: serde_json::Value = serde_json::from_slice(body).expect("a JSON error body");
             let messages = v.as_array().expect("an array of messages");
-            assert!(!messages.is_empty() && messages.iter().all(|m| m.is_string()), "{v}");
+            assert!(
+                !messages.is_empty() && messages.iter().all(|m| m.is_string()),
+                "{v}"
+            );
         }
         answer = &answer[head + len..];
     }

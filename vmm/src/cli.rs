@@ -16,46 +16,13 @@ use crate::demo::DemoConfig;
 #[derive(Debug, Parser)]
 #[command(name = "tern", version)]
 pub struct Cli {
-    /// Linux kernel to boot: bzImage (64-bit boot protocol) or ELF vmlinux (PVH entry).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-    /// Initramfs for the kernel.
-    #[arg(long, value_name = "PATH")]
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR")]
-    pub cmdline: Option<String>,
-    /// Built-in guest instead of a kernel: demo[,mib=N][,dirty-mib-per-s=R][,exit-after=SECONDS].
-    #[arg(long, value_name = "demo[,key=value...]")]
-    pub guest: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub cpus: u64,
-    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
-    #[arg(long, default_value = "512M", value_name = "SIZE")]
-    pub memory: String,
-    /// Serial console (COM1) output: stdout, off or file=PATH.
-    #[arg(long, default_value = "stdout", value_name = "stdout|file=PATH|off")]
-    pub serial: String,
-    /// REST API socket. Alone (no kernel or guest), tern waits for an incoming migration.
+    /// The VM to run.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// REST API socket. Alone (no kernel or guest), tern waits for an incoming migration or a
+    /// `vm.create`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// How KVM reports dirty pages during migration: log (dirty bitmap, cleared per chunk) or ring
-    /// (per-vCPU dirty ring; needs KVM_CAP_DIRTY_LOG_RING).
-    #[arg(long, default_value = "log", value_name = "log|ring")]
-    pub dirty_tracking: String,
-    /// VFIO passthrough device (repeatable):
-    /// path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off].
-    #[arg(long = "device", value_name = "path=PATH[,id=ID][,iommufd=on|off]")]
-    pub devices: Vec<String>,
-    /// Lab-only DMA device on the iommufd selftest (needs CONFIG_IOMMUFD_TEST), repeatable: writes
-    /// guest pages behind KVM's back through a dirty-tracking mock IOMMU (the VM's mock devices
-    /// share one IOAS and one HWPT).
-    #[arg(
-        long = "mock-dma",
-        value_name = "id=ID,gpa-mib=N,mib=N,pages-per-s=N,dirty=auto|none"
-    )]
-    pub mock_dma: Vec<String>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm", value_name = "PATH", hide = true)]
     pub kvm_device: PathBuf,
@@ -79,6 +46,49 @@ pub struct Cli {
     pub stay_after_migration: bool,
 }
 
+/// What a VM is made of, as the command line spells it. `vm.create` bodies are turned into these
+/// too (`crate::api_create`), so both build their `VmConfig` through [`VmArgs::vm_config`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmArgs {
+    /// Linux kernel to boot: bzImage (64-bit boot protocol) or ELF vmlinux (PVH entry).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Built-in guest instead of a kernel: demo[,mib=N][,dirty-mib-per-s=R][,exit-after=SECONDS].
+    #[arg(long, value_name = "demo[,key=value...]")]
+    pub guest: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u64,
+    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_name = "SIZE")]
+    pub memory: String,
+    /// Serial console (COM1) output: stdout, off or file=PATH.
+    #[arg(long, default_value = "stdout", value_name = "stdout|file=PATH|off")]
+    pub serial: String,
+    /// How KVM reports dirty pages during migration: log (dirty bitmap, cleared per chunk) or ring
+    /// (per-vCPU dirty ring; needs KVM_CAP_DIRTY_LOG_RING).
+    #[arg(long, default_value = "log", value_name = "log|ring")]
+    pub dirty_tracking: String,
+    /// VFIO passthrough device (repeatable):
+    /// path=/sys/bus/pci/devices/BDF[,id=ID][,iommufd=on|off].
+    #[arg(long = "device", value_name = "path=PATH[,id=ID][,iommufd=on|off]")]
+    pub devices: Vec<String>,
+    /// Lab-only DMA device on the iommufd selftest (needs CONFIG_IOMMUFD_TEST), repeatable: writes
+    /// guest pages behind KVM's back through a dirty-tracking mock IOMMU (the VM's mock devices
+    /// share one IOAS and one HWPT).
+    #[arg(
+        long = "mock-dma",
+        value_name = "id=ID,gpa-mib=N,mib=N,pages-per-s=N,dirty=auto|none"
+    )]
+    pub mock_dma: Vec<String>,
+}
+
 /// Any bad command-line value.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -96,6 +106,16 @@ pub enum CliError {
 
 impl Cli {
     /// The VM this command line asks for; `None` when tern should only wait on its API socket.
+    pub fn vm_config(&self) -> Result<Option<VmConfig>, CliError> {
+        match self.vm.vm_config()? {
+            None if self.api_socket.is_none() => Err(ConfigError::NothingToRun.into()),
+            config => Ok(config),
+        }
+    }
+}
+
+impl VmArgs {
+    /// The VM these arguments describe; `None` when they name nothing to run.
     pub fn vm_config(&self) -> Result<Option<VmConfig>, CliError> {
         let payload = match (&self.kernel, &self.guest) {
             (Some(_), Some(_)) => return Err(ConfigError::KernelAndGuest.into()),
@@ -117,10 +137,7 @@ impl Cli {
                 if self.initramfs.is_some() || self.cmdline.is_some() {
                     return Err(ConfigError::KernelOptionsWithoutKernel.into());
                 }
-                if self.api_socket.is_some() {
-                    return Ok(None);
-                }
-                return Err(ConfigError::NothingToRun.into());
+                return Ok(None);
             }
         };
         if self.cpus == 0 {

@@ -24,7 +24,7 @@ use tern_migration::transport::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::SerialConfig;
+use crate::config::{SerialConfig, VmConfig};
 use crate::event_loop::{self, ControlEvents, WatchedMachine};
 use crate::machine::{Machine, MachineExit};
 use crate::migration::host::MachineHost;
@@ -50,10 +50,34 @@ pub enum VmmExit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RunState {
+    /// `vm.create` recorded a configuration; nothing runs yet.
+    Created,
     Running,
     Paused,
     Shutdown,
 }
+
+impl RunState {
+    fn name(self) -> &'static str {
+        match self {
+            RunState::Created => "created",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Shutdown => "shut down",
+        }
+    }
+
+    fn api(self) -> ApiVmState {
+        match self {
+            RunState::Created => ApiVmState::Created,
+            RunState::Running => ApiVmState::Running,
+            RunState::Paused => ApiVmState::Paused,
+            RunState::Shutdown => ApiVmState::Shutdown,
+        }
+    }
+}
+
+mod lifecycle;
 
 #[derive(Debug)]
 struct MigrationJob {
@@ -63,6 +87,9 @@ struct MigrationJob {
 
 #[derive(Debug)]
 struct Inner {
+    /// The VM's configuration: created by the command line or `vm.create`, or received. Set
+    /// whenever `machine` is; kept after `vm.shutdown` so that `vm.boot` boots it again.
+    config: Option<VmConfig>,
     machine: Option<Arc<Machine>>,
     run_state: RunState,
     migration: Option<MigrationJob>,
@@ -96,20 +123,18 @@ fn internal(e: impl std::error::Error) -> ApiError {
 }
 
 impl Controller {
-    /// A controller, optionally with an already running machine.
-    pub fn new(
-        kvm_path: PathBuf,
-        serial: SerialConfig,
-        machine: Option<Machine>,
-    ) -> std::io::Result<Arc<Self>> {
+    /// A controller with no VM: give it one with [`Controller::create_vm`] and
+    /// [`Controller::boot_vm`] (the command line and `vm.create` alike) or an incoming migration.
+    pub fn new(kvm_path: PathBuf, serial: SerialConfig) -> std::io::Result<Arc<Self>> {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let received = ReceivedMachine::new()?;
         Ok(Arc::new_cyclic(|me| Self {
             kvm_path,
             serial,
             inner: Mutex::new(Inner {
-                machine: machine.map(Arc::new),
-                run_state: RunState::Running,
+                config: None,
+                machine: None,
+                run_state: RunState::Shutdown,
                 migration: None,
                 exit: None,
                 in_doubt: None,
@@ -146,6 +171,7 @@ impl Controller {
         }
         let mut inner = self.lock();
         let machine = inner.machine.take();
+        inner.config = None;
         inner.run_state = RunState::Shutdown;
         drop(inner);
         // The main loop stops watching the machine's exit fds when it wakes.
@@ -204,6 +230,7 @@ impl Controller {
         loop {
             if let Some(m) = self.received.take() {
                 let mut inner = self.lock();
+                inner.config = Some(m.config().clone());
                 inner.machine = Some(m);
                 inner.run_state = RunState::Running;
             }
@@ -441,19 +468,41 @@ impl ApiHandler for Controller {
         Ok(())
     }
 
+    fn vm_create(&self, config: tern_api::vm_create::VmCreateConfig) -> Result<(), ApiError> {
+        let config = crate::api_create::vm_config(&config).map_err(|e| ApiError::BadRequest {
+            reason: format!("vm.create: {}", error_chain(&e)),
+        })?;
+        self.create_vm(config)
+    }
+
+    fn vm_boot(&self) -> Result<(), ApiError> {
+        self.boot_vm()
+    }
+
+    fn vm_delete(&self) -> Result<(), ApiError> {
+        self.delete_vm()
+    }
+
+    fn vm_reboot(&self) -> Result<(), ApiError> {
+        self.reboot_vm()
+    }
+
     fn vm_info(&self) -> Result<VmInfo, ApiError> {
         let inner = self.lock();
-        let machine = inner.machine.as_ref().ok_or(ApiError::NoVm)?;
-        let config = machine.config();
+        // A running VM reports the configuration it was built from (a received one's included).
+        let config = match &inner.machine {
+            Some(m) => m.config(),
+            None => inner.config.as_ref().ok_or(ApiError::NoVm)?,
+        };
         Ok(VmInfo {
-            state: match inner.run_state {
-                RunState::Running => ApiVmState::Running,
-                RunState::Paused => ApiVmState::Paused,
-                RunState::Shutdown => ApiVmState::Shutdown,
-            },
+            state: inner.run_state.api(),
             config: crate::api_info::vm_config_info(config),
             memory_actual_size: config.memory_bytes,
-            devices: passthrough_devices(machine),
+            devices: inner
+                .machine
+                .as_deref()
+                .map(passthrough_devices)
+                .unwrap_or_default(),
         })
     }
 
@@ -604,10 +653,10 @@ impl ApiHandler for Controller {
 
     fn vm_receive_migration(&self, data: VmReceiveMigrationData) -> Result<(), ApiError> {
         let mut inner = self.lock();
-        if inner.machine.is_some() {
+        if inner.machine.is_some() || inner.config.is_some() {
             return Err(ApiError::Conflict {
                 reason:
-                    "this tern already runs a VM: start a destination tern with only --api-socket"
+                    "this tern already has a VM: vm.delete it, or start a destination tern with only --api-socket"
                         .into(),
             });
         }

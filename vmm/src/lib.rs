@@ -6,6 +6,7 @@
 //! degraded VM.
 #![deny(unsafe_code)]
 
+pub mod api_create;
 pub mod api_info;
 pub mod arch;
 pub mod cli;

@@ -60,11 +60,9 @@ fn report_start_latency() {
 
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = cli.vm_config()?;
-    let machine = config
-        .map(|c| Machine::create(&cli.kvm_device, c))
-        .transpose()?;
     let Some(socket) = &cli.api_socket else {
-        let machine = machine.ok_or("nothing to run")?;
+        let config = config.ok_or("nothing to run")?;
+        let machine = Machine::create(&cli.kvm_device, config)?;
         machine.resume();
         report_start_latency();
         seccomp::install(ThreadKind::Main)?;
@@ -72,11 +70,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             machine,
         ))?));
     };
-    if let Some(m) = &machine {
-        m.resume();
+    let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.vm.serial)?)?;
+    // The command line's VM takes the path a vm.create + vm.boot takes.
+    if let Some(config) = config {
+        controller.create_vm(config)?;
+        controller.boot_vm()?;
         report_start_latency();
     }
-    let controller = Controller::new(cli.kvm_device.clone(), parse_serial(&cli.serial)?, machine)?;
     controller.set_allow_plain_tcp(cli.migration_allow_plain_tcp);
     controller.set_stay_after_migration(cli.stay_after_migration);
     // The API server thread (and its handler threads) inherit the API filter; the main thread then

@@ -34,6 +34,29 @@ fn vm(dir: &TempDir, name: &str) -> TernProcess {
     p
 }
 
+/// CH's `VmConfig` for the VM [`vm`] starts from the command line, serial to `DIR/NAME.log`.
+fn vm_config_body(dir: &TempDir, name: &str) -> Value {
+    json!({
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 128u64 << 20, "shared": false, "thp": true},
+        "payload": {"demo": {"mib": 8, "dirty_mib_per_s": 64}},
+        "serial": {"mode": "File", "file": dir.join(&format!("{name}.log"))},
+        "console": {"mode": "Off"},
+        "disks": null, "net": null, "devices": [],
+    })
+}
+
+/// The same VM as [`vm`], given to a tern started with only `--api-socket` the way CH-managing
+/// tools give one: `vm.create` then `vm.boot`.
+fn vm_by_api(dir: &TempDir, name: &str) -> TernProcess {
+    let p = TernProcess::start(dir, name, &[]);
+    put_ok(&p, "vm.create", Some(&vm_config_body(dir, name)));
+    assert_eq!(get(&p, "vm.info")["state"], "Created");
+    put_ok(&p, "vm.boot", None);
+    p.wait_more_passes(2, T);
+    p
+}
+
 /// A GET that must succeed with a JSON body.
 fn get(p: &TernProcess, command: &str) -> Value {
     match call(&p.socket, "GET", command, None) {
@@ -162,7 +185,22 @@ fn lifecycle_commands_answer_as_ch_expects() {
     assert_eq!(get(&p, "vm.info")["state"], "Running");
     p.wait_more_passes(1, T);
     put_ok(&p, "vm.shutdown", None);
+    // CH keeps a shut-down VM's configuration: it can boot again.
+    assert_eq!(get(&p, "vm.info")["state"], "Shutdown");
+    refused(&p, "PUT", "vm.reboot", None, 409, "shut down");
+    put_ok(&p, "vm.boot", None);
+    assert_eq!(get(&p, "vm.info")["state"], "Running");
+    refused(&p, "PUT", "vm.boot", None, 409, "running");
+    p.wait_more_passes(1, T);
+    put_ok(&p, "vm.reboot", None);
+    assert_eq!(get(&p, "vm.info")["state"], "Running");
+    p.wait_more_passes(1, T);
+    // Three boots of the demo guest, each verifying its memory from scratch.
+    let text = p.serial_text();
+    assert_eq!(text.matches("DEMO: start").count(), 3, "{text}");
+    put_ok(&p, "vm.delete", None);
     refused(&p, "GET", "vm.info", None, 409, "no VM");
+    refused(&p, "PUT", "vm.boot", None, 409, "no VM");
     assert_eq!(get(&p, "vmm.ping")["pid"], p.child.id());
     put_ok(&p, "vmm.shutdown", None);
     let exit = p.wait_exit(Duration::from_secs(10));
@@ -312,13 +350,14 @@ fn ch_send_body(url: &str, connections: u32, memory_mode: &str) -> Value {
 /// A full migration driven only by CH-style requests; returns the final `vm.migration` status.
 fn migrate_with_ch_requests(
     tag: &str,
+    source: fn(&TempDir, &str) -> TernProcess,
     url_of: impl Fn(&TempDir) -> String,
     connections: u32,
     mode: &str,
 ) -> Value {
     let _g = serialize();
     let dir = TempDir::new(tag);
-    let mut src = vm(&dir, "src");
+    let mut src = source(&dir, "src");
     let dst = TernProcess::start(&dir, "dst", &[]);
     let url = url_of(&dir);
     let before = get(&src, "vm.info");
@@ -338,7 +377,9 @@ fn migrate_with_ch_requests(
         match call(&src.socket, "GET", "vm.migration", None) {
             Ok(Some(body)) => last = serde_json::from_str(&body).unwrap(),
             Ok(None) => panic!("vm.migration answered without a body"),
-            Err(ChError::Socket(_)) => {} // the source is going away
+            // The source is going away: refused, or its server closed an accepted connection
+            // without an answer as the process exits.
+            Err(ChError::Socket(_) | ChError::MissingProtocol) => {}
             Err(e) => panic!("vm.migration: {e:?}"),
         }
         if matches!(
@@ -383,6 +424,7 @@ fn migrate_with_ch_requests(
 fn migration_over_tcp_with_128_connections_driven_by_ch_requests() {
     let status = migrate_with_ch_requests(
         "ch-mig-tcp",
+        vm,
         |_| format!("tcp:127.0.0.1:{}", free_tcp_port()),
         128,
         "Precopy",
@@ -392,8 +434,10 @@ fn migration_over_tcp_with_128_connections_driven_by_ch_requests() {
 
 #[test]
 fn migration_over_unix_socket_driven_by_ch_requests() {
+    // The source VM too is given by CH-style requests (vm.create, vm.boot).
     migrate_with_ch_requests(
         "ch-mig-unix",
+        vm_by_api,
         |d| format!("unix:{}", d.join("mig.sock").display()),
         1,
         "Precopy",
@@ -405,6 +449,7 @@ fn migration_over_unix_socket_driven_by_ch_requests() {
 fn migration_with_memfds_hands_memory_over() {
     let status = migrate_with_ch_requests(
         "ch-mig-memfds",
+        vm,
         |d| format!("unix:{}", d.join("mig.sock").display()),
         1,
         "MemFDs",
@@ -413,4 +458,111 @@ fn migration_with_memfds_hands_memory_over() {
         status["transferred_bytes"].as_u64() < Some(1 << 20),
         "MemFDs copied memory: {status}"
     );
+}
+
+/// A VM given by `vm.create` + `vm.boot` is the command line's VM: `vm.info` equal but for the
+/// serial file each writes to.
+#[test]
+fn vm_create_and_boot_make_the_command_lines_vm() {
+    let _g = serialize();
+    let dir = TempDir::new("ch-create");
+    let cli = vm(&dir, "cli");
+    let api = vm_by_api(&dir, "api");
+    let info = |p: &TernProcess, name: &str| {
+        let mut info = get(p, "vm.info");
+        let file = dir.join(&format!("{name}.log"));
+        assert_eq!(
+            info["config"]["serial"],
+            json!({"mode": "File", "file": file}),
+            "{info}"
+        );
+        info["config"]["serial"]["file"] = json!("DIR/NAME.log");
+        info
+    };
+    assert_eq!(info(&api, "api"), info(&cli, "cli"));
+    assert_verifier_clean(&api.wait_more_passes(2, T));
+    refused(
+        &api,
+        "PUT",
+        "vm.create",
+        Some(&vm_config_body(&dir, "x")),
+        409,
+        "already has a VM",
+    );
+}
+
+/// Bad `vm.create` bodies: CH-style error arrays naming the problem, and nothing starts — no VM,
+/// no vCPU thread, no serial file — while the VMM goes on answering and takes a good body after.
+#[test]
+fn bad_vm_create_bodies_are_refused_and_nothing_starts() {
+    let _g = serialize();
+    let dir = TempDir::new("ch-create-bad");
+    let p = TernProcess::start(&dir, "idle", &[]);
+    let good = vm_config_body(&dir, "vm");
+    let with = |path: &[&str], v: Value| {
+        let mut b = good.clone();
+        let mut cur = &mut b;
+        for k in &path[..path.len() - 1] {
+            cur = &mut cur[*k];
+        }
+        cur[path[path.len() - 1]] = v;
+        b
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            with(&["disks"], json!([{"path": "/disk.img"}])),
+            "disks is not supported",
+        ),
+        (
+            with(&["memory", "hotplug_size"], json!(1u64 << 30)),
+            "memory.hotplug_size",
+        ),
+        (
+            with(&["payload", "firmware"], json!("/fw.bin")),
+            "payload.firmware",
+        ),
+        (
+            with(&["cpus"], json!({"boot_vcpus": 0, "max_vcpus": 0})),
+            "--cpus must be at least 1",
+        ),
+        (
+            with(&["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 4})),
+            "vCPU hotplug",
+        ),
+        (with(&["memory", "size"], json!(4097)), "4 KiB pages"),
+        (
+            with(&["payload"], json!({"kernel": "/k", "demo": {}})),
+            "not both",
+        ),
+        (with(&["payload"], json!({})), "nothing to run"),
+        (with(&["serial"], json!({"mode": "Pty"})), "\"Pty\""),
+        (with(&["dirty_tracking"], json!("bitmap")), "bitmap"),
+        (
+            with(
+                &["devices"],
+                json!([{"path": "/a", "id": "d"}, {"path": "/b", "id": "d"}]),
+            ),
+            "two devices",
+        ),
+        (json!([1, 2]), "JSON object"),
+    ];
+    for (body, fragment) in &cases {
+        refused(&p, "PUT", "vm.create", Some(body), 400, fragment);
+        refused(&p, "GET", "vm.info", None, 409, "no VM");
+    }
+    refused(&p, "PUT", "vm.boot", None, 409, "no VM");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("vcpu"))
+        .count();
+    assert_eq!(threads, 0, "a refused vm.create started vCPUs");
+    assert!(
+        !dir.join("vm.log").exists(),
+        "a refused vm.create opened its serial file"
+    );
+
+    put_ok(&p, "vm.create", Some(&good));
+    put_ok(&p, "vm.boot", None);
+    assert_eq!(get(&p, "vm.info")["state"], "Running");
 }

@@ -424,7 +424,7 @@ fn bad_api_requests_get_clear_errors_and_source_keeps_running() {
             "vm.receive-migration",
             r#"{"receiver_url": "unix:/tmp/x"}"#,
             409,
-            "already runs a VM",
+            "already has a VM",
         ),
     ];
     for (endpoint, body, code, fragment) in cases {

@@ -50,6 +50,19 @@ enum Command {
     Ping,
     /// Stop the VM and exit the VMM process (PUT vmm.shutdown).
     ShutdownVmm,
+    /// Create a VM from a Cloud Hypervisor VmConfig JSON file; nothing runs until boot
+    /// (PUT vm.create).
+    Create {
+        /// The VmConfig: cpus, memory, payload (kernel, or tern's demo), serial, devices.
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Build and start the created VM (PUT vm.boot).
+    Boot,
+    /// Stop the VM if it runs and forget it (PUT vm.delete).
+    Delete,
+    /// Stop the VM and boot it again from its configuration (PUT vm.reboot).
+    Reboot,
     /// Show the VM's state, configuration and devices (GET vm.info).
     Info,
     /// Pause the VM's vCPUs (PUT vm.pause).
@@ -161,6 +174,14 @@ fn run(client: &ApiClient, command: Command) -> CliResult {
     match command {
         Command::Ping => print_json(&client.vmm_ping()?),
         Command::ShutdownVmm => client.vmm_shutdown()?,
+        Command::Create { config } => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+            client.vm_create_json(&text)?
+        }
+        Command::Boot => client.vm_boot()?,
+        Command::Delete => client.vm_delete()?,
+        Command::Reboot => client.vm_reboot()?,
         Command::Info => print_json(&client.vm_info()?),
         Command::Pause => client.vm_pause()?,
         Command::Resume => client.vm_resume()?,

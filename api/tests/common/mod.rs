@@ -139,6 +139,49 @@ impl ApiHandler for FakeVmm {
         Ok(())
     }
 
+    fn vm_create(&self, _config: tern_api::vm_create::VmCreateConfig) -> Result<(), ApiError> {
+        let mut s = self.record("vm.create");
+        if s.vm.is_some() {
+            return Err(ApiError::Conflict {
+                reason: "a VM is already created".into(),
+            });
+        }
+        s.vm = Some(VmState::Created);
+        Ok(())
+    }
+
+    fn vm_boot(&self) -> Result<(), ApiError> {
+        let mut s = self.record("vm.boot");
+        match s.vm {
+            None => Err(ApiError::NoVm),
+            Some(VmState::Created | VmState::Shutdown) => {
+                s.vm = Some(VmState::Running);
+                Ok(())
+            }
+            Some(other) => Err(ApiError::InvalidState {
+                operation: "boot",
+                state: format!("{other:?}").to_lowercase(),
+            }),
+        }
+    }
+
+    fn vm_delete(&self) -> Result<(), ApiError> {
+        self.record("vm.delete").vm = None;
+        Ok(())
+    }
+
+    fn vm_reboot(&self) -> Result<(), ApiError> {
+        let s = self.record("vm.reboot");
+        match s.vm {
+            None => Err(ApiError::NoVm),
+            Some(VmState::Running | VmState::Paused) => Ok(()),
+            Some(other) => Err(ApiError::InvalidState {
+                operation: "reboot",
+                state: format!("{other:?}").to_lowercase(),
+            }),
+        }
+    }
+
     fn vm_info(&self) -> Result<VmInfo, ApiError> {
         let (vm, delay) = {
             let s = self.record("vm.info");
