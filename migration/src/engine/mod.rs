@@ -32,5 +32,5 @@ pub use precopy::{send, start_send, MigrationOutcome, STATE_ESTIMATE_BYTES};
 pub use receive::{receive, receive_on};
 pub use stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatsSnapshot, MigrationStatus,
-    PassKind, HISTORY_LIMIT,
+    PassKind, SwitchoverBreakdown, HISTORY_LIMIT,
 };

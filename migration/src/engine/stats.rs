@@ -113,6 +113,30 @@ pub struct IterationRecord {
     pub throttle_percent: u64,
 }
 
+/// Where the switchover's time went, source side, in µs from the pause to the destination's
+/// ack (the downtime). The steps follow each other, so they add up to about the downtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverBreakdown {
+    /// vCPUs paused, device DMA stopped, devices to STOP_COPY.
+    pub pause_us: u64,
+    /// The dirty sources' final sync (e.g. KVM_GET_DIRTY_LOG).
+    pub final_sync_us: u64,
+    /// The final pass's claims (KVM clear, DMA read-and-clear, VMM writes), summed.
+    pub final_claim_us: u64,
+    /// Chunks the final pass claimed: every chunk when a source cannot peek, else the dirty ones.
+    pub final_claimed_chunks: u64,
+    /// The final pass and the devices' final state, claims included.
+    pub final_pass_us: u64,
+    /// vCPU, VM and device state saved.
+    pub state_save_us: u64,
+    /// State frames queued and every lane drained to the destination.
+    pub send_us: u64,
+    /// Complete → Ready: the destination restored memory, state and devices.
+    pub destination_restore_us: u64,
+    /// Commit → Ack: the destination started the VM.
+    pub destination_start_us: u64,
+}
+
 /// Most passes kept in the history (the oldest are dropped beyond this).
 pub const HISTORY_LIMIT: usize = 1024;
 
@@ -159,6 +183,8 @@ pub struct MigrationStatsSnapshot {
     pub error: Option<String>,
     /// Devices whose own state migrated (VFIO migration v2).
     pub devices: Vec<DeviceMigrationRecord>,
+    /// Where the switchover's time went (source side, once completed).
+    pub switchover: Option<SwitchoverBreakdown>,
 }
 
 const UNSET: u64 = u64::MAX;
@@ -193,6 +219,7 @@ pub struct MigrationStats {
     dma_by_source: Mutex<BTreeMap<String, u64>>,
     history: Mutex<Vec<IterationRecord>>,
     devices: Mutex<Vec<DeviceMigrationRecord>>,
+    switchover: Mutex<Option<SwitchoverBreakdown>>,
 }
 
 impl Default for MigrationStats {
@@ -241,6 +268,7 @@ impl MigrationStats {
             dma_by_source: Mutex::new(BTreeMap::new()),
             history: Mutex::new(Vec::new()),
             devices: Mutex::new(Vec::new()),
+            switchover: Mutex::new(None),
         }
     }
 
@@ -300,6 +328,7 @@ impl MigrationStats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        *self.switchover.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.dma_by_source
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -427,6 +456,10 @@ impl MigrationStats {
             .store(u64::from(percent), Ordering::Relaxed);
     }
 
+    pub(crate) fn set_switchover(&self, b: SwitchoverBreakdown) {
+        *self.switchover.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
+    }
+
     pub(crate) fn set_downtime(&self, ms: u64) {
         self.downtime_ms.store(ms, Ordering::Relaxed);
     }
@@ -483,6 +516,7 @@ impl MigrationStats {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            switchover: *self.switchover.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 }

@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// Consecutive steps of the switchover: each lap is the time since the previous one.
+struct Step(Instant);
+
+impl Step {
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = micros(now - self.0);
+        self.0 = now;
+        us
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Source<'_> {
     pub(super) fn switchover(&mut self) -> Result<(), MigrationError> {
         // Never pause before the destination has built its VM: that build must not count as
@@ -12,13 +28,16 @@ impl Source<'_> {
             self.destination_ready = true;
         }
         self.stats.set_status(MigrationStatus::Completing);
+        let paused_at = Instant::now();
+        let mut times = SwitchoverBreakdown::default();
+        let mut step = Step(paused_at);
         self.host.pause().map_err(MigrationError::Host)?;
         self.paused = true;
-        let paused_at = Instant::now();
         // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
         // read: a device write after that read would be lost. Their stop counts as downtime.
         self.host.pause_devices().map_err(MigrationError::Host)?;
         self.stop_devices()?;
+        times.pause_us = step.lap();
         // The VM is paused: a destination that stops reading must not stall it for long.
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "switchover");
@@ -29,22 +48,33 @@ impl Source<'_> {
                 return Ok(());
             }
             // With every vCPU and device stopped nothing can dirty a page after its claim now.
+            let synced = Instant::now();
             this.sync_sources()?;
+            times.final_sync_us = micros(synced.elapsed());
+            // Claim only the chunks the sources report dirty when every source can say so without
+            // claiming: the switchover's work then follows what was dirtied since the last claim,
+            // not the guest's size. A source that reports only when claimed (type1, device DMA
+            // logging) makes it claim every chunk.
+            let (_, can_peek) = this.plan()?;
             let iteration = this.stats.snapshot_iteration() + 1;
             // The record shows the estimate that decided the switchover beside what it sent.
             let (expected_downtime_ms, bandwidth) = this.stats.latest_estimate();
             let pages = this.pass(PassPlan {
                 kind: PassKind::Final,
                 iteration,
-                skip_unplanned: false,
+                skip_unplanned: can_peek,
                 expected_downtime_ms,
                 bandwidth,
             })?;
+            (times.final_claimed_chunks, times.final_claim_us) =
+                (this.last_claims.0, micros(this.last_claims.1));
             this.stats.set_remaining(0);
             log::info!("switchover: {pages} pages after pause");
             Ok(())
         })?;
+        times.final_pass_us = step.lap();
         let state = self.host.save_state().map_err(MigrationError::Host)?;
+        times.state_save_us = step.lap();
         self.check_abort(true)?;
         let lanes = self.lanes()?;
         for i in 1..lanes.len() {
@@ -59,12 +89,14 @@ impl Source<'_> {
         }
         lanes.send_frame(0, OwnedFrame::Complete)?;
         lanes.flush(false)?;
+        times.send_us = step.lap();
         // Phase one: the destination restores everything and says it can run the VM. It runs it
         // only on Commit, so until Commit goes out any failure resumes the VM here.
         self.wait_peer(
             PeerEvent::Ready,
             "waiting for the destination to be ready to run",
         )?;
+        times.destination_restore_us = step.lap();
         // The commit point: from here on this side never resumes the VM on its own.
         let in_doubt = |e: MigrationError| MigrationError::InDoubt {
             detail: format!("the source committed, then: {}", error_chain(&e)),
@@ -81,8 +113,10 @@ impl Source<'_> {
             Err(e @ MigrationError::PeerError { .. }) => return Err(e),
             Err(e) => return Err(in_doubt(e)),
         }
+        times.destination_start_us = step.lap();
         let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.stats.set_downtime(downtime);
+        self.stats.set_switchover(times);
         self.finish_devices();
         Ok(())
     }
