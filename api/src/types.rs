@@ -675,6 +675,33 @@ pub struct MigrationStatus {
     pub error: Option<String>,
     /// Devices whose own state migrates (VFIO migration v2), source side.
     pub devices: Vec<DeviceMigrationStatus>,
+    /// Where the switchover's time went (source side, once completed).
+    pub switchover: Option<SwitchoverTimes>,
+}
+
+/// The switchover's steps, source side, in µs from the pause to the destination's ack; they
+/// follow each other, so they add up to about the downtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SwitchoverTimes {
+    /// vCPUs paused, device DMA stopped, devices to STOP_COPY.
+    pub pause_us: u64,
+    /// The dirty sources' final sync (e.g. KVM_GET_DIRTY_LOG).
+    pub final_sync_us: u64,
+    /// The final pass's claims (KVM clear, DMA read-and-clear, VMM writes), summed.
+    pub final_claim_us: u64,
+    /// Chunks the final pass claimed: the dirty ones when every source can peek, else all.
+    pub final_claimed_chunks: u64,
+    /// The final pass and the devices' final state, claims included.
+    pub final_pass_us: u64,
+    /// vCPU, VM and device state saved.
+    pub state_save_us: u64,
+    /// State frames queued and every connection drained to the destination.
+    pub send_us: u64,
+    /// Complete to Ready: the destination restored memory, state and devices.
+    pub destination_restore_us: u64,
+    /// Commit to Ack: the destination started the VM.
+    pub destination_start_us: u64,
 }
 
 /// One device's state migration (VFIO migration v2).

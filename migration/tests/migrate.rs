@@ -31,7 +31,20 @@ mod tests {
         assert!(r.factory.started.load(Ordering::SeqCst));
         let s = r.src_stats.snapshot();
         assert_eq!(s.status, MigrationStatus::Completed);
-        assert!(s.downtime_ms.is_some());
+        let downtime_ms = s.downtime_ms.expect("a completed migration's downtime");
+        // The switchover's steps follow each other within the downtime.
+        let t = s.switchover.expect("a completed migration's switchover breakdown");
+        let steps_us = t.pause_us
+            + t.final_pass_us
+            + t.state_save_us
+            + t.send_us
+            + t.destination_restore_us
+            + t.destination_start_us;
+        assert!(
+            steps_us / 1000 <= downtime_ms && downtime_ms <= steps_us / 1000 + 1,
+            "steps {steps_us} µs against a downtime of {downtime_ms} ms: {t:?}"
+        );
+        assert!(t.final_claim_us <= t.final_pass_us, "{t:?}");
         assert_eq!(r.dst_stats.snapshot().status, MigrationStatus::Completed);
     }
 

@@ -441,6 +441,17 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
                 reset: d.reset,
             })
             .collect(),
+        switchover: s.switchover.map(|b| tern_api::types::SwitchoverTimes {
+            pause_us: b.pause_us,
+            final_sync_us: b.final_sync_us,
+            final_claim_us: b.final_claim_us,
+            final_claimed_chunks: b.final_claimed_chunks,
+            final_pass_us: b.final_pass_us,
+            state_save_us: b.state_save_us,
+            send_us: b.send_us,
+            destination_restore_us: b.destination_restore_us,
+            destination_start_us: b.destination_start_us,
+        }),
     }
 }
 

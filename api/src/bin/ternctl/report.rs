@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
-use tern_api::types::{MigrationIteration, MigrationPass};
+use tern_api::types::{MigrationIteration, MigrationPass, SwitchoverTimes};
 use tern_api::{MigrationState, MigrationStatus};
 
 /// Why no report could be made.
@@ -49,6 +49,9 @@ pub fn text(s: &MigrationStatus) -> Result<String, ReportError> {
         return Err(ReportError::NoHistory);
     }
     let mut out = verdict(s);
+    if let Some(t) = &s.switchover {
+        out.push_str(&format!("  switchover: {}\n", switchover_line(t)));
+    }
     out.push('\n');
     out.push_str(&history_table(&s.iterations, None));
     Ok(out)
@@ -120,6 +123,23 @@ pub fn verdict(s: &MigrationStatus) -> String {
     }
     out.push('\n');
     out
+}
+
+/// The switchover's steps in one line, in the order they happen (µs).
+pub fn switchover_line(t: &SwitchoverTimes) -> String {
+    format!(
+        "pause {} · final sync {} · claims {} ({} chunks) · final pass {} · state save {} · \
+         send {} · destination restore {} · start {} (µs)",
+        t.pause_us,
+        t.final_sync_us,
+        t.final_claim_us,
+        t.final_claimed_chunks,
+        t.final_pass_us,
+        t.state_save_us,
+        t.send_us,
+        t.destination_restore_us,
+        t.destination_start_us
+    )
 }
 
 fn state_word(s: MigrationState) -> &'static str {

@@ -194,6 +194,12 @@ fn summary(s: &MigrationStatus) -> String {
     if !s.dma_pages_by_device.is_empty() {
         out.push_str(&format!("  dma pages:    {}\n", dma_by_device(s)));
     }
+    if let Some(t) = &s.switchover {
+        out.push_str(&format!(
+            "  switchover:   {}\n",
+            super::report::switchover_line(t)
+        ));
+    }
     for d in &s.devices {
         out.push_str(&format!(
             "  device {}: pre-copy {} B, stop-copy {} B in {} us{}{}{}\n",
