@@ -287,6 +287,48 @@ impl DirtyBitmap {
         n
     }
 
+    /// The bits of pages `[first_page, first_page + npages)` (clipped to the bitmap) as words
+    /// whose bit 0 is `first_page`: the form [`DirtyBitmap::or_words`] takes. O(npages / 64).
+    pub fn extract(&self, first_page: u64, npages: u64) -> Vec<u64> {
+        let end = first_page.saturating_add(npages).min(self.pages);
+        let n = end.saturating_sub(first_page);
+        let shift = (first_page % 64) as u32;
+        let w0 = (first_page / 64) as usize;
+        let mut out = Vec::with_capacity(n.div_ceil(64) as usize);
+        for j in 0..n.div_ceil(64) as usize {
+            let lo = self.words.get(w0 + j).copied().unwrap_or(0) >> shift;
+            let hi = match shift {
+                0 => 0,
+                s => self.words.get(w0 + j + 1).copied().unwrap_or(0) << (64 - s),
+            };
+            let left = n - j as u64 * 64;
+            let mask = if left >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << left) - 1
+            };
+            out.push((lo | hi) & mask);
+        }
+        out
+    }
+
+    /// Clears pages `[first_page, first_page + npages)` (clipped to the bitmap), a word at a time.
+    pub fn clear_range(&mut self, first_page: u64, npages: u64) {
+        let end = first_page.saturating_add(npages).min(self.pages);
+        let mut p = first_page;
+        while p < end {
+            let bit = p % 64;
+            let k = (64 - bit).min(end - p);
+            let mask = if k == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << k) - 1) << bit
+            };
+            self.words[(p / 64) as usize] &= !mask;
+            p += k;
+        }
+    }
+
     /// True when no page is dirty.
     pub fn is_clean(&self) -> bool {
         self.words.iter().all(|&w| w == 0)
@@ -470,5 +512,52 @@ mod tests {
             b.page_of(GuestAddress(0)),
             Err(DirtyBitmapError::BelowBase { .. })
         ));
+    }
+
+    #[test]
+    fn extract_and_clear_range_match_a_page_by_page_walk() {
+        let mut b = DirtyBitmap::new(GuestAddress(0), 300 * PAGE_SIZE).expect("valid");
+        let pages = [0u64, 1, 62, 63, 64, 65, 127, 128, 200, 255, 256, 299];
+        for p in pages {
+            b.set(p).expect("in range");
+        }
+        for (first, n) in [
+            (0, 300),
+            (1, 64),
+            (63, 2),
+            (60, 140),
+            (129, 171),
+            (250, 100),
+            (299, 1),
+        ] {
+            let words = b.extract(first, n);
+            let end = (first + n).min(300);
+            let want: Vec<u64> = pages
+                .iter()
+                .copied()
+                .filter(|p| (first..end).contains(p))
+                .collect();
+            let got: Vec<u64> = (0..(end - first))
+                .filter(|i| words[(i / 64) as usize] & (1 << (i % 64)) != 0)
+                .map(|i| first + i)
+                .collect();
+            assert_eq!(got, want, "extract({first}, {n})");
+            // Round trip through or_words.
+            let mut c = DirtyBitmap::new(GuestAddress(0), 300 * PAGE_SIZE).expect("valid");
+            c.or_words(first, &words).expect("fits");
+            assert_eq!(c.iter_pages().collect::<Vec<_>>(), want);
+            let mut d = b.clone();
+            d.clear_range(first, n);
+            let left: Vec<u64> = pages
+                .iter()
+                .copied()
+                .filter(|p| !(first..end).contains(p))
+                .collect();
+            assert_eq!(
+                d.iter_pages().collect::<Vec<_>>(),
+                left,
+                "clear_range({first}, {n})"
+            );
+        }
     }
 }

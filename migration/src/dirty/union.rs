@@ -151,11 +151,13 @@ pub(crate) mod tests {
         let range = GpaRange::new(GuestAddress(0), 64 * PAGE_SIZE);
         mem.write_slice(&[1], GuestAddress(5 * PAGE_SIZE))
             .expect("write");
+        srcs[1].sync().expect("sync");
         let first = claim_union(&mut srcs, range, |_, _| {}).expect("claims");
         assert_eq!(first.iter_pages().collect::<Vec<_>>(), vec![5]);
         // Written again after its claim: the next claim reports it (through the VMM source).
         mem.write_slice(&[2], GuestAddress(5 * PAGE_SIZE))
             .expect("write");
+        srcs[1].sync().expect("sync");
         let second = claim_union(&mut srcs, range, |_, _| {}).expect("claims");
         assert_eq!(second.iter_pages().collect::<Vec<_>>(), vec![5]);
         assert!(claim_union(&mut srcs, range, |_, _| {})
