@@ -270,21 +270,9 @@ impl DirtyBitmap {
 
     /// Number of dirty pages in `[first_page, first_page + npages)`.
     pub fn count_range(&self, first_page: u64, npages: u64) -> u64 {
-        let end = first_page.saturating_add(npages).min(self.pages);
-        let mut n = 0;
-        let mut p = first_page;
-        while p < end {
-            let bit = p % 64;
-            let k = (64 - bit).min(end - p);
-            let mask = if k == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << k) - 1) << bit
-            };
-            n += u64::from((self.words[(p / 64) as usize] & mask).count_ones());
-            p += k;
-        }
-        n
+        word_masks(self.pages, first_page, npages)
+            .map(|(w, mask)| u64::from((self.words[w] & mask).count_ones()))
+            .sum()
     }
 
     /// The bits of pages `[first_page, first_page + npages)` (clipped to the bitmap) as words
@@ -314,18 +302,8 @@ impl DirtyBitmap {
 
     /// Clears pages `[first_page, first_page + npages)` (clipped to the bitmap), a word at a time.
     pub fn clear_range(&mut self, first_page: u64, npages: u64) {
-        let end = first_page.saturating_add(npages).min(self.pages);
-        let mut p = first_page;
-        while p < end {
-            let bit = p % 64;
-            let k = (64 - bit).min(end - p);
-            let mask = if k == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << k) - 1) << bit
-            };
-            self.words[(p / 64) as usize] &= !mask;
-            p += k;
+        for (w, mask) in word_masks(self.pages, first_page, npages) {
+            self.words[w] &= !mask;
         }
     }
 
@@ -353,6 +331,28 @@ impl DirtyBitmap {
             })
         })
     }
+}
+
+/// The words covering pages `[first_page, first_page + npages)` of a `pages`-page bitmap (clipped
+/// to it), each with the mask of its bits inside the range.
+fn word_masks(pages: u64, first_page: u64, npages: u64) -> impl Iterator<Item = (usize, u64)> {
+    let end = first_page.saturating_add(npages).min(pages);
+    let mut p = first_page;
+    std::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let bit = p % 64;
+        let k = (64 - bit).min(end - p);
+        let mask = if k == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << k) - 1) << bit
+        };
+        let w = (p / 64) as usize;
+        p += k;
+        Some((w, mask))
+    })
 }
 
 #[cfg(test)]

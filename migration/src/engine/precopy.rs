@@ -934,27 +934,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn send_unions_sources_and_makes_final_claim_while_paused() {
-        let path = std::env::temp_dir().join(format!("tern-precopy-{}.sock", std::process::id()));
+    /// The claims logged while migrating a `pages`-page fake guest (1 MiB chunks) over a unix
+    /// socket to a fake destination, with its sources (`hot`: see [`Host`]).
+    fn migrate_fake(
+        tag: &str,
+        pages: u64,
+        hot: Option<Vec<u64>>,
+        downtime_ms: u64,
+    ) -> (Arc<MigrationStats>, Vec<(SourceKind, GpaRange, bool)>) {
+        let path = std::env::temp_dir().join(format!(
+            "tern-precopy-{tag}-{}-{pages}.sock",
+            std::process::id()
+        ));
         let l = MigrationListener::bind(&MigrationUrl::Unix(path)).expect("bind");
         let mut params = SendParams::new(l.url().clone());
         params.chunk_bytes = 1 << 20;
+        params.downtime_ms = downtime_ms;
         let dst = std::thread::spawn(move || {
-            receive_on(&l, &mut Factory(PAGES), &MigrationStats::new()).map(|_| ())
+            receive_on(&l, &mut Factory(pages), &MigrationStats::new()).map(|_| ())
         });
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (pages * PAGE_SIZE) as usize)])
             .expect("memory");
         let claims = Arc::new(Mutex::new(Vec::new()));
         let mut host = Host {
             mem,
             paused: Arc::new(AtomicBool::new(false)),
             claims: claims.clone(),
-            hot: None,
+            hot,
         };
         let stats = Arc::new(MigrationStats::new());
         send(&mut host, params, stats.clone()).expect("migration");
         dst.join().expect("thread").expect("destination");
+        let log = claims.lock().expect("log").clone();
+        (stats, log)
+    }
+
+    #[test]
+    fn send_unions_sources_and_makes_final_claim_while_paused() {
+        let (stats, log) = migrate_fake("union", PAGES, None, 300);
         let s = stats.snapshot();
         // Iteration 0 sends every page once; the 5 reports of 4 distinct pages add 4, not 5.
         assert_eq!(s.data_pages + s.zero_pages, PAGES + 4, "{s:?}");
@@ -963,7 +980,6 @@ mod tests {
         // The switchover (VM paused) claims only chunks holding a reported page — whether the
         // reports were still pending then or an iteration had taken them: every source could
         // peek, so clean chunks are not claimed.
-        let log = claims.lock().expect("log");
         let reported = [1u64, 2, 3, 700];
         for (kind, range, paused) in log.iter() {
             if *paused {
@@ -986,34 +1002,11 @@ mod tests {
     /// Paused claims of a migration of `pages` pages (1 MiB chunks) whose guest keeps rewriting
     /// pages 5 and 300 (two chunks) until it is paused.
     fn switchover_claims(pages: u64) -> Vec<GpaRange> {
-        let path = std::env::temp_dir().join(format!(
-            "tern-precopy-size-{}-{pages}.sock",
-            std::process::id()
-        ));
-        let l = MigrationListener::bind(&MigrationUrl::Unix(path)).expect("bind");
-        let mut params = SendParams::new(l.url().clone());
-        params.chunk_bytes = 1 << 20;
-        params.downtime_ms = 1000;
-        let dst = std::thread::spawn(move || {
-            receive_on(&l, &mut Factory(pages), &MigrationStats::new()).map(|_| ())
-        });
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (pages * PAGE_SIZE) as usize)])
-            .expect("memory");
-        let claims = Arc::new(Mutex::new(Vec::new()));
-        let mut host = Host {
-            mem,
-            paused: Arc::new(AtomicBool::new(false)),
-            claims: claims.clone(),
-            hot: Some(vec![5, 300]),
-        };
-        let stats = Arc::new(MigrationStats::new());
-        send(&mut host, params, stats.clone()).expect("migration");
-        dst.join().expect("thread").expect("destination");
+        let (stats, log) = migrate_fake("size", pages, Some(vec![5, 300]), 1000);
         let breakdown = stats
             .snapshot()
             .switchover
             .expect("a completed switchover's breakdown");
-        let log = claims.lock().expect("log");
         let paused: Vec<GpaRange> = log.iter().filter(|c| c.2).map(|c| c.1).collect();
         assert_eq!(breakdown.final_claimed_chunks, paused.len() as u64);
         paused
