@@ -4,6 +4,7 @@
 
 mod device;
 mod device_sinks;
+mod dirty_rate;
 mod error;
 mod host;
 mod in_doubt;
@@ -27,7 +28,9 @@ pub use host::{
 pub use in_doubt::InDoubtVm;
 pub use pages::{is_zero_page, MemoryBatch, PageWriter, BATCH_DATA_PAGES};
 pub use params::{SendParams, TimeoutStrategy};
-pub use policy::{decide, expected_downtime_ms, AutoConverge, Decision};
+pub use policy::{
+    decide, expected_downtime_ms, switchover_ms, AutoConverge, Decision, SwitchoverLoad,
+};
 pub use precopy::{send, start_send, MigrationOutcome, STATE_ESTIMATE_BYTES};
 pub use receive::{receive, receive_on};
 pub use stats::{

@@ -22,6 +22,66 @@ pub fn expected_downtime_ms(
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
+/// What a switchover started now would put on the wire, by how the transport paces it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwitchoverLoad {
+    /// Guest memory the switchover sends: what is still queued on the lanes (it goes first), the
+    /// plan's dirty pages and the pages dirtied between the plan and the pause. Memory frames
+    /// are paced by the bandwidth cap, in pre-copy and in the switchover alike.
+    pub memory_bytes: u64,
+    /// VM, vCPU and device state and device data: control frames, never paced by the cap.
+    pub state_bytes: u64,
+    /// What the cap's token bucket has saved up: the first memory bytes up to this go at the
+    /// link's rate, not the cap's (0 without a cap, or when it is in debt).
+    pub burst_bytes: u64,
+}
+
+/// The rate guest memory moves at: the link's measured rate under the cap (0 = neither known).
+/// The cap paces memory in the switchover too, so this is the rate the estimate uses.
+pub fn memory_rate(link_bytes_per_sec: u64, cap_bytes_per_sec: u64) -> u64 {
+    match (link_bytes_per_sec, cap_bytes_per_sec) {
+        (0, cap) => cap,
+        (link, 0) => link,
+        (link, cap) => link.min(cap),
+    }
+}
+
+/// Expected downtime in ms of a switchover sending `load` when the link moves
+/// `link_bytes_per_sec` (measured; 0 = not measured yet) and the cap allows `cap_bytes_per_sec`
+/// (0 = no cap). Memory goes at the slower of the two — the cap stays in force during the
+/// switchover (see docs/architecture.md, "Downtime estimate") — except the bucket's saved-up
+/// burst, which goes at the link's rate like the state.
+/// Without a measured link the cap is the only rate known: state is charged at it too (an
+/// upper bound); with neither, the answer is "cannot tell": u64::MAX.
+pub fn switchover_ms(load: SwitchoverLoad, link_bytes_per_sec: u64, cap_bytes_per_sec: u64) -> u64 {
+    let memory_rate = memory_rate(link_bytes_per_sec, cap_bytes_per_sec);
+    let state_rate = if link_bytes_per_sec == 0 {
+        cap_bytes_per_sec
+    } else {
+        link_bytes_per_sec
+    };
+    // In ns, each part rounded up: an estimate that decides a promise must not round a part
+    // away.
+    let ns = |bytes: u64, rate: u64| -> Option<u128> {
+        match (bytes, rate) {
+            (0, _) => Some(0),
+            (_, 0) => None,
+            (b, r) => Some((u128::from(b) * 1_000_000_000).div_ceil(u128::from(r))),
+        }
+    };
+    let burst = load.burst_bytes.min(load.memory_bytes);
+    match (
+        ns(load.memory_bytes - burst, memory_rate),
+        ns(burst, state_rate),
+        ns(load.state_bytes, state_rate),
+    ) {
+        (Some(m), Some(b), Some(s)) => {
+            u64::try_from((m + b + s).div_ceil(1_000_000)).unwrap_or(u64::MAX)
+        }
+        _ => u64::MAX,
+    }
+}
+
 /// What the pre-copy loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -110,6 +170,49 @@ mod tests {
         assert_eq!(expected_downtime_ms(1_000_000, 0, 1_000_000), 1000);
         assert_eq!(expected_downtime_ms(500_000, 500_000, 10_000_000), 100);
         assert_eq!(expected_downtime_ms(u64::MAX, u64::MAX, 1), u64::MAX);
+    }
+
+    #[test]
+    fn switchover_ms_paces_memory_at_the_cap_and_state_at_the_link() {
+        let load = SwitchoverLoad {
+            memory_bytes: 1_000_000,
+            state_bytes: 100_000,
+            burst_bytes: 0,
+        };
+        // 1 MB/s cap on a 100 MB/s link: memory takes 1 s at the cap, state 1 ms at the link.
+        assert_eq!(switchover_ms(load, 100_000_000, 1_000_000), 1001);
+        // A cap above the link's rate does not speed anything up.
+        assert_eq!(switchover_ms(load, 10_000_000, 1_000_000_000), 110);
+        // No cap: all at the link's rate.
+        assert_eq!(switchover_ms(load, 100_000_000, 0), 11);
+        // Link not measured yet: the cap is the only known rate, for state too.
+        assert_eq!(switchover_ms(load, 0, 1_000_000), 1100);
+        assert_eq!(switchover_ms(load, 0, 0), u64::MAX);
+        assert_eq!(switchover_ms(SwitchoverLoad::default(), 0, 0), 0);
+        // Rounded up, never away.
+        // The bucket's saved burst goes at the link's rate: 500 kB of the 1 MB skip the cap.
+        let burst = SwitchoverLoad {
+            burst_bytes: 500_000,
+            ..load
+        };
+        assert_eq!(switchover_ms(burst, 100_000_000, 1_000_000), 506);
+        let all = SwitchoverLoad {
+            burst_bytes: u64::MAX,
+            ..load
+        };
+        assert_eq!(switchover_ms(all, 100_000_000, 1_000_000), 11);
+        let one = SwitchoverLoad {
+            memory_bytes: 1,
+            state_bytes: 0,
+            burst_bytes: 0,
+        };
+        assert_eq!(switchover_ms(one, 1_000_000_000, 0), 1);
+        let huge = SwitchoverLoad {
+            memory_bytes: u64::MAX,
+            state_bytes: u64::MAX,
+            burst_bytes: 0,
+        };
+        assert_eq!(switchover_ms(huge, 1, 1), u64::MAX);
     }
 
     #[test]

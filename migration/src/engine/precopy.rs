@@ -21,11 +21,12 @@ use crate::protocol::{
 };
 use crate::transport::{send_frame_with_fd, Connection, RateLimiter};
 
+use super::dirty_rate::DirtyRate;
 use super::error::{error_chain, MigrationError};
 use super::host::MigrationHost;
 use super::lanes::{Lanes, OwnedFrame};
 use super::params::SendParams;
-use super::policy::{decide, expected_downtime_ms, AutoConverge, Decision};
+use super::policy::{decide, memory_rate, switchover_ms, AutoConverge, Decision, SwitchoverLoad};
 use super::stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatus, PassKind,
     SwitchoverBreakdown,
@@ -96,6 +97,7 @@ pub fn send(
         watcher: None,
         ranges: DirtyRanges::default(),
         last_claims: (0, Duration::ZERO),
+        dirty_rate: DirtyRate::default(),
         session: new_session_id(),
         plan: Vec::new(),
         destination_ready: false,
@@ -255,6 +257,8 @@ struct Source<'h> {
     deferred_loaded: Vec<String>,
     /// The last pass's chunk claims and their time.
     last_claims: (u64, Duration),
+    /// The guest's dirty rate, per chunk from its claims (not from pass durations).
+    dirty_rate: DirtyRate,
 }
 
 fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
@@ -618,16 +622,35 @@ impl Source<'_> {
         let mut tally = PassTally::default();
         let mut pages = 0;
         let full = plan.kind == PassKind::Full;
-        for (range, lane) in self.chunks() {
+        // Paused, nothing dirties memory: the final pass says nothing about the guest's rate.
+        let measure = plan.kind != PassKind::Final;
+        let chunks = self.chunks();
+        if full {
+            self.dirty_rate = DirtyRate::new(chunks.len());
+        }
+        let mut left: u64 = self.regions.iter().map(|r| r.1).sum();
+        for (i, (range, lane)) in chunks.into_iter().enumerate() {
             if plan.skip_unplanned && !self.planned(range) {
+                if measure {
+                    self.dirty_rate.clean(i, Instant::now());
+                }
                 continue;
             }
             self.check_abort(true)?;
+            if full {
+                self.full_pass_progress(left)?;
+            }
             let claim_started = Instant::now();
             let bits = self.claim(range, !full, &mut tally)?;
             tally.claims += 1;
             tally.claim_time += claim_started.elapsed();
+            if measure {
+                // The full pass's claim only starts the chunk's clock (its bits predate it).
+                let n = if full { 0 } else { bits.count() };
+                self.dirty_rate.claimed(i, n, Instant::now());
+            }
             pages += self.send_pages(range, (!full).then_some(&bits), lane, true)?;
+            left = left.saturating_sub(range.len_bytes);
         }
         self.last_claims = (tally.claims, tally.claim_time);
         self.stats.push_history(IterationRecord {
@@ -642,11 +665,29 @@ impl Source<'_> {
             bandwidth_bytes_per_sec: plan.bandwidth,
             throttle_percent: self.stats.throttle_percent(),
         });
-        if plan.kind == PassKind::Dirty {
-            let secs = started.elapsed().as_secs_f64().max(1e-6);
-            self.stats.set_dirty_rate((pages as f64 / secs) as u64);
+        if measure {
+            self.stats.set_dirty_rate(self.dirty_rate.pages_per_sec());
         }
         Ok(pages)
+    }
+
+    /// Progress of iteration 0, before each chunk: the memory it has still to go over plus what
+    /// is queued is what remains, and a switchover now would have to send all of it.
+    fn full_pass_progress(&mut self, left: u64) -> Result<(), MigrationError> {
+        let remaining = left.saturating_add(self.lanes()?.queued_bytes());
+        let (link, cap) = (self.lanes()?.bandwidth_bytes_per_sec(), self.rate.rate());
+        self.stats.set_remaining(remaining);
+        self.stats.set_bandwidth(memory_rate(link, cap));
+        self.stats.set_expected_downtime(switchover_ms(
+            SwitchoverLoad {
+                memory_bytes: remaining,
+                state_bytes: STATE_ESTIMATE_BYTES,
+                burst_bytes: self.rate.available(),
+            },
+            link,
+            cap,
+        ));
+        Ok(())
     }
 
     fn precopy(&mut self) -> Result<(), MigrationError> {
@@ -662,6 +703,7 @@ impl Source<'_> {
         let mut iteration = 0u64;
         loop {
             self.check_abort(true)?;
+            let plan_started = Instant::now();
             self.sync_sources()?;
             let (planned, can_peek) = self.plan()?;
             // Device bytes count: unread pre-copy bytes as remaining (iterating moves them), the
@@ -671,21 +713,39 @@ impl Source<'_> {
             // counts as remaining, and it drains while the loop goes on.
             let queued = self.lanes()?.queued_bytes();
             let remaining = planned * PAGE_SIZE + device_precopy + queued;
-            let state_bytes = STATE_ESTIMATE_BYTES.saturating_add(device_stop_copy);
             self.stats.set_remaining(remaining);
-            let mut bw = self.lanes()?.bandwidth_bytes_per_sec();
-            let cap = self.rate.rate();
-            if cap != 0 && (bw == 0 || bw > cap) {
-                bw = cap;
-            }
+            let (link, cap) = (self.lanes()?.bandwidth_bytes_per_sec(), self.rate.rate());
+            let bw = memory_rate(link, cap);
             self.stats.set_bandwidth(bw);
-            let expected = if can_peek {
-                expected_downtime_ms(remaining, state_bytes, bw)
+            // What the switchover would send if decided now, on the wire: every planned page
+            // with its entry, plus the pages the guest dirties between this plan's sync and the
+            // pause, which are not in the plan (the pause follows the decision at once, so that
+            // is the time from the sync to here).
+            let page_wire = PAGE_SIZE + crate::protocol::MEMORY_ENTRY_BYTES as u64;
+            let late = self
+                .dirty_rate
+                .pages_per_sec()
+                .saturating_mul(u64::try_from(plan_started.elapsed().as_micros()).unwrap_or(0))
+                / 1_000_000;
+            let memory = if can_peek {
+                planned.saturating_add(late).saturating_mul(page_wire)
             } else {
                 // A source that cannot peek (type1, DMA logging) reports only when claimed: the
                 // last iteration's volume is the honest estimate of what the switchover sends.
-                expected_downtime_ms(remaining.max(last_iter_bytes), state_bytes, bw)
+                planned.saturating_mul(page_wire).max(last_iter_bytes)
             };
+            let expected = switchover_ms(
+                SwitchoverLoad {
+                    memory_bytes: memory.saturating_add(queued),
+                    // Device data and state go as control frames, not paced by the cap.
+                    state_bytes: STATE_ESTIMATE_BYTES
+                        .saturating_add(device_stop_copy)
+                        .saturating_add(device_precopy),
+                    burst_bytes: self.rate.available(),
+                },
+                link,
+                cap,
+            );
             self.stats.set_expected_downtime(expected);
             // A source that cannot peek leaves the remaining volume unknown: not zero.
             let known_remaining = if can_peek { remaining } else { u64::MAX };
