@@ -121,6 +121,10 @@ fn connect_tcp(url: &MigrationUrl, host: &str, port: u16) -> Result<TcpStream, T
                         what: "set TCP_NODELAY",
                         source,
                     })?;
+                super::keepalive::enable(&s).map_err(|source| TransportError::Socket {
+                    what: "enable TCP keepalive",
+                    source,
+                })?;
                 return Ok(s);
             }
             Err(e) => last = e,
@@ -378,6 +382,11 @@ impl MigrationListener {
                         what: "set TCP_NODELAY",
                         source,
                     })?;
+                // A receiver only reads: keepalive is how it learns that the peer is gone.
+                super::keepalive::enable(&s).map_err(|source| TransportError::Socket {
+                    what: "enable TCP keepalive",
+                    source,
+                })?;
                 Ok(Connection::Tcp(TcpLink::Plain(s)))
             }
             MigrationListener::Unix(l, _, _) => Ok(Connection::Unix(l.accept().map_err(err)?.0)),

@@ -4,6 +4,7 @@
 //! splittable connection, and what TLS costs), plus a shared token-bucket bandwidth cap.
 
 mod conn;
+pub mod keepalive;
 mod local;
 mod rate;
 mod tls;
