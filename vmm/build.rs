@@ -37,6 +37,28 @@ fn build(src: &Path, out: &Path, name: &str, link_addr: u64, flat: bool, entry: 
     run(ld.arg("-o").arg(out.join(name)).arg(&obj));
 }
 
+/// The demo guest as a standalone PVH ELF (guests/demo/pvh.S includes demo.S; pvh.ld places the
+/// PVH note in its own PT_NOTE right after the image). `tern --write-demo-elf` patches its options in.
+fn build_demo_pvh(dir: &Path, out: &Path) {
+    for file in ["pvh.S", "pvh.ld"] {
+        println!("cargo:rerun-if-changed={}", dir.join(file).display());
+    }
+    let obj = out.join("demo-pvh.o");
+    run(Command::new("as")
+        .arg("--64")
+        .arg("-I")
+        .arg(dir)
+        .arg("-o")
+        .arg(&obj)
+        .arg(dir.join("pvh.S")));
+    run(Command::new("ld")
+        .args(["-nostdlib", "--no-warn-rwx-segments", "-T"])
+        .arg(dir.join("pvh.ld"))
+        .arg("-o")
+        .arg(out.join("demo-pvh.elf"))
+        .arg(&obj));
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let guests = manifest.join("../guests");
@@ -49,6 +71,7 @@ fn main() {
         true,
         "0",
     );
+    build_demo_pvh(&guests.join("demo"), &out);
     println!(
         "cargo:rerun-if-changed={}",
         guests.join("probe/console.S").display()

@@ -44,6 +44,10 @@ pub struct Cli {
     /// likes and can reuse the process for an incoming migration.
     #[arg(long)]
     pub stay_after_migration: bool,
+    /// Write the demo guest given by `--guest demo,...` as a standalone PVH ELF to PATH (for
+    /// `--kernel PATH` here or QEMU's `-kernel PATH`; one vCPU, this host's TSC rate) and exit.
+    #[arg(long, value_name = "PATH", requires = "guest")]
+    pub write_demo_elf: Option<PathBuf>,
 }
 
 /// What a VM is made of, as the command line spells it. `vm.create` bodies are turned into these

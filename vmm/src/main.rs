@@ -59,6 +59,19 @@ fn report_start_latency() {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if let Some(path) = &cli.write_demo_elf {
+        let guest = cli
+            .vm
+            .guest
+            .as_deref()
+            .ok_or("--write-demo-elf needs --guest demo,...")?;
+        if cli.vm.cpus != 1 {
+            return Err("--write-demo-elf: the PVH demo ELF runs on one vCPU (--cpus 1)".into());
+        }
+        let config = guest.parse::<tern_vmm::demo::DemoConfig>()?;
+        tern_vmm::demo::elf::write_pvh_elf(&config, &cli.kvm_device, path)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = cli.vm_config()?;
     let Some(socket) = &cli.api_socket else {
         let config = config.ok_or("nothing to run")?;
