@@ -33,7 +33,9 @@ mod tests {
         assert_eq!(s.status, MigrationStatus::Completed);
         let downtime_ms = s.downtime_ms.expect("a completed migration's downtime");
         // The switchover's steps follow each other within the downtime.
-        let t = s.switchover.expect("a completed migration's switchover breakdown");
+        let t = s
+            .switchover
+            .expect("a completed migration's switchover breakdown");
         let steps_us = t.pause_us
             + t.final_pass_us
             + t.state_save_us
