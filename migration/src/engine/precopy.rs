@@ -97,6 +97,7 @@ pub fn send(
         watcher: None,
         ranges: DirtyRanges::default(),
         last_claims: (0, Duration::ZERO),
+        precopy_deadline: None,
         dirty_rate: DirtyRate::default(),
         session: new_session_id(),
         plan: Vec::new(),
@@ -259,6 +260,8 @@ struct Source<'h> {
     last_claims: (u64, Duration),
     /// The guest's dirty rate, per chunk from its claims (not from pass durations).
     dirty_rate: DirtyRate,
+    /// When `--timeout-s` runs out: a pre-copy pass stops there rather than at its end.
+    precopy_deadline: Option<Instant>,
 }
 
 fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
@@ -636,6 +639,19 @@ impl Source<'_> {
                 }
                 continue;
             }
+            // Out of time: the pass stops here and the loop's decision applies the timeout
+            // strategy at once. What it leaves unsent stays dirty at the sources (not claimed), so
+            // a switchover still sends it. The full pass always finishes: it has no dirty bits
+            // for the pages it has not read yet.
+            if plan.kind == PassKind::Dirty
+                && self.precopy_deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                log::info!(
+                    "pre-copy iteration {} cut short by the timeout",
+                    plan.iteration
+                );
+                break;
+            }
             self.check_abort(true)?;
             if full {
                 self.full_pass_progress(left)?;
@@ -692,6 +708,7 @@ impl Source<'_> {
 
     fn precopy(&mut self) -> Result<(), MigrationError> {
         let started = Instant::now();
+        self.precopy_deadline = started.checked_add(self.params.timeout);
         let stall = self.params.ack_timeout;
         self.lanes()?.set_stall_limit(stall, "pre-copy");
         self.stats.set_iteration(0);
@@ -1080,5 +1097,54 @@ mod tests {
         let large = switchover_claims(16 * 1024);
         assert_eq!(small.len(), 2, "{small:?}");
         assert_eq!(small, large);
+    }
+
+    /// `--timeout-s` cuts a pre-copy pass short instead of waiting for its end: 8 MiB of guest,
+    /// the first 2 MiB (512 pages, 8 chunks of 256 KiB) rewritten all the time, a 2 MB/s cap, so
+    /// a pass takes about a second; the timeout (cancel) runs out during a pre-copy pass.
+    #[test]
+    fn the_timeout_cuts_a_precopy_pass_short() {
+        const PAGES_8M: u64 = 2048;
+        const HOT: u64 = 512;
+        let path =
+            std::env::temp_dir().join(format!("tern-precopy-timeout-{}.sock", std::process::id()));
+        let l = MigrationListener::bind(&MigrationUrl::Unix(path)).expect("bind");
+        let mut params = SendParams::new(l.url().clone());
+        params.chunk_bytes = 256 << 10;
+        params.downtime_ms = 1;
+        params.max_bandwidth_mbps = 16;
+        params.timeout = Duration::from_secs(2);
+        let dst = std::thread::spawn(move || {
+            receive_on(&l, &mut Factory(PAGES_8M), &MigrationStats::new()).map(|_| ())
+        });
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES_8M * PAGE_SIZE) as usize)])
+                .expect("memory");
+        // Data, not zero markers, so the cap paces the hot set.
+        for p in 0..HOT {
+            vm_memory::Bytes::write_slice(&mem, &[0xa5; 64], GuestAddress(p * PAGE_SIZE))
+                .expect("fill");
+        }
+        let mut host = Host {
+            mem,
+            paused: Arc::new(AtomicBool::new(false)),
+            claims: Arc::new(Mutex::new(Vec::new())),
+            hot: Some((0..HOT).collect()),
+        };
+        let stats = Arc::new(MigrationStats::new());
+        let err = send(&mut host, params, stats.clone()).expect_err("the timeout (cancel)");
+        assert!(matches!(err, MigrationError::Timeout { .. }), "{err}");
+        let _ = dst.join();
+        let s = stats.snapshot();
+        let dirty: Vec<u64> = s
+            .history
+            .iter()
+            .filter(|r| r.pass == PassKind::Dirty)
+            .map(|r| r.pages_sent)
+            .collect();
+        assert!(
+            dirty.last().is_some_and(|&sent| sent < HOT),
+            "no pre-copy pass was cut short (pages sent per pass: {dirty:?})"
+        );
     }
 }

@@ -436,6 +436,11 @@ impl MigrationHost for FakeHost {
     }
     fn pause(&mut self) -> Result<(), HostError> {
         self.guest.pause();
+        if self.kvm_fail_when_paused {
+            // A last guest write just before the vCPUs stopped, so the switchover has a KVM
+            // claim to make (it claims only dirty chunks) and the injected failure is reached.
+            self.kvm.mark(0);
+        }
         self.log.push("pause");
         Ok(())
     }
