@@ -73,6 +73,8 @@ pub struct FakeDma {
     pub writes: AtomicU64,
     /// (paused, range) of every claim, in order.
     pub claims: Mutex<Vec<(bool, GpaRange)>>,
+    /// The page the engine wrote last (its write at the stop repeats it).
+    last_gpa: AtomicU64,
 }
 
 impl FakeDma {
@@ -87,6 +89,7 @@ impl FakeDma {
             engine: Mutex::new(()),
             writes: AtomicU64::new(0),
             claims: Mutex::new(Vec::new()),
+            last_gpa: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -103,6 +106,7 @@ impl FakeDma {
             self.dirty.lock().expect("dirty").insert(gpa);
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
+        self.last_gpa.store(gpa, Ordering::Relaxed);
     }
 
     /// Start the device's DMA engine: `pages` pages from `base`, one write every `pause_us`.
@@ -125,8 +129,15 @@ impl FakeDma {
     }
 
     pub fn pause(&self) {
+        let engine = self.engine.lock().expect("engine");
+        // The device's last DMA lands just before it stops, so the switchover always has a DMA
+        // page to claim (it claims only dirty chunks) and its ordering is checked every run.
+        let last = self.last_gpa.load(Ordering::Relaxed);
+        if last != u64::MAX {
+            self.write_page(last, u64::MAX / 2);
+        }
         self.paused.store(true, Ordering::SeqCst);
-        drop(self.engine.lock().expect("engine"));
+        drop(engine);
     }
 
     pub fn resume(&self) {

@@ -173,12 +173,21 @@ fn frames(
             sh.cut_all();
             return Ok(());
         }
-        to.write_all(&head)?;
-        to.write_all(&payload)?;
         if hit {
+            // Cut right after this frame: nothing the peer answers to it may get through, so the
+            // other direction stops before the frame goes out (it drops what it reads from now).
+            sh.done.store(true, Ordering::SeqCst);
+            to.write_all(&head)?;
+            to.write_all(&payload)?;
             to.flush()?;
             sh.cut_all();
             return Ok(());
         }
+        if sh.done.load(Ordering::SeqCst) {
+            // Cut in the other direction while this frame was read: it does not get through.
+            return Ok(());
+        }
+        to.write_all(&head)?;
+        to.write_all(&payload)?;
     }
 }
