@@ -264,6 +264,11 @@ struct Source<'h> {
     precopy_deadline: Option<Instant>,
 }
 
+/// A duration in µs, as the stats record them.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
     move |source| MigrationError::Protocol { during, source }
 }

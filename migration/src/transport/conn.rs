@@ -116,15 +116,7 @@ fn connect_tcp(url: &MigrationUrl, host: &str, port: u16) -> Result<TcpStream, T
     for a in addrs {
         match TcpStream::connect(a) {
             Ok(s) => {
-                s.set_nodelay(true)
-                    .map_err(|source| TransportError::Socket {
-                        what: "set TCP_NODELAY",
-                        source,
-                    })?;
-                super::keepalive::enable(&s).map_err(|source| TransportError::Socket {
-                    what: "enable TCP keepalive",
-                    source,
-                })?;
+                tune_tcp(&s)?;
                 return Ok(s);
             }
             Err(e) => last = e,
@@ -377,16 +369,7 @@ impl MigrationListener {
         match self {
             MigrationListener::Tcp(l, _) | MigrationListener::Tls(l, _, _) => {
                 let (s, _) = l.accept().map_err(err)?;
-                s.set_nodelay(true)
-                    .map_err(|source| TransportError::Socket {
-                        what: "set TCP_NODELAY",
-                        source,
-                    })?;
-                // A receiver only reads: keepalive is how it learns that the peer is gone.
-                super::keepalive::enable(&s).map_err(|source| TransportError::Socket {
-                    what: "enable TCP keepalive",
-                    source,
-                })?;
+                tune_tcp(&s)?;
                 Ok(Connection::Tcp(TcpLink::Plain(s)))
             }
             MigrationListener::Unix(l, _, _) => Ok(Connection::Unix(l.accept().map_err(err)?.0)),
@@ -401,4 +384,18 @@ impl Drop for MigrationListener {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// Both ends of every migration TCP connection: no Nagle delay on frames, and keepalive — a
+/// receiver only reads, so keepalive is how it learns that a silent peer is gone.
+fn tune_tcp(s: &TcpStream) -> Result<(), TransportError> {
+    s.set_nodelay(true)
+        .map_err(|source| TransportError::Socket {
+            what: "set TCP_NODELAY",
+            source,
+        })?;
+    super::keepalive::enable(s).map_err(|source| TransportError::Socket {
+        what: "enable TCP keepalive",
+        source,
+    })
 }

@@ -281,8 +281,7 @@ fn pump(
                     break;
                 }
                 DeviceReadEnd::EndOfStream => {
-                    d.record.stop_copy_us =
-                        u64::try_from(d.stop_copy_time.as_micros()).unwrap_or(u64::MAX);
+                    d.record.stop_copy_us = super::micros(d.stop_copy_time);
                     d.ended = true;
                     send(OwnedFrame::DeviceMark(d.record.id.clone(), DeviceMark::End))?;
                     break;

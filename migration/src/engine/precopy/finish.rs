@@ -15,10 +15,6 @@ impl Step {
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 impl Source<'_> {
     pub(super) fn switchover(&mut self) -> Result<(), MigrationError> {
         // Never pause before the destination has built its VM: that build must not count as
