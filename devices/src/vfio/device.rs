@@ -32,6 +32,7 @@
 //! slots that follow the BAR through [`PciDevice::move_bar`] ([`super::bar_map`]); every other
 //! guest access is a `pread`/`pwrite` on the VFIO region.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,7 @@ use super::dma_dirty::method::{
 };
 use super::dma_dirty::MappedRange;
 use super::dma_space::DmaSpaces;
+use super::handover::{DeviceParts, DmaHandle, HandedDma, InheritedDevice};
 use super::iommufd::{Hwpt, IommufdBackendError};
 use super::migration::{
     DeviceMigration, DeviceMigrationError, MigState, MigrationCaps, VfioStateSink, VfioStateSource,
@@ -62,6 +64,7 @@ use crate::pci::config::{ConfigSpace, ConfigSpaceState, PciIds};
 use crate::pci::msi::{MsiCap, MsiCapError, MsiRouteSink};
 use crate::pci::msix::{Msix, MsixError, MsixState};
 use crate::pci::{MoveBarError, PciDevice, PciDeviceState, PciStateError};
+use crate::sys::vfio_device_fd::DeviceFd;
 use crate::sys::vfio_dma_logging_probe::supports_dma_logging;
 use crate::sys::vfio_region_mmap::{page_size, RegionMapping};
 
@@ -107,6 +110,74 @@ pub trait VfioFunction: Send {
     fn mmap(&self, _index: u32, _offset: u64, _len: u64) -> std::io::Result<RegionMapping> {
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
+    /// The device file's descriptor, which a live update hands on (`None` for fakes).
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// An inherited device file (live update): the same calls on the fd itself.
+impl VfioFunction for DeviceFd {
+    fn region_read(&self, index: u32, buf: &mut [u8], offset: u64) {
+        self.read(index, buf, offset)
+    }
+    fn region_write(&self, index: u32, buf: &[u8], offset: u64) {
+        self.write(index, buf, offset)
+    }
+    fn region_size(&self, index: u32) -> u64 {
+        self.region(index).size
+    }
+    fn irq_count(&self, index: u32) -> u32 {
+        DeviceFd::irq_count(self, index)
+    }
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioError> {
+        let raw: Vec<RawFd> = fds.iter().map(|e| e.as_raw_fd()).collect();
+        self.set_irqs(index, &raw).map_err(|e| {
+            log::warn!("VFIO: {e}");
+            VfioError::VfioDeviceEnableIrq
+        })
+    }
+    fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
+        self.set_irqs(index, &[]).map_err(|e| {
+            log::warn!("VFIO: {e}");
+            VfioError::VfioDeviceDisableIrq
+        })
+    }
+    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
+        // Sparse-mmap capabilities are not read: the whole region is tried, and a region the
+        // kernel lets be mapped only in parts stays trapped (the mmap fails; slower, correct).
+        let r = self.region(index);
+        if r.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Vec::new();
+        }
+        vec![(0, r.size)]
+    }
+    fn mmap(&self, index: u32, offset: u64, len: u64) -> std::io::Result<RegionMapping> {
+        RegionMapping::new(self, self.region(index).offset + offset, len)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+/// What a handed-over device's slot holds in the old process: nothing to call.
+struct Released;
+
+impl VfioFunction for Released {
+    fn region_read(&self, _: u32, _: &mut [u8], _: u64) {}
+    fn region_write(&self, _: u32, _: &[u8], _: u64) {}
+    fn region_size(&self, _: u32) -> u64 {
+        0
+    }
+    fn irq_count(&self, _: u32) -> u32 {
+        0
+    }
+    fn enable_irq(&self, _: u32, _: &[&EventFd]) -> Result<(), VfioError> {
+        Ok(())
+    }
+    fn disable_irq(&self, _: u32) -> Result<(), VfioError> {
+        Ok(())
+    }
 }
 
 impl VfioFunction for VfioDevice {
@@ -144,6 +215,9 @@ impl VfioFunction for VfioDevice {
         // The mapping keeps its own reference to the device file, so it may outlive `self`.
         RegionMapping::new(self, self.get_region_offset(index) + offset, len)
     }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
 }
 
 /// The device shared with its DMA-logging dirty source.
@@ -171,6 +245,9 @@ impl VfioFunction for Arc<VfioDevice> {
     }
     fn mmap(&self, index: u32, offset: u64, len: u64) -> std::io::Result<RegionMapping> {
         VfioFunction::mmap(&**self, index, offset, len)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        VfioFunction::raw_fd(&**self)
     }
 }
 
@@ -311,6 +388,8 @@ struct MsixLayout {
 enum Dma {
     Type1(Arc<Type1Dma>),
     Iommufd(Arc<Hwpt>),
+    /// Inherited from the old process in a live update (with the HWPT id for iommufd).
+    Handed(Arc<HandedDma>, Option<u32>),
 }
 
 impl Dma {
@@ -319,6 +398,7 @@ impl Dma {
         match self {
             Dma::Type1(d) => d.mapped(),
             Dma::Iommufd(h) => h.space().mapped(),
+            Dma::Handed(d, _) => d.mappings(),
         }
     }
 
@@ -327,6 +407,9 @@ impl Dma {
         match self {
             Dma::Type1(d) => d.leave(id),
             Dma::Iommufd(h) => h.leave(id),
+            // Nothing to undo by hand: closing the container or iommufd (the last user) tears
+            // its mappings down.
+            Dma::Handed(..) => {}
         }
     }
 
@@ -341,8 +424,50 @@ impl Dma {
                 dirty_tracking: h.dirty_tracking(),
                 devices: h.devices(),
             },
+            Dma::Handed(d, hwpt) => match d.ioas() {
+                Some(ioas) => DmaDomainInfo::Iommufd {
+                    ioas,
+                    hwpt: hwpt.unwrap_or(0),
+                    dirty_tracking: false,
+                    devices: d.devices(),
+                },
+                None => DmaDomainInfo::Type1 {
+                    devices: d.devices(),
+                },
+            },
         }
     }
+
+    fn handle(&self) -> DmaHandle {
+        match self {
+            Dma::Type1(d) => DmaHandle::Type1 {
+                container: d.container().as_raw_fd(),
+                mappings: d.mapped(),
+            },
+            Dma::Iommufd(h) => DmaHandle::Iommufd {
+                iommufd: h.space().iommufd().as_raw_fd(),
+                ioas: h.space().ioas_id(),
+                hwpt: h.id(),
+            },
+            Dma::Handed(d, hwpt) => d.handle(*hwpt),
+        }
+    }
+}
+
+/// A device's part in a live update ([`super::handover`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct LiveUpdate {
+    /// An mdev (type1's update-vaddr interface excludes them).
+    mdev: bool,
+    /// VFIO already signals this VM's vector eventfds (inherited): a restore sets the routes
+    /// only, no VFIO_DEVICE_SET_IRQS.
+    irqs_inherited: bool,
+    /// Released for a live update (the VM is paused): its emulated state may be saved although
+    /// the device itself cannot migrate — it goes to the new process as it is.
+    released: bool,
+    /// Another process owns the device (the new one, after a handover; the old one, until a
+    /// live update's destination runs the VM): nothing here may touch it, drop included.
+    foreign: bool,
 }
 
 /// A passed-through PCI function.
@@ -362,6 +487,7 @@ pub struct VfioPciDevice {
     sink: Arc<dyn MsiRouteSink>,
     vectors: Vec<EventFd>,
     direct: DirectBars,
+    live: LiveUpdate,
 }
 
 impl std::fmt::Debug for VfioPciDevice {
@@ -570,9 +696,90 @@ impl VfioPciDevice {
             dma_dirty,
             dma_mapped_bytes: dma.mappings().iter().map(|&(_, len)| len as u64).sum(),
         };
+        let mdev = matches!(target.kind, super::preflight::VfioDeviceKind::Mdev { .. });
         let mut dev = Self::emulate(info, Box::new(device.clone()), Some(dma), resources)?;
         dev.vfio = Some(device);
+        dev.live.mdev = mdev;
         Ok(dev)
+    }
+
+    /// Builds the guest's view of a device handed over by the old process (live update): no
+    /// open, no reset, no DMA mapping — the device runs on as it was. `resources` must give it
+    /// the inherited vector eventfds (VFIO signals them already); the state restore then sets
+    /// their routes.
+    pub fn inherit(
+        handed: InheritedDevice,
+        resources: &mut dyn PciResources,
+    ) -> Result<Self, VfioDeviceError> {
+        let InheritedDevice {
+            meta, device, dma, ..
+        } = handed;
+        let backend = if meta.iommufd {
+            VfioBackend::Iommufd
+        } else {
+            VfioBackend::Type1
+        };
+        let dma = Dma::Handed(dma, meta.hwpt);
+        let info = VfioDeviceInfo {
+            id: meta.id,
+            sysfs: meta.sysfs,
+            backend,
+            hw_dirty_tracking: false,
+            migration: None,
+            vendor_id: 0,
+            device_id: 0,
+            dma_logging: false,
+            dma_dirty: DmaDirtySelection {
+                method: None,
+                migratable: false,
+                reason: "inherited in a live update: DMA is not tracked (a later live update \
+                         hands the device on again)"
+                    .into(),
+            },
+            dma_mapped_bytes: dma.mappings().iter().map(|&(_, len)| len as u64).sum(),
+        };
+        let mut dev = Self::emulate(info, Box::new(device), Some(dma), resources)?;
+        dev.live.irqs_inherited = true;
+        // The old process owns it until this VM runs ([`VfioPciDevice::set_owned`]).
+        dev.live.foreign = true;
+        Ok(dev)
+    }
+
+    /// What a live update needs of this device to hand it over.
+    pub fn handover_parts(&self) -> DeviceParts<'_> {
+        DeviceParts {
+            id: &self.info.id,
+            sysfs: &self.info.sysfs,
+            mdev: self.live.mdev,
+            vendor_id: self.info.vendor_id,
+            device_id: self.info.device_id,
+            device_fd: self.device.raw_fd(),
+            dma: self.dma.as_ref().map(Dma::handle),
+            vectors: &self.vectors,
+        }
+    }
+
+    /// The DMA space as a live update sees it.
+    pub fn dma_handle(&self) -> Option<DmaHandle> {
+        self.dma.as_ref().map(Dma::handle)
+    }
+
+    /// The device belongs to a new process now: from here on (drop included) nothing here
+    /// touches it — no interrupt change, no unmap, no detach, no close ioctl. Its descriptors are
+    /// closed when this process exits.
+    pub fn set_handed_over(&mut self) {
+        self.live.foreign = true;
+    }
+
+    /// Live update: released for the new process (`true`, the VM paused) or taken back.
+    pub fn set_released(&mut self, released: bool) {
+        self.live.released = released;
+    }
+
+    /// A live update's destination runs the VM: the inherited device is this process's now (a
+    /// failure before leaves it untouched for the old process).
+    pub fn set_owned(&mut self) {
+        self.live.foreign = false;
     }
 
     /// Builds the guest's view of `device`: configuration space with its IDs, BARs at addresses
@@ -671,6 +878,7 @@ impl VfioPciDevice {
             sink,
             vectors,
             direct,
+            live: LiveUpdate::default(),
         })
     }
 
@@ -879,7 +1087,9 @@ impl VfioPciDevice {
             })?;
         }
         // Whatever this function had enabled goes first (nothing, on a fresh destination).
-        self.interrupts_off();
+        if !self.live.irqs_inherited {
+            self.interrupts_off();
+        }
         self.config = config;
         self.msix = msix;
         // Decode and bus master as the guest left them.
@@ -887,17 +1097,23 @@ impl VfioPciDevice {
         self.device
             .region_write(VFIO_PCI_CONFIG_REGION_INDEX, &command, 4);
         let chain = |e: &dyn std::error::Error| tern_migration::engine::error_chain(e);
+        // A live update's device keeps signalling the eventfds it inherited: routes only.
+        let set_irqs = !std::mem::take(&mut self.live.irqs_inherited);
         if let Some(msi) = self.msi.filter(|m| m.enabled(&self.config)) {
             msi.replay(&self.config, self.sink.as_ref())
                 .map_err(|e| fail(format!("MSI route: {}", chain(&e))))?;
-            self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, msi.vectors(), true)
-                .map_err(|e| fail(format!("VFIO_DEVICE_SET_IRQS (MSI): {}", chain(&e))))?;
+            if set_irqs {
+                self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, msi.vectors(), true)
+                    .map_err(|e| fail(format!("VFIO_DEVICE_SET_IRQS (MSI): {}", chain(&e))))?;
+            }
         }
         if let Some(msix) = self.msix.as_ref().filter(|m| m.enabled(&self.config)) {
             msix.replay(&self.config, self.sink.as_ref())
                 .map_err(|e| fail(format!("MSI-X route: {}", chain(&e))))?;
-            self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, msix.vectors(), true)
-                .map_err(|e| fail(format!("VFIO_DEVICE_SET_IRQS (MSI-X): {}", chain(&e))))?;
+            if set_irqs {
+                self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, msix.vectors(), true)
+                    .map_err(|e| fail(format!("VFIO_DEVICE_SET_IRQS (MSI-X): {}", chain(&e))))?;
+            }
         }
         Ok(())
     }
@@ -1023,7 +1239,7 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn save(&self) -> Result<PciDeviceState, PciStateError> {
-        if self.info.migration.is_none() {
+        if self.info.migration.is_none() && !self.live.released {
             return Err(PciStateError::NotMigratable {
                 device: format!(
                     "VFIO device {} (no VFIO migration v2 with STOP_COPY)",
@@ -1043,6 +1259,14 @@ impl PciDevice for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
+        if self.live.foreign {
+            // The new process runs the device: leak this side's handles rather than let their
+            // drops disable interrupts, unmap DMA, detach or put the group on the shared files.
+            std::mem::forget(std::mem::replace(&mut self.device, Box::new(Released)));
+            std::mem::forget(self.vfio.take());
+            std::mem::forget(self.dma.take());
+            return;
+        }
         // Interrupts off first so no eventfd fires into a torn-down router, then DMA unmapped
         // while the group is still in the container; the fields then close the device and put
         // the group. The guest's slots go first, while the device is still whole.

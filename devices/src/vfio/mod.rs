@@ -3,13 +3,14 @@
 //! legacy type1 container ([`container`]) or the cdev + iommufd backend with HWPTs tern allocates
 //! ([`iommufd`]), one of each per VM with all guest RAM mapped for DMA once ([`dma_space`]), the
 //! passed-through function on the guest's PCI bus ([`device`]), and its mmap-able BAR parts as
-//! guest memory slots ([`bar_map`]).
+//! guest memory slots ([`bar_map`]); a live update hands devices to a new process ([`handover`]).
 
 pub mod bar_map;
 pub mod container;
 pub mod device;
 pub mod dma_dirty;
 pub mod dma_space;
+pub mod handover;
 pub mod iommufd;
 pub mod migration;
 pub mod mock_dma;
