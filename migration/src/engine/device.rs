@@ -105,4 +105,11 @@ pub struct DeviceMigrationRecord {
     pub p2p: bool,
     /// The device had to be reset to get back to RUNNING after a failure.
     pub reset: bool,
+    /// Local mode (live update): the device's descriptors went to the new process, which runs it
+    /// as it was (no state read, no reset).
+    #[serde(default)]
+    pub handed_over: bool,
+    /// What became of the device's DMA pinning accounting in a live update, if worth saying.
+    #[serde(default)]
+    pub handover_note: Option<String>,
 }

@@ -5,6 +5,7 @@
 //! has none): a VMM that cannot do something returns a [`HostError`] that says what and why.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -70,6 +71,27 @@ pub struct LocalRegion {
     pub file_offset: u64,
 }
 
+/// One file descriptor a live update hands to the new process with the VM's devices (local
+/// mode): what it is, as opaque VMM bytes, and the fd itself.
+#[derive(Debug)]
+pub struct HandoverFd {
+    /// Opaque description from the source VMM (which device, which role).
+    pub meta: Vec<u8>,
+    /// The descriptor (a duplicate: the source keeps its own until the destination took over).
+    pub fd: OwnedFd,
+}
+
+/// What a source hands over in local mode besides guest memory.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// The descriptors, in the order they must arrive.
+    pub fds: Vec<HandoverFd>,
+    /// The ids of the devices handed over (for the stats).
+    pub devices: Vec<String>,
+    /// Per device: what happens to its DMA pinning accounting, if worth saying (for the stats).
+    pub notes: Vec<(String, String)>,
+}
+
 /// The source VM, as the engine sees it. Called from the migration thread.
 pub trait MigrationHost: Send {
     /// The guest memory. In local mode every region must be file backed (memfd, `MAP_SHARED`).
@@ -103,6 +125,25 @@ pub trait MigrationHost: Send {
     fn device_states(&mut self) -> Result<Vec<Box<dyn DeviceStateSource>>, HostError> {
         Ok(Vec::new())
     }
+    /// Local mode: the descriptors of the devices that go to the new process as they are (live
+    /// update), or the reason they cannot. Called once, before anything is sent.
+    fn handover(&mut self) -> Result<Handover, HostError> {
+        Ok(Handover::default())
+    }
+    /// Local mode, paused: let go of the handed devices so the destination can take them (type1:
+    /// invalidate the DMA mappings' process addresses; interrupts stop reaching this VM). The
+    /// descriptors stay open here.
+    fn handover_release(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    /// Local mode: the destination failed before it took over; take the devices back (the VM
+    /// then resumes).
+    fn handover_reclaim(&mut self) -> Result<(), HostError> {
+        Ok(())
+    }
+    /// Local mode: the destination runs the VM with the devices; never tear them down here (no
+    /// unmap, no interrupt change, no detach), only close this side's descriptors.
+    fn handover_done(&mut self) {}
 }
 
 /// The destination VM being filled.
@@ -123,6 +164,18 @@ pub trait MigrationTarget: Send {
 
 /// Builds the destination VM.
 pub trait MigrationTargetFactory {
+    /// Local mode (live update): the devices' descriptors the source handed over, before
+    /// [`MigrationTargetFactory::create`]. A factory that cannot take devices refuses them.
+    fn inherit(&mut self, fds: Vec<HandoverFd>) -> Result<(), HostError> {
+        if fds.is_empty() {
+            return Ok(());
+        }
+        Err(HostError::new(
+            "inherit devices",
+            "this destination cannot take devices handed over",
+        ))
+    }
+
     /// Build a VM from the source's config bytes. `local` holds the source's memory regions in
     /// local mode (map them `MAP_SHARED`, do not copy) and is empty otherwise.
     fn create(

@@ -22,8 +22,8 @@ pub use device::{
 };
 pub use error::{error_chain, MigrationError};
 pub use host::{
-    HostCause, HostError, LocalRegion, MigrationHost, MigrationState, MigrationTarget,
-    MigrationTargetFactory,
+    Handover, HandoverFd, HostCause, HostError, LocalRegion, MigrationHost, MigrationState,
+    MigrationTarget, MigrationTargetFactory,
 };
 pub use in_doubt::InDoubtVm;
 pub use pages::{is_zero_page, MemoryBatch, PageWriter, BATCH_DATA_PAGES};

@@ -23,7 +23,7 @@ use crate::transport::{send_frame_with_fd, Connection, RateLimiter};
 
 use super::dirty_rate::DirtyRate;
 use super::error::{error_chain, MigrationError};
-use super::host::MigrationHost;
+use super::host::{Handover, MigrationHost};
 use super::lanes::{Lanes, OwnedFrame};
 use super::params::SendParams;
 use super::policy::{decide, memory_rate, switchover_ms, AutoConverge, Decision, SwitchoverLoad};
@@ -106,6 +106,8 @@ pub fn send(
         dedicated_device_lane: false,
         devices_out: false,
         deferred_loaded: Vec::new(),
+        handover: Handover::default(),
+        handover_released: false,
     };
     let result = s.migrate();
     let result = s.unwind(result);
@@ -262,6 +264,11 @@ struct Source<'h> {
     dirty_rate: DirtyRate,
     /// When `--timeout-s` runs out: a pre-copy pass stops there rather than at its end.
     precopy_deadline: Option<Instant>,
+    /// Local mode: what goes to the destination with the VM's devices (live update).
+    handover: Handover,
+    /// The handed devices were released ([`MigrationHost::handover_release`]): a failure must
+    /// take them back before the VM resumes.
+    handover_released: bool,
 }
 
 /// A duration in µs, as the stats record them.
@@ -276,6 +283,10 @@ fn proto(during: &'static str) -> impl FnOnce(ProtocolError) -> MigrationError {
 impl Source<'_> {
     fn migrate(&mut self) -> Result<(), MigrationError> {
         self.params.validate()?;
+        if self.params.local {
+            // Refused here, before anything connects or pauses, with the reason.
+            self.handover = self.host.handover().map_err(MigrationError::Host)?;
+        }
         self.connect()?;
         if self.params.local {
             self.send_local_memory()?;
@@ -313,7 +324,7 @@ impl Source<'_> {
             self.start_devices()?;
             self.stats.set_status(MigrationStatus::Active);
             self.precopy()?;
-        } else {
+        } else if self.handover.devices.is_empty() {
             self.start_devices()?;
         }
         self.switchover()
@@ -413,6 +424,10 @@ impl Source<'_> {
                 file_offset: fo.start(),
             };
             send_frame_with_fd(&unix, &Frame::MemoryFd(info), fo.file())
+                .map_err(MigrationError::SendFd)?;
+        }
+        for h in &self.handover.fds {
+            send_frame_with_fd(&unix, &Frame::HandoverFd(&h.meta), &h.fd)
                 .map_err(MigrationError::SendFd)?;
         }
         Ok(())

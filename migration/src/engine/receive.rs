@@ -22,7 +22,9 @@ use crate::transport::{
 
 use super::device_sinks::DeviceSinks;
 use super::error::{error_chain, MigrationError};
-use super::host::{LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory};
+use super::host::{
+    HandoverFd, LocalRegion, MigrationState, MigrationTarget, MigrationTargetFactory,
+};
 use super::in_doubt::InDoubtVm;
 use super::pages::PageWriter;
 use super::stats::{MigrationStats, MigrationStatus};
@@ -375,8 +377,9 @@ fn run_control(
         *slot = Some(dr);
     }
 
-    // Setup: memfds (local mode), then config.
+    // Setup: memfds and handed devices' fds (local mode), then config.
     let mut local = Vec::new();
+    let mut handed = Vec::new();
     let (mut target, devices) = loop {
         match r.recv() {
             Ok(Frame::MemoryFd(info)) if hello.local => {
@@ -393,7 +396,20 @@ fn run_control(
                     file_offset: info.file_offset,
                 });
             }
+            Ok(Frame::HandoverFd(meta)) if hello.local => {
+                let meta = meta.to_vec();
+                let file = r.get_mut().take_fd().ok_or(MigrationError::InvalidParams {
+                    reason: "handover-fd frame arrived without a file descriptor".into(),
+                })?;
+                handed.push(HandoverFd {
+                    meta,
+                    fd: file.into(),
+                });
+            }
             Ok(Frame::Config(cfg)) => {
+                factory
+                    .inherit(std::mem::take(&mut handed))
+                    .map_err(MigrationError::Host)?;
                 let mut target = factory
                     .create(cfg, std::mem::take(&mut local))
                     .map_err(MigrationError::Host)?;

@@ -41,6 +41,8 @@ pub enum FrameTag {
     Ready = 15,
     /// [`Frame::Commit`].
     Commit = 16,
+    /// [`Frame::HandoverFd`].
+    HandoverFd = 17,
 }
 
 impl FrameTag {
@@ -64,6 +66,7 @@ impl FrameTag {
             14 => DeviceLoaded,
             15 => Ready,
             16 => Commit,
+            17 => HandoverFd,
             _ => return None,
         })
     }
@@ -88,6 +91,7 @@ impl FrameTag {
             DeviceLoaded => "device-loaded",
             Ready => "ready",
             Commit => "commit",
+            HandoverFd => "handover-fd",
         }
     }
 }
@@ -232,6 +236,9 @@ pub enum Frame<'a> {
         /// Device id.
         id: &'a str,
     },
+    /// Local mode (live update): one file descriptor the source hands over with its device
+    /// (SCM_RIGHTS); the opaque VMM bytes say what it is.
+    HandoverFd(&'a [u8]),
 }
 
 impl<'a> Frame<'a> {
@@ -481,6 +488,7 @@ impl<'a> Frame<'a> {
             Frame::Complete => FrameTag::Complete,
             Frame::Ready => FrameTag::Ready,
             Frame::Commit => FrameTag::Commit,
+            Frame::HandoverFd(_) => FrameTag::HandoverFd,
             Frame::Ack => FrameTag::Ack,
             Frame::Error(_) => FrameTag::Error,
             Frame::StreamEnd => FrameTag::StreamEnd,
@@ -501,7 +509,7 @@ impl<'a> Frame<'a> {
                 head.extend_from_slice(&u32::from(h.local).to_le_bytes());
                 &[]
             }
-            Frame::Config(b) | Frame::VmState(b) => b,
+            Frame::Config(b) | Frame::VmState(b) | Frame::HandoverFd(b) => b,
             Frame::Memory { ref entries, data } => {
                 encode_memory_entries(entries, head);
                 data
@@ -643,6 +651,7 @@ impl<'a> Frame<'a> {
             FrameTag::Complete => Frame::Complete,
             FrameTag::Ready => Frame::Ready,
             FrameTag::Commit => Frame::Commit,
+            FrameTag::HandoverFd => Frame::HandoverFd(c.rest()),
             FrameTag::Ack => Frame::Ack,
             FrameTag::StreamEnd => Frame::StreamEnd,
         };

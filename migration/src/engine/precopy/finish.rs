@@ -2,6 +2,7 @@
 //! failure so the source VM keeps running.
 
 use super::*;
+use crate::engine::device::DeviceMigrationRecord;
 
 /// Consecutive steps of the switchover: each lap is the time since the previous one.
 struct Step(Instant);
@@ -33,6 +34,12 @@ impl Source<'_> {
         // read: a device write after that read would be lost. Their stop counts as downtime.
         self.host.pause_devices().map_err(MigrationError::Host)?;
         self.stop_devices()?;
+        if self.params.local && !self.handover.fds.is_empty() {
+            // Live update: the devices go as they are; this side lets go of them (a failure from
+            // here on takes them back before the VM resumes).
+            self.handover_released = true;
+            self.host.handover_release().map_err(MigrationError::Host)?;
+        }
         times.pause_us = step.lap();
         // The VM is paused: a destination that stops reading must not stall it for long.
         let stall = self.params.ack_timeout;
@@ -114,6 +121,24 @@ impl Source<'_> {
         self.stats.set_downtime(downtime);
         self.stats.set_switchover(times);
         self.finish_devices();
+        if self.handover_released {
+            self.handover_released = false;
+            self.host.handover_done();
+            for id in &self.handover.devices {
+                let note = self
+                    .handover
+                    .notes
+                    .iter()
+                    .find(|(d, _)| d == id)
+                    .map(|(_, n)| n.clone());
+                self.stats.set_device(&DeviceMigrationRecord {
+                    id: id.clone(),
+                    handed_over: true,
+                    handover_note: note,
+                    ..DeviceMigrationRecord::default()
+                });
+            }
+        }
         Ok(())
     }
 
@@ -249,6 +274,14 @@ impl Source<'_> {
         if in_doubt {
             // Committed: the VM stays paused, its devices stopped, until the operator decides.
             return result;
+        }
+        if result.is_err() && self.handover_released {
+            // The destination never took the devices over: they are this VM's again.
+            self.handover_released = false;
+            match self.host.handover_reclaim() {
+                Ok(()) => log::info!("live update failed: the devices are back with this VM"),
+                Err(e) => log::error!("taking the handed devices back: {}", error_chain(&e)),
+            }
         }
         if result.is_err() {
             // Devices back in RUNNING before the vCPUs run again.
