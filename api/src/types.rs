@@ -721,6 +721,11 @@ pub struct DeviceMigrationStatus {
     pub p2p: bool,
     /// The device was reset to get it back to RUNNING after a failed migration.
     pub reset: bool,
+    /// Live update: the device went to the new process as it was (its descriptors, no state
+    /// read, no reset).
+    pub handed_over: bool,
+    /// Live update: what became of the device's DMA pinning accounting.
+    pub handover_note: Option<String>,
 }
 
 #[cfg(test)]

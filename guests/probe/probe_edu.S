@@ -17,6 +17,9 @@
  * so completion is polled on the command register (bit 0 clears). All edu registers are written
  * 32 bits at a time (edu accepts 4-byte accesses everywhere).
  * Meant for the nested lab, where KVM runs guest ring 0 natively.
+ *
+ * With a command line starting "loop" it runs edu_loop.S instead: the same DMA + MSI round on the
+ * first edu, for ever, one line per round (the live-update scenario's guest).
  */
         .intel_syntax noprefix
         .code64
@@ -38,7 +41,12 @@
         .globl _start
 _start:
         lea rsp, [rip + stack_top]
-        xor ebx, ebx                    /* slot */
+        mov esi, [rsi + 0x228]          /* boot_params.hdr.cmd_line_ptr */
+        test esi, esi
+        jz 1f
+        cmp dword ptr [rsi], 0x706f6f6c /* "loop" */
+        je loop_main
+1:      xor ebx, ebx                    /* slot */
         xor r15d, r15d                  /* edu devices that passed */
 scan:
         mov eax, ebx
@@ -291,6 +299,7 @@ cfg_write32:
         ret
 
         .include "console.S"
+        .include "edu_loop.S"
 
 msg_nodev:      .asciz "EDU: no device\n"
 msg_found:      .asciz "EDU: found at 00:"

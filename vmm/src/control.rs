@@ -439,6 +439,8 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
                 initial_data_acked: d.initial_data_acked,
                 p2p: d.p2p,
                 reset: d.reset,
+                handed_over: d.handed_over,
+                handover_note: d.handover_note.clone(),
             })
             .collect(),
         switchover: s.switchover.map(|b| tern_api::types::SwitchoverTimes {
@@ -579,8 +581,19 @@ impl ApiHandler for Controller {
             return Err(ApiError::MigrationRunning);
         }
         let machine = inner.machine.clone().ok_or(ApiError::NoVm)?;
-        // Refused before anything starts (nothing is paused), naming each device and why.
-        let blockers = machine.devices().migration_blockers();
+        // Refused before anything starts (nothing is paused), naming each device and why. A local
+        // migration (live update) hands the passthrough devices over as they are instead.
+        let blockers = if data.local {
+            machine
+                .devices()
+                .handover_collect()
+                .map_err(|e| ApiError::BadRequest {
+                    reason: format!("the VM cannot be live-updated: {}", error_chain(&e)),
+                })?;
+            Vec::new()
+        } else {
+            machine.devices().migration_blockers()
+        };
         if !blockers.is_empty() {
             let list: Vec<String> = blockers.iter().map(ToString::to_string).collect();
             return Err(ApiError::BadRequest {
@@ -710,6 +723,7 @@ impl ApiHandler for Controller {
                 .iter()
                 .map(|d| (d.id.clone(), d.path.clone()))
                 .collect(),
+            inherited: None,
         };
         let controller = self.self_ref();
         std::thread::Builder::new()

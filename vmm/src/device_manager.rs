@@ -15,10 +15,12 @@ use tern_devices::legacy::serial::{
     COM_PORT_LEN,
 };
 use tern_devices::legacy::EventFdTrigger;
+use tern_devices::sys::iommufd_change_process::AccountingMove;
 use tern_devices::vfio::device::{DmaDomainInfo, VfioDeviceInfo};
 use tern_devices::vfio::dma_dirty::domain::DirtyDomain;
 use tern_devices::vfio::dma_dirty::method::DmaDirtySelection;
 use tern_devices::vfio::dma_space::DmaSpaces;
+use tern_devices::vfio::handover::{self, Collected, DmaHandle, HandoverError, InheritedDevices};
 use tern_devices::vfio::iommufd::IommufdSpace;
 use tern_devices::vfio::migration::DeviceMigrationError;
 use tern_devices::vfio::mock_dma::{MockDmaDevice, MockDmaError, MockDmaSpec, MockDmaState};
@@ -79,6 +81,10 @@ pub enum DeviceError {
     },
     #[error("VFIO device {id} cannot take a migrated device state: it has no VFIO migration support (migration v2 with STOP_COPY)")]
     NoDeviceState { id: String },
+    #[error("live update of the passthrough devices")]
+    Handover(#[source] HandoverError),
+    #[error("a mock-dma device cannot be handed to a new process ({id}): live update takes VFIO devices only")]
+    HandoverMock { id: String },
     #[error("VFIO device {id}: cannot bring it back to RUNNING")]
     Recover {
         id: String,
@@ -276,6 +282,98 @@ impl DeviceManager {
             .map_err(DeviceError::Passthrough)?;
         self.passthrough.extend(added);
         Ok(())
+    }
+
+    /// A live update's destination: builds the passthrough devices from what the old process
+    /// handed over (nothing opened, nothing reset).
+    pub fn add_inherited(
+        &mut self,
+        ram: &crate::vstate::memory::GuestRam,
+        configs: &[crate::config::PassthroughConfig],
+        inherited: &mut InheritedDevices,
+    ) -> Result<(), DeviceError> {
+        let ranges = crate::vfio_manager::dma_ranges(ram).map_err(DeviceError::Passthrough)?;
+        self.dma_spaces = Some(DmaSpaces::new(ranges));
+        let added = crate::vfio_manager::add_inherited_devices(&mut self.pci, inherited, configs)
+            .map_err(DeviceError::Passthrough)?;
+        self.passthrough.extend(added);
+        Ok(())
+    }
+
+    fn dma_handles(&self) -> Vec<DmaHandle> {
+        self.passthrough
+            .iter()
+            .filter_map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).dma_handle())
+            .collect()
+    }
+
+    fn dma_ram(&self) -> &[tern_devices::vfio::container::GuestRamRange] {
+        self.dma_spaces.as_ref().map_or(&[], |s| s.ram())
+    }
+
+    /// Live update, source side: every passthrough device's descriptors for the new process, or
+    /// the reason one cannot go (named). A VM without passthrough devices hands over nothing.
+    pub fn handover_collect(&self) -> Result<Collected, DeviceError> {
+        if let Some(m) = self.mocks().next() {
+            return Err(DeviceError::HandoverMock {
+                id: m.id().to_string(),
+            });
+        }
+        let guards: Vec<_> = self
+            .passthrough
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let parts: Vec<_> = guards.iter().map(|d| d.handover_parts()).collect();
+        handover::collect(&parts).map_err(DeviceError::Handover)
+    }
+
+    /// Live update, source side, paused: type1 mappings' addresses invalidated, irqfds off KVM
+    /// (vectors VFIO signals now wait in their eventfds for the new process).
+    pub fn handover_release(&self) -> Result<(), DeviceError> {
+        for d in &self.passthrough {
+            d.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_released(true);
+        }
+        let n = self.pci.router().set_irqfds(false);
+        log::info!("live update: {n} irqfds off this VM");
+        handover::release(&self.dma_handles()).map_err(DeviceError::Handover)
+    }
+
+    /// Live update failed: this process's addresses on the type1 mappings again, irqfds back.
+    pub fn handover_reclaim(&self) -> Result<(), DeviceError> {
+        let r = handover::reclaim(&self.dma_handles(), self.dma_ram());
+        for d in &self.passthrough {
+            d.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_released(false);
+        }
+        let n = self.pci.router().set_irqfds(true);
+        log::info!("live update failed: {n} irqfds back on this VM");
+        r.map_err(DeviceError::Handover)
+    }
+
+    /// Live update done: the devices belong to the new process; nothing here touches them again.
+    pub fn handover_done(&self) {
+        for d in &self.passthrough {
+            d.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_handed_over();
+        }
+    }
+
+    /// Live update, destination side: the VM runs here now, the inherited devices are ours.
+    pub fn take_ownership(&self) {
+        for d in &self.passthrough {
+            d.lock().unwrap_or_else(|p| p.into_inner()).set_owned();
+        }
+    }
+
+    /// Live update, destination side at the switchover: the type1 mappings' addresses are this
+    /// process's; iommufd accounting moved here where the kernel can (what happened is returned).
+    pub fn take_over(&self) -> Result<Vec<AccountingMove>, DeviceError> {
+        handover::take_over(&self.dma_handles(), self.dma_ram()).map_err(DeviceError::Handover)
     }
 
     /// Adds the lab-only DMA device over `ram`.

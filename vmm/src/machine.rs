@@ -4,6 +4,7 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use tern_devices::vfio::handover::InheritedDevices;
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
@@ -157,7 +158,7 @@ impl Machine {
     /// Builds a VM from `config` and loads its payload; vCPUs are created but not started.
     pub fn create(kvm_path: &Path, config: VmConfig) -> Result<Self, MachineError> {
         let ram = GuestRam::new(config.memory_bytes)?;
-        Self::build(kvm_path, config, ram, true)
+        Self::build(kvm_path, config, ram, true, None)
     }
 
     /// Rebuilds a VM from `config`, existing guest RAM and a saved state; vCPUs are created,
@@ -181,7 +182,18 @@ impl Machine {
         config: VmConfig,
         ram: GuestRam,
     ) -> Result<Self, MachineError> {
-        Self::build(kvm_path, config, ram, false)
+        Self::build(kvm_path, config, ram, false, None)
+    }
+
+    /// Like [`Machine::create_incoming`] for a live update: the passthrough devices are the ones
+    /// the old process handed over (`inherited`), not opened again.
+    pub fn create_inheriting(
+        kvm_path: &Path,
+        config: VmConfig,
+        ram: GuestRam,
+        inherited: &mut InheritedDevices,
+    ) -> Result<Self, MachineError> {
+        Self::build(kvm_path, config, ram, false, Some(inherited))
     }
 
     /// Loads a saved state into this VM. Its vCPUs must be paused (or never started).
@@ -210,6 +222,7 @@ impl Machine {
         config: VmConfig,
         ram: GuestRam,
         boot: bool,
+        inherited: Option<&mut InheritedDevices>,
     ) -> Result<Self, MachineError> {
         let kvm = open_kvm(kvm_path)?;
         let max = max_vcpus(&kvm);
@@ -233,7 +246,10 @@ impl Machine {
         };
         let mut ring_maps = Vec::new();
         let (mut devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
-        devices.add_passthrough(&ram, &config.devices)?;
+        match inherited {
+            Some(inherited) => devices.add_inherited(&ram, &config.devices, inherited)?,
+            None => devices.add_passthrough(&ram, &config.devices)?,
+        }
         for spec in &config.mock_dma {
             devices.add_mock_dma(&ram, spec)?;
         }

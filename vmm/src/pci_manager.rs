@@ -220,14 +220,36 @@ impl GsiRouter {
     /// Reserves `count` GSIs with an eventfd each; returns the GSIs and clones of the eventfds (the
     /// device, or VFIO, signals them).
     pub fn allocate(&self, count: u16) -> Result<Vec<(u32, EventFd)>, PciManagerError> {
+        self.allocate_with(count, Vec::new())
+    }
+
+    /// Like [`GsiRouter::allocate`], with eventfds inherited from the old process of a live
+    /// update (VFIO already signals them) instead of new ones.
+    pub fn allocate_inherited(
+        &self,
+        fds: Vec<EventFd>,
+    ) -> Result<Vec<(u32, EventFd)>, PciManagerError> {
+        let count = u16::try_from(fds.len()).unwrap_or(u16::MAX);
+        self.allocate_with(count, fds)
+    }
+
+    fn allocate_with(
+        &self,
+        count: u16,
+        inherited: Vec<EventFd>,
+    ) -> Result<Vec<(u32, EventFd)>, PciManagerError> {
         let mut inner = self.inner();
         if inner.next_gsi + u32::from(count) > IOAPIC_PINS + MAX_MSI_GSIS {
             return Err(PciManagerError::GsisExhausted { asked: count });
         }
+        let mut inherited = inherited.into_iter();
         let mut out = Vec::with_capacity(usize::from(count));
         for vector in 0..count {
             let evt = |source| PciManagerError::EventFd { vector, source };
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(evt)?;
+            let irqfd = match inherited.next() {
+                Some(e) => e,
+                None => EventFd::new(libc::EFD_NONBLOCK).map_err(evt)?,
+            };
             let clone = irqfd.try_clone().map_err(evt)?;
             let gsi = inner.next_gsi + u32::from(vector);
             out.push((gsi, clone));
@@ -242,6 +264,27 @@ impl GsiRouter {
         }
         inner.next_gsi += u32::from(count);
         Ok(out)
+    }
+
+    /// Live update, paused: takes every registered irqfd off KVM (`on` false), so a vector VFIO
+    /// signals from now on stays in its eventfd's counter for the new process (which registers
+    /// the same eventfds, and KVM delivers what is pending); or puts them back (`on` true) when
+    /// the handover failed. Failures are logged; the count of irqfds changed is returned.
+    pub fn set_irqfds(&self, on: bool) -> usize {
+        let inner = self.inner();
+        let mut n = 0;
+        for (&gsi, v) in inner.vectors.iter().filter(|(_, v)| v.registered) {
+            let r = if on {
+                self.vm.fd().register_irqfd(&v.irqfd, gsi)
+            } else {
+                self.vm.fd().unregister_irqfd(&v.irqfd, gsi)
+            };
+            match r {
+                Ok(()) => n += 1,
+                Err(e) => log::warn!("GSI {gsi}: irqfd {}: {e}", if on { "on" } else { "off" }),
+            }
+        }
+        n
     }
 
     /// The full routing table as it would be programmed now.
@@ -504,6 +547,21 @@ impl PciManager {
         count: u16,
     ) -> Result<(Arc<DeviceMsiRoutes>, Vec<EventFd>), PciManagerError> {
         let (gsis, fds) = self.router.allocate(count)?.into_iter().unzip();
+        Ok((
+            Arc::new(DeviceMsiRoutes {
+                router: self.router.clone(),
+                gsis,
+            }),
+            fds,
+        ))
+    }
+
+    /// Like [`PciManager::msi_vectors`], over eventfds inherited in a live update.
+    pub fn msi_vectors_inherited(
+        &self,
+        fds: Vec<EventFd>,
+    ) -> Result<(Arc<DeviceMsiRoutes>, Vec<EventFd>), PciManagerError> {
+        let (gsis, fds) = self.router.allocate_inherited(fds)?.into_iter().unzip();
         Ok((
             Arc::new(DeviceMsiRoutes {
                 router: self.router.clone(),

@@ -14,6 +14,7 @@ use tern_devices::vfio::bar_map::BarMemory;
 use tern_devices::vfio::container::GuestRamRange;
 use tern_devices::vfio::device::{PciResources, ResourceError, VfioDeviceError, VfioPciDevice};
 use tern_devices::vfio::dma_space::DmaSpaces;
+use tern_devices::vfio::handover::{HandoverError, InheritedDevices};
 use tern_devices::vfio::preflight::HostRoots;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
@@ -31,6 +32,8 @@ pub enum VfioManagerError {
     Open(#[from] VfioDeviceError),
     #[error("guest RAM at {gpa:#x} has no host mapping")]
     HostAddress { gpa: u64 },
+    #[error("live update")]
+    Handover(#[from] HandoverError),
     #[error("--device {id}: cannot put it on PCI bus 0")]
     Add {
         id: String,
@@ -121,6 +124,8 @@ impl BarMemory for DeviceBarMemory {
 struct Resources<'a> {
     pci: &'a mut PciManager,
     id: &'a str,
+    /// A live update's device: the vector eventfds it inherited (VFIO signals them).
+    inherited: Option<Vec<EventFd>>,
 }
 
 impl PciResources for Resources<'_> {
@@ -132,7 +137,17 @@ impl PciResources for Resources<'_> {
         &mut self,
         count: u16,
     ) -> Result<(Arc<dyn MsiRouteSink>, Vec<EventFd>), ResourceError> {
-        let (sink, fds) = self.pci.msi_vectors(count)?;
+        let (sink, fds) = match self.inherited.take() {
+            Some(fds) if fds.len() == usize::from(count) => self.pci.msi_vectors_inherited(fds)?,
+            Some(fds) => {
+                return Err(format!(
+                    "it has {count} MSI/MSI-X vectors, the old process handed {}",
+                    fds.len()
+                )
+                .into())
+            }
+            None => self.pci.msi_vectors(count)?,
+        };
         Ok((sink, fds))
     }
 
@@ -175,6 +190,7 @@ pub fn add_devices(
         let mut resources = Resources {
             pci: &mut *pci,
             id: &c.id,
+            inherited: None,
         };
         let dev = VfioPciDevice::open(&spec, &HostRoots::default(), spaces, &mut resources)?;
         let dev = Arc::new(Mutex::new(dev));
@@ -187,6 +203,42 @@ pub fn add_devices(
         log::info!("VFIO {}: {} in PCI slot {slot}", c.id, c.path.display());
         devices.push(dev);
     }
+    Ok(devices)
+}
+
+/// A live update's destination: builds every device in `configs` from what the old process
+/// handed over (`inherited`, by id) and adds it to bus 0 in the same order (so in the same slots).
+/// Nothing is opened or reset; a device of the VM that was not handed over, or one handed over
+/// that the VM lacks, is an error.
+pub fn add_inherited_devices(
+    pci: &mut PciManager,
+    inherited: &mut InheritedDevices,
+    configs: &[PassthroughConfig],
+) -> Result<Vec<Arc<Mutex<VfioPciDevice>>>, VfioManagerError> {
+    let mut devices = Vec::with_capacity(configs.len());
+    for c in configs {
+        let mut handed = inherited.take(&c.id)?;
+        let vectors = std::mem::take(&mut handed.vectors);
+        let mut resources = Resources {
+            pci: &mut *pci,
+            id: &c.id,
+            inherited: Some(vectors),
+        };
+        let dev = VfioPciDevice::inherit(handed, &mut resources)?;
+        let dev = Arc::new(Mutex::new(dev));
+        let slot = pci
+            .add_vfio_device(dev.clone())
+            .map_err(|source| VfioManagerError::Add {
+                id: c.id.clone(),
+                source,
+            })?;
+        log::info!(
+            "VFIO {}: inherited from the old process, PCI slot {slot}",
+            c.id
+        );
+        devices.push(dev);
+    }
+    inherited.finish()?;
     Ok(devices)
 }
 

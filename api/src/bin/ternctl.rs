@@ -14,6 +14,8 @@ use tern_api::{
     VmReceiveMigrationData, VmSendMigrationData,
 };
 
+#[path = "ternctl/live_update.rs"]
+mod live_update;
 #[path = "ternctl/out.rs"]
 mod out;
 #[path = "ternctl/report.rs"]
@@ -125,6 +127,23 @@ enum Command {
     },
     /// Cancel the running migration; the VM keeps running here (PUT vm.migration-cancel).
     MigrationCancel,
+    /// Replace this tern process under its running VM (same host): start BINARY as a new tern,
+    /// hand it the VM — guest memory and passthrough devices as file descriptors, no device
+    /// reset — and print the downtime and the devices handed over. The old tern exits.
+    LiveUpdate {
+        /// The new tern binary.
+        #[arg(long, value_name = "PATH")]
+        binary: PathBuf,
+        /// The new tern's API socket (default: the old one's path with ".new" appended).
+        #[arg(long, value_name = "PATH")]
+        new_api_socket: Option<PathBuf>,
+        /// Longest acceptable guest pause at switch-over, in ms.
+        #[arg(long, value_name = "MS", default_value_t = tern_api::types::DEFAULT_DOWNTIME_MS)]
+        downtime_ms: u64,
+        /// More arguments for the new tern (after --), e.g. -- --serial file=PATH.
+        #[arg(last = true, value_name = "TERN_ARGS")]
+        tern_args: Vec<String>,
+    },
     /// Explain a migration: a verdict on its convergence and every pass (bytes, rate, pages each
     /// dirty source reported, expected downtime, throttle); --svg draws the convergence chart.
     MigrationReport {
@@ -159,7 +178,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = ApiClient::new(&cli.api_socket)
         .with_timeout(Duration::from_secs(cli.request_timeout_s.max(1)));
-    match run(&client, cli.command) {
+    match run(&client, &cli.api_socket, cli.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ternctl: {}", error_chain(e.as_ref()));
@@ -170,8 +189,29 @@ fn main() -> ExitCode {
 
 type CliResult = Result<ExitCode, Box<dyn std::error::Error + 'static>>;
 
-fn run(client: &ApiClient, command: Command) -> CliResult {
+fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> CliResult {
     match command {
+        Command::LiveUpdate {
+            binary,
+            new_api_socket,
+            downtime_ms,
+            tern_args,
+        } => {
+            let new_api_socket = new_api_socket.unwrap_or_else(|| {
+                let mut p = api_socket.as_os_str().to_owned();
+                p.push(".new");
+                PathBuf::from(p)
+            });
+            return Ok(live_update::run(
+                client,
+                live_update::LiveUpdate {
+                    binary,
+                    new_api_socket,
+                    tern_args,
+                    downtime_ms,
+                },
+            )?);
+        }
         Command::Ping => print_json(&client.vmm_ping()?),
         Command::ShutdownVmm => client.vmm_shutdown()?,
         Command::Create { config } => {

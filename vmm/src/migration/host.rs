@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, VmmWriteSource};
-use tern_migration::engine::{DeviceStateSource, HostError, MigrationHost, MigrationState};
+use tern_migration::engine::{
+    DeviceStateSource, Handover, HandoverFd, HostError, MigrationHost, MigrationState,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
@@ -116,6 +118,44 @@ impl MigrationHost for MachineHost {
             .devices()
             .device_states()
             .map_err(|e| HostError::new("open the devices' migration state", e))
+    }
+
+    fn handover(&mut self) -> Result<Handover, HostError> {
+        let c = self
+            .machine
+            .devices()
+            .handover_collect()
+            .map_err(|e| HostError::new("hand the devices to the new process", e))?;
+        if !c.devices.is_empty() {
+            log::info!("live update: handing over {}", c.devices.join(", "));
+        }
+        Ok(Handover {
+            fds: c
+                .fds
+                .into_iter()
+                .map(|(meta, fd)| HandoverFd { meta, fd })
+                .collect(),
+            devices: c.devices,
+            notes: c.notes,
+        })
+    }
+
+    fn handover_release(&mut self) -> Result<(), HostError> {
+        self.machine
+            .devices()
+            .handover_release()
+            .map_err(|e| HostError::new("release the devices for the new process", e))
+    }
+
+    fn handover_reclaim(&mut self) -> Result<(), HostError> {
+        self.machine
+            .devices()
+            .handover_reclaim()
+            .map_err(|e| HostError::new("take the devices back", e))
+    }
+
+    fn handover_done(&mut self) {
+        self.machine.devices().handover_done();
     }
 
     fn throttle(&mut self, percent: u8) -> Result<(), HostError> {

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use tern_devices::vfio::handover::InheritedDevices;
 use tern_migration::engine::{
-    DeviceStateSink, HostError, LocalRegion, MigrationState, MigrationTarget,
+    DeviceStateSink, HandoverFd, HostError, LocalRegion, MigrationState, MigrationTarget,
     MigrationTargetFactory,
 };
 use vm_memory::bitmap::AtomicBitmap;
@@ -99,9 +100,33 @@ pub struct TernTargetFactory {
     /// This host's device for source passthrough devices, by the source's id (the receive
     /// request's `devices`); the others are opened at the source's path.
     pub devices: Vec<(String, PathBuf)>,
+    /// A live update's devices, handed over by the old process before its config arrived.
+    pub inherited: Option<InheritedDevices>,
+}
+
+/// Test hook (lab): `TERN_TEST_LIVE_UPDATE_EXIT=inherit|take-over|restore` makes a live update's
+/// destination exit at once (status 70, no cleanup, as if killed) right after it took the
+/// handed descriptors, after it set the DMA addresses, or after the state restore (before Ready).
+pub fn test_exit_point(step: &str) {
+    if std::env::var("TERN_TEST_LIVE_UPDATE_EXIT").is_ok_and(|s| s == step) {
+        eprintln!("tern: TERN_TEST_LIVE_UPDATE_EXIT={step}: exiting now");
+        std::process::exit(70);
+    }
 }
 
 impl MigrationTargetFactory for TernTargetFactory {
+    fn inherit(&mut self, fds: Vec<HandoverFd>) -> Result<(), HostError> {
+        if fds.is_empty() {
+            self.inherited = None;
+            return Ok(());
+        }
+        let set = InheritedDevices::from_fds(fds.into_iter().map(|h| (h.meta, h.fd)).collect())
+            .map_err(|e| HostError::new("take the devices handed over", e))?;
+        test_exit_point("inherit");
+        self.inherited = Some(set);
+        Ok(())
+    }
+
     fn create(
         &mut self,
         config: &[u8],
@@ -129,8 +154,15 @@ impl MigrationTargetFactory for TernTargetFactory {
         };
         // Build the whole VM now, while the source is still iterating, so that the switchover
         // only has to load state.
-        let machine = Machine::create_incoming(&self.kvm_path, config, ram)
-            .map_err(|e| HostError::new("build the incoming VM", e))?;
+        let handed = self.inherited.take();
+        let live_update = handed.is_some();
+        let machine = match handed {
+            Some(mut inherited) => {
+                Machine::create_inheriting(&self.kvm_path, config, ram, &mut inherited)
+            }
+            None => Machine::create_incoming(&self.kvm_path, config, ram),
+        }
+        .map_err(|e| HostError::new("build the incoming VM", e))?;
         let local: Vec<LocalDevice> = machine
             .devices()
             .passthrough_info()
@@ -144,11 +176,14 @@ impl MigrationTargetFactory for TernTargetFactory {
                 },
             })
             .collect();
-        check_local(&machine.config().devices, &local)
-            .map_err(|e| HostError::new("check the local passthrough devices", e))?;
+        if !live_update {
+            check_local(&machine.config().devices, &local)
+                .map_err(|e| HostError::new("check the local passthrough devices", e))?;
+        }
         Ok(Box::new(TernTarget {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
+            live_update,
         }))
     }
 }
@@ -158,6 +193,8 @@ impl MigrationTargetFactory for TernTargetFactory {
 struct TernTarget {
     machine: Option<Arc<Machine>>,
     received: Arc<ReceivedMachine>,
+    /// The passthrough devices were handed over by the old process.
+    live_update: bool,
 }
 
 impl TernTarget {
@@ -179,12 +216,32 @@ impl MigrationTarget for TernTarget {
 
     fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError> {
         let state = decode_state(&state).map_err(|e| HostError::new("decode state", e))?;
-        self.machine("restore state")?
+        let machine = self.machine("restore state")?;
+        if self.live_update {
+            // The old process has let go (it is paused): the DMA mappings become ours.
+            let moves = machine
+                .devices()
+                .take_over()
+                .map_err(|e| HostError::new("take the handed devices over", e))?;
+            for m in moves {
+                eprintln!("tern: live update: iommufd: {m}");
+            }
+            test_exit_point("take-over");
+        }
+        machine
             .restore_state(&state)
-            .map_err(|e| HostError::new("restore state", e))
+            .map_err(|e| HostError::new("restore state", e))?;
+        if self.live_update {
+            test_exit_point("restore");
+        }
+        Ok(())
     }
 
     fn device_sinks(&mut self) -> Result<Vec<Box<dyn DeviceStateSink>>, HostError> {
+        if self.live_update {
+            // The devices came as they are: no device state travels.
+            return Ok(Vec::new());
+        }
         self.machine("open the devices' migration state")?
             .devices()
             .device_sinks()
@@ -196,6 +253,9 @@ impl MigrationTarget for TernTarget {
             .machine
             .take()
             .ok_or_else(|| HostError::new("start", "the incoming VM was already started"))?;
+        if self.live_update {
+            machine.devices().take_ownership();
+        }
         machine.resume();
         self.received.put(machine);
         Ok(())
@@ -245,6 +305,7 @@ mod tests {
             serial: SerialConfig::Off,
             received: ReceivedMachine::new().expect("eventfd"),
             devices: Vec::new(),
+            inherited: None,
         };
         let bytes = serde_json::to_vec(&config).expect("config");
         let Err(e) = factory.create(&bytes, Vec::new()) else {

@@ -200,7 +200,17 @@ fn summary(s: &MigrationStatus) -> String {
             super::report::switchover_line(t)
         ));
     }
-    for d in &s.devices {
+    for d in s.devices.iter().filter(|d| d.handed_over) {
+        out.push_str(&format!(
+            "  device {}: handed over to the new process (live update){}\n",
+            d.id,
+            d.handover_note
+                .as_deref()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
+        ));
+    }
+    for d in s.devices.iter().filter(|d| !d.handed_over) {
         out.push_str(&format!(
             "  device {}: pre-copy {} B, stop-copy {} B in {} us{}{}{}\n",
             d.id,
