@@ -34,6 +34,7 @@ use common::dma::{device_view, report_pages, DeviceView};
 use common::{
     assert_same_memory, config_bytes, expected_state, shared_memory_of, sock_path, FakeFactory, Mem,
 };
+use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::dirty::{
     DirtyBitmap, DirtySource, DirtySourceError, GpaRange, SourceKind, PAGE_SIZE,
 };
@@ -42,7 +43,6 @@ use tern_migration::engine::{
     MigrationStatus, PassKind, SendParams, TimeoutStrategy,
 };
 use tern_migration::transport::{MigrationListener, MigrationUrl};
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const GUEST_BYTES: u64 = 512 << 20;
@@ -293,7 +293,7 @@ struct BenchHost {
 }
 
 impl MigrationHost for BenchHost {
-    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+    fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap> {
         self.mem.clone()
     }
     fn config(&mut self) -> Result<Vec<u8>, HostError> {

@@ -76,12 +76,12 @@ fn synth(pages: u64, permille: u64, seed: u64) -> Vec<u64> {
     words
 }
 
-/// VmmWriteSource over vm-memory's AtomicBitmap: one sync (a word-wise `get_and_reset` of the
-/// whole bitmap) and the claims of every chunk from the harvested words.
+/// VmmWriteSource over the GuestPageBitmap: one sync (a harvest of the groups written) and the claims of every chunk from the harvested words.
 fn vmm_source(permille: u64) -> f64 {
-    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use tern_migration::dirty::GuestPageBitmap;
+    use vm_memory::bitmap::Bitmap;
     use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
-    let mem: GuestMemoryMmap<AtomicBitmap> =
+    let mem: GuestMemoryMmap<GuestPageBitmap> =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_BYTES as usize)])
             .expect("16 GiB of address space (never touched)");
     let mut src = tern_migration::dirty::VmmWriteSource::new(&mem).expect("4 KiB pages");
@@ -164,7 +164,7 @@ fn main() {
             best * 1e9 / pages as f64
         );
     }
-    println!("VmmWriteSource (AtomicBitmap harvested per word) sync + claim of 16 GiB:");
+    println!("VmmWriteSource (GuestPageBitmap harvested by marked group) sync + claim of 16 GiB:");
     for (label, permille) in [("0.1%", 1u64), ("10%", 100)] {
         println!("{:>8} {:>10.3} ns/page", label, vmm_source(permille));
     }

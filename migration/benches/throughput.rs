@@ -17,18 +17,18 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::dirty::{DirtySource, VmmWriteSource, PAGE_SIZE};
 use tern_migration::engine::{
     receive_on, start_send, HostError, LocalRegion, MigrationHost, MigrationState, MigrationStats,
     MigrationTarget, MigrationTargetFactory, SendParams,
 };
 use tern_migration::transport::{MigrationListener, MigrationUrl};
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const GUEST: usize = 512 << 20;
 
-type Mem = GuestMemoryMmap<AtomicBitmap>;
+type Mem = GuestMemoryMmap<GuestPageBitmap>;
 
 fn guest() -> Mem {
     let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST)]).expect("memory");

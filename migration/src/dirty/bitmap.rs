@@ -1,8 +1,12 @@
 //! One bit per 4 KiB guest page over one guest-physical range, stored as `u64` words in the same
 //! layout the kernel uses for KVM_GET_DIRTY_LOG / IOMMU_HWPT_GET_DIRTY_BITMAP: bit `i` of word `j`
 //! is page `64 * j + i`. Keeping the kernel layout makes harvesting a word-wise OR, not a bit loop.
+//! A [`WordSummary`] over the words lets every read, copy and clear walk only the groups that may
+//! hold dirty bits, so their cost follows the dirty set, not the range covered.
 
 use vm_memory::GuestAddress;
+
+use super::summary::WordSummary;
 
 /// log2 of the tracking granule.
 pub const PAGE_SHIFT: u32 = 12;
@@ -47,12 +51,23 @@ pub enum DirtyBitmapError {
 }
 
 /// A dirty bitmap over `[base, base + pages * PAGE_SIZE)`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct DirtyBitmap {
     base: GuestAddress,
     pages: u64,
     words: Vec<u64>,
+    /// Which groups of `words` may hold set bits; every write marks it.
+    summary: WordSummary,
 }
+
+impl PartialEq for DirtyBitmap {
+    fn eq(&self, other: &Self) -> bool {
+        // The summary over-approximates; equal bits make equal bitmaps.
+        self.base == other.base && self.pages == other.pages && self.words == other.words
+    }
+}
+
+impl Eq for DirtyBitmap {}
 
 impl std::fmt::Debug for DirtyBitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,11 +98,38 @@ impl DirtyBitmap {
                 start: base.0,
                 len_bytes,
             })?;
+        let words = words_for(pages);
         Ok(DirtyBitmap {
             base,
             pages,
-            words: vec![0; words_for(pages)],
+            words: vec![0; words],
+            summary: WordSummary::new(words),
         })
+    }
+
+    /// An all-clean bitmap of `pages` pages from GPA 0: for bits kept relative to something else
+    /// (a KVM memory slot), which cannot fail. `pages` is clipped to the 64-bit address space.
+    pub fn with_pages(pages: u64) -> Self {
+        let pages = pages.min(u64::MAX >> PAGE_SHIFT);
+        let words = words_for(pages);
+        DirtyBitmap {
+            base: GuestAddress(0),
+            pages,
+            words: vec![0; words],
+            summary: WordSummary::new(words),
+        }
+    }
+
+    /// Clears the bits of `masks` in the words from word `first_word` on (`masks[j]` applies to
+    /// word `first_word + j`; words past the end are ignored).
+    pub fn clear_words(&mut self, first_word: usize, masks: &[u64]) {
+        let end = first_word.saturating_add(masks.len()).min(self.words.len());
+        if first_word >= end {
+            return;
+        }
+        for (d, m) in self.words[first_word..end].iter_mut().zip(masks) {
+            *d &= !*m;
+        }
     }
 
     /// First GPA covered.
@@ -145,7 +187,9 @@ impl DirtyBitmap {
     pub fn set(&mut self, page: u64) -> Result<(), DirtyBitmapError> {
         self.check_pages(page, 1)?;
         // page < pages, so the index fits the word vector.
-        self.words[(page / 64) as usize] |= 1 << (page % 64);
+        let w = (page / 64) as usize;
+        self.words[w] |= 1 << (page % 64);
+        self.summary.mark(w);
         Ok(())
     }
 
@@ -166,7 +210,9 @@ impl DirtyBitmap {
             } else {
                 ((1u64 << n) - 1) << bit
             };
-            self.words[(p / 64) as usize] |= mask;
+            let w = (p / 64) as usize;
+            self.words[w] |= mask;
+            self.summary.mark(w);
             p += n;
         }
         Ok(())
@@ -236,6 +282,7 @@ impl DirtyBitmap {
             for (d, s) in self.words[w0..w0 + n].iter_mut().zip(&src[..n]) {
                 *d |= *s;
             }
+            self.summary.mark_nonzero(w0, &src[..n]);
         } else {
             for (j, &w) in src.iter().enumerate() {
                 if w == 0 {
@@ -244,9 +291,11 @@ impl DirtyBitmap {
                 let lo = w0 + j;
                 if lo < last_word {
                     self.words[lo] |= w << shift;
+                    self.summary.mark(lo);
                 }
                 if lo + 1 < last_word {
                     self.words[lo + 1] |= w >> (64 - shift);
+                    self.summary.mark(lo + 1);
                 }
             }
         }
@@ -259,20 +308,66 @@ impl DirtyBitmap {
             return Ok(());
         }
         let first = self.page_of(other.base)?;
-        self.check_pages(first, other.pages)?;
-        self.or_words(first, &other.words)
+        self.or_range_from(first, other, 0, other.pages)
+    }
+
+    /// OR pages `[src_first, src_first + npages)` of `src` into this bitmap's pages from
+    /// `at_page`. Walks only `src`'s marked groups: O(dirty groups), not O(npages / 64).
+    pub fn or_range_from(
+        &mut self,
+        at_page: u64,
+        src: &DirtyBitmap,
+        src_first: u64,
+        npages: u64,
+    ) -> Result<(), DirtyBitmapError> {
+        let src_end = src_first.saturating_add(npages).min(src.pages);
+        if src_first >= src_end {
+            return Ok(());
+        }
+        self.check_pages(at_page, src_end - src_first)?;
+        let (w0, w1) = ((src_first / 64) as usize, src_end.div_ceil(64) as usize);
+        for (a, b) in src.summary.spans(w0, w1) {
+            let p0 = (a as u64 * 64).max(src_first);
+            let p1 = (b as u64 * 64).min(src_end);
+            if src.words[a..b].iter().all(|&w| w == 0) {
+                continue;
+            }
+            let bits = src.extract(p0, p1 - p0);
+            self.or_words(at_page + (p0 - src_first), &bits)?;
+        }
+        Ok(())
+    }
+
+    /// The word spans of marked groups within pages `[first_page, first_page + npages)`.
+    fn marked_spans(
+        &self,
+        first_page: u64,
+        npages: u64,
+    ) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let end = first_page.saturating_add(npages).min(self.pages);
+        let (w0, w1) = if first_page < end {
+            ((first_page / 64) as usize, end.div_ceil(64) as usize)
+        } else {
+            (0, 0)
+        };
+        self.summary.spans(w0, w1)
     }
 
     /// Number of dirty pages.
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+        self.count_range(0, self.pages)
     }
 
     /// Number of dirty pages in `[first_page, first_page + npages)`.
     pub fn count_range(&self, first_page: u64, npages: u64) -> u64 {
-        word_masks(self.pages, first_page, npages)
-            .map(|(w, mask)| u64::from((self.words[w] & mask).count_ones()))
-            .sum()
+        let mut n = 0;
+        for (a, b) in self.marked_spans(first_page, npages) {
+            let (p0, p1) = span_pages(a, b, first_page, npages);
+            n += word_masks(self.pages, p0, p1 - p0)
+                .map(|(w, mask)| u64::from((self.words[w] & mask).count_ones()))
+                .sum::<u64>();
+        }
+        n
     }
 
     /// The bits of pages `[first_page, first_page + npages)` (clipped to the bitmap) as words
@@ -300,37 +395,64 @@ impl DirtyBitmap {
         out
     }
 
-    /// Clears pages `[first_page, first_page + npages)` (clipped to the bitmap), a word at a time.
+    /// Clears pages `[first_page, first_page + npages)` (clipped to the bitmap), a word at a time,
+    /// visiting only marked groups.
     pub fn clear_range(&mut self, first_page: u64, npages: u64) {
-        for (w, mask) in word_masks(self.pages, first_page, npages) {
-            self.words[w] &= !mask;
+        let spans: Vec<(usize, usize)> = self.marked_spans(first_page, npages).collect();
+        for (a, b) in spans {
+            let (p0, p1) = span_pages(a, b, first_page, npages);
+            for (w, mask) in word_masks(self.pages, p0, p1 - p0) {
+                self.words[w] &= !mask;
+            }
+            let group = a / super::summary::GROUP_WORDS;
+            let g0 = group * super::summary::GROUP_WORDS;
+            let g1 = (g0 + super::summary::GROUP_WORDS).min(self.words.len());
+            if self.words[g0..g1].iter().all(|&w| w == 0) {
+                self.summary.unmark(group);
+            }
         }
     }
 
     /// True when no page is dirty.
     pub fn is_clean(&self) -> bool {
-        self.words.iter().all(|&w| w == 0)
+        self.summary
+            .spans(0, self.words.len())
+            .all(|(a, b)| self.words[a..b].iter().all(|&w| w == 0))
     }
 
-    /// Clear every bit.
+    /// Clear every bit (visiting only marked groups).
     pub fn clear(&mut self) {
-        self.words.fill(0);
+        let spans: Vec<(usize, usize)> = self.summary.spans(0, self.words.len()).collect();
+        for (a, b) in spans {
+            self.words[a..b].fill(0);
+        }
+        self.summary.clear();
     }
 
     /// Iterate the dirty page indices (relative to the base) in ascending order.
     pub fn iter_pages(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(j, &w)| {
-            let mut rest = w;
-            std::iter::from_fn(move || {
-                if rest == 0 {
-                    return None;
-                }
-                let bit = rest.trailing_zeros();
-                rest &= rest - 1;
-                Some(j as u64 * 64 + u64::from(bit))
+        self.summary
+            .spans(0, self.words.len())
+            .flat_map(move |(a, b)| (a..b).map(move |j| (j, self.words[j])))
+            .flat_map(|(j, w)| {
+                let mut rest = w;
+                std::iter::from_fn(move || {
+                    if rest == 0 {
+                        return None;
+                    }
+                    let bit = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    Some(j as u64 * 64 + u64::from(bit))
+                })
             })
-        })
     }
+}
+
+/// Pages `[p0, p1)` where word span `[a, b)` meets `[first_page, first_page + npages)`.
+fn span_pages(a: usize, b: usize, first_page: u64, npages: u64) -> (u64, u64) {
+    let p0 = (a as u64 * 64).max(first_page);
+    let p1 = (b as u64 * 64).min(first_page.saturating_add(npages));
+    (p0, p1.max(p0))
 }
 
 /// The words covering pages `[first_page, first_page + npages)` of a `pages`-page bitmap (clipped
@@ -559,5 +681,78 @@ mod tests {
                 "clear_range({first}, {n})"
             );
         }
+    }
+
+    /// Random operations on a bitmap spanning several summary groups against a `Vec<bool>` model:
+    /// whatever the summary skips must hold no bit.
+    #[test]
+    fn summary_walks_agree_with_a_page_model() {
+        const PAGES: u64 = 64 * 64 * 5 + 77;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let mut b = DirtyBitmap::new(GuestAddress(0), PAGES * PAGE_SIZE).expect("valid");
+        let mut other = DirtyBitmap::new(GuestAddress(0), PAGES * PAGE_SIZE).expect("valid");
+        let mut model = vec![false; PAGES as usize];
+        for step in 0..3000 {
+            let first = next(PAGES);
+            let n = next(PAGES - first).min(next(9000) + 1);
+            match next(6) {
+                0 => {
+                    b.set(first).expect("in range");
+                    model[first as usize] = true;
+                }
+                1 => {
+                    b.set_pages(first, n).expect("in range");
+                    model[first as usize..(first + n) as usize].fill(true);
+                }
+                2 => {
+                    b.clear_range(first, n);
+                    model[first as usize..(first + n) as usize].fill(false);
+                }
+                3 => {
+                    // Copy a random range of another sparse bitmap to a random place.
+                    other.clear();
+                    for _ in 0..4 {
+                        other.set(next(PAGES)).expect("in range");
+                    }
+                    let at = next(PAGES - n + 1);
+                    b.or_range_from(at, &other, first, n).expect("fits");
+                    for p in other
+                        .iter_pages()
+                        .filter(|p| (first..first + n).contains(p))
+                    {
+                        model[(at + p - first) as usize] = true;
+                    }
+                }
+                4 => {
+                    let words: Vec<u64> = (0..n.div_ceil(64)).map(|_| 1u64 << next(64)).collect();
+                    let at = next(PAGES - n.div_ceil(64) * 64 + 1);
+                    b.or_words(at, &words).expect("fits");
+                    for (j, w) in words.iter().enumerate() {
+                        model[(at + j as u64 * 64 + u64::from(w.trailing_zeros())) as usize] = true;
+                    }
+                }
+                _ => {
+                    if next(20) == 0 {
+                        b.clear();
+                        model.fill(false);
+                    }
+                }
+            }
+            let want = model[first as usize..(first + n) as usize]
+                .iter()
+                .filter(|&&d| d)
+                .count();
+            assert_eq!(b.count_range(first, n), want as u64, "step {step}");
+        }
+        let want: Vec<u64> = (0..PAGES).filter(|&p| model[p as usize]).collect();
+        assert_eq!(b.iter_pages().collect::<Vec<_>>(), want);
+        assert_eq!(b.count(), want.len() as u64);
+        assert_eq!(b.is_clean(), want.is_empty());
     }
 }

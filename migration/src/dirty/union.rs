@@ -139,9 +139,9 @@ pub(crate) mod tests {
 
     #[test]
     fn claim_union_write_after_claim_is_reported_next_time() {
-        use vm_memory::bitmap::AtomicBitmap;
+        use crate::dirty::GuestPageBitmap;
         use vm_memory::{Bytes, GuestMemoryMmap};
-        let mem: GuestMemoryMmap<AtomicBitmap> =
+        let mem: GuestMemoryMmap<GuestPageBitmap> =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE as usize)])
                 .expect("memory");
         let mut vmm = crate::dirty::VmmWriteSource::new(&mem).expect("4 KiB pages");

@@ -1,11 +1,11 @@
-//! [`DirtySource`] over vm-memory's `AtomicBitmap`: writes the VMM makes to guest memory through
-//! `GuestMemoryMmap<AtomicBitmap>` (device emulation, virtio queues) set bits there.
+//! [`DirtySource`] over the guest memory's [`GuestPageBitmap`]: writes the VMM makes to guest
+//! memory through `GuestMemoryMmap<GuestPageBitmap>` (device emulation, virtio queues) set bits
+//! there.
 //!
-//! vm-memory 0.18's `AtomicBitmap` offers per-page test/reset and a whole-bitmap `get_and_reset`,
-//! but no word access for a sub-range, so reading a range costs one load per page: 4 M loads, ~7 ms,
-//! for 16 GiB — in every plan and, at the switchover, in the downtime. So [`DirtySource::sync`]
-//! harvests the whole bitmap a word at a time (`get_and_reset`, O(pages / 64)) into the source's
-//! own pending bitmap, and peeks and claims work on that, a word at a time too.
+//! Reading the live bitmap range by range would cost a load per page in every plan and claim, so
+//! [`DirtySource::sync`] harvests it (only the groups written since the last harvest) into the
+//! source's own pending bitmap, and peeks and claims walk that one's marked groups: the work at a
+//! switchover follows what the VMM wrote, not the guest's size.
 //!
 //! The price: the VMM-write bit of a page is cleared at the sync that starts an iteration rather
 //! than right before the page is read, so a page the VMM writes again between the sync and its
@@ -17,10 +17,10 @@
 
 use std::sync::Arc;
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
 use super::bitmap::{DirtyBitmap, PAGE_SIZE};
+use super::guest_bitmap::GuestPageBitmap;
 use super::source::{DirtySource, DirtySourceError, GpaRange, SourceKind};
 
 /// Errors building a [`VmmWriteSource`].
@@ -50,7 +50,7 @@ pub enum VmmWriteSourceError {
 struct TrackedRegion {
     base: GuestAddress,
     len_bytes: u64,
-    mapping: Arc<MmapRegion<AtomicBitmap>>,
+    mapping: Arc<MmapRegion<GuestPageBitmap>>,
     /// Bits harvested by the syncs and not claimed yet.
     pending: DirtyBitmap,
 }
@@ -64,7 +64,7 @@ pub struct VmmWriteSource {
 
 impl VmmWriteSource {
     /// Track every region of `mem`. The source keeps the mappings alive.
-    pub fn new(mem: &GuestMemoryMmap<AtomicBitmap>) -> Result<Self, VmmWriteSourceError> {
+    pub fn new(mem: &GuestMemoryMmap<GuestPageBitmap>) -> Result<Self, VmmWriteSourceError> {
         let mut regions = Vec::new();
         for r in mem.iter() {
             let mapping = r.get_mmap();
@@ -127,9 +127,9 @@ impl VmmWriteSource {
                     pages: out.pages(),
                 }));
             }
-            let words = r.pending.extract(first, n);
             // Handed over before they are cleared: if `out` cannot take them, nothing is lost.
-            out.or_words(out_first, &words).map_err(out_err)?;
+            out.or_range_from(out_first, &r.pending, first, n)
+                .map_err(out_err)?;
             if take {
                 r.pending.clear_range(first, n);
             }
@@ -169,13 +169,21 @@ impl DirtySource for VmmWriteSource {
             });
         }
         for r in &mut self.regions {
-            let words = r.mapping.bitmap().get_and_reset();
-            r.pending
-                .or_words(0, &words)
-                .map_err(|e| DirtySourceError::Sync {
+            let pending = &mut r.pending;
+            let mut failed = None;
+            r.mapping.bitmap().harvest(|w, bits| {
+                // Both bitmaps cover the region's pages, so a word always fits; a failure would
+                // be a bug, reported rather than dropped.
+                if let Err(e) = pending.or_words(w as u64 * 64, &[bits]) {
+                    failed.get_or_insert(e);
+                }
+            });
+            if let Some(e) = failed {
+                return Err(DirtySourceError::Sync {
                     kind: SourceKind::Vmm,
                     source: Box::new(e),
-                })?;
+                });
+            }
         }
         Ok(())
     }
@@ -195,7 +203,7 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    fn mem() -> GuestMemoryMmap<AtomicBitmap> {
+    fn mem() -> GuestMemoryMmap<GuestPageBitmap> {
         GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 64 * 4096),
             (GuestAddress(0x100_0000), 64 * 4096),

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 
-use vm_memory::bitmap::AtomicBitmap;
+use crate::dirty::GuestPageBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::device::{DeviceStateSink, DeviceStateSource};
@@ -95,7 +95,7 @@ pub struct Handover {
 /// The source VM, as the engine sees it. Called from the migration thread.
 pub trait MigrationHost: Send {
     /// The guest memory. In local mode every region must be file backed (memfd, `MAP_SHARED`).
-    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap>;
+    fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap>;
     /// Opaque configuration bytes from which the destination builds an identical VM.
     fn config(&mut self) -> Result<Vec<u8>, HostError>;
     /// The dirty sources to union (KVM, VMM writes, DMA). Called once per migration; the engine
@@ -150,7 +150,7 @@ pub trait MigrationHost: Send {
 pub trait MigrationTarget: Send {
     /// The guest memory. Outside local mode it must be zero-filled when created: zero pages the
     /// source never populated are not written.
-    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap>;
+    fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap>;
     /// Restore vCPU, VM and device state (after all memory has arrived).
     fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError>;
     /// Start running the guest. The source is told to finish only after this succeeds.

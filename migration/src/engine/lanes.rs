@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::bitmap::AtomicBitmap;
+use crate::dirty::GuestPageBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, WriteVolatile};
 
 use crate::protocol::{DeviceMark, Frame, FrameWriter, PageEncoding};
@@ -200,7 +200,7 @@ const POLL: Duration = Duration::from_micros(200);
 struct LaneCtx {
     index: usize,
     epoch: Instant,
-    mem: GuestMemoryMmap<AtomicBitmap>,
+    mem: GuestMemoryMmap<GuestPageBitmap>,
     free: Sender<MemoryBatch>,
     rate: Arc<RateLimiter>,
     counters: Arc<LaneCounters>,
@@ -307,7 +307,7 @@ fn lane_main(
 fn send_unchecked(
     w: &mut FrameWriter<Connection>,
     b: &MemoryBatch,
-    mem: &GuestMemoryMmap<AtomicBitmap>,
+    mem: &GuestMemoryMmap<GuestPageBitmap>,
 ) -> Result<u64, MigrationError> {
     let head = w
         .send_memory_head(&b.entries, b.data_len)
@@ -344,7 +344,7 @@ impl Lanes {
     /// Start one writer thread per connection (after the handshake).
     pub fn start(
         conns: Vec<Connection>,
-        mem: &GuestMemoryMmap<AtomicBitmap>,
+        mem: &GuestMemoryMmap<GuestPageBitmap>,
         copy_data: bool,
         rate: Arc<RateLimiter>,
         stats: Arc<MigrationStats>,

@@ -2,7 +2,7 @@
 //! all-zero pages into markers; the destination writes data pages and zeroes only pages it has
 //! populated before, so memory the guest never touched is never touched here either.
 
-use vm_memory::bitmap::AtomicBitmap;
+use crate::dirty::GuestPageBitmap;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
 };
@@ -164,7 +164,7 @@ impl MemoryBatch {
     /// pages were taken before the batch filled up.
     pub fn push_pages(
         &mut self,
-        mem: &GuestMemoryMmap<AtomicBitmap>,
+        mem: &GuestMemoryMmap<GuestPageBitmap>,
         gpa: GuestAddress,
         npages: u64,
     ) -> Result<u64, MigrationError> {
@@ -216,7 +216,7 @@ impl MemoryBatch {
 /// Applies memory frames to the destination's guest memory.
 #[derive(Debug)]
 pub struct PageWriter {
-    mem: GuestMemoryMmap<AtomicBitmap>,
+    mem: GuestMemoryMmap<GuestPageBitmap>,
     /// Per region: pages this writer has written data to (only those need zeroing later).
     populated: Vec<DirtyBitmap>,
     zero: Vec<u8>,
@@ -228,7 +228,7 @@ pub struct PageWriter {
 
 impl PageWriter {
     /// A writer over `mem`, which must be zero-filled.
-    pub fn new(mem: GuestMemoryMmap<AtomicBitmap>) -> Result<Self, MigrationError> {
+    pub fn new(mem: GuestMemoryMmap<GuestPageBitmap>) -> Result<Self, MigrationError> {
         let mut populated = Vec::new();
         for r in mem.iter() {
             populated
@@ -366,7 +366,7 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    fn mem(pages: usize) -> GuestMemoryMmap<AtomicBitmap> {
+    fn mem(pages: usize) -> GuestMemoryMmap<GuestPageBitmap> {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0x10_0000), pages * PAGE)]).expect("memory")
     }
 

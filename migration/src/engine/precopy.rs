@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::bitmap::AtomicBitmap;
+use crate::dirty::GuestPageBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::dirty::{
@@ -233,7 +233,7 @@ struct Source<'h> {
     params: SendParams,
     stats: Arc<MigrationStats>,
     rate: Arc<RateLimiter>,
-    mem: GuestMemoryMmap<AtomicBitmap>,
+    mem: GuestMemoryMmap<GuestPageBitmap>,
     regions: Vec<(GuestAddress, u64)>,
     sources: Vec<Box<dyn DirtySource>>,
     /// How many of `sources` (a prefix) were started: those are stopped when it ends.
@@ -944,7 +944,7 @@ mod tests {
     }
 
     struct Host {
-        mem: GuestMemoryMmap<AtomicBitmap>,
+        mem: GuestMemoryMmap<GuestPageBitmap>,
         paused: Arc<AtomicBool>,
         claims: Arc<Mutex<Vec<(SourceKind, GpaRange, bool)>>>,
         /// Pages a guest rewrites all the time: reported dirty at every sync (a steady hot set)
@@ -953,7 +953,7 @@ mod tests {
     }
 
     impl MigrationHost for Host {
-        fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+        fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap> {
             self.mem.clone()
         }
         fn config(&mut self) -> Result<Vec<u8>, HostError> {
@@ -1004,9 +1004,9 @@ mod tests {
         }
     }
 
-    struct Target(GuestMemoryMmap<AtomicBitmap>);
+    struct Target(GuestMemoryMmap<GuestPageBitmap>);
     impl MigrationTarget for Target {
-        fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+        fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap> {
             self.0.clone()
         }
         fn restore_state(&mut self, _: MigrationState) -> Result<(), HostError> {

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::dirty::{
     DirtyBitmap, DirtySource, DirtySourceError, GpaRange, SourceKind, VmmWriteSource, PAGE_SIZE,
 };
@@ -24,12 +25,11 @@ use tern_migration::engine::{
     DeviceStateSink, DeviceStateSource, HostError, LocalRegion, MigrationHost, MigrationState,
     MigrationTarget, MigrationTargetFactory,
 };
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
-pub type Mem = GuestMemoryMmap<AtomicBitmap>;
+pub type Mem = GuestMemoryMmap<GuestPageBitmap>;
 
 /// Two regions: 16 MiB at 0 and 4 MiB at 4 GiB.
 pub const REGIONS: [(u64, usize); 2] = [(0, 16 << 20), (1 << 32, 4 << 20)];
@@ -148,11 +148,10 @@ impl FakeKvmSource {
                         range,
                         source,
                     })?;
-            // A word at a time, as the real KVM source does: the engine's costs, not the fake's,
-            // are what the benches measure.
+            // Through the snapshot's marked groups, as the real KVM source does: the engine's
+            // costs, not the fake's, are what the benches measure.
             let n = part.pages();
-            let taken = snap.extract(first, n);
-            out.or_words(out_first, &taken)
+            out.or_range_from(out_first, snap, first, n)
                 .map_err(|source| DirtySourceError::OutputBitmap {
                     kind: SourceKind::Kvm,
                     range,
@@ -160,13 +159,12 @@ impl FakeKvmSource {
                 })?;
             if clear {
                 // KVM_CLEAR_DIRTY_LOG of the claimed bits: out of the live log and the snapshot.
-                for (j, &w) in taken.iter().enumerate() {
-                    let mut rest = w;
-                    while rest != 0 {
-                        let p = first + j as u64 * 64 + u64::from(rest.trailing_zeros());
-                        rest &= rest - 1;
-                        words[(p / 64) as usize].fetch_and(!(1 << (p % 64)), Ordering::SeqCst);
-                    }
+                let taken: Vec<u64> = snap
+                    .iter_pages()
+                    .filter(|p| (first..first + n).contains(p))
+                    .collect();
+                for p in taken {
+                    words[(p / 64) as usize].fetch_and(!(1 << (p % 64)), Ordering::SeqCst);
                 }
                 snap.clear_range(first, n);
             }
@@ -358,6 +356,8 @@ pub struct FakeHost {
     pub extra_sources: Vec<Box<dyn DirtySource>>,
     /// Devices with state of their own (taken by the first `device_states`).
     pub devices: Vec<Box<dyn DeviceStateSource>>,
+    /// `groups_visited()` read at `pause` and at `save_state`: the bitmap work of a switchover.
+    pub groups_visited_at: Arc<Mutex<Vec<(&'static str, u64)>>>,
 }
 
 impl FakeHost {
@@ -394,6 +394,7 @@ impl FakeHost {
             dma: None,
             extra_sources: Vec::new(),
             devices: Vec::new(),
+            groups_visited_at: Arc::default(),
         }
     }
 }
@@ -436,6 +437,10 @@ impl MigrationHost for FakeHost {
     }
     fn pause(&mut self) -> Result<(), HostError> {
         self.guest.pause();
+        self.groups_visited_at
+            .lock()
+            .expect("lock")
+            .push(("pause", tern_migration::dirty::groups_visited()));
         if self.kvm_fail_when_paused {
             // A last guest write just before the vCPUs stopped, so the switchover has a KVM
             // claim to make (it claims only dirty chunks) and the injected failure is reached.
@@ -460,6 +465,10 @@ impl MigrationHost for FakeHost {
         Ok(())
     }
     fn save_state(&mut self) -> Result<MigrationState, HostError> {
+        self.groups_visited_at
+            .lock()
+            .expect("lock")
+            .push(("save_state", tern_migration::dirty::groups_visited()));
         self.log.push("save_state");
         Ok(expected_state())
     }

@@ -3,7 +3,10 @@
 //! Both KVM sources keep one per RAM slot: the dirty log fills it at `sync` with
 //! `KVM_GET_DIRTY_LOG`, the dirty ring with harvested `(slot, offset)` entries. `peek` copies bits of
 //! a GPA range out of it; `claim` takes them (and, for the dirty log, tells KVM which bits to clear).
-//! Words use the kernel's layout: bit `i` of word `j` is page `64 * j + i` of the slot.
+//! Words use the kernel's layout: bit `i` of word `j` is page `64 * j + i` of the slot. They are
+//! kept in a [`DirtyBitmap`] relative to the slot, whose summary lets a peek or a plan walk only
+//! the groups that hold bits (the dirty ring fills it a page at a time: then nothing at all is
+//! O(slot size)).
 
 use tern_migration::dirty::{DirtyBitmap, DirtyBitmapError, GpaRange, PAGE_SIZE};
 use vm_memory::GuestAddress;
@@ -14,7 +17,8 @@ pub struct SlotSnapshot {
     slot: u32,
     gpa: u64,
     pages: u64,
-    words: Vec<u64>,
+    /// Bit `p` is slot page `p` (the bitmap's GPA 0 is the slot's first page).
+    bits: DirtyBitmap,
 }
 
 /// Bits taken out of a snapshot for one range, aligned to whole words of the slot (the unit
@@ -72,7 +76,7 @@ impl SlotSnapshot {
             slot,
             gpa,
             pages,
-            words: vec![0; pages.div_ceil(64) as usize],
+            bits: DirtyBitmap::with_pages(pages),
         }
     }
 
@@ -94,41 +98,39 @@ impl SlotSnapshot {
     /// Dirty pages held.
     #[cfg(test)]
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+        self.bits.count()
     }
 
     /// Forget every bit.
     pub fn clear(&mut self) {
-        self.words.fill(0);
+        self.bits.clear();
     }
 
     /// Replace the bits with a kernel bitmap of this slot (KVM_GET_DIRTY_LOG under manual protect,
     /// where the kernel still holds every bit not yet cleared, so its bitmap is a superset).
     /// Bits past the slot's end are dropped: KVM never sets them.
-    pub fn replace(&mut self, mut kernel: Vec<u64>) {
-        kernel.resize(self.words.len(), 0);
-        self.mask_tail(&mut kernel);
-        self.words = kernel;
+    pub fn replace(&mut self, kernel: Vec<u64>) {
+        self.bits.clear();
+        self.or_kernel(&kernel);
     }
 
     /// OR a kernel bitmap of this slot into the bits (KVM_GET_DIRTY_LOG without manual protect,
     /// which cleared the kernel's copy: bits not claimed yet must survive here).
     pub fn or_kernel(&mut self, kernel: &[u64]) {
-        for (d, s) in self.words.iter_mut().zip(kernel) {
-            *d |= *s;
-        }
-        let mut words = std::mem::take(&mut self.words);
-        self.mask_tail(&mut words);
-        self.words = words;
-    }
-
-    fn mask_tail(&self, words: &mut [u64]) {
+        let full = (self.pages / 64) as usize;
+        let head = &kernel[..full.min(kernel.len())];
+        // The full words cannot run past the end; the partial last word is masked first.
+        let mut result = self.bits.or_words(0, head);
         let tail = self.pages % 64;
         if tail != 0 {
-            if let Some(last) = words.last_mut() {
-                *last &= (1u64 << tail) - 1;
+            if let Some(&last) = kernel.get(full) {
+                result = result.and(
+                    self.bits
+                        .or_words(full as u64 * 64, &[last & ((1u64 << tail) - 1)]),
+                );
             }
         }
+        debug_assert!(result.is_ok(), "slot-sized words always fit: {result:?}");
     }
 
     /// Mark page `offset` of the slot dirty (a dirty-ring entry). Returns false (and marks
@@ -137,8 +139,7 @@ impl SlotSnapshot {
         if offset >= self.pages {
             return false;
         }
-        self.words[(offset / 64) as usize] |= 1 << (offset % 64);
-        true
+        self.bits.set(offset).is_ok()
     }
 
     /// The slot pages `[first, end)` that `range` covers, rounded outward to whole pages.
@@ -156,8 +157,11 @@ impl SlotSnapshot {
         end: u64,
         out: &mut DirtyBitmap,
     ) -> Result<(), DirtyBitmapError> {
-        let bits = extract_bits(&self.words, first, end - first);
-        self.or_bits_into(first, &bits, out)
+        if self.bits.count_range(first, end - first) == 0 {
+            return Ok(());
+        }
+        let at = out.page_of(GuestAddress(self.gpa + first * PAGE_SIZE))?;
+        out.or_range_from(at, &self.bits, first, end - first)
     }
 
     fn or_bits_into(
@@ -182,7 +186,7 @@ impl SlotSnapshot {
             .map(|w| {
                 let lo = first.max(w * 64) - w * 64;
                 let hi = end.min(w * 64 + 64) - w * 64;
-                self.words[w as usize] & word_mask(lo, hi)
+                self.bits.words()[w as usize] & word_mask(lo, hi)
             })
             .collect();
         TakenBits {
@@ -206,10 +210,8 @@ impl SlotSnapshot {
 
     /// Remove the bits of `taken` from the snapshot.
     pub fn remove(&mut self, taken: &TakenBits) {
-        let w0 = (taken.first_page / 64) as usize;
-        for (d, m) in self.words[w0..].iter_mut().zip(&taken.words) {
-            *d &= !*m;
-        }
+        self.bits
+            .clear_words((taken.first_page / 64) as usize, &taken.words);
     }
 }
 
@@ -276,9 +278,7 @@ mod tests {
             "pages 63, 64, 100, 130"
         );
         s.remove(&t);
-        let left: Vec<u64> = (0..200)
-            .filter(|&p| s.words[p as usize / 64] >> (p % 64) & 1 == 1)
-            .collect();
+        let left: Vec<u64> = (0..200).filter(|&p| s.bits.test(p)).collect();
         assert_eq!(left, vec![0, 199]);
         // A span ending at the slot end may be a partial word.
         let t = s.take_span(128, 200);

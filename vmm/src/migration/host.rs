@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, VmmWriteSource};
 use tern_migration::engine::{
     DeviceStateSource, Handover, HandoverFd, HostError, MigrationHost, MigrationState,
 };
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
 use super::device_map::stamp_pci_ids;
@@ -39,7 +39,7 @@ impl MachineHost {
 }
 
 impl MigrationHost for MachineHost {
-    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+    fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap> {
         self.machine.ram().memory().clone()
     }
 

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tern_devices::vfio::handover::InheritedDevices;
+use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::engine::{
     DeviceStateSink, HandoverFd, HostError, LocalRegion, MigrationState, MigrationTarget,
     MigrationTargetFactory,
 };
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -206,7 +206,7 @@ impl TernTarget {
 }
 
 impl MigrationTarget for TernTarget {
-    fn guest_memory(&self) -> GuestMemoryMmap<AtomicBitmap> {
+    fn guest_memory(&self) -> GuestMemoryMmap<GuestPageBitmap> {
         match &self.machine {
             Some(m) => m.ram().memory().clone(),
             // Only after start(), when the engine no longer writes memory.

@@ -1,19 +1,19 @@
 //! Guest RAM: one memfd, mapped shared, split around the MMIO hole.
 //!
 //! A memfd (not anonymous memory) because guest RAM must be DMA-mapped for VFIO and handed to another
-//! tern process as a file descriptor for same-host migration; the vm-memory `AtomicBitmap` records
+//! tern process as a file descriptor for same-host migration; the `GuestPageBitmap` records
 //! every write the VMM itself makes (device emulation), a dirty source of its own during migration.
 
 use std::fs::File;
 use std::sync::Arc;
 
-use vm_memory::bitmap::AtomicBitmap;
+use tern_migration::dirty::GuestPageBitmap;
 use vm_memory::{FileOffset, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::{ram_ranges, RamRange, PAGE_SIZE};
 
 /// The guest memory type used throughout tern.
-pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemory = GuestMemoryMmap<GuestPageBitmap>;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]

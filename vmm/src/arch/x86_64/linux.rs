@@ -96,7 +96,7 @@ fn memory_map(ram: &[RamRange]) -> Vec<(u64, u64, u32)> {
 }
 
 fn load_kernel_image(
-    mem: &GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
+    mem: &GuestMemoryMmap<tern_migration::dirty::GuestPageBitmap>,
     path: &Path,
 ) -> Result<(KernelLoaderResult, bool), LinuxBootError> {
     let mut file = File::open(path).map_err(|source| LinuxBootError::OpenKernel {
@@ -118,7 +118,7 @@ fn load_kernel_image(
 
 /// Loads `initramfs` as high in low RAM as it fits, above `kernel_end`.
 fn load_initramfs(
-    mem: &GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
+    mem: &GuestMemoryMmap<tern_migration::dirty::GuestPageBitmap>,
     path: &Path,
     kernel_end: u64,
     low_ram_end: u64,
@@ -167,7 +167,7 @@ fn load_initramfs(
 /// Loads the kernel, initramfs and command line, writes the boot structures, and returns how vCPU 0
 /// enters the kernel.
 pub fn load(
-    mem: &GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
+    mem: &GuestMemoryMmap<tern_migration::dirty::GuestPageBitmap>,
     ram: &[RamRange],
     boot: &KernelBoot,
 ) -> Result<BootEntry, LinuxBootError> {
@@ -248,7 +248,7 @@ pub fn load(
 }
 
 fn write_pvh(
-    mem: &GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
+    mem: &GuestMemoryMmap<tern_migration::dirty::GuestPageBitmap>,
     map: &[(u64, u64, u32)],
     initrd: Option<(GuestAddress, u64)>,
 ) -> Result<(), LinuxBootError> {
