@@ -1,4 +1,4 @@
-//! Migration TLS with mutual authentication (rustls, TLS 1.3 only, `ring` provider).
+//! Migration TLS with mutual authentication (rustls, TLS 1.3 only, `aws-lc-rs` provider).
 //!
 //! A `tls_dir` holds the files QEMU and Cloud Hypervisor use: `ca-cert.pem` (both sides),
 //! `server-cert.pem` + `server-key.pem` (receiver), `client-cert.pem` + `client-key.pem` (sender).
@@ -154,7 +154,7 @@ fn load_roots(dir: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The sender's side: client certificate and the CA that must have signed the receiver's.

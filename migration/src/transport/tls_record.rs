@@ -1,14 +1,18 @@
 //! TLS 1.3 record protection (RFC 8446 §5) for one direction, after rustls finished the
-//! handshake. The AEAD work (nonce from IV and sequence number, additional data, inner content
-//! type and padding) is rustls's own `MessageEncrypter`/`MessageDecrypter` for the negotiated
-//! suite; this module only frames records, counts sequence numbers and parses the few
+//! handshake: frames records, counts sequence numbers, does the AEAD (nonce from IV and sequence
+//! number, the header as additional data, inner content type and padding) and parses the few
 //! post-handshake messages (KeyUpdate, NewSessionTicket).
+//!
+//! The AEAD is the crypto library's in-place seal and open, not rustls's `MessageEncrypter`:
+//! that one allocates each record and copies the plaintext into it, where [`Sealer::seal_into`]
+//! lets the caller put the plaintext (from guest memory) straight into the output buffer and
+//! seals it there — one copy and no allocation per record.
 
-use rustls::crypto::cipher::{
-    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
-    OutboundPlainMessage,
-};
-use rustls::{ConnectionTrafficSecrets, ContentType, Error, ProtocolVersion, Tls13CipherSuite};
+use rustls::crypto::cipher::{Iv, Nonce};
+use rustls::{ConnectionTrafficSecrets, ContentType, Error, Tls13CipherSuite};
+
+/// The crypto library doing the AEAD: the same one as rustls's provider (`tls::provider`).
+use aws_lc_rs::aead;
 
 /// Record header: type, legacy version, length.
 pub(crate) const HEADER: usize = 5;
@@ -16,6 +20,10 @@ pub(crate) const HEADER: usize = 5;
 pub(crate) const MAX_PLAIN: usize = 1 << 14;
 /// Largest protected payload a peer may send (RFC 8446 §5.2).
 pub(crate) const MAX_CIPHER: usize = MAX_PLAIN + 256;
+/// Authentication tag of every TLS 1.3 suite.
+const TAG: usize = 16;
+/// What protection adds to a record's plaintext: header, inner content type, tag.
+pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;
 
 /// Handshake message types seen after the handshake.
 const NEW_SESSION_TICKET: u8 = 4;
@@ -25,24 +33,44 @@ const KEY_UPDATE: u8 = 24;
 #[derive(Clone, Copy)]
 pub(crate) struct Suite(pub &'static Tls13CipherSuite);
 
-impl Suite {
-    fn key_iv(secrets: ConnectionTrafficSecrets) -> Result<(AeadKey, Iv), Error> {
-        match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
-            _ => Err(Error::General("unsupported tls 1.3 traffic secrets".into())),
-        }
+/// One direction's AEAD key and static IV.
+struct Keys {
+    key: aead::LessSafeKey,
+    iv: Iv,
+}
+
+impl Keys {
+    fn new(secrets: ConnectionTrafficSecrets) -> Result<Self, Error> {
+        let (alg, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return Err(Error::General("unsupported tls 1.3 traffic secrets".into())),
+        };
+        let key = aead::UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| Error::General("tls 1.3 traffic key of the wrong length".into()))?;
+        Ok(Keys {
+            key: aead::LessSafeKey::new(key),
+            iv,
+        })
     }
 
+    /// RFC 8446 §5.3: the IV xor the sequence number.
+    fn nonce(&self, seq: u64) -> aead::Nonce {
+        aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0)
+    }
+}
+
+impl Suite {
     /// Records protected with `secrets`, the next one numbered `seq`.
     pub fn sealer(self, seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Sealer, Error> {
-        let (key, iv) = Self::key_iv(secrets)?;
         // rustls updates keys exactly at the suite's limit; do the same, leaving one record
         // under the old key for the KeyUpdate itself.
         let limit = self.0.common.confidentiality_limit.saturating_sub(1);
         Ok(Sealer {
-            enc: self.0.aead_alg.encrypter(key, iv),
+            keys: Keys::new(secrets)?,
             seq,
             rekey_at: limit,
         })
@@ -50,9 +78,8 @@ impl Suite {
 
     /// Records protected with `secrets`, the next one numbered `seq`.
     pub fn opener(self, seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Opener, Error> {
-        let (key, iv) = Self::key_iv(secrets)?;
         Ok(Opener {
-            dec: self.0.aead_alg.decrypter(key, iv),
+            keys: Keys::new(secrets)?,
             seq,
         })
     }
@@ -60,26 +87,59 @@ impl Suite {
 
 /// The sending direction's keys.
 pub(crate) struct Sealer {
-    enc: Box<dyn MessageEncrypter>,
+    keys: Keys,
     seq: u64,
     /// From this sequence number on the keys must be updated first.
     rekey_at: u64,
 }
 
 impl Sealer {
+    /// Seal one record of `n` (at most [`MAX_PLAIN`]) plaintext bytes as `typ` into
+    /// `out[..n + OVERHEAD]`; `fill` writes the plaintext into the slice it is given (all of
+    /// it). Returns the record's length.
+    pub fn seal_into<E: From<Error>>(
+        &mut self,
+        typ: ContentType,
+        n: usize,
+        out: &mut [u8],
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        if self.seq >= self.rekey_at.saturating_add(1) {
+            return Err(Error::EncryptError.into());
+        }
+        let len = n + OVERHEAD;
+        if n > MAX_PLAIN || out.len() < len {
+            return Err(Error::General("record larger than its buffer".into()).into());
+        }
+        let (header, body) = out[..len].split_at_mut(HEADER);
+        let wire = u16::try_from(len - HEADER).map_err(|_| Error::EncryptError)?;
+        // After the handshake every record is application_data, TLS 1.2 on the wire.
+        header[0] = ContentType::ApplicationData.into();
+        header[1..3].copy_from_slice(&[3, 3]);
+        header[3..5].copy_from_slice(&wire.to_be_bytes());
+        let (inner, tag) = body.split_at_mut(n + 1);
+        fill(&mut inner[..n])?;
+        inner[n] = typ.into();
+        let aad =
+            aead::Aad::from(<[u8; HEADER]>::try_from(&*header).map_err(|_| Error::EncryptError)?);
+        let t = self
+            .keys
+            .key
+            .seal_in_place_separate_tag(self.keys.nonce(self.seq), aad, inner)
+            .map_err(|_| Error::EncryptError)?;
+        tag.copy_from_slice(t.as_ref());
+        self.seq += 1;
+        Ok(len)
+    }
+
     /// One protected record (header included) holding `plain` (at most [`MAX_PLAIN`]) as `typ`.
     pub fn seal(&mut self, typ: ContentType, plain: &[u8]) -> Result<Vec<u8>, Error> {
-        if self.seq >= self.rekey_at.saturating_add(1) {
-            return Err(Error::EncryptError);
-        }
-        let msg = OutboundPlainMessage {
-            typ,
-            version: ProtocolVersion::TLSv1_2,
-            payload: OutboundChunks::Single(plain),
-        };
-        let rec = self.enc.encrypt(msg, self.seq)?;
-        self.seq += 1;
-        Ok(rec.encode())
+        let mut rec = vec![0; plain.len() + OVERHEAD];
+        self.seal_into(typ, plain.len(), &mut rec, |b| {
+            b.copy_from_slice(plain);
+            Ok::<(), Error>(())
+        })?;
+        Ok(rec)
     }
 
     /// Whether the next record needs new keys.
@@ -114,7 +174,7 @@ impl Sealer {
         s: ConnectionTrafficSecrets,
     ) -> Result<(), Error> {
         let next = suite.sealer(seq, s)?;
-        self.enc = next.enc;
+        self.keys = next.keys;
         self.seq = next.seq;
         // Keep a lowered update point (tests) across updates.
         self.rekey_at = self.rekey_at.min(next.rekey_at);
@@ -124,8 +184,25 @@ impl Sealer {
 
 /// The receiving direction's keys.
 pub(crate) struct Opener {
-    dec: Box<dyn MessageDecrypter>,
+    keys: Keys,
     seq: u64,
+}
+
+/// The length of the inner plaintext (content, type, padding) of a record whose header announced
+/// `payload` bytes (see [`payload_len`]).
+pub(crate) fn inner_len(payload: usize) -> usize {
+    payload.saturating_sub(TAG)
+}
+
+/// RFC 8446 §5.4: the inner plaintext is the content, its type, then zero padding.
+fn inner_type(inner: &[u8]) -> Result<(ContentType, usize), Error> {
+    let Some(at) = inner.iter().rposition(|b| *b != 0) else {
+        return Err(Error::General("tls record without a content type".into()));
+    };
+    if at > MAX_PLAIN {
+        return Err(Error::PeerSentOversizedRecord);
+    }
+    Ok((ContentType::from(inner[at]), at))
 }
 
 /// The protected payload length a record header announces, once the header is checked.
@@ -150,15 +227,40 @@ impl Opener {
     /// Decrypt the whole record `rec` (header included, checked by [`payload_len`]) in place.
     /// The plaintext is then `rec[HEADER..HEADER + len]`; returns its type and `len`.
     pub fn open(&mut self, rec: &mut [u8]) -> Result<(ContentType, usize), Error> {
-        let payload = rec.get_mut(HEADER..).ok_or(Error::DecryptError)?;
-        let msg = InboundOpaqueMessage::new(
-            ContentType::ApplicationData,
-            ProtocolVersion::TLSv1_2,
-            payload,
-        );
-        let plain = self.dec.decrypt(msg, self.seq)?;
+        if rec.len() < HEADER + 1 + TAG {
+            return Err(Error::DecryptError);
+        }
+        let (header, payload) = rec.split_at_mut(HEADER);
+        let aad =
+            aead::Aad::from(<[u8; HEADER]>::try_from(&*header).map_err(|_| Error::DecryptError)?);
+        let inner = self
+            .keys
+            .key
+            .open_in_place(self.keys.nonce(self.seq), aad, payload)
+            .map_err(|_| Error::DecryptError)?;
         self.seq += 1;
-        Ok((plain.typ, plain.payload.len()))
+        inner_type(inner)
+    }
+
+    /// Decrypt the whole record `rec` (header included, checked by [`payload_len`]) into `out`,
+    /// which must be [`inner_len`] long: the content lands at its start, followed by its type
+    /// and any padding. Returns the type and the content's length. On failure `out` holds
+    /// garbage (the caller drops the connection and what it was reading into).
+    pub fn open_to(&mut self, rec: &[u8], out: &mut [u8]) -> Result<(ContentType, usize), Error> {
+        let (header, payload) = rec.split_at_checked(HEADER).ok_or(Error::DecryptError)?;
+        let (cipher, tag) = payload
+            .split_at_checked(payload.len().saturating_sub(TAG))
+            .ok_or(Error::DecryptError)?;
+        if cipher.is_empty() || out.len() != cipher.len() {
+            return Err(Error::DecryptError);
+        }
+        let aad = aead::Aad::from(header);
+        self.keys
+            .key
+            .open_separate_gather(self.keys.nonce(self.seq), aad, cipher, tag, out)
+            .map_err(|_| Error::DecryptError)?;
+        self.seq += 1;
+        inner_type(out)
     }
 
     /// Switch to the keys after the peer's KeyUpdate; numbering restarts.
@@ -213,10 +315,14 @@ pub(crate) fn post_handshake(mut rec: &[u8]) -> Result<Vec<PostHandshake<'_>>, E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::crypto::cipher::{
+        AeadKey, InboundOpaqueMessage, OutboundChunks, OutboundPlainMessage,
+    };
+    use rustls::ProtocolVersion;
 
     fn suite() -> Suite {
         Suite(
-            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384
                 .tls13()
                 .expect("tls13"),
         )
@@ -241,6 +347,98 @@ mod tests {
             assert_eq!(typ, ContentType::ApplicationData);
             assert_eq!(&rec[HEADER..HEADER + n], msg);
         }
+    }
+
+    #[test]
+    fn records_interoperate_with_rustls() {
+        // rustls's own record protection for the same suite and keys: the peer is any TLS stack.
+        let aead = suite().0.aead_alg;
+        let mut ours = suite().sealer(3, secrets(4)).expect("sealer");
+        let mut theirs = aead.decrypter(AeadKey::from([4; 32]), Iv::from([4; 12]));
+        let mut rec = ours
+            .seal(ContentType::ApplicationData, b"to rustls")
+            .expect("seal");
+        let msg = InboundOpaqueMessage::new(
+            ContentType::ApplicationData,
+            ProtocolVersion::TLSv1_2,
+            &mut rec[HEADER..],
+        );
+        let plain = theirs.decrypt(msg, 3).expect("rustls opens ours");
+        assert_eq!(
+            (plain.typ, plain.payload),
+            (ContentType::ApplicationData, &b"to rustls"[..])
+        );
+
+        let mut enc = aead.encrypter(AeadKey::from([5; 32]), Iv::from([5; 12]));
+        let msg = OutboundPlainMessage {
+            typ: ContentType::Handshake,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(b"from rustls"),
+        };
+        let mut rec = enc.encrypt(msg, 9).expect("encrypt").encode();
+        let mut o = suite().opener(9, secrets(5)).expect("opener");
+        let (typ, n) = o.open(&mut rec).expect("we open rustls's");
+        assert_eq!(
+            (typ, &rec[HEADER..HEADER + n]),
+            (ContentType::Handshake, &b"from rustls"[..])
+        );
+    }
+
+    #[test]
+    fn records_open_into_another_buffer() {
+        let mut s = suite().sealer(0, secrets(1)).expect("sealer");
+        let mut o = suite().opener(0, secrets(1)).expect("opener");
+        let msg = [0xcd; 1000];
+        let rec = s.seal(ContentType::ApplicationData, &msg).expect("seal");
+        let mut out = vec![0; inner_len(payload_len(&rec).expect("header"))];
+        let (typ, n) = o.open_to(&rec, &mut out).expect("open");
+        assert_eq!((typ, &out[..n]), (ContentType::ApplicationData, &msg[..]));
+        let mut rec = s.seal(ContentType::ApplicationData, &msg).expect("seal");
+        assert!(o.open_to(&rec, &mut out[..10]).is_err(), "wrong size");
+        rec[HEADER] ^= 1;
+        assert!(o.open_to(&rec, &mut out).is_err(), "a flipped bit fails");
+        assert!(
+            o.open_to(&rec[..HEADER + 16], &mut []).is_err(),
+            "no ciphertext"
+        );
+    }
+
+    #[test]
+    fn padding_is_stripped_and_a_missing_type_fails() {
+        let mut s = suite().sealer(0, secrets(1)).expect("sealer");
+        let mut o = suite().opener(0, secrets(1)).expect("opener");
+        // Inner plaintext "x", type application_data (23), two zeros of padding: sealed as the
+        // content of a record whose own type byte is the last zero.
+        let mut rec = s.seal(ContentType::from(0), &[b'x', 23, 0]).expect("seal");
+        let (typ, n) = o.open(&mut rec).expect("open");
+        assert_eq!(
+            (typ, &rec[HEADER..HEADER + n]),
+            (ContentType::ApplicationData, &b"x"[..])
+        );
+        let mut rec = s.seal(ContentType::from(0), &[0, 0]).expect("seal");
+        assert!(o.open(&mut rec).is_err(), "all padding, no type");
+        assert!(
+            o.open(&mut [23, 3, 3, 0, 4, 1, 2, 3, 4]).is_err(),
+            "shorter than a tag"
+        );
+    }
+
+    #[test]
+    fn seal_into_checks_its_buffer() {
+        let mut s = suite().sealer(0, secrets(1)).expect("sealer");
+        let mut out = [0u8; 10 + OVERHEAD - 1];
+        let r = s.seal_into(ContentType::ApplicationData, 10, &mut out, |_| {
+            Ok::<(), Error>(())
+        });
+        assert!(r.is_err(), "too small");
+        let mut out = vec![0u8; MAX_PLAIN + 1 + OVERHEAD];
+        let r = s.seal_into(
+            ContentType::ApplicationData,
+            MAX_PLAIN + 1,
+            &mut out,
+            |_| Ok::<(), Error>(()),
+        );
+        assert!(r.is_err(), "oversized");
     }
 
     #[test]

@@ -9,16 +9,18 @@
 //! (or after shutting its own read side); a TCP EOF before it is an error (truncation). This
 //! side sends close_notify when its write side is shut or the last handle is dropped.
 //!
-//! Cost (`benches/tls_throughput.rs` has the numbers): per byte, one AES-GCM pass and one copy on
-//! each side beyond plain TCP — the writer copies plaintext into the record and seals it in place,
-//! the reader opens records in place in its receive buffer and copies the plaintext out. The AEAD
-//! is most of it. Against the earlier pump thread per connection this halved the CPU per GB (1.35
-//! → 0.73 s/GB for 1 GiB over one loopback connection). Kernel TLS (absent from this host's
-//! kernel: no `tls` ULP) would take the same secrets (`tls_handshake` already ends in rustls's
-//! `KernelConnection`) and save the copy, not the AEAD; NIC TLS offload would save the AEAD.
+//! Cost (`benches/tls_throughput.rs` has the numbers): per byte, one AES-GCM pass on each side
+//! and one user-space copy on the writer beyond plain TCP. The writer copies guest memory straight
+//! into its place in a reused record buffer, seals it there and sends a batch of records with one
+//! `send`; the reader opens a record straight into the caller's memory (guest memory too) when
+//! the whole record fits there (`Opener::open_to`, out of place), else in place in its receive
+//! buffer and copies the plaintext out. The AEAD is aws-lc's (VAES, AVX-512). Kernel TLS (absent
+//! from this host's kernel: no `tls` ULP) would take the same secrets (`tls_handshake` already
+//! ends in rustls's `KernelConnection`) and fold the writer's copy into the kernel's, not the
+//! AEAD; NIC TLS offload would save the AEAD.
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,8 +32,8 @@ use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile}
 
 use super::tls_handshake::{Established, Kernel};
 use super::tls_record::{
-    payload_len, post_handshake, Opener, PostHandshake, Sealer, Suite, HEADER, MAX_CIPHER,
-    MAX_PLAIN,
+    inner_len, payload_len, post_handshake, Opener, PostHandshake, Sealer, Suite, HEADER,
+    MAX_CIPHER, MAX_PLAIN, OVERHEAD,
 };
 
 /// Ciphertext read per `recv` at most: large enough for few system calls, small enough to stay
@@ -78,8 +80,29 @@ struct Tx {
     closed: bool,
     /// A send failed part way: the stream can't continue.
     broken: bool,
-    /// Guest memory copied out before sealing (a volatile slice is no `&[u8]`).
-    bounce: Vec<u8>,
+    /// The records of one send, sealed in place: reused, so no allocation per record.
+    out: Vec<u8>,
+}
+
+/// Why records could not be sealed: the keys, or the plaintext's source.
+enum SealFail {
+    Tls(rustls::Error),
+    Source(io::Error),
+}
+
+impl From<rustls::Error> for SealFail {
+    fn from(e: rustls::Error) -> Self {
+        SealFail::Tls(e)
+    }
+}
+
+impl From<SealFail> for io::Error {
+    fn from(e: SealFail) -> Self {
+        match e {
+            SealFail::Tls(e) => invalid(e),
+            SealFail::Source(e) => e,
+        }
+    }
 }
 
 impl TlsStream {
@@ -116,7 +139,7 @@ impl TlsStream {
                     sealer: suite.sealer(tx_seq, tx_secrets).map_err(invalid)?,
                     closed: false,
                     broken: false,
-                    bounce: Vec::new(),
+                    out: Vec::new(),
                 }),
                 kernel: Mutex::new(est.kernel),
                 rekey_requested: AtomicBool::new(false),
@@ -186,9 +209,9 @@ fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error 
 }
 
 impl Inner {
-    /// Deliver up to `want` bytes of plaintext through `put(offset, bytes)`; blocks only while
-    /// nothing was delivered. Ok(0): end of stream.
-    fn read_with(&self, want: usize, mut put: impl FnMut(usize, &[u8])) -> io::Result<usize> {
+    /// Deliver up to `want` bytes of plaintext into `sink`; blocks only while nothing was
+    /// delivered. Ok(0): end of stream.
+    fn read_with(&self, want: usize, sink: &mut (impl Sink + ?Sized)) -> io::Result<usize> {
         if want == 0 {
             return Ok(0);
         }
@@ -208,7 +231,7 @@ impl Inner {
             let (p0, p1) = rx.plain;
             if p0 < p1 {
                 let n = (p1 - p0).min(want - done);
-                put(done, &rx.buf[p0..p0 + n]);
+                sink.put(done, &rx.buf[p0..p0 + n]);
                 rx.plain.0 += n;
                 done += n;
                 if done == want {
@@ -219,10 +242,17 @@ impl Inner {
             if rx.closed {
                 return Ok(done);
             }
-            match self.next_record(&mut rx) {
-                Ok(true) => continue,
-                Ok(false) if done > 0 => return Ok(done),
-                Ok(false) => {}
+            match self.next_record(&mut rx, sink, done, want) {
+                Ok(Next::Delivered(n)) => {
+                    done += n;
+                    if done == want {
+                        return Ok(done);
+                    }
+                    continue;
+                }
+                Ok(Next::Opened) => continue,
+                Ok(Next::NeedMore) if done > 0 => return Ok(done),
+                Ok(Next::NeedMore) => {}
                 Err(e) => {
                     rx.failed = Some((e.kind(), e.to_string()));
                     continue;
@@ -247,44 +277,70 @@ impl Inner {
         }
     }
 
-    /// Open the next buffered record if it is whole. Ok(false): more ciphertext is needed.
-    fn next_record(&self, rx: &mut Rx) -> io::Result<bool> {
+    /// Open the next buffered record if it is whole. Application data goes straight into
+    /// `sink` at `done` when the sink lends memory for the whole inner plaintext within `want`
+    /// (decrypting there saves the copy); otherwise the record is opened in place in the buffer.
+    fn next_record(
+        &self,
+        rx: &mut Rx,
+        sink: &mut (impl Sink + ?Sized),
+        done: usize,
+        want: usize,
+    ) -> io::Result<Next> {
         let avail = rx.end - rx.start;
         if avail < HEADER {
-            return Ok(false);
+            return Ok(Next::NeedMore);
         }
         let len = payload_len(&rx.buf[rx.start..rx.start + HEADER]).map_err(invalid)?;
         if avail < HEADER + len {
-            return Ok(false);
+            return Ok(Next::NeedMore);
         }
         let at = rx.start;
-        let (opener, buf) = (&mut rx.opener, &mut rx.buf);
-        let (typ, n) = opener
-            .open(&mut buf[at..at + HEADER + len])
-            .map_err(invalid)?;
+        let rec = at..at + HEADER + len;
         rx.start += HEADER + len;
-        let body = at + HEADER..at + HEADER + n;
-        match typ {
-            ContentType::ApplicationData => rx.plain = (body.start, body.end),
-            ContentType::Alert => match rx.buf[body] {
-                [_, 0] => rx.closed = true,
-                [_, d] => {
-                    return Err(invalid(format!(
-                        "peer sent alert {:?}",
-                        AlertDescription::from(d)
-                    )))
+        let inner = inner_len(len);
+        if want - done >= inner {
+            if let Some(out) = sink.direct(done, inner) {
+                let (typ, n) = rx.opener.open_to(&rx.buf[rec], out).map_err(invalid)?;
+                if typ == ContentType::ApplicationData {
+                    return Ok(Next::Delivered(n));
                 }
-                _ => return Err(invalid("malformed alert")),
+                // A control record (rare, short): out of the sink, which it must not fill.
+                let body = out[..n].to_vec();
+                rx.closed |= self.control(&mut rx.opener, typ, &body)?;
+                return Ok(Next::Opened);
+            }
+        }
+        let Rx { opener, buf, .. } = rx;
+        let (typ, n) = opener.open(&mut buf[rec]).map_err(invalid)?;
+        let body = at + HEADER..at + HEADER + n;
+        if typ == ContentType::ApplicationData {
+            rx.plain = (body.start, body.end);
+        } else {
+            rx.closed |= self.control(opener, typ, &buf[body])?;
+        }
+        Ok(Next::Opened)
+    }
+
+    /// Act on an opened record other than application data. Ok(true): the peer closed.
+    fn control(&self, opener: &mut Opener, typ: ContentType, body: &[u8]) -> io::Result<bool> {
+        match typ {
+            ContentType::Alert => match body {
+                [_, 0] => Ok(true),
+                [_, d] => Err(invalid(format!(
+                    "peer sent alert {:?}",
+                    AlertDescription::from(*d)
+                ))),
+                _ => Err(invalid("malformed alert")),
             },
             ContentType::Handshake => {
-                let msgs = post_handshake(&rx.buf[body]).map_err(invalid)?;
-                for m in msgs {
-                    self.post_handshake(&mut rx.opener, m)?;
+                for m in post_handshake(body).map_err(invalid)? {
+                    self.post_handshake(opener, m)?;
                 }
+                Ok(false)
             }
-            t => return Err(invalid(format!("unexpected record content {t:?}"))),
+            t => Err(invalid(format!("unexpected record content {t:?}"))),
         }
-        Ok(true)
     }
 
     fn post_handshake(&self, opener: &mut Opener, m: PostHandshake<'_>) -> io::Result<()> {
@@ -336,13 +392,14 @@ impl Inner {
         }
     }
 
-    /// Seal `len` bytes of plaintext (at most [`TX_BATCH`] are taken), one record per
-    /// `plain(tx, offset, n)`, and send them all; an error leaves the stream broken.
+    /// Seal `len` bytes of plaintext (at most [`TX_BATCH`] are taken) and send them; `fill(at,
+    /// dst)` copies the plaintext from offset `at` into `dst`, which is already its place in the
+    /// record. An error leaves the stream broken.
     fn write_with(
         &self,
         tx: &mut Tx,
         len: usize,
-        plain: impl Fn(&mut Tx, usize, usize) -> io::Result<Vec<u8>>,
+        fill: impl FnMut(usize, &mut [u8]) -> io::Result<()>,
     ) -> io::Result<usize> {
         if tx.broken {
             return Err(io::Error::new(
@@ -358,41 +415,59 @@ impl Inner {
         }
         let len = len.min(TX_BATCH);
         // Records are numbered as they are sealed: any failure from here leaves a gap.
-        let sent = self.seal_and_send(tx, len, plain);
+        let sent = self.seal_and_send(tx, len, fill);
         if sent.is_err() {
             tx.broken = true;
         }
         sent.map(|()| len)
     }
 
+    /// Full records, sealed one after another into `tx.out` (the plaintext copied straight into
+    /// place), then one `send` for all of them.
     fn seal_and_send(
         &self,
         tx: &mut Tx,
         len: usize,
-        plain: impl Fn(&mut Tx, usize, usize) -> io::Result<Vec<u8>>,
+        mut fill: impl FnMut(usize, &mut [u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        let mut recs = Vec::with_capacity(len / MAX_PLAIN + 2);
+        let mut used = 0;
         let mut off = 0;
         while off < len {
             if tx.sealer.must_rekey() || self.rekey_requested.swap(false, Ordering::SeqCst) {
-                self.rekey(tx, &mut recs)?;
+                let rec = self.rekey(tx)?;
+                grow(&mut tx.out, used + rec.len());
+                tx.out[used..used + rec.len()].copy_from_slice(&rec);
+                used += rec.len();
             }
             let n = (len - off).min(MAX_PLAIN);
-            recs.push(plain(tx, off, n)?);
+            grow(&mut tx.out, used + n + OVERHEAD);
+            let Tx { sealer, out, .. } = tx;
+            used += sealer.seal_into(ContentType::ApplicationData, n, &mut out[used..], |dst| {
+                fill(off, dst).map_err(SealFail::Source)
+            })?;
             off += n;
         }
-        send_all(&self.tcp, &recs)
+        (&self.tcp).write_all(&tx.out[..used])
     }
 
-    /// Queue a KeyUpdate under the current keys, then switch to the next ones.
-    fn rekey(&self, tx: &mut Tx, recs: &mut Vec<Vec<u8>>) -> io::Result<()> {
-        recs.push(tx.sealer.key_update(false).map_err(invalid)?);
+    /// A KeyUpdate under the current keys, to send before anything sealed after the switch to
+    /// the next ones.
+    fn rekey(&self, tx: &mut Tx) -> io::Result<Vec<u8>> {
+        let rec = tx.sealer.key_update(false).map_err(invalid)?;
         let (seq, s) = match &mut *lock(&self.kernel) {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
         }
         .map_err(invalid)?;
-        tx.sealer.rekey(self.suite, seq, s).map_err(invalid)
+        tx.sealer.rekey(self.suite, seq, s).map_err(invalid)?;
+        Ok(rec)
+    }
+}
+
+/// Make `buf` at least `len` long (it only ever grows: the next send reuses it).
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
     }
 }
 
@@ -414,35 +489,6 @@ fn close_notify(tcp: &TcpStream, tx: &mut Tx) {
     }
 }
 
-/// Write every record, in order, with as few system calls as the socket allows.
-fn send_all(tcp: &TcpStream, recs: &[Vec<u8>]) -> io::Result<()> {
-    let mut i = 0;
-    let mut off = 0;
-    while i < recs.len() {
-        let slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&recs[i][off..]))
-            .chain(recs[i + 1..].iter().map(|r| IoSlice::new(r)))
-            .collect();
-        let mut n = match (&*tcp).write_vectored(&slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        while n > 0 {
-            let left = recs[i].len() - off;
-            if n >= left {
-                n -= left;
-                i += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: end the stream cleanly.
@@ -451,21 +497,83 @@ impl Drop for Inner {
     }
 }
 
+/// What [`Inner::next_record`] did.
+enum Next {
+    /// Needs more ciphertext.
+    NeedMore,
+    /// Opened a record (its plaintext, if any, is buffered).
+    Opened,
+    /// Opened a record straight into the sink: this much plaintext.
+    Delivered(usize),
+}
+
+/// Where a read's plaintext goes.
+trait Sink {
+    /// Copy `b` to offset `at`.
+    fn put(&mut self, at: usize, b: &[u8]);
+    /// `len` bytes at offset `at` to decrypt a record into directly, if the sink can lend them
+    /// as plain memory.
+    fn direct(&mut self, at: usize, len: usize) -> Option<&mut [u8]>;
+}
+
+impl Sink for [u8] {
+    fn put(&mut self, at: usize, b: &[u8]) {
+        self[at..at + b.len()].copy_from_slice(b);
+    }
+    fn direct(&mut self, at: usize, len: usize) -> Option<&mut [u8]> {
+        self.get_mut(at..at + len)
+    }
+}
+
+/// Guest memory; remembers the first failed access.
+struct GuestSink<'a, 'm, B: BitmapSlice> {
+    mem: &'a mut VolatileSlice<'m, B>,
+    bad: Option<VolatileMemoryError>,
+}
+
+impl<B: BitmapSlice> Sink for GuestSink<'_, '_, B> {
+    fn put(&mut self, at: usize, b: &[u8]) {
+        match self.mem.subslice(at, b.len()) {
+            Ok(s) => s.copy_from(b),
+            Err(e) => self.bad = self.bad.take().or(Some(e)),
+        }
+    }
+    fn direct(&mut self, at: usize, len: usize) -> Option<&mut [u8]> {
+        guest_bytes(self.mem, at, len)
+    }
+}
+
+/// `len` bytes of `mem` from `at` as a byte slice to decrypt into, marked dirty like a copy
+/// into them would be. The crate's one `unsafe` outside socket options: lending guest memory to
+/// the AEAD as `&mut [u8]` is what lets a record be opened straight into it.
+#[allow(unsafe_code)]
+fn guest_bytes<'a, B: BitmapSlice>(
+    mem: &'a mut VolatileSlice<'_, B>,
+    at: usize,
+    len: usize,
+) -> Option<&'a mut [u8]> {
+    let s = mem.subslice(at, len).ok()?;
+    s.bitmap().mark_dirty(0, len);
+    let ptr = s.ptr_guard_mut().as_ptr();
+    // SAFETY: a VolatileSlice covers `len` mapped, writable bytes from `ptr` for as long as
+    // `mem` is borrowed, which bounds the returned slice; `read_volatile` got `mem` mutably, so
+    // this stream is the one writer of these bytes while it reads into them, and any byte value
+    // is a valid u8. A racing reader of guest memory sees partial data, as with any copy.
+    Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let len = buf.len();
-        self.inner
-            .read_with(len, |at, b| buf[at..at + b.len()].copy_from_slice(b))
+        self.inner.read_with(buf.len(), buf)
     }
 }
 
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut tx = lock(&self.inner.tx);
-        self.inner.write_with(&mut tx, buf.len(), |tx, off, n| {
-            tx.sealer
-                .seal(ContentType::ApplicationData, &buf[off..off + n])
-                .map_err(invalid)
+        self.inner.write_with(&mut tx, buf.len(), |at, dst| {
+            dst.copy_from_slice(&buf[at..at + dst.len()]);
+            Ok(())
         })
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -478,15 +586,16 @@ impl ReadVolatile for TlsStream {
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let mut bad = None;
+        let want = buf.len();
+        let mut sink = GuestSink {
+            mem: buf,
+            bad: None,
+        };
         let n = self
             .inner
-            .read_with(buf.len(), |at, b| match buf.subslice(at, b.len()) {
-                Ok(s) => s.copy_from(b),
-                Err(e) => bad = Some(e),
-            })
+            .read_with(want, &mut sink)
             .map_err(VolatileMemoryError::IOError)?;
-        match bad {
+        match sink.bad {
             Some(e) => Err(e),
             None => Ok(n),
         }
@@ -498,17 +607,16 @@ impl WriteVolatile for TlsStream {
         &mut self,
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let len = buf.len().min(TX_BATCH);
         let mut tx = lock(&self.inner.tx);
-        tx.bounce.resize(len, 0);
-        let mut bounce = std::mem::take(&mut tx.bounce);
-        let copied = buf.copy_to(&mut bounce[..len]);
-        let r = self.inner.write_with(&mut tx, copied, |tx, off, n| {
-            tx.sealer
-                .seal(ContentType::ApplicationData, &bounce[off..off + n])
-                .map_err(invalid)
-        });
-        tx.bounce = bounce;
-        r.map_err(VolatileMemoryError::IOError)
+        // Guest memory straight into its place in the record: the only copy before the AEAD.
+        self.inner
+            .write_with(&mut tx, buf.len(), |at, dst| {
+                let src = buf.subslice(at, dst.len()).map_err(io::Error::other)?;
+                if src.copy_to(dst) != dst.len() {
+                    return Err(io::Error::other("guest memory slice shorter than it said"));
+                }
+                Ok(())
+            })
+            .map_err(VolatileMemoryError::IOError)
     }
 }
