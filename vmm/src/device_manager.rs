@@ -368,6 +368,15 @@ impl DeviceManager {
         for d in &self.passthrough {
             d.lock().unwrap_or_else(|p| p.into_inner()).set_owned();
         }
+        let n = self.pci.router().set_irqfds(true);
+        log::info!("live update: {n} irqfds on this VM");
+    }
+
+    /// Live update, destination side, from the build on: the inherited vectors' irqfds stay off
+    /// KVM until the VM runs here ([`DeviceManager::take_ownership`]), so a vector that fires
+    /// before stays pending in its eventfd for whichever side runs the VM.
+    pub fn hold_irqfds(&self) {
+        self.pci.router().set_irqfds(false);
     }
 
     /// Live update, destination side at the switchover: the type1 mappings' addresses are this

@@ -199,6 +199,9 @@ pub struct GsiRouter {
 struct RouterInner {
     next_gsi: u32,
     vectors: BTreeMap<u32, Vector>,
+    /// Live update: irqfds are kept off KVM (routes still change; `registered` says what is
+    /// due once they go back on).
+    irqfds_off: bool,
 }
 
 impl GsiRouter {
@@ -209,6 +212,7 @@ impl GsiRouter {
             inner: Mutex::new(RouterInner {
                 next_gsi: IOAPIC_PINS,
                 vectors: BTreeMap::new(),
+                irqfds_off: false,
             }),
         }
     }
@@ -266,12 +270,18 @@ impl GsiRouter {
         Ok(out)
     }
 
-    /// Live update, paused: takes every registered irqfd off KVM (`on` false), so a vector VFIO
-    /// signals from now on stays in its eventfd's counter for the new process (which registers
-    /// the same eventfds, and KVM delivers what is pending); or puts them back (`on` true) when
-    /// the handover failed. Failures are logged; the count of irqfds changed is returned.
+    /// Live update: takes every registered irqfd off KVM and keeps them off (`on` false), so a
+    /// vector VFIO signals stays in its eventfd's counter — the old process does this when it
+    /// pauses, the new one from the start until the VM runs there; or puts them (back) on (`on`
+    /// true: the new process at Commit, the old one when the handover failed), and KVM delivers
+    /// what is pending. Routes keep changing meanwhile. Failures are logged; the count of irqfds
+    /// changed is returned.
     pub fn set_irqfds(&self, on: bool) -> usize {
-        let inner = self.inner();
+        let mut inner = self.inner();
+        if inner.irqfds_off == !on {
+            return 0;
+        }
+        inner.irqfds_off = !on;
         let mut n = 0;
         for (&gsi, v) in inner.vectors.iter().filter(|(_, v)| v.registered) {
             let r = if on {
@@ -315,12 +325,16 @@ impl GsiRouter {
             vector,
             source: std::io::Error::from_raw_os_error(source.errno()),
         };
+        let off = inner.irqfds_off;
         let Some(v) = inner.vectors.get_mut(&gsi) else {
             return Err(MsiRouteError::UnknownVector { vector, vectors: 0 });
         };
         let old = v.route;
         v.route = route;
         // Take the irqfd off first when disabling, so no signal lands on a route being removed.
+        if route.is_none() && v.registered && off {
+            v.registered = false;
+        }
         if route.is_none() && v.registered {
             self.vm
                 .fd()
@@ -344,6 +358,9 @@ impl GsiRouter {
             .vectors
             .get_mut(&gsi)
             .expect("looked up under the same lock");
+        if route.is_some() && !v.registered && off {
+            v.registered = true;
+        }
         if route.is_some() && !v.registered {
             self.vm
                 .fd()
@@ -770,6 +787,41 @@ mod tests {
         )));
         assert!(!t.iter().any(|(g, r)| *g >= 16
             && matches!(r, GsiRoute::Irqchip { chip, .. } if *chip != KVM_IRQCHIP_IOAPIC)));
+    }
+
+    #[test]
+    fn inherited_vectors_keep_their_eventfds_and_irqfds_wait_while_held() {
+        let m = PciManager::new(vm(), 16 << 20).unwrap();
+        let theirs = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (sink, fds) = m
+            .msi_vectors_inherited(vec![theirs.try_clone().unwrap()])
+            .unwrap();
+        // The device's vector is the inherited eventfd itself.
+        theirs.write(2).unwrap();
+        assert_eq!(fds[0].read().unwrap(), 2);
+        let msg = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x41,
+        };
+        // Held: the route is programmed, the irqfd is not registered with KVM yet, so a second
+        // registration by hand succeeds (KVM would refuse a duplicate with EBUSY)...
+        assert_eq!(m.router().set_irqfds(false), 0);
+        sink.set_route(0, Some(msg)).unwrap();
+        assert!(m
+            .router()
+            .table()
+            .contains(&(IOAPIC_PINS, GsiRoute::Msi(msg))));
+        let gsi = IOAPIC_PINS;
+        m.router().vm.fd().register_irqfd(&theirs, gsi).unwrap();
+        m.router().vm.fd().unregister_irqfd(&theirs, gsi).unwrap();
+        // ...and on release it is registered (now a manual one is a duplicate).
+        assert_eq!(m.router().set_irqfds(true), 1);
+        assert!(m.router().vm.fd().register_irqfd(&theirs, gsi).is_err());
+        // Off again: nothing registered, the route stays.
+        assert_eq!(m.router().set_irqfds(false), 1);
+        m.router().vm.fd().register_irqfd(&theirs, gsi).unwrap();
+        m.router().vm.fd().unregister_irqfd(&theirs, gsi).unwrap();
+        assert_eq!(m.router().set_irqfds(false), 0, "already off");
     }
 
     #[test]

@@ -176,6 +176,9 @@ impl MigrationTargetFactory for TernTargetFactory {
                 },
             })
             .collect();
+        if live_update {
+            machine.devices().hold_irqfds();
+        }
         if !live_update {
             check_local(&machine.config().devices, &local)
                 .map_err(|e| HostError::new("check the local passthrough devices", e))?;

@@ -159,6 +159,12 @@ pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateErro
         s.downtime_ms.unwrap_or(0),
         steps_us
     );
+    if let Some(t) = &s.switchover {
+        println!(
+            "live-update: switchover: {}",
+            crate::report::switchover_line(t)
+        );
+    }
     let handed: Vec<&str> = s
         .devices
         .iter()
