@@ -20,8 +20,11 @@ mock) iommu_args="intel_iommu=off" ;;
     exit 2
     ;;
 esac
+# The watchdog (watch.py) reads the vCPU's registers through this monitor when the guest freezes.
+monitor=()
+[ -n "${TERN_LAB_MONITOR:-}" ] && monitor=(-monitor "unix:$TERN_LAB_MONITOR,server=on,wait=off")
 exec qemu-system-x86_64 -accel tcg -machine q35,kernel-irqchip=split -cpu max -m 4096 -smp 1 \
     -device intel-iommu,intremap=on,caching-mode=on -device edu -device edu \
     -kernel "$kernel" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 quiet $iommu_args no_timer_check kvm_amd.nested=1 tern.lab.boot=$boot $extra" \
-    -nographic -no-reboot
+    -nographic -no-reboot "${monitor[@]}"
