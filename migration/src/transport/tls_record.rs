@@ -3,10 +3,10 @@
 //! number, the header as additional data, inner content type and padding) and parses the few
 //! post-handshake messages (KeyUpdate, NewSessionTicket).
 //!
-//! The AEAD is the crypto library's in-place seal and open, not rustls's `MessageEncrypter`:
-//! that one allocates each record and copies the plaintext into it, where [`Sealer::seal_into`]
-//! lets the caller put the plaintext (from guest memory) straight into the output buffer and
-//! seals it there — one copy and no allocation per record.
+//! The AEAD is aws-lc's out-of-place seal and open, not rustls's `MessageEncrypter`:
+//! that one allocates each record and copies the plaintext into it, where [`Sealer::seal_from`]
+//! encrypts the plaintext (guest memory) straight into the caller's output buffer and
+//! [`Opener::open_to`] decrypts straight into the caller's memory: no copy, no allocation.
 
 use rustls::crypto::cipher::{Iv, Nonce};
 use rustls::{ConnectionTrafficSecrets, ContentType, Error, Tls13CipherSuite};
@@ -94,22 +94,23 @@ pub(crate) struct Sealer {
 }
 
 impl Sealer {
-    /// Seal one record of `n` (at most [`MAX_PLAIN`]) plaintext bytes as `typ` into
-    /// `out[..n + OVERHEAD]`; `fill` writes the plaintext into the slice it is given (all of
-    /// it). Returns the record's length.
-    pub fn seal_into<E: From<Error>>(
+    /// Seal `plain` (at most [`MAX_PLAIN`] bytes) as one record of type `typ` into
+    /// `out[..plain.len() + OVERHEAD]`, out of place: `plain` is only read, by the AEAD itself,
+    /// so it can be guest memory and the AEAD is the only pass over it. Returns the record's
+    /// length.
+    pub fn seal_from(
         &mut self,
         typ: ContentType,
-        n: usize,
+        plain: &[u8],
         out: &mut [u8],
-        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
-    ) -> Result<usize, E> {
+    ) -> Result<usize, Error> {
         if self.seq >= self.rekey_at.saturating_add(1) {
-            return Err(Error::EncryptError.into());
+            return Err(Error::EncryptError);
         }
+        let n = plain.len();
         let len = n + OVERHEAD;
         if n > MAX_PLAIN || out.len() < len {
-            return Err(Error::General("record larger than its buffer".into()).into());
+            return Err(Error::General("record larger than its buffer".into()));
         }
         let (header, body) = out[..len].split_at_mut(HEADER);
         let wire = u16::try_from(len - HEADER).map_err(|_| Error::EncryptError)?;
@@ -117,17 +118,19 @@ impl Sealer {
         header[0] = ContentType::ApplicationData.into();
         header[1..3].copy_from_slice(&[3, 3]);
         header[3..5].copy_from_slice(&wire.to_be_bytes());
-        let (inner, tag) = body.split_at_mut(n + 1);
-        fill(&mut inner[..n])?;
-        inner[n] = typ.into();
-        let aad =
-            aead::Aad::from(<[u8; HEADER]>::try_from(&*header).map_err(|_| Error::EncryptError)?);
-        let t = self
-            .keys
+        let (cipher, type_and_tag) = body.split_at_mut(n);
+        // The inner content type follows the content (RFC 8446 §5.2), encrypted with it.
+        self.keys
             .key
-            .seal_in_place_separate_tag(self.keys.nonce(self.seq), aad, inner)
+            .seal_out_of_place_scatter(
+                self.keys.nonce(self.seq),
+                aead::Aad::from(&*header),
+                plain,
+                cipher,
+                &[typ.into()],
+                type_and_tag,
+            )
             .map_err(|_| Error::EncryptError)?;
-        tag.copy_from_slice(t.as_ref());
         self.seq += 1;
         Ok(len)
     }
@@ -135,10 +138,7 @@ impl Sealer {
     /// One protected record (header included) holding `plain` (at most [`MAX_PLAIN`]) as `typ`.
     pub fn seal(&mut self, typ: ContentType, plain: &[u8]) -> Result<Vec<u8>, Error> {
         let mut rec = vec![0; plain.len() + OVERHEAD];
-        self.seal_into(typ, plain.len(), &mut rec, |b| {
-            b.copy_from_slice(plain);
-            Ok::<(), Error>(())
-        })?;
+        self.seal_from(typ, plain, &mut rec)?;
         Ok(rec)
     }
 
@@ -424,19 +424,16 @@ mod tests {
     }
 
     #[test]
-    fn seal_into_checks_its_buffer() {
+    fn seal_from_checks_its_buffer() {
         let mut s = suite().sealer(0, secrets(1)).expect("sealer");
         let mut out = [0u8; 10 + OVERHEAD - 1];
-        let r = s.seal_into(ContentType::ApplicationData, 10, &mut out, |_| {
-            Ok::<(), Error>(())
-        });
+        let r = s.seal_from(ContentType::ApplicationData, &[0; 10], &mut out);
         assert!(r.is_err(), "too small");
         let mut out = vec![0u8; MAX_PLAIN + 1 + OVERHEAD];
-        let r = s.seal_into(
+        let r = s.seal_from(
             ContentType::ApplicationData,
-            MAX_PLAIN + 1,
+            &out.clone()[..MAX_PLAIN + 1],
             &mut out,
-            |_| Ok::<(), Error>(()),
         );
         assert!(r.is_err(), "oversized");
     }

@@ -10,14 +10,14 @@
 //! side sends close_notify when its write side is shut or the last handle is dropped.
 //!
 //! Cost (`benches/tls_throughput.rs` has the numbers): per byte, one AES-GCM pass on each side
-//! and one user-space copy on the writer beyond plain TCP. The writer copies guest memory straight
-//! into its place in a reused record buffer, seals it there and sends a batch of records with one
+//! beyond plain TCP and no user-space copy. The writer seals guest memory straight into a reused
+//! record buffer (`Sealer::seal_from`, out of place) and sends a batch of records with one
 //! `send`; the reader opens a record straight into the caller's memory (guest memory too) when
-//! the whole record fits there (`Opener::open_to`, out of place), else in place in its receive
-//! buffer and copies the plaintext out. The AEAD is aws-lc's (VAES, AVX-512). Kernel TLS (absent
-//! from this host's kernel: no `tls` ULP) would take the same secrets (`tls_handshake` already
-//! ends in rustls's `KernelConnection`) and fold the writer's copy into the kernel's, not the
-//! AEAD; NIC TLS offload would save the AEAD.
+//! the whole record fits there (`Opener::open_to`), else in place in its receive buffer and
+//! copies the plaintext out. The AEAD is aws-lc's (VAES, AVX-512). Kernel TLS (absent from this
+//! host's kernel: no `tls` ULP) would take the same secrets (`tls_handshake` already ends in
+//! rustls's `KernelConnection`) and decrypt from the socket buffers into the reader's memory,
+//! saving the reader's socket copy; it would not save the AEAD. NIC TLS offload would.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -82,27 +82,6 @@ struct Tx {
     broken: bool,
     /// The records of one send, sealed in place: reused, so no allocation per record.
     out: Vec<u8>,
-}
-
-/// Why records could not be sealed: the keys, or the plaintext's source.
-enum SealFail {
-    Tls(rustls::Error),
-    Source(io::Error),
-}
-
-impl From<rustls::Error> for SealFail {
-    fn from(e: rustls::Error) -> Self {
-        SealFail::Tls(e)
-    }
-}
-
-impl From<SealFail> for io::Error {
-    fn from(e: SealFail) -> Self {
-        match e {
-            SealFail::Tls(e) => invalid(e),
-            SealFail::Source(e) => e,
-        }
-    }
 }
 
 impl TlsStream {
@@ -392,14 +371,13 @@ impl Inner {
         }
     }
 
-    /// Seal `len` bytes of plaintext (at most [`TX_BATCH`] are taken) and send them; `fill(at,
-    /// dst)` copies the plaintext from offset `at` into `dst`, which is already its place in the
-    /// record. An error leaves the stream broken.
-    fn write_with(
+    /// Seal `len` bytes of plaintext (at most [`TX_BATCH`] are taken) and send them;
+    /// `plain(at, n)` lends the `n` bytes from offset `at`. An error leaves the stream broken.
+    fn write_with<'p>(
         &self,
         tx: &mut Tx,
         len: usize,
-        fill: impl FnMut(usize, &mut [u8]) -> io::Result<()>,
+        plain: impl Fn(usize, usize) -> io::Result<&'p [u8]>,
     ) -> io::Result<usize> {
         if tx.broken {
             return Err(io::Error::new(
@@ -415,20 +393,20 @@ impl Inner {
         }
         let len = len.min(TX_BATCH);
         // Records are numbered as they are sealed: any failure from here leaves a gap.
-        let sent = self.seal_and_send(tx, len, fill);
+        let sent = self.seal_and_send(tx, len, plain);
         if sent.is_err() {
             tx.broken = true;
         }
         sent.map(|()| len)
     }
 
-    /// Full records, sealed one after another into `tx.out` (the plaintext copied straight into
-    /// place), then one `send` for all of them.
-    fn seal_and_send(
+    /// Full records, sealed one after another from the plaintext into `tx.out`, then one `send`
+    /// for all of them.
+    fn seal_and_send<'p>(
         &self,
         tx: &mut Tx,
         len: usize,
-        mut fill: impl FnMut(usize, &mut [u8]) -> io::Result<()>,
+        plain: impl Fn(usize, usize) -> io::Result<&'p [u8]>,
     ) -> io::Result<()> {
         let mut used = 0;
         let mut off = 0;
@@ -440,11 +418,12 @@ impl Inner {
                 used += rec.len();
             }
             let n = (len - off).min(MAX_PLAIN);
+            let src = plain(off, n)?;
             grow(&mut tx.out, used + n + OVERHEAD);
-            let Tx { sealer, out, .. } = tx;
-            used += sealer.seal_into(ContentType::ApplicationData, n, &mut out[used..], |dst| {
-                fill(off, dst).map_err(SealFail::Source)
-            })?;
+            used += tx
+                .sealer
+                .seal_from(ContentType::ApplicationData, src, &mut tx.out[used..])
+                .map_err(invalid)?;
             off += n;
         }
         (&self.tcp).write_all(&tx.out[..used])
@@ -543,9 +522,11 @@ impl<B: BitmapSlice> Sink for GuestSink<'_, '_, B> {
     }
 }
 
+// Guest memory lent to the AEAD as byte slices, so records are sealed from and opened into it
+// without a copy. With the socket options in `keepalive`, the crate's only `unsafe`.
+
 /// `len` bytes of `mem` from `at` as a byte slice to decrypt into, marked dirty like a copy
-/// into them would be. The crate's one `unsafe` outside socket options: lending guest memory to
-/// the AEAD as `&mut [u8]` is what lets a record be opened straight into it.
+/// into them would be.
 #[allow(unsafe_code)]
 fn guest_bytes<'a, B: BitmapSlice>(
     mem: &'a mut VolatileSlice<'_, B>,
@@ -562,6 +543,23 @@ fn guest_bytes<'a, B: BitmapSlice>(
     Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
 }
 
+/// `len` bytes of `mem` from `at` as a byte slice for the AEAD to encrypt from.
+#[allow(unsafe_code)]
+fn guest_view<'a, B: BitmapSlice>(
+    mem: &'a VolatileSlice<'_, B>,
+    at: usize,
+    len: usize,
+) -> Result<&'a [u8], VolatileMemoryError> {
+    let s = mem.subslice(at, len)?;
+    let ptr = s.ptr_guard().as_ptr();
+    // SAFETY: a VolatileSlice covers `len` mapped, readable bytes from `ptr` for as long as
+    // `mem` is borrowed, which bounds the returned slice, and any byte value is a valid u8. Only
+    // the AEAD's machine code reads through it, once; a guest vCPU writing meanwhile changes
+    // what is sent (that page is dirty and goes again, as with a copy or a plain `send`), not
+    // what Rust code sees.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read_with(buf.len(), buf)
@@ -571,10 +569,8 @@ impl Read for TlsStream {
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut tx = lock(&self.inner.tx);
-        self.inner.write_with(&mut tx, buf.len(), |at, dst| {
-            dst.copy_from_slice(&buf[at..at + dst.len()]);
-            Ok(())
-        })
+        self.inner
+            .write_with(&mut tx, buf.len(), |at, n| Ok(&buf[at..at + n]))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -608,14 +604,10 @@ impl WriteVolatile for TlsStream {
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
         let mut tx = lock(&self.inner.tx);
-        // Guest memory straight into its place in the record: the only copy before the AEAD.
+        // The AEAD reads guest memory itself: no copy before it.
         self.inner
-            .write_with(&mut tx, buf.len(), |at, dst| {
-                let src = buf.subslice(at, dst.len()).map_err(io::Error::other)?;
-                if src.copy_to(dst) != dst.len() {
-                    return Err(io::Error::other("guest memory slice shorter than it said"));
-                }
-                Ok(())
+            .write_with(&mut tx, buf.len(), |at, n| {
+                guest_view(buf, at, n).map_err(io::Error::other)
             })
             .map_err(VolatileMemoryError::IOError)
     }
