@@ -8,35 +8,37 @@
 //! follows the CPU-cost ratio, which is the steadier number.
 //!
 //! Measured on this 2-core host (AMD EPYC, VAES + AVX-512) while other sessions kept its load
-//! average at 2-7 (a TCG guest and builds), before and after binaries interleaved; 1 connection,
-//! per-round min / median / max:
+//! average at 2.5-5.4 (a TCG guest and builds), the before and after binaries interleaved, 7 runs
+//! of 5 rounds each; 1 connection, per-round min / median / max (medians of the other columns):
 //!
-//! | tls record layer | rounds | ratio | tls GB/s | tls CPU s/GB (writer / reader / all) |
-//! | --- | ---: | ---: | ---: | ---: |
-//! | ring via rustls's `MessageEncrypter`, bounce copy (before) | 30 | 0.18 / 0.31 / 0.63 | 0.86 | 0.41 / 0.39 / 0.81 |
-//! | ring, sealed from memory into a reused buffer | 21 | 0.27 / 0.37 / 1.00 | 0.88 | 0.32 / 0.45 / 0.79 |
-//! | + aws-lc-rs AEAD | 12 | 0.26 / 0.33 / 0.49 | 0.82 | 0.28 / 0.44 / 0.75 |
-//! | + opened straight into memory (now) | 18 | 0.27 / 0.39 / 0.54 | 1.10 | 0.30 / 0.29 / 0.61 |
+//! | tls record layer | 1 conn ratio | tls GB/s | tls CPU s/GB (writer / reader / all) |
+//! | --- | ---: | ---: | ---: |
+//! | ring via rustls's `MessageEncrypter`, bounce copy, open in place + copy (before) | 0.27 / 0.38 / 0.90 | 1.16 | 0.40 / 0.36 / 0.78 |
+//! | aws-lc, sealed from and opened into memory out of place (now) | 0.38 / **0.50** / 0.74 | 1.55 | 0.25 / 0.32 / 0.59 |
 //!
-//! (Medians of the GB/s and CPU columns.) Plain TCP in the same rounds: 2.7 GB/s median, 0.24 CPU
-//! s/GB. 2 connections now: ratio 0.35 / 0.55 / 0.87. The AEAD alone, 16 KiB records, one core:
+//! Per-run medians: before 0.34-0.41, now 0.43-0.57. Plain TCP in the same rounds: 3.1 GB/s
+//! median, 0.24 CPU s/GB. 2 connections now 0.27 / 0.53 / 0.78. In a quieter stretch (few runnable
+//! tasks) the run medians were 0.56 / 0.65 / 0.70 (TLS 2.5-3.3 GB/s against 3.1-5.8 plain).
+//! Steps, separately (load 2-7, 12-21 rounds each, TLS CPU s/GB all): sealing from memory into a
+//! reused buffer 0.81 -> 0.79; aws-lc instead of ring 0.75; opening straight into memory 0.61;
+//! sealing out of place (no user-space copy left) 0.59. The AEAD alone, 16 KiB records, one core:
 //! ring 6.9-8.4 GB/s sealing and 5.5-7.1 opening, aws-lc 9.1-9.7 and 7.8-8.3 (Zen 4 runs 512-bit
-//! AES as two 256-bit halves, so AVX-512 gains little over ring's VAES-AVX2).
+//! AES as two 256-bit halves, so AVX-512 gains little over ring's VAES-AVX2). AES-128-GCM: no
+//! measurable difference.
 //!
-//! Where the TLS CPU goes now (perf, TLS only): AES-GCM 39 % (open 24 %, seal 15 %), the writer's
-//! copy of guest memory into the record 10 %, the kernel's socket copies 15 %, the rest TCP and
-//! wakeups. Against plain TCP (0.24 s/GB) TLS adds 0.37 s/GB, of which ~0.24 is the AEAD: under
-//! load the ratio tops out near 0.24 / 0.61 = 0.4. With a core each for writer (0.30 CPU s/GB)
-//! and reader (0.29) the projection is ~3.3 GB/s against plain's ~5.7 GB/s idle best (≈ 0.58);
-//! not measured, the host was not idle.
+//! Where the TLS CPU goes now (perf, TLS only): AES-GCM 37 % (open 19 %, seal 18 %), the kernel's
+//! socket copies 20 % (the writer's send 14 %, the reader's recv 6 %), the rest TCP, locks and
+//! wakeups; no user-space copy. Against plain TCP (0.24 s/GB) TLS adds 0.35 s/GB, ~0.22 of it the
+//! AEAD: with both ends on two busy cores the ratio follows the CPU ratio (0.24 / 0.59 = 0.4-0.5);
+//! with a core each it follows the slower thread, ~0.3 s/GB, and reaches 0.6-0.7.
 //!
 //! Kernel TLS cannot be measured: this kernel offers no `tls` ULP (tcp_available_ulp: mptcp).
-//! Software kTLS would encrypt while building the socket buffers and decrypt from them into the
-//! reader's memory, saving one of the two socket copies per side (~15 % of the TLS CPU above:
-//! ~0.61 -> ~0.51 s/GB, ratio under load ~0.45); with `sendfile`/`splice` of memfd-backed guest
-//! memory it would also drop the writer's copy (~10 % more). The AEAD stays on the same cores
-//! either way; only NIC TLS offload takes it off and brings the ratio near plain TCP (loopback has
-//! no NIC).
+//! Software kTLS would decrypt from the socket buffers straight into the reader's memory, saving
+//! the reader's socket copy (~6 % of the TLS CPU); `sendfile`/`splice` of memfd-backed guest
+//! memory into a kTLS socket would also let the kernel encrypt the pages straight into the socket
+//! buffers, saving the writer's copy (~14 % more): ~0.59 -> ~0.47 s/GB, ratio under load ~0.5-0.6,
+//! a lift but not the AEAD, which stays on the same cores. Only NIC TLS offload takes that off and
+//! brings the ratio near plain TCP (loopback has no NIC).
 //!
 //! `cargo bench -p tern-migration --bench tls_throughput`
 
