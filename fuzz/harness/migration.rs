@@ -5,6 +5,7 @@
 
 use std::io::Read;
 
+use tern_migration::protocol::page_sum::page_sum;
 use tern_migration::protocol::{
     encode_frame, encode_memory_head, preamble, read_preamble, DeviceMark, Frame, FrameReader,
     Hello, MemoryEntry, MemoryFdInfo, PageEncoding, ProtocolError, Received, HEADER_BYTES,
@@ -64,7 +65,7 @@ fn read_streaming(stream: &[u8]) -> usize {
     loop {
         match r.recv_streaming() {
             Ok(Received::Frame(f)) => check_round_trip(&f),
-            Ok(Received::MemoryStream(entries)) => {
+            Ok(Received::MemoryStream(entries)) | Ok(Received::MemoryStreamSummed(entries, _)) => {
                 let need: u64 = entries.iter().map(MemoryEntry::data_bytes).sum();
                 assert!(need <= MAX_PAYLOAD_BYTES as u64);
                 let mut sink = [0u8; PAGE];
@@ -202,11 +203,17 @@ fn build(inp: &mut Input<'_>) -> (Vec<u8>, Vec<(usize, usize, bool)>) {
         let start = out.len();
         let tag = 1 + inp.below(15) as u8;
         if tag == 15 {
-            // An unchecked memory frame: header and table, then the page bytes.
+            // A memory frame with its data outside the CRC (unchecked, or with a sum per page):
+            // header and tables, then the page bytes.
             let (e, data_len) = entries(inp);
-            encode_memory_head(&e, data_len, &mut buf).expect("small head");
-            out.extend_from_slice(&buf);
             let fill = inp.u8();
+            let sums = if inp.below(2) == 1 {
+                vec![page_sum(&[fill; PAGE]); data_len / PAGE]
+            } else {
+                Vec::new()
+            };
+            encode_memory_head(&e, &sums, data_len, &mut buf).expect("small head");
+            out.extend_from_slice(&buf);
             out.resize(out.len() + data_len, fill);
             spans.push((start, out.len(), true));
             continue;

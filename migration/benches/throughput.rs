@@ -7,7 +7,7 @@
 //! destination guest memory (the floor for moving these bytes); "raw-cached" moves the same
 //! number of bytes between two 4 MiB buffers that stay in cache (an upper bound no migration can
 //! reach, printed for context). Both tern modes are measured: unchecked page data (default,
-//! zero-copy) and `page_checksums` (pages snapshotted and CRC-32'd).
+//! zero-copy) and `page_checksums` (zero-copy too, an XXH3 sum per page).
 //!
 //! Run: `cargo bench -p tern-migration --bench throughput`
 

@@ -64,6 +64,15 @@ pub enum MigrationError {
         #[source]
         source: vm_memory::VolatileMemoryError,
     },
+    /// Pages whose last copy did not match its sum and that were never sent again: damaged on
+    /// the way (a page the guest rewrote while it was sent is sent again and heals).
+    #[error("{pages} received page(s) failed their checksum and were not resent (first at GPA {first_gpa:#x}): page data was damaged in transit")]
+    PageSums {
+        /// Pages still torn.
+        pages: u64,
+        /// GPA of the first one.
+        first_gpa: u64,
+    },
     /// The peer sent an Error frame.
     #[error("{peer} reported: {reason}")]
     PeerError {

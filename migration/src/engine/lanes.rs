@@ -15,7 +15,7 @@ use crate::protocol::{DeviceMark, Frame, FrameWriter, PageEncoding};
 use crate::transport::{Connection, RateLimiter};
 
 use super::error::MigrationError;
-use super::pages::MemoryBatch;
+use super::pages::{BatchMode, MemoryBatch};
 use super::stats::MigrationStats;
 
 /// Control frames the main thread queues behind memory on a lane.
@@ -127,7 +127,8 @@ pub struct Lanes {
     free_rx: Receiver<MemoryBatch>,
     stats: Arc<MigrationStats>,
     abort: Arc<Abort>,
-    copy_data: bool,
+    /// Batches of every lane carry their pages this way.
+    batch_mode: BatchMode,
     /// Give up when no lane made progress for this long (the destination stopped reading
     /// without closing); the phase names it in the error.
     stall: Option<(Duration, &'static str)>,
@@ -310,7 +311,7 @@ fn send_unchecked(
     mem: &GuestMemoryMmap<GuestPageBitmap>,
 ) -> Result<u64, MigrationError> {
     let head = w
-        .send_memory_head(&b.entries, b.data_len)
+        .send_memory_head(&b.entries, &b.sums, b.data_len)
         .map_err(|source| MigrationError::Protocol {
             during: "sending memory",
             source,
@@ -345,7 +346,7 @@ impl Lanes {
     pub fn start(
         conns: Vec<Connection>,
         mem: &GuestMemoryMmap<GuestPageBitmap>,
-        copy_data: bool,
+        page_sums: bool,
         rate: Arc<RateLimiter>,
         stats: Arc<MigrationStats>,
     ) -> Result<Self, MigrationError> {
@@ -390,7 +391,11 @@ impl Lanes {
             free_rx,
             stats,
             abort,
-            copy_data,
+            batch_mode: if page_sums {
+                BatchMode::StreamSummed
+            } else {
+                BatchMode::Stream
+            },
             stall: None,
             epoch,
         })
@@ -405,7 +410,7 @@ impl Lanes {
     pub fn batch(&self) -> MemoryBatch {
         self.free_rx
             .try_recv()
-            .unwrap_or_else(|_| MemoryBatch::with_mode(self.copy_data))
+            .unwrap_or_else(|_| MemoryBatch::with_mode(self.batch_mode))
     }
 
     /// Return an unused batch to the free list.

@@ -21,12 +21,24 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Data bytes per memory frame.
 const BATCH_DATA_BYTES: usize = BATCH_DATA_PAGES * PAGE;
 
+/// How a batch carries its page bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchMode {
+    /// Snapshotted into the batch, sent inside the frame CRC (a buffered frame).
+    Snapshot,
+    /// Written by the sender straight from guest memory, outside any check.
+    Stream,
+    /// Written straight from guest memory, each page with its sum taken from the copy the zero
+    /// check makes ([`crate::protocol::page_sum`]).
+    StreamSummed,
+}
+
 /// One memory frame being assembled.
 ///
-/// With `copy_data` the page bytes are snapshotted into `data` (checksummed frames); without,
-/// each page is only copied through a 4 KiB bounce buffer for the zero check and the sender later
-/// writes the `Data` entries straight from guest memory (unchecked frames). A page changing in
-/// between is harmless: its dirty bit was set again after the claim, so it is resent.
+/// In [`BatchMode::Snapshot`] the page bytes are copied into `data`; in the stream modes each
+/// page is only copied through a 4 KiB bounce buffer (for the zero check and the sum) and the
+/// sender later writes the `Data` entries straight from guest memory. A page changing in between
+/// is harmless: its dirty bit was set again after the claim, so it is resent.
 #[derive(Debug)]
 pub struct MemoryBatch {
     /// Entry table.
@@ -37,7 +49,9 @@ pub struct MemoryBatch {
     pub data_len: usize,
     /// Pages sent as zero markers in this batch.
     pub zero_pages: u64,
-    copy_data: bool,
+    /// One sum per data page, in entry order ([`BatchMode::StreamSummed`]).
+    pub sums: Vec<u64>,
+    mode: BatchMode,
     bounce: Vec<u8>,
 }
 
@@ -57,28 +71,34 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 impl MemoryBatch {
     /// An empty batch with room for [`BATCH_DATA_PAGES`] pages, copying page data.
     pub fn new() -> Self {
-        Self::with_mode(true)
+        Self::with_mode(BatchMode::Snapshot)
     }
 
-    /// An empty batch; `copy_data` snapshots page bytes into the batch.
-    pub fn with_mode(copy_data: bool) -> Self {
+    /// An empty batch carrying its pages as `mode` says.
+    pub fn with_mode(mode: BatchMode) -> Self {
+        let snapshot = mode == BatchMode::Snapshot;
         MemoryBatch {
             entries: Vec::with_capacity(BATCH_MAX_ENTRIES),
-            data: if copy_data {
+            data: if snapshot {
                 vec![0; BATCH_DATA_BYTES]
             } else {
                 Vec::new()
             },
             data_len: 0,
             zero_pages: 0,
-            copy_data,
-            bounce: if copy_data { Vec::new() } else { vec![0; PAGE] },
+            sums: if mode == BatchMode::StreamSummed {
+                Vec::with_capacity(BATCH_DATA_PAGES)
+            } else {
+                Vec::new()
+            },
+            mode,
+            bounce: if snapshot { Vec::new() } else { vec![0; PAGE] },
         }
     }
 
     /// Does the batch hold the page bytes?
     pub fn copies_data(&self) -> bool {
-        self.copy_data
+        self.mode == BatchMode::Snapshot
     }
 
     /// Empty it for reuse.
@@ -86,6 +106,7 @@ impl MemoryBatch {
         self.entries.clear();
         self.data_len = 0;
         self.zero_pages = 0;
+        self.sums.clear();
     }
 
     /// True when nothing was added.
@@ -100,7 +121,9 @@ impl MemoryBatch {
 
     /// Bytes the batch puts on the wire: page data and entry table.
     pub fn wire_bytes(&self) -> u64 {
-        (self.data_len + self.entries.len() * crate::protocol::MEMORY_ENTRY_BYTES) as u64
+        (self.data_len
+            + self.entries.len() * crate::protocol::MEMORY_ENTRY_BYTES
+            + self.sums.len() * crate::protocol::page_sum::PAGE_SUM_BYTES) as u64
     }
 
     /// Data pages in the batch.
@@ -188,7 +211,7 @@ impl MemoryBatch {
                 let page = slice
                     .subslice(taken as usize * PAGE, PAGE)
                     .map_err(|e| gm_err(e.into(), PAGE_SIZE))?;
-                let dst = if self.copy_data {
+                let dst = if self.mode == BatchMode::Snapshot {
                     &mut self.data[self.data_len..self.data_len + PAGE]
                 } else {
                     &mut self.bounce[..]
@@ -199,6 +222,9 @@ impl MemoryBatch {
                     self.zero_pages += 1;
                     self.push_entry(page_gpa, PageEncoding::Zero);
                 } else {
+                    if self.mode == BatchMode::StreamSummed {
+                        self.sums.push(crate::protocol::page_sum::page_sum(dst));
+                    }
                     self.data_len += PAGE;
                     self.push_entry(page_gpa, PageEncoding::Data);
                 }
@@ -219,7 +245,13 @@ pub struct PageWriter {
     mem: GuestMemoryMmap<GuestPageBitmap>,
     /// Per region: pages this writer has written data to (only those need zeroing later).
     populated: Vec<DirtyBitmap>,
+    /// Per region: pages whose last copy failed its sum and has not been replaced since.
+    torn: Vec<DirtyBitmap>,
+    /// Torn pages now (the sum of `torn`'s bits, kept so the end-of-stream check is O(1)).
+    torn_now: u64,
     zero: Vec<u8>,
+    /// Where a received page is copied to be hashed.
+    bounce: Vec<u8>,
     /// Data pages written.
     pub data_pages: u64,
     /// Zero markers received.
@@ -234,10 +266,14 @@ impl PageWriter {
             populated
                 .push(DirtyBitmap::new(r.start_addr(), r.len()).map_err(MigrationError::Bitmap)?);
         }
+        let torn = populated.clone();
         Ok(PageWriter {
             mem,
             populated,
+            torn,
+            torn_now: 0,
             zero: vec![0; PAGE],
+            bounce: vec![0; PAGE],
             data_pages: 0,
             zero_pages: 0,
         })
@@ -274,13 +310,60 @@ impl PageWriter {
         Ok(())
     }
 
-    /// Apply an unchecked memory frame: `Data` entries are read from `src` straight into guest
-    /// memory, in entry order.
+    /// Marks page `page` of region `idx` torn or intact.
+    fn set_torn(&mut self, idx: usize, page: u64, torn: bool) -> Result<(), MigrationError> {
+        let bm = &mut self.torn[idx];
+        match (bm.test(page), torn) {
+            (false, true) => {
+                bm.set(page).map_err(MigrationError::Bitmap)?;
+                self.torn_now += 1;
+            }
+            (true, false) => {
+                bm.clear_range(page, 1);
+                self.torn_now -= 1;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A run of pages arrived intact (checked data or zero markers): none of them is torn now.
+    fn mend(&mut self, idx: usize, first: u64, npages: u64) {
+        if self.torn_now == 0 {
+            return;
+        }
+        let n = self.torn[idx].count_range(first, npages);
+        self.torn[idx].clear_range(first, npages);
+        self.torn_now -= n;
+    }
+
+    /// Pages whose last copy failed its sum and that were not sent again: damaged in transit.
+    /// Checked when the stream that carried them ends.
+    pub fn check_torn(&self) -> Result<(), MigrationError> {
+        if self.torn_now == 0 {
+            return Ok(());
+        }
+        let first = self
+            .torn
+            .iter()
+            .find_map(|b| b.iter_pages().next().map(|p| b.base().0 + p * PAGE_SIZE))
+            .unwrap_or(0);
+        Err(MigrationError::PageSums {
+            pages: self.torn_now,
+            first_gpa: first,
+        })
+    }
+
+    /// Apply a streamed memory frame: `Data` entries are read from `src` straight into guest
+    /// memory, in entry order. With `sums` (one per data page, in order) each page is checked
+    /// right after its read: a mismatch marks it torn (see [`crate::protocol::page_sum`]).
     pub fn apply_stream<S: ReadVolatile>(
         &mut self,
         entries: &[MemoryEntry],
+        sums: &[u64],
         src: &mut S,
     ) -> Result<(), MigrationError> {
+        let mut sum = sums.iter();
         for e in entries {
             let len = e.len_bytes();
             let idx = self
@@ -312,8 +395,37 @@ impl PageWriter {
                         }
                     })?;
                     self.data_pages += u64::from(e.npages);
+                    if sums.is_empty() {
+                        self.mend(idx, first, u64::from(e.npages));
+                        continue;
+                    }
+                    let mut checked = Vec::with_capacity(e.npages as usize);
+                    for p in 0..u64::from(e.npages) {
+                        // The page is in cache right after the read; hash a copy of it (the
+                        // guest is not running here, but guest memory is only reached through
+                        // volatile accesses).
+                        let page = slice.subslice(p as usize * PAGE, PAGE).map_err(|err| {
+                            MigrationError::GuestMemory {
+                                gpa: e.gpa.0 + p * PAGE_SIZE,
+                                len_bytes: PAGE_SIZE,
+                                source: err.into(),
+                            }
+                        })?;
+                        page.copy_to(&mut self.bounce[..]);
+                        let want = sum.next().ok_or(MigrationError::Unexpected {
+                            frame: "memory",
+                            during: "checking pages: fewer sums than data pages",
+                        })?;
+                        checked.push(crate::protocol::page_sum::page_sum(&self.bounce) == *want);
+                    }
+                    for (p, ok) in (first..).zip(checked) {
+                        self.set_torn(idx, p, !ok)?;
+                    }
                 }
-                PageEncoding::Zero => self.zero_pages_in(idx, first, e.npages)?,
+                PageEncoding::Zero => {
+                    self.zero_pages_in(idx, first, e.npages)?;
+                    self.mend(idx, first, u64::from(e.npages));
+                }
             }
         }
         Ok(())
@@ -353,8 +465,12 @@ impl PageWriter {
                         })?
                         .copy_from(src);
                     self.data_pages += u64::from(e.npages);
+                    self.mend(idx, first, u64::from(e.npages));
                 }
-                PageEncoding::Zero => self.zero_pages_in(idx, first, e.npages)?,
+                PageEncoding::Zero => {
+                    self.zero_pages_in(idx, first, e.npages)?;
+                    self.mend(idx, first, u64::from(e.npages));
+                }
             }
         }
         Ok(())
@@ -403,7 +519,7 @@ mod tests {
 
     #[test]
     fn push_zero_run_merges_without_reading_and_respects_entry_limit() {
-        let mut b = MemoryBatch::with_mode(false);
+        let mut b = MemoryBatch::with_mode(BatchMode::Stream);
         assert_eq!(b.push_zero_run(GuestAddress(0), 10), 10);
         assert_eq!(b.push_zero_run(GuestAddress(10 * 4096), 5), 5);
         assert_eq!(b.entries.len(), 1, "contiguous zero runs merge");

@@ -42,8 +42,9 @@ pub struct SendParams {
     /// How long the destination may take no data (it stopped reading but kept the connection)
     /// or take to acknowledge Complete before the migration fails.
     pub ack_timeout: Duration,
-    /// Checksum page bytes too (snapshot copy per page). Off: memory frames carry
-    /// `FLAG_DATA_UNCHECKED` (CRC over header and entry table) and pages move without a copy.
+    /// Check every page end to end: memory frames carry a sum per data page
+    /// (`FLAG_PAGE_SUMS`, see `protocol::page_sum`); pages still move without a copy. Off:
+    /// `FLAG_DATA_UNCHECKED` (the CRC covers header and entry table only).
     pub page_checksums: bool,
     /// Switch over only once the destination has loaded every device's initial pre-copy data
     /// (QEMU's `switchover-ack` capability). On by default.

@@ -245,6 +245,12 @@ fn memory_frame_bytes(entries: usize, data: usize) -> u64 {
     (HEADER_BYTES + 4 + entries * MEMORY_ENTRY_BYTES + data) as u64
 }
 
+/// Wire bytes of a memory frame with a sums table.
+fn summed_frame_bytes(entries: usize, sums: usize, data: u64) -> u64 {
+    memory_frame_bytes(entries, data as usize)
+        + (sums * crate::protocol::page_sum::PAGE_SUM_BYTES) as u64
+}
+
 /// One extra data connection: memory and device frames until StreamEnd.
 fn data_lane(
     r: &mut FrameReader<Connection>,
@@ -256,14 +262,20 @@ fn data_lane(
         match r.recv_streaming() {
             Ok(Received::MemoryStream(entries)) => {
                 let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
-                pw.apply_stream(&entries, r.get_mut())?;
+                pw.apply_stream(&entries, &[], r.get_mut())?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data as usize));
+            }
+            Ok(Received::MemoryStreamSummed(entries, sums)) => {
+                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
+                pw.apply_stream(&entries, &sums, r.get_mut())?;
+                stats.add_transferred(summed_frame_bytes(entries.len(), sums.len(), data));
             }
             Ok(Received::Frame(Frame::Memory { entries, data })) => {
                 pw.apply(&entries, data)?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
             }
-            Ok(Received::Frame(Frame::StreamEnd)) => return Ok(()),
+            // This connection's pages are all here: any still torn was damaged, not rewritten.
+            Ok(Received::Frame(Frame::StreamEnd)) => return pw.check_torn(),
             Ok(Received::Frame(Frame::Error(reason))) => {
                 return Err(MigrationError::PeerError {
                     peer: "source",
@@ -626,8 +638,14 @@ fn control_loop(
         let frame = match r.recv_streaming() {
             Ok(Received::MemoryStream(entries)) => {
                 let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
-                pw.apply_stream(&entries, r.get_mut())?;
+                pw.apply_stream(&entries, &[], r.get_mut())?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data as usize));
+                continue;
+            }
+            Ok(Received::MemoryStreamSummed(entries, sums)) => {
+                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
+                pw.apply_stream(&entries, &sums, r.get_mut())?;
+                stats.add_transferred(summed_frame_bytes(entries.len(), sums.len(), data));
                 continue;
             }
             Ok(Received::Frame(f)) => Ok(f),
@@ -652,7 +670,11 @@ fn control_loop(
                 check_state(&state, &format!("device {id}"), dup, bytes.len())?;
                 state.devices.push((id.to_owned(), bytes.to_vec()));
             }
-            Ok(Frame::Complete) => return Ok(state),
+            Ok(Frame::Complete) => {
+                // Everything this connection carries is here (the switchover's pages included).
+                pw.check_torn()?;
+                return Ok(state);
+            }
             Ok(Frame::Error(reason)) => {
                 return Err(MigrationError::PeerError {
                     peer: "source",

@@ -2,11 +2,11 @@
 //! `len` payload bytes, all little endian. The CRC-32 (IEEE) covers the first 8 header bytes and the
 //! payload, so a flipped tag or length is caught as surely as a flipped page byte.
 //!
-//! One flag exists: [`FLAG_DATA_UNCHECKED`], only on memory frames. Then the CRC covers the header
-//! and the entry table but not the page bytes, which the sender writes straight from guest memory
-//! and the receiver reads straight into guest memory (no copy on either side). Checksumming page
-//! data needs a snapshot copy of each page while the guest runs; the unchecked form trades that
-//! for throughput (TCP checksums its segments; Unix sockets never leave the host).
+//! Two flags exist, only on memory frames, and both leave the page bytes outside the CRC so that
+//! the sender writes them straight from guest memory and the receiver reads them straight into
+//! guest memory (no copy on either side): [`FLAG_DATA_UNCHECKED`] (the CRC covers the header and the
+//! entry table) and [`FLAG_PAGE_SUMS`] (a table of per-page sums follows the entry table, inside
+//! the CRC; see [`super::page_sum`]). A memory frame without a flag has its data inside the CRC.
 
 use std::io::{self, Read, Write};
 
@@ -24,6 +24,9 @@ pub const HEADER_BYTES: usize = 12;
 pub const MAX_PAYLOAD_BYTES: usize = 64 << 20;
 /// Memory frame flag: the CRC does not cover the data section.
 pub const FLAG_DATA_UNCHECKED: u8 = 1;
+/// Memory frame flag: a per-page sums table follows the entry table (inside the CRC); the data
+/// section is outside the CRC and each page is checked against its sum.
+pub const FLAG_PAGE_SUMS: u8 = 2;
 /// Payload tails up to this size are copied into the header buffer to save a syscall.
 const COALESCE_TAIL_BYTES: usize = 64 << 10;
 
@@ -108,6 +111,12 @@ pub enum ProtocolError {
         expected: u32,
         /// CRC computed.
         actual: u32,
+    },
+    /// A page of a buffered memory frame does not match its sum.
+    #[error("memory frame page at GPA {gpa:#x} does not match its checksum")]
+    PageSum {
+        /// The page's GPA.
+        gpa: u64,
     },
     /// The payload does not parse.
     #[error("malformed {frame} frame")]
@@ -227,16 +236,19 @@ pub fn encode_frame<'a>(frame: &Frame<'a>, buf: &mut Vec<u8>) -> Result<&'a [u8]
     Ok(tail)
 }
 
-/// Encode the header and entry table of an unchecked memory frame whose `data_len` data bytes
-/// the caller writes next, straight from guest memory.
+/// Encode the header and entry table of a memory frame whose `data_len` data bytes the caller
+/// writes next, straight from guest memory: unchecked when `sums` is empty, else with the sums
+/// table (one per data page, in entry order) and [`FLAG_PAGE_SUMS`].
 pub fn encode_memory_head(
     entries: &[MemoryEntry],
+    sums: &[u64],
     data_len: usize,
     buf: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
     buf.clear();
     buf.resize(HEADER_BYTES, 0);
     encode_memory_entries(entries, buf);
+    super::page_sum::encode_sums(sums, buf);
     let len = buf.len() - HEADER_BYTES + data_len;
     if len > MAX_PAYLOAD_BYTES {
         return Err(ProtocolError::TooLarge {
@@ -246,7 +258,11 @@ pub fn encode_memory_head(
         });
     }
     buf[0] = FrameTag::Memory as u8;
-    buf[1] = FLAG_DATA_UNCHECKED;
+    buf[1] = if sums.is_empty() {
+        FLAG_DATA_UNCHECKED
+    } else {
+        FLAG_PAGE_SUMS
+    };
     buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     let mut h = crc32fast::Hasher::new();
     h.update(&buf[..8]);
@@ -293,14 +309,16 @@ impl<W: Write> FrameWriter<W> {
         Ok((self.buf.len() + tail.len()) as u64)
     }
 
-    /// Send the header and entry table of an unchecked memory frame; the caller must write the
-    /// `data_len` data bytes next on [`FrameWriter::get_mut`]. Returns the bytes written.
+    /// Send the header, entry table and (if any) sums table of a memory frame whose data is
+    /// outside the CRC; the caller must write the `data_len` data bytes next on
+    /// [`FrameWriter::get_mut`]. Returns the bytes written.
     pub fn send_memory_head(
         &mut self,
         entries: &[MemoryEntry],
+        sums: &[u64],
         data_len: usize,
     ) -> Result<u64, ProtocolError> {
-        encode_memory_head(entries, data_len, &mut self.buf)?;
+        encode_memory_head(entries, sums, data_len, &mut self.buf)?;
         self.inner
             .write_all(&self.buf)
             .map_err(|source| ProtocolError::Write {
@@ -466,7 +484,7 @@ mod tests {
             encoding: PageEncoding::Data,
         }];
         let mut w = FrameWriter::new(Vec::new());
-        w.send_memory_head(&e, page.len()).expect("head");
+        w.send_memory_head(&e, &[], page.len()).expect("head");
         w.get_mut().extend_from_slice(page);
         w.inner
     }

@@ -55,12 +55,13 @@
 
 mod codec;
 mod frame;
+pub mod page_sum;
 mod reader;
 
 pub use codec::{
     encode_frame, encode_memory_head, preamble, read_preamble, write_preamble, FrameWriter,
-    ProtocolError, FLAG_DATA_UNCHECKED, HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES, PREAMBLE_BYTES,
-    VERSION,
+    ProtocolError, FLAG_DATA_UNCHECKED, FLAG_PAGE_SUMS, HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES,
+    PREAMBLE_BYTES, VERSION,
 };
 pub use frame::{
     decode_memory_table, encode_memory_entries, DeviceMark, Frame, FrameTag, Hello, MemoryEntry,

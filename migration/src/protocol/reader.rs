@@ -1,12 +1,17 @@
-//! Frame reader: header checks, CRC verification, and for unchecked memory frames a streaming
-//! mode that leaves the page bytes in the stream for the caller to read into guest memory.
+//! Frame reader: header checks, CRC verification, and for memory frames whose data is outside the
+//! CRC (unchecked, or with per-page sums) a streaming mode that leaves the page bytes in the stream
+//! for the caller to read into guest memory.
 
 use std::io::Read;
 
 use super::codec::{
-    read_full, ProtocolError, FLAG_DATA_UNCHECKED, HEADER_BYTES, MAX_PAYLOAD_BYTES,
+    read_full, ProtocolError, FLAG_DATA_UNCHECKED, FLAG_PAGE_SUMS, HEADER_BYTES, MAX_PAYLOAD_BYTES,
 };
-use super::frame::{Frame, FrameTag, MemoryEntry, PayloadError};
+use super::page_sum::{decode_sums, page_sum, PAGE_SUM_BYTES};
+
+/// Bytes of one data page.
+const PAGE_BYTES: usize = crate::dirty::PAGE_SIZE as usize;
+use super::frame::{Frame, FrameTag, MemoryEntry, PageEncoding, PayloadError};
 
 /// How far the payload buffer grows ahead of the bytes received.
 const GROW_STEP_BYTES: usize = 1 << 20;
@@ -47,8 +52,12 @@ impl<R: Read> FrameReader<R> {
         }
         let tag = FrameTag::from_u8(h[0]).ok_or(ProtocolError::UnknownFrame { tag: h[0] })?;
         let frame = tag.name();
-        let unchecked = tag == FrameTag::Memory && h[1] == FLAG_DATA_UNCHECKED;
-        let flags = if unchecked { 0 } else { h[1] };
+        let data = match h[1] {
+            FLAG_DATA_UNCHECKED if tag == FrameTag::Memory => DataCheck::Unchecked,
+            FLAG_PAGE_SUMS if tag == FrameTag::Memory => DataCheck::PageSums,
+            _ => DataCheck::Crc,
+        };
+        let flags = if data == DataCheck::Crc { h[1] } else { 0 };
         let reserved = u32::from(flags) | u32::from(u16::from_le_bytes([h[2], h[3]])) << 8;
         if reserved != 0 {
             return Err(ProtocolError::Reserved {
@@ -68,7 +77,7 @@ impl<R: Read> FrameReader<R> {
         crc.update(&h[..8]);
         Ok(Header {
             tag,
-            unchecked,
+            data,
             len,
             expected: u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
             crc,
@@ -104,8 +113,9 @@ impl<R: Read> FrameReader<R> {
         Ok(())
     }
 
-    /// For an unchecked memory frame: read and verify the entry table; returns its length.
-    fn read_memory_table(&mut self, h: &mut Header) -> Result<usize, ProtocolError> {
+    /// For a memory frame whose data is outside the CRC: read and verify the entry table and the
+    /// sums table (if the frame has one); returns the length of both and the data length.
+    fn read_memory_table(&mut self, h: &mut Header) -> Result<(usize, usize), ProtocolError> {
         let frame = h.tag.name();
         let malformed = |source| ProtocolError::Malformed { frame, source };
         if h.len < 4 {
@@ -131,7 +141,24 @@ impl<R: Read> FrameReader<R> {
                 })
             })?;
         self.read_payload(4, table - 4, h.len)?;
-        h.crc.update(&self.buf[..table]);
+        // With sums: the rest is 8 bytes of sum and 4096 bytes of data per data page.
+        let (head, data_len) = match h.data {
+            DataCheck::PageSums => {
+                let per_page = PAGE_SUM_BYTES + PAGE_BYTES;
+                let rest = h.len - table;
+                if !rest.is_multiple_of(per_page) {
+                    return Err(malformed(PayloadError::DataLength {
+                        need: (rest / per_page * per_page) as u64,
+                        have: rest,
+                    }));
+                }
+                let pages = rest / per_page;
+                self.read_payload(table, pages * PAGE_SUM_BYTES, h.len)?;
+                (table + pages * PAGE_SUM_BYTES, pages * PAGE_BYTES)
+            }
+            _ => (table, h.len - table),
+        };
+        h.crc.update(&self.buf[..head]);
         let actual = h.crc.clone().finalize();
         if actual != h.expected {
             return Err(ProtocolError::Checksum {
@@ -140,7 +167,28 @@ impl<R: Read> FrameReader<R> {
                 actual,
             });
         }
-        Ok(table)
+        Ok((head, data_len))
+    }
+
+    /// Decodes the checked entry table (and sums) of a streaming memory frame.
+    fn memory_stream(
+        &self,
+        h: &Header,
+        head: usize,
+        data_len: usize,
+    ) -> Result<(Vec<MemoryEntry>, Vec<u64>), ProtocolError> {
+        let malformed = |source| ProtocolError::Malformed {
+            frame: h.tag.name(),
+            source,
+        };
+        let sums = match h.data {
+            DataCheck::PageSums => data_len / PAGE_BYTES * PAGE_SUM_BYTES,
+            _ => 0,
+        };
+        let table = head - sums;
+        let entries =
+            super::frame::decode_memory_table(&self.buf[..table], data_len).map_err(malformed)?;
+        Ok((entries, decode_sums(&self.buf[table..head])))
     }
 
     /// Read, check and decode the next frame, with any memory data in the reader's buffer.
@@ -148,9 +196,33 @@ impl<R: Read> FrameReader<R> {
     pub fn recv(&mut self) -> Result<Frame<'_>, ProtocolError> {
         let mut h = self.read_header()?;
         let frame = h.tag.name();
-        if h.unchecked {
-            let table = self.read_memory_table(&mut h)?;
-            self.read_payload(table, h.len - table, h.len)?;
+        if h.data == DataCheck::PageSums {
+            // Buffered: check every page here, then close the gap the sums leave so that the
+            // frame decodes as entries + data.
+            let (head, data_len) = self.read_memory_table(&mut h)?;
+            self.read_payload(head, data_len, h.len)?;
+            let (entries, sums) = self.memory_stream(&h, head, data_len)?;
+            let mut off = head;
+            let mut sum = sums.iter();
+            for e in entries.iter().filter(|e| e.encoding == PageEncoding::Data) {
+                for p in 0..u64::from(e.npages) {
+                    let page = &self.buf[off..off + PAGE_BYTES];
+                    if sum.next() != Some(&page_sum(page)) {
+                        return Err(ProtocolError::PageSum {
+                            gpa: e.gpa.0 + p * PAGE_BYTES as u64,
+                        });
+                    }
+                    off += PAGE_BYTES;
+                }
+            }
+            let table = head - sums.len() * PAGE_SUM_BYTES;
+            self.buf.copy_within(head..head + data_len, table);
+            return Frame::decode(h.tag, &self.buf[..table + data_len])
+                .map_err(|source| ProtocolError::Malformed { frame, source });
+        }
+        if h.data == DataCheck::Unchecked {
+            let (table, data_len) = self.read_memory_table(&mut h)?;
+            self.read_payload(table, data_len, h.len)?;
         } else {
             self.read_payload(0, h.len, h.len)?;
             h.crc.update(&self.buf[..h.len]);
@@ -172,7 +244,7 @@ impl<R: Read> FrameReader<R> {
     /// read exactly the `Data` entries' bytes, in order, from [`FrameReader::get_mut`].
     pub fn recv_streaming(&mut self) -> Result<Received<'_>, ProtocolError> {
         let mut h = self.read_header()?;
-        if !h.unchecked {
+        if h.data == DataCheck::Crc {
             let frame = h.tag.name();
             self.read_payload(0, h.len, h.len)?;
             h.crc.update(&self.buf[..h.len]);
@@ -188,20 +260,30 @@ impl<R: Read> FrameReader<R> {
                 .map(Received::Frame)
                 .map_err(|source| ProtocolError::Malformed { frame, source });
         }
-        let table = self.read_memory_table(&mut h)?;
-        super::frame::decode_memory_table(&self.buf[..table], h.len - table)
-            .map(Received::MemoryStream)
-            .map_err(|source| ProtocolError::Malformed {
-                frame: h.tag.name(),
-                source,
-            })
+        let (head, data_len) = self.read_memory_table(&mut h)?;
+        let (entries, sums) = self.memory_stream(&h, head, data_len)?;
+        Ok(match h.data {
+            DataCheck::PageSums => Received::MemoryStreamSummed(entries, sums),
+            _ => Received::MemoryStream(entries),
+        })
     }
+}
+
+/// What covers a frame's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataCheck {
+    /// The frame CRC covers the whole payload.
+    Crc,
+    /// Memory frame: nothing covers the data.
+    Unchecked,
+    /// Memory frame: a per-page sums table (inside the CRC) covers each data page.
+    PageSums,
 }
 
 #[derive(Debug)]
 struct Header {
     tag: FrameTag,
-    unchecked: bool,
+    data: DataCheck,
     len: usize,
     expected: u32,
     crc: crc32fast::Hasher,
@@ -215,6 +297,9 @@ pub enum Received<'a> {
     /// An unchecked memory frame's (checked) entry table; the `Data` entries' bytes follow in
     /// the stream.
     MemoryStream(Vec<MemoryEntry>),
+    /// A memory frame's (checked) entry table and per-data-page sums, in entry order; the `Data`
+    /// entries' bytes follow in the stream, each page to be checked against its sum.
+    MemoryStreamSummed(Vec<MemoryEntry>, Vec<u64>),
 }
 
 #[cfg(test)]
