@@ -236,6 +236,9 @@ pub struct VmSendMigrationData {
     pub connections: u32,
     /// Throttle the vCPUs step by step when the guest dirties memory faster than the link sends it.
     pub auto_converge: bool,
+    /// Check every page end to end with a per-page sum (on by default; costs ~nothing: the sums
+    /// are taken from copies the engine makes anyway).
+    pub page_checksums: bool,
     /// Mutual TLS: a directory with `ca-cert.pem`, `client-cert.pem` and `client-key.pem`; the
     /// destination's certificate must name the URL's host (Cloud Hypervisor's field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +267,8 @@ struct SendMigrationFields {
     connections: u32,
     #[serde(default)]
     auto_converge: bool,
+    #[serde(default = "default_page_checksums")]
+    page_checksums: bool,
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
     #[serde(default)]
@@ -279,6 +284,10 @@ fn default_downtime_ms() -> u64 {
 
 fn default_timeout_s() -> u64 {
     DEFAULT_TIMEOUT_S
+}
+
+fn default_page_checksums() -> bool {
+    true
 }
 
 fn default_connections() -> u32 {
@@ -308,6 +317,7 @@ impl TryFrom<SendMigrationFields> for VmSendMigrationData {
             max_bandwidth_mbps: f.max_bandwidth_mbps,
             connections: f.connections,
             auto_converge: f.auto_converge,
+            page_checksums: f.page_checksums,
             tls_dir: f.tls_dir,
             memory_mode,
         };
@@ -328,6 +338,7 @@ impl VmSendMigrationData {
             max_bandwidth_mbps: 0,
             connections: default_connections(),
             auto_converge: false,
+            page_checksums: default_page_checksums(),
             tls_dir: None,
             memory_mode: MigrationMode::Precopy,
         }

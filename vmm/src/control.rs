@@ -621,6 +621,7 @@ impl ApiHandler for Controller {
             reason: format!("connections {} is out of range", data.connections),
         })?;
         params.auto_converge = data.auto_converge;
+        params.page_checksums = data.page_checksums;
         params.validate().map_err(|e| ApiError::BadRequest {
             reason: error_chain(&e),
         })?;

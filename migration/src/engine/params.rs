@@ -65,7 +65,7 @@ impl SendParams {
             auto_converge: false,
             chunk_bytes: 64 << 20,
             ack_timeout: Duration::from_secs(60),
-            page_checksums: false,
+            page_checksums: true,
             switchover_ack: true,
         }
     }

@@ -112,7 +112,9 @@ pub enum ProtocolError {
         /// CRC computed.
         actual: u32,
     },
-    /// A page of a buffered memory frame does not match its sum.
+    /// A page of a memory frame read whole ([`super::FrameReader::recv`]) does not match its
+    /// sum. The frame was read to its end, so the stream is still in step; a page the guest
+    /// rewrote while it was sent looks the same (the streaming receiver heals those).
     #[error("memory frame page at GPA {gpa:#x} does not match its checksum")]
     PageSum {
         /// The page's GPA.
