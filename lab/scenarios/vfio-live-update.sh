@@ -71,12 +71,12 @@ live_update() {
     for step in inherit take-over restore; do
         before=$(clean_rounds "$d/a.log")
         TERN_TEST_LIVE_UPDATE_EXIT=$step ternctl --api-socket "$d/a.sock" live-update \
-            --binary "$tern_bin" --new-api-socket "$d/dead-$step.sock" \
+            --binary "$tern_bin" --new-api-socket "$d/dead-$step.sock" --new-log "$d/dead-$step.err" \
             -- --serial "file=$d/dead-$step.log" >"$d/dead-$step.out" 2>&1
         rc=$?
-        lab_log "$label: destination killed at '$step': ternctl exit $rc: $(tr '\n' ' ' <"$d/dead-$step.out")"
+        lab_log "$label: destination killed at '$step': ternctl exit $rc: $(tr '\n' ' ' <"$d/dead-$step.out"); new tern: $(tr '\n' ' ' <"$d/dead-$step.err")"
         [ "$rc" -ne 0 ] || { lab_log "$label: the live update succeeded although the destination died"; return 1; }
-        grep -q "TERN_TEST_LIVE_UPDATE_EXIT=$step: exiting now" "$d/dead-$step.out" ||
+        grep -q "TERN_TEST_LIVE_UPDATE_EXIT=$step: exiting now" "$d/dead-$step.err" ||
             { lab_log "$label: the destination failed before it reached '$step'"; return 1; }
         ternctl --api-socket "$d/a.sock" ping >/dev/null || { lab_log "$label: the source died"; cat "$d/a.err"; return 1; }
         ternctl --api-socket "$d/a.sock" migration-status >"$d/dead-$step.status" 2>&1
@@ -89,9 +89,9 @@ live_update() {
     # 2. The live update itself.
     before=$(clean_rounds "$d/a.log")
     ternctl --api-socket "$d/a.sock" live-update --binary "$tern_bin" --new-api-socket "$d/b.sock" \
-        -- --serial "file=$d/b.log" >"$d/lu.out" 2>"$d/lu.err"
+        --new-log "$d/b.err" -- --serial "file=$d/b.log" >"$d/lu.out" 2>"$d/lu.err"
     rc=$?
-    cat "$d/lu.out" "$d/lu.err"
+    cat "$d/lu.out" "$d/lu.err" "$d/b.err"
     [ "$rc" -eq 0 ] || { lab_log "$label: live-update failed ($rc)"; cat "$d/a.err"; return 1; }
     grep -q 'devices handed over: edu0' "$d/lu.out" || { lab_log "$label: the stats do not name edu0 as handed over"; return 1; }
     wait "$a"
@@ -110,7 +110,7 @@ live_update() {
 
     # 3. And on again from the new tern (its device is an inherited one).
     ternctl --api-socket "$d/b.sock" live-update --binary "$tern_bin" --new-api-socket "$d/c.sock" \
-        -- --serial "file=$d/c.log" >"$d/lu2.out" 2>&1
+        --new-log "$d/c.err" -- --serial "file=$d/c.log" >"$d/lu2.out" 2>&1
     rc=$?
     cat "$d/lu2.out"
     [ "$rc" -eq 0 ] || { lab_log "$label: second live-update failed ($rc)"; return 1; }

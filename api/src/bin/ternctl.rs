@@ -99,9 +99,6 @@ enum Command {
         /// Throttle vCPUs when the guest dirties memory faster than the link sends it.
         #[arg(long)]
         auto_converge: bool,
-        /// Send pages without the per-page end-to-end sums (on by default).
-        #[arg(long)]
-        no_page_checksums: bool,
         /// Mutual TLS: directory with ca-cert.pem, client-cert.pem, client-key.pem.
         #[arg(long, value_name = "DIR")]
         tls_dir: Option<std::path::PathBuf>,
@@ -143,6 +140,9 @@ enum Command {
         /// Longest acceptable guest pause at switch-over, in ms.
         #[arg(long, value_name = "MS", default_value_t = tern_api::types::DEFAULT_DOWNTIME_MS)]
         downtime_ms: u64,
+        /// Append the new tern's stdout and stderr to this file (default: discarded).
+        #[arg(long, value_name = "PATH")]
+        new_log: Option<PathBuf>,
         /// More arguments for the new tern (after --), e.g. -- --serial file=PATH.
         #[arg(last = true, value_name = "TERN_ARGS")]
         tern_args: Vec<String>,
@@ -198,6 +198,7 @@ fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> Cl
             binary,
             new_api_socket,
             downtime_ms,
+            new_log,
             tern_args,
         } => {
             let new_api_socket = new_api_socket.unwrap_or_else(|| {
@@ -212,6 +213,7 @@ fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> Cl
                     new_api_socket,
                     tern_args,
                     downtime_ms,
+                    new_log,
                 },
             )?);
         }
@@ -238,7 +240,6 @@ fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> Cl
             max_bandwidth_mbps,
             connections,
             auto_converge,
-            no_page_checksums,
             tls_dir,
         } => {
             let data = VmSendMigrationData {
@@ -253,7 +254,6 @@ fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> Cl
                 max_bandwidth_mbps,
                 connections,
                 auto_converge,
-                page_checksums: !no_page_checksums,
                 tls_dir,
                 memory_mode: if local {
                     MigrationMode::MemFDs

@@ -20,11 +20,20 @@ pub struct LiveUpdate {
     pub new_api_socket: PathBuf,
     pub tern_args: Vec<String>,
     pub downtime_ms: u64,
+    /// Where the new tern's stdout and stderr go (appended); `None`: nowhere. Never ternctl's
+    /// own: the new tern outlives ternctl, and a pipe it held would never reach its end.
+    pub new_log: Option<PathBuf>,
 }
 
 /// Errors of a live update.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveUpdateError {
+    #[error("cannot open the new tern's log {}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the new tern {}", path.display())]
     Spawn {
         path: PathBuf,
@@ -92,11 +101,28 @@ fn follow(old: &ApiClient) -> Result<MigrationStatus, LiveUpdateError> {
 pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateError> {
     let socket = args.new_api_socket;
     let _ = std::fs::remove_file(&socket);
+    let (out, err) = match &args.new_log {
+        Some(path) => {
+            let log = |source| LiveUpdateError::Log {
+                path: path.clone(),
+                source,
+            };
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(log)?;
+            (Stdio::from(f.try_clone().map_err(log)?), Stdio::from(f))
+        }
+        None => (Stdio::null(), Stdio::null()),
+    };
     let mut child = Command::new(&args.binary)
         .arg("--api-socket")
         .arg(&socket)
         .args(&args.tern_args)
         .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .map_err(|source| LiveUpdateError::Spawn {
             path: args.binary.clone(),
@@ -126,7 +152,6 @@ pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateErro
             max_bandwidth_mbps: 0,
             connections: 1,
             auto_converge: false,
-            page_checksums: true,
             tls_dir: None,
             memory_mode: MigrationMode::MemFDs,
         })
