@@ -99,6 +99,9 @@ enum Command {
         /// Throttle vCPUs when the guest dirties memory faster than the link sends it.
         #[arg(long)]
         auto_converge: bool,
+        /// Send pages without the per-page end-to-end sums (on by default).
+        #[arg(long)]
+        no_page_checksums: bool,
         /// Mutual TLS: directory with ca-cert.pem, client-cert.pem, client-key.pem.
         #[arg(long, value_name = "DIR")]
         tls_dir: Option<std::path::PathBuf>,
@@ -240,6 +243,7 @@ fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> Cl
             max_bandwidth_mbps,
             connections,
             auto_converge,
+            no_page_checksums,
             tls_dir,
         } => {
             let data = VmSendMigrationData {
@@ -254,6 +258,7 @@ fn run(client: &ApiClient, api_socket: &std::path::Path, command: Command) -> Cl
                 max_bandwidth_mbps,
                 connections,
                 auto_converge,
+                page_checksums: !no_page_checksums,
                 tls_dir,
                 memory_mode: if local {
                     MigrationMode::MemFDs

@@ -152,6 +152,7 @@ pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateErro
             max_bandwidth_mbps: 0,
             connections: 1,
             auto_converge: false,
+            page_checksums: true,
             tls_dir: None,
             memory_mode: MigrationMode::MemFDs,
         })
