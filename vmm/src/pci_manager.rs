@@ -278,7 +278,7 @@ impl GsiRouter {
     /// changed is returned.
     pub fn set_irqfds(&self, on: bool) -> usize {
         let mut inner = self.inner();
-        if inner.irqfds_off == !on {
+        if inner.irqfds_off != on {
             return 0;
         }
         inner.irqfds_off = !on;
