@@ -550,6 +550,23 @@ mod tests {
         ));
     }
 
+    /// The live-update fd frame (local mode) carries its opaque bytes unchanged; a corrupted one is
+    /// refused like any other. Not in the version-3 golden set: it adds a tag without changing
+    /// the layout, so a tern without it refuses it as an unknown frame.
+    #[test]
+    fn handover_fd_frame_round_trips_and_is_checksummed() {
+        let meta = br#"{"kind":"vector","id":"edu0","vector":0}"#;
+        let f = Frame::HandoverFd(meta);
+        let bytes = encode(&f);
+        assert_eq!(bytes[0], 17);
+        let mut r = FrameReader::new(&bytes[..]);
+        assert_eq!(r.recv().expect("decodes"), f);
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(FrameReader::new(&bad[..]).recv().is_err());
+    }
+
     #[test]
     fn every_frame_type_round_trips() {
         let pg = page(7);
