@@ -7,10 +7,12 @@
 //!
 //! What it refuses to do: know anything about the VMM. A VM is seen only through the traits in
 //! [`engine`] (`MigrationHost`, `MigrationTarget`) and [`dirty::DirtySource`]; vCPU, VM and device
-//! state are opaque bytes. It contains no `unsafe` code.
+//! state are opaque bytes. Its `unsafe` is two small layers, each allowed where it is: socket
+//! options (`transport::keepalive`) and guest memory lent as byte slices (`guest_bytes`).
 #![deny(unsafe_code)]
 
 pub mod dirty;
 pub mod engine;
+mod guest_bytes;
 pub mod protocol;
 pub mod transport;

@@ -250,8 +250,6 @@ pub struct PageWriter {
     /// Torn pages now (the sum of `torn`'s bits, kept so the end-of-stream check is O(1)).
     torn_now: u64,
     zero: Vec<u8>,
-    /// Where a received page is copied to be hashed.
-    bounce: Vec<u8>,
     /// Data pages written.
     pub data_pages: u64,
     /// Zero markers received.
@@ -273,7 +271,6 @@ impl PageWriter {
             torn,
             torn_now: 0,
             zero: vec![0; PAGE],
-            bounce: vec![0; PAGE],
             data_pages: 0,
             zero_pages: 0,
         })
@@ -401,22 +398,18 @@ impl PageWriter {
                     }
                     let mut checked = Vec::with_capacity(e.npages as usize);
                     for p in 0..u64::from(e.npages) {
-                        // The page is in cache right after the read; hash a copy of it (the
-                        // guest is not running here, but guest memory is only reached through
-                        // volatile accesses).
-                        let page = slice.subslice(p as usize * PAGE, PAGE).map_err(|err| {
-                            MigrationError::GuestMemory {
+                        // The page is in cache right after the read: hash it in place.
+                        let page = crate::guest_bytes::guest_view(&slice, p as usize * PAGE, PAGE)
+                            .map_err(|err| MigrationError::GuestMemory {
                                 gpa: e.gpa.0 + p * PAGE_SIZE,
                                 len_bytes: PAGE_SIZE,
                                 source: err.into(),
-                            }
-                        })?;
-                        page.copy_to(&mut self.bounce[..]);
+                            })?;
                         let want = sum.next().ok_or(MigrationError::Unexpected {
                             frame: "memory",
                             during: "checking pages: fewer sums than data pages",
                         })?;
-                        checked.push(crate::protocol::page_sum::page_sum(&self.bounce) == *want);
+                        checked.push(crate::protocol::page_sum::page_sum(page) == *want);
                     }
                     for (p, ok) in (first..).zip(checked) {
                         self.set_torn(idx, p, !ok)?;

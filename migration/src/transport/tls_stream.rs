@@ -35,6 +35,7 @@ use super::tls_record::{
     inner_len, payload_len, post_handshake, Opener, PostHandshake, Sealer, Suite, HEADER,
     MAX_CIPHER, MAX_PLAIN, OVERHEAD,
 };
+use crate::guest_bytes::{guest_bytes, guest_view};
 
 /// Ciphertext read per `recv` at most: large enough for few system calls, small enough to stay
 /// in cache while the records are opened (1-2 MiB measured no better, some worse).
@@ -520,44 +521,6 @@ impl<B: BitmapSlice> Sink for GuestSink<'_, '_, B> {
     fn direct(&mut self, at: usize, len: usize) -> Option<&mut [u8]> {
         guest_bytes(self.mem, at, len)
     }
-}
-
-// Guest memory lent to the AEAD as byte slices, so records are sealed from and opened into it
-// without a copy. With the socket options in `keepalive`, the crate's only `unsafe`.
-
-/// `len` bytes of `mem` from `at` as a byte slice to decrypt into, marked dirty like a copy
-/// into them would be.
-#[allow(unsafe_code)]
-fn guest_bytes<'a, B: BitmapSlice>(
-    mem: &'a mut VolatileSlice<'_, B>,
-    at: usize,
-    len: usize,
-) -> Option<&'a mut [u8]> {
-    let s = mem.subslice(at, len).ok()?;
-    s.bitmap().mark_dirty(0, len);
-    let ptr = s.ptr_guard_mut().as_ptr();
-    // SAFETY: a VolatileSlice covers `len` mapped, writable bytes from `ptr` for as long as
-    // `mem` is borrowed, which bounds the returned slice; `read_volatile` got `mem` mutably, so
-    // this stream is the one writer of these bytes while it reads into them, and any byte value
-    // is a valid u8. A racing reader of guest memory sees partial data, as with any copy.
-    Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
-}
-
-/// `len` bytes of `mem` from `at` as a byte slice for the AEAD to encrypt from.
-#[allow(unsafe_code)]
-fn guest_view<'a, B: BitmapSlice>(
-    mem: &'a VolatileSlice<'_, B>,
-    at: usize,
-    len: usize,
-) -> Result<&'a [u8], VolatileMemoryError> {
-    let s = mem.subslice(at, len)?;
-    let ptr = s.ptr_guard().as_ptr();
-    // SAFETY: a VolatileSlice covers `len` mapped, readable bytes from `ptr` for as long as
-    // `mem` is borrowed, which bounds the returned slice, and any byte value is a valid u8. Only
-    // the AEAD's machine code reads through it, once; a guest vCPU writing meanwhile changes
-    // what is sent (that page is dirty and goes again, as with a copy or a plain `send`), not
-    // what Rust code sees.
-    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
 impl Read for TlsStream {
