@@ -81,16 +81,26 @@ def main():
             if line.startswith("TERN-LAB "):
                 print(line, file=sys.stderr, flush=True)
 
+        def read_lines(timeout):
+            """Emits the console lines that arrive within `timeout` s; None at QEMU's EOF."""
+            nonlocal partial
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                return []
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            partial += chunk
+            *lines, partial = partial.split(b"\n")
+            for raw in lines:
+                emit(raw)
+            return lines
+
         while True:
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                partial += chunk
-                *lines, partial = partial.split(b"\n")
-                for raw in lines:
-                    emit(raw)
+            lines = read_lines(1.0)
+            if lines is None:
+                break
+            if lines:
                 # The nudge's own echo is an empty line, not a sign of life.
                 if any(raw.strip() for raw in lines):
                     if nudged:
@@ -140,16 +150,8 @@ def main():
                     pass
                 time.sleep(3)
             end = time.monotonic() + 2
-            while time.monotonic() < end:
-                ready, _, _ = select.select([fd], [], [], 0.2)
-                if ready:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    partial += chunk
-                    *lines, partial = partial.split(b"\n")
-                    for raw in lines:
-                        emit(raw)
+            while time.monotonic() < end and read_lines(0.2) is not None:
+                pass
             # Three register dumps a second apart tell a spinning vCPU from a halted one.
             regs = monitor_query(
                 monitor,

@@ -8,11 +8,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
-use tern_migration::engine::{receive_on, start_send, MigrationStats, SendParams};
-use tern_migration::transport::{MigrationListener, MigrationUrl};
+use tern_migration::transport::MigrationUrl;
 
 const GIB: usize = 1 << 30;
 
@@ -23,23 +20,16 @@ fn switchover_groups(gib: usize) -> u64 {
     let url = MigrationUrl::Unix(
         std::env::temp_dir().join(format!("tern-swwork-{}-{gib}.sock", std::process::id())),
     );
-    let listener = MigrationListener::bind(&url).expect("bind");
-    let url = listener.url().clone();
-    let destination = std::thread::spawn(move || {
-        let mut factory = FakeFactory::default();
-        receive_on(&listener, &mut factory, &MigrationStats::new()).map(|_| ())
+    let r = run(url, host, FakeFactory::default(), |p| {
+        p.downtime_ms = 5;
+        p.chunk_bytes = 64 << 20;
     });
-    let mut params = SendParams::new(url);
-    params.downtime_ms = 5;
-    let out = start_send(Box::new(host), params, Arc::new(MigrationStats::new()))
-        .expect("spawn")
-        .join()
-        .expect("source thread");
-    out.result.expect("migration");
-    destination
-        .join()
-        .expect("destination thread")
-        .expect("receive");
+    if let Err(e) = r.src.as_ref().map(|_| ()).and(r.dst.as_ref().map(|_| ())) {
+        panic!(
+            "migration failed: {}",
+            tern_migration::engine::error_chain(e)
+        );
+    }
     let at = visits.lock().expect("lock").clone();
     let reading = |what| {
         at.iter()
