@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -148,6 +149,8 @@ pub struct DeviceManager {
     mock_space: Option<Arc<IommufdSpace>>,
     // Registered as the COM1 irqfd for the VM's lifetime; cloned when the UART is restored.
     serial_irq: EventFd,
+    // Live update: the passthrough devices were released for a new process and not taken back.
+    handover_released: AtomicBool,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
@@ -240,6 +243,7 @@ impl DeviceManager {
                 mock_dma: Vec::new(),
                 mock_space: None,
                 serial_irq,
+                handover_released: AtomicBool::new(false),
             },
             events,
         ))
@@ -331,6 +335,7 @@ impl DeviceManager {
     /// Live update, source side, paused: type1 mappings' addresses invalidated, irqfds off KVM
     /// (vectors VFIO signals now wait in their eventfds for the new process).
     pub fn handover_release(&self) -> Result<(), DeviceError> {
+        self.handover_released.store(true, Ordering::SeqCst);
         for d in &self.passthrough {
             d.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -345,10 +350,12 @@ impl DeviceManager {
     pub fn handover_reclaim(&self) -> Result<(), DeviceError> {
         let r = handover::reclaim(&self.dma_handles(), self.dma_ram());
         for d in &self.passthrough {
-            d.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_released(false);
+            let mut d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.set_released(false);
+            // Ours again (an in-doubt source that handed them over in case the other side ran).
+            d.set_owned();
         }
+        self.handover_released.store(false, Ordering::SeqCst);
         let n = self.pci.router().set_irqfds(true);
         log::info!("live update failed: {n} irqfds back on this VM");
         r.map_err(DeviceError::Handover)
@@ -455,6 +462,10 @@ impl DeviceManager {
     /// when a migration left it elsewhere: resuming a VM the operator chose after an in-doubt
     /// switchover, whose devices stopped for the commit. Devices already RUNNING are left alone.
     pub fn recover_device_states(&self) -> Result<(), DeviceError> {
+        // A live update that ended in doubt: the devices were released for the new process.
+        if self.handover_released.load(Ordering::SeqCst) {
+            self.handover_reclaim()?;
+        }
         for mut source in self.device_states()? {
             source.recover().map_err(|e| DeviceError::Recover {
                 id: source.id().to_owned(),

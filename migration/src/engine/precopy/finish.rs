@@ -271,6 +271,11 @@ impl Source<'_> {
             }
             self.stats.set_throttle(0);
         }
+        if in_doubt && self.handover_released {
+            // The destination may run the VM with the handed devices: nothing here may tear them
+            // down (a shutdown of this side); resuming this side takes them back first.
+            self.host.handover_done();
+        }
         if in_doubt {
             // Committed: the VM stays paused, its devices stopped, until the operator decides.
             return result;
