@@ -4,25 +4,28 @@
 //! switchover's bitmap work proportional to what was dirtied, not to the guest: a 64 GiB guest
 //! has 256 Ki words of dirty bits but 64 summary words.
 //!
-//! Every walk over marked groups is counted ([`groups_visited`]) so that tests can show the work
-//! does not grow with the guest without timing anything.
+//! Every walk over marked groups is counted ([`groups_visited`], per thread) so that tests can
+//! show the work does not grow with the guest without timing anything.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
 /// Words of dirty bits one summary bit covers.
 pub const GROUP_WORDS: usize = 64;
 
-static GROUPS_VISITED: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static GROUPS_VISITED: Cell<u64> = const { Cell::new(0) };
+}
 
-/// How many groups the bitmaps of this process have walked so far (all threads). Tests compare two
-/// readings around an operation; a process-wide counter, so such tests run alone in their binary.
+/// How many bitmap groups this thread has walked so far. Tests compare two readings taken on the
+/// thread doing the work (the migration engine's, for a switchover): a receiver in the same
+/// process walking its own bitmaps does not count.
 pub fn groups_visited() -> u64 {
-    GROUPS_VISITED.load(Ordering::Relaxed)
+    GROUPS_VISITED.with(Cell::get)
 }
 
 /// Counts `n` visited groups (for the atomic guest bitmap's walks too).
 pub(crate) fn count_visits(n: u64) {
-    GROUPS_VISITED.fetch_add(n, Ordering::Relaxed);
+    GROUPS_VISITED.with(|c| c.set(c.get() + n));
 }
 
 /// The summary bits of a plain (single-owner) word bitmap.
