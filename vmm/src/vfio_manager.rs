@@ -193,17 +193,27 @@ pub fn add_devices(
             inherited: None,
         };
         let dev = VfioPciDevice::open(&spec, &HostRoots::default(), spaces, &mut resources)?;
-        let dev = Arc::new(Mutex::new(dev));
-        let slot = pci
-            .add_vfio_device(dev.clone())
-            .map_err(|source| VfioManagerError::Add {
-                id: c.id.clone(),
-                source,
-            })?;
+        let (dev, slot) = plug(pci, c, dev)?;
         log::info!("VFIO {}: {} in PCI slot {slot}", c.id, c.path.display());
         devices.push(dev);
     }
     Ok(devices)
+}
+
+/// Adds `dev` (the device of `c`) to bus 0; returns it shared, with its slot.
+fn plug(
+    pci: &mut PciManager,
+    c: &PassthroughConfig,
+    dev: VfioPciDevice,
+) -> Result<(Arc<Mutex<VfioPciDevice>>, u8), VfioManagerError> {
+    let dev = Arc::new(Mutex::new(dev));
+    let slot = pci
+        .add_vfio_device(dev.clone())
+        .map_err(|source| VfioManagerError::Add {
+            id: c.id.clone(),
+            source,
+        })?;
+    Ok((dev, slot))
 }
 
 /// A live update's destination: builds every device in `configs` from what the old process
@@ -225,13 +235,7 @@ pub fn add_inherited_devices(
             inherited: Some(vectors),
         };
         let dev = VfioPciDevice::inherit(handed, &mut resources)?;
-        let dev = Arc::new(Mutex::new(dev));
-        let slot = pci
-            .add_vfio_device(dev.clone())
-            .map_err(|source| VfioManagerError::Add {
-                id: c.id.clone(),
-                source,
-            })?;
+        let (dev, slot) = plug(pci, c, dev)?;
         log::info!(
             "VFIO {}: inherited from the old process, PCI slot {slot}",
             c.id
