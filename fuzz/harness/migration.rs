@@ -162,7 +162,11 @@ impl Owned {
                     DeviceMark::End
                 },
             },
-            _ => Frame::DeviceLoaded { id: &self.id },
+            14 => Frame::DeviceLoaded { id: &self.id },
+            // 15 is the streamed memory frame, built in `build`.
+            16 => Frame::HandoverFd(&self.bytes),
+            17 => Frame::Ready,
+            _ => Frame::Commit,
         }
     }
 }
@@ -201,7 +205,7 @@ fn build(inp: &mut Input<'_>) -> (Vec<u8>, Vec<(usize, usize, bool)>) {
     let mut buf = Vec::new();
     for _ in 0..1 + inp.below(8) {
         let start = out.len();
-        let tag = 1 + inp.below(15) as u8;
+        let tag = 1 + inp.below(18) as u8;
         if tag == 15 {
             // A memory frame with its data outside the CRC (unchecked, or with a sum per page):
             // header and tables, then the page bytes.

@@ -53,14 +53,38 @@ impl Ca {
     }
 }
 
-/// A fresh empty directory.
+/// A fresh empty directory. Test processes cannot clean up after themselves at exit, so the
+/// first call of each removes the directories of test processes that are gone.
 pub fn temp_dir() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_dead_processes_dirs);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     let d = std::env::temp_dir().join(format!("tern-tls-test-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("mkdir");
     d
+}
+
+/// Removes `tern-tls-test-<pid>-<n>` directories whose process no longer exists.
+fn remove_dead_processes_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("tern-tls-test-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) {
