@@ -71,7 +71,6 @@ def main():
     partial = b""
     last_line = time.monotonic()
     nudged = False
-    wakes = 0
     with open(log_path, "w", encoding="utf-8", errors="replace") as log:
 
         def emit(raw):
@@ -105,7 +104,6 @@ def main():
                 if any(raw.strip() for raw in lines):
                     if nudged:
                         nudged = False
-                        wakes += 1
                         note = (
                             f"TERN-LAB-WATCHDOG woke: the guest went on after the nudge "
                             f"({time.monotonic() - last_line:.0f} s of silence)"

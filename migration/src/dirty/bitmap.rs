@@ -422,9 +422,9 @@ impl DirtyBitmap {
 
     /// Clear every bit (visiting only marked groups).
     pub fn clear(&mut self) {
-        let spans: Vec<(usize, usize)> = self.summary.spans(0, self.words.len()).collect();
-        for (a, b) in spans {
-            self.words[a..b].fill(0);
+        let words = &mut self.words;
+        for (a, b) in self.summary.spans(0, words.len()) {
+            words[a..b].fill(0);
         }
         self.summary.clear();
     }

@@ -58,13 +58,8 @@ impl GuestPageBitmap {
         self.pages == 0
     }
 
-    /// Bytes per bit.
-    pub fn page_size(&self) -> usize {
-        self.page_size.get()
-    }
-
     /// Is page `page`'s bit set?
-    pub fn is_page_dirty(&self, page: usize) -> bool {
+    fn is_page_dirty(&self, page: usize) -> bool {
         page < self.pages && self.words[page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
     }
 

@@ -247,8 +247,6 @@ pub struct PageWriter {
     populated: Vec<DirtyBitmap>,
     /// Per region: pages whose last copy failed its sum and has not been replaced since.
     torn: Vec<DirtyBitmap>,
-    /// Torn pages now (the sum of `torn`'s bits, kept so the end-of-stream check is O(1)).
-    torn_now: u64,
     zero: Vec<u8>,
     /// Data pages written.
     pub data_pages: u64,
@@ -269,7 +267,6 @@ impl PageWriter {
             mem,
             populated,
             torn,
-            torn_now: 0,
             zero: vec![0; PAGE],
             data_pages: 0,
             zero_pages: 0,
@@ -307,37 +304,17 @@ impl PageWriter {
         Ok(())
     }
 
-    /// Marks page `page` of region `idx` torn or intact.
-    fn set_torn(&mut self, idx: usize, page: u64, torn: bool) -> Result<(), MigrationError> {
-        let bm = &mut self.torn[idx];
-        match (bm.test(page), torn) {
-            (false, true) => {
-                bm.set(page).map_err(MigrationError::Bitmap)?;
-                self.torn_now += 1;
-            }
-            (true, false) => {
-                bm.clear_range(page, 1);
-                self.torn_now -= 1;
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
     /// A run of pages arrived intact (checked data or zero markers): none of them is torn now.
+    /// The torn bitmaps walk only marked groups, so with nothing torn this costs next to nothing.
     fn mend(&mut self, idx: usize, first: u64, npages: u64) {
-        if self.torn_now == 0 {
-            return;
-        }
-        let n = self.torn[idx].count_range(first, npages);
         self.torn[idx].clear_range(first, npages);
-        self.torn_now -= n;
     }
 
     /// Pages whose last copy failed its sum and that were not sent again: damaged in transit.
     /// Checked when the stream that carried them ends.
     pub fn check_torn(&self) -> Result<(), MigrationError> {
-        if self.torn_now == 0 {
+        let pages: u64 = self.torn.iter().map(DirtyBitmap::count).sum();
+        if pages == 0 {
             return Ok(());
         }
         let first = self
@@ -346,7 +323,7 @@ impl PageWriter {
             .find_map(|b| b.iter_pages().next().map(|p| b.base().0 + p * PAGE_SIZE))
             .unwrap_or(0);
         Err(MigrationError::PageSums {
-            pages: self.torn_now,
+            pages,
             first_gpa: first,
         })
     }
@@ -396,7 +373,7 @@ impl PageWriter {
                         self.mend(idx, first, u64::from(e.npages));
                         continue;
                     }
-                    let mut checked = Vec::with_capacity(e.npages as usize);
+                    let torn = &mut self.torn[idx];
                     for p in 0..u64::from(e.npages) {
                         // The page is in cache right after the read: hash it in place.
                         let page = crate::guest_bytes::guest_view(&slice, p as usize * PAGE, PAGE)
@@ -409,10 +386,11 @@ impl PageWriter {
                             frame: "memory",
                             during: "checking pages: fewer sums than data pages",
                         })?;
-                        checked.push(crate::protocol::page_sum::page_sum(page) == *want);
-                    }
-                    for (p, ok) in (first..).zip(checked) {
-                        self.set_torn(idx, p, !ok)?;
+                        if crate::protocol::page_sum::page_sum(page) == *want {
+                            torn.clear_range(first + p, 1);
+                        } else {
+                            torn.set(first + p).map_err(MigrationError::Bitmap)?;
+                        }
                     }
                 }
                 PageEncoding::Zero => {

@@ -245,10 +245,22 @@ fn memory_frame_bytes(entries: usize, data: usize) -> u64 {
     (HEADER_BYTES + 4 + entries * MEMORY_ENTRY_BYTES + data) as u64
 }
 
-/// Wire bytes of a memory frame with a sums table.
-fn summed_frame_bytes(entries: usize, sums: usize, data: u64) -> u64 {
-    memory_frame_bytes(entries, data as usize)
-        + (sums * crate::protocol::page_sum::PAGE_SUM_BYTES) as u64
+/// Reads a streamed memory frame's pages from `src` into guest memory (checking each against its
+/// sum, if `sums` has them) and counts the frame's wire bytes.
+fn apply_streamed<S: vm_memory::ReadVolatile>(
+    pw: &mut PageWriter,
+    src: &mut S,
+    entries: &[crate::protocol::MemoryEntry],
+    sums: &[u64],
+    stats: &MigrationStats,
+) -> Result<(), MigrationError> {
+    let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
+    pw.apply_stream(entries, sums, src)?;
+    stats.add_transferred(
+        memory_frame_bytes(entries.len(), data as usize)
+            + (sums.len() * crate::protocol::page_sum::PAGE_SUM_BYTES) as u64,
+    );
+    Ok(())
 }
 
 /// One extra data connection: memory and device frames until StreamEnd.
@@ -261,14 +273,10 @@ fn data_lane(
     loop {
         match r.recv_streaming() {
             Ok(Received::MemoryStream(entries)) => {
-                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
-                pw.apply_stream(&entries, &[], r.get_mut())?;
-                stats.add_transferred(memory_frame_bytes(entries.len(), data as usize));
+                apply_streamed(pw, r.get_mut(), &entries, &[], stats)?;
             }
             Ok(Received::MemoryStreamSummed(entries, sums)) => {
-                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
-                pw.apply_stream(&entries, &sums, r.get_mut())?;
-                stats.add_transferred(summed_frame_bytes(entries.len(), sums.len(), data));
+                apply_streamed(pw, r.get_mut(), &entries, &sums, stats)?;
             }
             Ok(Received::Frame(Frame::Memory { entries, data })) => {
                 pw.apply(&entries, data)?;
@@ -637,15 +645,11 @@ fn control_loop(
     loop {
         let frame = match r.recv_streaming() {
             Ok(Received::MemoryStream(entries)) => {
-                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
-                pw.apply_stream(&entries, &[], r.get_mut())?;
-                stats.add_transferred(memory_frame_bytes(entries.len(), data as usize));
+                apply_streamed(pw, r.get_mut(), &entries, &[], stats)?;
                 continue;
             }
             Ok(Received::MemoryStreamSummed(entries, sums)) => {
-                let data: u64 = entries.iter().map(|e| e.data_bytes()).sum();
-                pw.apply_stream(&entries, &sums, r.get_mut())?;
-                stats.add_transferred(summed_frame_bytes(entries.len(), sums.len(), data));
+                apply_streamed(pw, r.get_mut(), &entries, &sums, stats)?;
                 continue;
             }
             Ok(Received::Frame(f)) => Ok(f),

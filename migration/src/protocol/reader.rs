@@ -114,8 +114,8 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// For a memory frame whose data is outside the CRC: read and verify the entry table and the
-    /// sums table (if the frame has one); returns the length of both and the data length.
-    fn read_memory_table(&mut self, h: &mut Header) -> Result<(usize, usize), ProtocolError> {
+    /// sums table (if the frame has one); returns where they and the data lie.
+    fn read_memory_table(&mut self, h: &Header) -> Result<MemoryLayout, ProtocolError> {
         let frame = h.tag.name();
         let malformed = |source| ProtocolError::Malformed { frame, source };
         if h.len < 4 {
@@ -158,51 +158,46 @@ impl<R: Read> FrameReader<R> {
             }
             _ => (table, h.len - table),
         };
-        h.crc.update(&self.buf[..head]);
-        let actual = h.crc.clone().finalize();
-        if actual != h.expected {
-            return Err(ProtocolError::Checksum {
-                frame,
-                expected: h.expected,
-                actual,
-            });
-        }
-        Ok((head, data_len))
+        h.check(&self.buf[..head])?;
+        Ok(MemoryLayout {
+            table,
+            head,
+            data_len,
+        })
     }
 
     /// Decodes the checked entry table (and sums) of a streaming memory frame.
     fn memory_stream(
         &self,
         h: &Header,
-        head: usize,
-        data_len: usize,
+        at: &MemoryLayout,
     ) -> Result<(Vec<MemoryEntry>, Vec<u64>), ProtocolError> {
-        let malformed = |source| ProtocolError::Malformed {
-            frame: h.tag.name(),
-            source,
-        };
-        let sums = match h.data {
-            DataCheck::PageSums => data_len / PAGE_BYTES * PAGE_SUM_BYTES,
-            _ => 0,
-        };
-        let table = head - sums;
-        let entries =
-            super::frame::decode_memory_table(&self.buf[..table], data_len).map_err(malformed)?;
-        Ok((entries, decode_sums(&self.buf[table..head])))
+        let entries = super::frame::decode_memory_table(&self.buf[..at.table], at.data_len)
+            .map_err(|source| ProtocolError::Malformed {
+                frame: h.tag.name(),
+                source,
+            })?;
+        Ok((entries, decode_sums(&self.buf[at.table..at.head])))
+    }
+
+    /// Reads a whole payload that the frame CRC covers and checks it.
+    fn read_checked_payload(&mut self, h: Header) -> Result<(), ProtocolError> {
+        self.read_payload(0, h.len, h.len)?;
+        h.check(&self.buf[..h.len])
     }
 
     /// Read, check and decode the next frame, with any memory data in the reader's buffer.
     /// [`ProtocolError::Closed`] means a clean end of stream between frames.
     pub fn recv(&mut self) -> Result<Frame<'_>, ProtocolError> {
-        let mut h = self.read_header()?;
+        let h = self.read_header()?;
         let frame = h.tag.name();
         if h.data == DataCheck::PageSums {
             // Buffered: check every page here, then close the gap the sums leave so that the
             // frame decodes as entries + data.
-            let (head, data_len) = self.read_memory_table(&mut h)?;
-            self.read_payload(head, data_len, h.len)?;
-            let (entries, sums) = self.memory_stream(&h, head, data_len)?;
-            let mut off = head;
+            let at = self.read_memory_table(&h)?;
+            self.read_payload(at.head, at.data_len, h.len)?;
+            let (entries, sums) = self.memory_stream(&h, &at)?;
+            let mut off = at.head;
             let mut sum = sums.iter();
             for e in entries.iter().filter(|e| e.encoding == PageEncoding::Data) {
                 for p in 0..u64::from(e.npages) {
@@ -215,27 +210,19 @@ impl<R: Read> FrameReader<R> {
                     off += PAGE_BYTES;
                 }
             }
-            let table = head - sums.len() * PAGE_SUM_BYTES;
-            self.buf.copy_within(head..head + data_len, table);
-            return Frame::decode(h.tag, &self.buf[..table + data_len])
+            self.buf
+                .copy_within(at.head..at.head + at.data_len, at.table);
+            return Frame::decode(h.tag, &self.buf[..at.table + at.data_len])
                 .map_err(|source| ProtocolError::Malformed { frame, source });
         }
+        let (tag, len) = (h.tag, h.len);
         if h.data == DataCheck::Unchecked {
-            let (table, data_len) = self.read_memory_table(&mut h)?;
-            self.read_payload(table, data_len, h.len)?;
+            let at = self.read_memory_table(&h)?;
+            self.read_payload(at.head, at.data_len, h.len)?;
         } else {
-            self.read_payload(0, h.len, h.len)?;
-            h.crc.update(&self.buf[..h.len]);
-            let actual = h.crc.finalize();
-            if actual != h.expected {
-                return Err(ProtocolError::Checksum {
-                    frame,
-                    expected: h.expected,
-                    actual,
-                });
-            }
+            self.read_checked_payload(h)?;
         }
-        Frame::decode(h.tag, &self.buf[..h.len])
+        Frame::decode(tag, &self.buf[..len])
             .map_err(|source| ProtocolError::Malformed { frame, source })
     }
 
@@ -243,25 +230,16 @@ impl<R: Read> FrameReader<R> {
     /// [`Received::MemoryStream`] with its page data still in the stream: the caller must then
     /// read exactly the `Data` entries' bytes, in order, from [`FrameReader::get_mut`].
     pub fn recv_streaming(&mut self) -> Result<Received<'_>, ProtocolError> {
-        let mut h = self.read_header()?;
+        let h = self.read_header()?;
         if h.data == DataCheck::Crc {
-            let frame = h.tag.name();
-            self.read_payload(0, h.len, h.len)?;
-            h.crc.update(&self.buf[..h.len]);
-            let actual = h.crc.finalize();
-            if actual != h.expected {
-                return Err(ProtocolError::Checksum {
-                    frame,
-                    expected: h.expected,
-                    actual,
-                });
-            }
-            return Frame::decode(h.tag, &self.buf[..h.len])
+            let (frame, tag, len) = (h.tag.name(), h.tag, h.len);
+            self.read_checked_payload(h)?;
+            return Frame::decode(tag, &self.buf[..len])
                 .map(Received::Frame)
                 .map_err(|source| ProtocolError::Malformed { frame, source });
         }
-        let (head, data_len) = self.read_memory_table(&mut h)?;
-        let (entries, sums) = self.memory_stream(&h, head, data_len)?;
+        let at = self.read_memory_table(&h)?;
+        let (entries, sums) = self.memory_stream(&h, &at)?;
         Ok(match h.data {
             DataCheck::PageSums => Received::MemoryStreamSummed(entries, sums),
             _ => Received::MemoryStream(entries),
@@ -287,6 +265,31 @@ struct Header {
     len: usize,
     expected: u32,
     crc: crc32fast::Hasher,
+}
+
+impl Header {
+    /// Checks the CRC over the header and `covered`, the part of the payload it covers.
+    fn check(&self, covered: &[u8]) -> Result<(), ProtocolError> {
+        let mut crc = self.crc.clone();
+        crc.update(covered);
+        let actual = crc.finalize();
+        if actual != self.expected {
+            return Err(ProtocolError::Checksum {
+                frame: self.tag.name(),
+                expected: self.expected,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where the parts of a memory frame whose data is outside the CRC lie in its payload: the entry
+/// table in `[0, table)`, the sums (if any) in `[table, head)`, then `data_len` data bytes.
+struct MemoryLayout {
+    table: usize,
+    head: usize,
+    data_len: usize,
 }
 
 /// What [`FrameReader::recv_streaming`] returns.
