@@ -4,7 +4,8 @@
 //! `parse_http_response`, `get_header`, `get_status_code`, `StatusCode`); no CH code is used.
 //!
 //! What CH's client does, and this module does the same way:
-//! - one request per connection it opened, written as `{METHOD} /api/v1/{command} HTTP/1.1\r\n`,
+//! - one request per connection it opened, written in up to four writes (as CH does) as
+//!   `{METHOD} /api/v1/{command} HTTP/1.1\r\n`,
 //!   `Host: localhost\r\n`, `Accept: */*\r\n`, then `Content-Length: {n}\r\n` only when there is a
 //!   body, then `\r\n` and the body. No `Content-Type`, no `Connection: close`.
 //! - it reads 256 bytes at a time and appends each read to a `String` through
@@ -40,19 +41,28 @@ pub enum ChError {
     ServerResponse(u16, Option<String>),
 }
 
+/// The pieces CH's client writes for `method` `command` with `body`, one write each: the request
+/// line with `Host` and `Accept` (its `send_with_fds`), `Content-Length` when there is a body, the
+/// blank line, the body. The server must put the head together across reads.
+pub fn request_pieces(method: &str, command: &str, body: Option<&str>) -> Vec<Vec<u8>> {
+    let mut pieces =
+        vec![
+            format!("{method} /api/v1/{command} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n")
+                .into_bytes(),
+        ];
+    if let Some(body) = body {
+        pieces.push(format!("Content-Length: {}\r\n", body.len()).into_bytes());
+    }
+    pieces.push(b"\r\n".to_vec());
+    if let Some(body) = body {
+        pieces.push(body.as_bytes().to_vec());
+    }
+    pieces
+}
+
 /// The request bytes CH's client writes for `method` `command` with `body`.
 pub fn request_bytes(method: &str, command: &str, body: Option<&str>) -> Vec<u8> {
-    let mut out =
-        format!("{method} /api/v1/{command} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n")
-            .into_bytes();
-    if let Some(body) = body {
-        out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    if let Some(body) = body {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
+    request_pieces(method, command, body).concat()
 }
 
 /// Sends one command the way CH's client does; `Ok(Some(body))` when the answer had a body.
@@ -68,9 +78,9 @@ pub fn call(
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io)?;
-    stream
-        .write_all(&request_bytes(method, command, body))
-        .map_err(io)?;
+    for piece in request_pieces(method, command, body) {
+        stream.write_all(&piece).map_err(io)?;
+    }
     stream.flush().map_err(io)?;
     parse_response(&mut stream)
 }
