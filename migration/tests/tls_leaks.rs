@@ -1,7 +1,7 @@
-//! TLS connections leave nothing behind (no thread per connection, the socket closes with the
-//! last handle), whichever side ends a connection and how: /proc/self/fd and /proc/self/task are
-//! back to their counts afterwards. (Its own test binary: other tests' threads and fds would move
-//! the counts.)
+//! TLS connections leave nothing behind (the writer's send thread ends and the socket closes with
+//! the last handle), whichever side ends a connection and how: /proc/self/fd and /proc/self/task
+//! are back to their counts afterwards. (Its own test binary: other tests' threads and fds would
+//! move the counts.)
 
 mod pki;
 
@@ -15,6 +15,15 @@ use tern_migration::transport::{
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).expect("proc").count()
+}
+
+/// Threads named like the TLS writer's send thread.
+fn send_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("proc")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "tls-send")
+        .count()
 }
 
 fn settle(fds: usize, threads: usize) -> (usize, usize) {
@@ -42,7 +51,7 @@ fn connections_close_their_sockets() {
     let url = listener.url().clone().with_tls(client).expect("tls url");
     let base = (count("/proc/self/fd"), count("/proc/self/task"));
 
-    for how in 0..4 {
+    for how in 0..5 {
         let u = url.clone();
         let t = std::thread::spawn(move || Connection::connect(&u).expect("connect"));
         let mut s = listener.accept().expect("accept");
@@ -53,28 +62,39 @@ fn connections_close_their_sockets() {
         let mut reader = s.try_clone().expect("clone");
         let r = std::thread::spawn(move || {
             let mut got = vec![0; expect.len()];
-            reader.read_exact(&mut got).expect("read");
-            assert!(got == expect, "bytes arrive intact");
+            for _ in 0..2 {
+                reader.read_exact(&mut got).expect("read");
+                assert!(got == expect, "bytes arrive intact");
+            }
             reader
         });
         c.write_all(&data).expect("write");
+        c.write_all(&data).expect("write again");
         let reader = r.join().expect("reader");
+        assert_eq!(
+            send_threads(),
+            1,
+            "case {how}: one send thread for the stream that wrote, however many writes"
+        );
         s.write_all(b"back").expect("write back");
         let mut b = [0; 4];
         c.read_exact(&mut b).expect("read back");
         assert_eq!(&b, b"back");
-        let mut c = Some(c);
+        let (mut c, mut s, mut reader) = (Some(c), Some(s), Some(reader));
         match how {
             // The sender drops every handle: the receiver reads EOF.
             0 => {
                 drop(c.take());
                 let mut rest = Vec::new();
-                s.read_to_end(&mut rest).expect("eof");
+                s.as_mut()
+                    .expect("server")
+                    .read_to_end(&mut rest)
+                    .expect("eof");
                 assert!(rest.is_empty());
             }
             // The receiver shuts down: the sender reads EOF.
             1 => {
-                s.shutdown();
+                s.as_ref().expect("server").shutdown();
                 let mut rest = Vec::new();
                 c.as_mut()
                     .expect("client")
@@ -84,10 +104,18 @@ fn connections_close_their_sockets() {
             }
             // Read side shut (the receiver's cancel), then everything dropped with data in flight.
             2 => {
-                reader.shutdown_read();
+                reader.as_ref().expect("reader").shutdown_read();
                 let c = c.as_mut().expect("client");
                 c.write_all(&data[..1 << 20])
                     .expect("write into a shut reader");
+            }
+            // The receiver is gone: the sender's writes fail in its send thread, then all drop.
+            3 => {
+                drop(s.take());
+                drop(reader.take());
+                let c = c.as_mut().expect("client");
+                let failed = (0..256).any(|_| c.write_all(&data).is_err());
+                assert!(failed, "writes to a closed peer fail");
             }
             // Both dropped at once without shutdown.
             _ => {}

@@ -1,7 +1,8 @@
 //! The TLS stream's own guarantees below the engine: data survives key updates in both directions
-//! at once, with each side reading and writing on its own thread; a stream cut short or altered on
-//! the wire is an error, never a clean end of stream; a read timeout in the middle of a record
-//! loses nothing.
+//! at once, with each side reading and writing on its own thread; long writes, whose batches a send
+//! thread sends while the next is sealed, arrive in seal order across key updates, and a failed
+//! send or a shutdown reaches the writer; a stream cut short or altered on the wire is an error,
+//! never a clean end of stream; a read timeout in the middle of a record loses nothing.
 
 mod pki;
 
@@ -77,6 +78,102 @@ fn both_directions_at_once_across_key_updates() {
     for t in threads {
         t.join().expect("thread");
     }
+}
+
+/// Threads of this process named like the TLS writer's send thread.
+fn send_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("proc")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "tls-send")
+        .count()
+}
+
+#[test]
+fn long_writes_go_through_the_send_thread_in_seal_order_across_key_updates() {
+    let dir = tls_dir();
+    let (l, url) = listen(&dir);
+    let t = connect(url, &dir);
+    let mut s = l.accept().expect("accept");
+    let mut c = t.join().expect("client");
+    // A KeyUpdate every 5 records: inside the 16-record batches and on their edges, so a batch
+    // sent out of order or twice, or a key switched at the wrong record, fails to open.
+    rekey_every(&c, 5);
+    let len = 24 << 20;
+    let data = pattern(len, 11);
+    let r = std::thread::spawn(move || {
+        // Odd read sizes: records straddle reads.
+        let mut got = vec![0; len];
+        let mut at = 0;
+        while at < len {
+            let n = s.read(&mut got[at..(at + 777_777).min(len)]).expect("read");
+            assert!(n > 0, "early end at {at}");
+            at += n;
+        }
+        assert!(got == pattern(len, 11), "bytes arrive intact and in order");
+        s
+    });
+    // Several writes of many batches each, then short ones in between (sealed and sent here).
+    c.write_all(&data[..len / 2]).expect("write");
+    assert!(send_threads() >= 1, "a long write starts the send thread");
+    c.write_all(&data[len / 2..len / 2 + 100])
+        .expect("short write");
+    c.write_all(&data[len / 2 + 100..]).expect("write");
+    let s = r.join().expect("reader");
+    drop((c, s));
+}
+
+#[test]
+fn a_failed_send_fails_the_writer_and_every_later_write() {
+    let dir = tls_dir();
+    let (l, url) = listen(&dir);
+    let t = connect(url, &dir);
+    let s = l.accept().expect("accept");
+    let mut c = t.join().expect("client");
+    // The receiver goes away: once its socket answers with a reset, sends fail.
+    drop(s);
+    let data = pattern(4 << 20, 3);
+    let mut failed = None;
+    for _ in 0..256 {
+        if let Err(e) = c.write_all(&data) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("writes to a closed peer fail (the send thread's error reaches them)");
+    assert_ne!(e.kind(), ErrorKind::WriteZero, "{e}");
+    let again = c
+        .write_all(&data)
+        .expect_err("a failed stream stays failed");
+    assert_eq!(again.kind(), ErrorKind::BrokenPipe, "{again}");
+}
+
+#[test]
+fn shutdown_wakes_a_writer_blocked_on_a_peer_that_stopped_reading() {
+    let dir = tls_dir();
+    let (l, url) = listen(&dir);
+    let t = connect(url, &dir);
+    let s = l.accept().expect("accept");
+    let c = t.join().expect("client");
+    let handle = c.try_clone().expect("clone");
+    // Far more than the socket buffers hold: the writer blocks (in its send thread) whenever
+    // the shutdown comes, before or after.
+    let w = std::thread::spawn(move || {
+        let mut c = c;
+        let data = pattern(4 << 20, 9);
+        loop {
+            if let Err(e) = c.write_all(&data) {
+                return e;
+            }
+        }
+    });
+    handle.shutdown();
+    let e = w.join().expect("writer");
+    assert!(
+        matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+        "{e}"
+    );
+    drop((handle, s));
 }
 
 /// Client → relay → server; `cut(offset, bytes)` may alter what goes to the server or end the
