@@ -85,6 +85,31 @@ fn words_for(pages: u64) -> usize {
     usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX)
 }
 
+/// `n` bits of `words` (bit `i` of word `w` is bit `64 * w + i`) from bit `first`, shifted down
+/// so that `first` is bit 0 of the first word; bits past the end of `words` read as 0. The form
+/// [`DirtyBitmap::or_words`] takes.
+pub fn extract_bits(words: &[u64], first: u64, n: u64) -> Vec<u64> {
+    let shift = (first % 64) as u32;
+    let w0 = (first / 64) as usize;
+    let get = |i: usize| words.get(i).copied().unwrap_or(0);
+    (0..n.div_ceil(64) as usize)
+        .map(|j| {
+            let lo = get(w0 + j) >> shift;
+            let hi = match shift {
+                0 => 0,
+                s => get(w0 + j + 1) << (64 - s),
+            };
+            let left = n - j as u64 * 64;
+            let mask = if left >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << left) - 1
+            };
+            (lo | hi) & mask
+        })
+        .collect()
+}
+
 impl DirtyBitmap {
     /// An all-clean bitmap covering `len_bytes` from `base`, rounded up to whole pages.
     pub fn new(base: GuestAddress, len_bytes: u64) -> Result<Self, DirtyBitmapError> {
@@ -374,25 +399,7 @@ impl DirtyBitmap {
     /// whose bit 0 is `first_page`: the form [`DirtyBitmap::or_words`] takes. O(npages / 64).
     pub fn extract(&self, first_page: u64, npages: u64) -> Vec<u64> {
         let end = first_page.saturating_add(npages).min(self.pages);
-        let n = end.saturating_sub(first_page);
-        let shift = (first_page % 64) as u32;
-        let w0 = (first_page / 64) as usize;
-        let mut out = Vec::with_capacity(n.div_ceil(64) as usize);
-        for j in 0..n.div_ceil(64) as usize {
-            let lo = self.words.get(w0 + j).copied().unwrap_or(0) >> shift;
-            let hi = match shift {
-                0 => 0,
-                s => self.words.get(w0 + j + 1).copied().unwrap_or(0) << (64 - s),
-            };
-            let left = n - j as u64 * 64;
-            let mask = if left >= 64 {
-                u64::MAX
-            } else {
-                (1u64 << left) - 1
-            };
-            out.push((lo | hi) & mask);
-        }
-        out
+        extract_bits(&self.words, first_page, end.saturating_sub(first_page))
     }
 
     /// Clears pages `[first_page, first_page + npages)` (clipped to the bitmap), a word at a time,
@@ -480,6 +487,15 @@ fn word_masks(pages: u64, first_page: u64, npages: u64) -> impl Iterator<Item = 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extract_bits_shifts_and_masks() {
+        let words = [0x8000_0000_0000_0001u64, 0x3];
+        assert_eq!(extract_bits(&words, 0, 128), vec![words[0], words[1]]);
+        assert_eq!(extract_bits(&words, 63, 3), vec![0b111]);
+        assert_eq!(extract_bits(&words, 1, 62), vec![0]);
+        assert_eq!(extract_bits(&words, 64, 1), vec![1]);
+    }
 
     fn bm(pages: u64) -> DirtyBitmap {
         DirtyBitmap::new(GuestAddress(0x10_0000), pages * PAGE_SIZE).expect("valid bitmap")

@@ -12,7 +12,7 @@ mod summary;
 mod union;
 mod vmm_writes;
 
-pub use bitmap::{DirtyBitmap, DirtyBitmapError, PAGE_SHIFT, PAGE_SIZE};
+pub use bitmap::{extract_bits, DirtyBitmap, DirtyBitmapError, PAGE_SHIFT, PAGE_SIZE};
 pub use guest_bitmap::GuestPageBitmap;
 pub use ranges::{coalesce, DirtyRanges, PageRun};
 pub use source::{DirtySource, DirtySourceError, GpaRange, SourceKind};

@@ -8,7 +8,7 @@
 //! the groups that hold bits (the dirty ring fills it a page at a time: then nothing at all is
 //! O(slot size)).
 
-use tern_migration::dirty::{DirtyBitmap, DirtyBitmapError, GpaRange, PAGE_SIZE};
+use tern_migration::dirty::{extract_bits, DirtyBitmap, DirtyBitmapError, GpaRange, PAGE_SIZE};
 use vm_memory::GuestAddress;
 
 /// One slot's fetched-but-unclaimed dirty bits.
@@ -38,29 +38,6 @@ impl TakenBits {
     pub fn is_empty(&self) -> bool {
         self.words.iter().all(|&w| w == 0)
     }
-}
-
-/// `n` bits of `words` starting at bit `first`, shifted down to bit 0.
-fn extract_bits(words: &[u64], first: u64, n: u64) -> Vec<u64> {
-    let out_words = n.div_ceil(64) as usize;
-    let mut out = vec![0u64; out_words];
-    let shift = (first % 64) as u32;
-    let w0 = (first / 64) as usize;
-    let get = |i: usize| words.get(i).copied().unwrap_or(0);
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = if shift == 0 {
-            get(w0 + j)
-        } else {
-            (get(w0 + j) >> shift) | (get(w0 + j + 1) << (64 - shift))
-        };
-    }
-    let tail = n % 64;
-    if tail != 0 {
-        if let Some(last) = out.last_mut() {
-            *last &= (1u64 << tail) - 1;
-        }
-    }
-    out
 }
 
 /// Mask of bits `[lo, hi)` within one word (`lo < hi <= 64`).
@@ -251,15 +228,6 @@ mod tests {
 
     fn range(gpa: u64, pages: u64) -> GpaRange {
         GpaRange::new(GuestAddress(gpa), pages * PAGE_SIZE)
-    }
-
-    #[test]
-    fn extract_bits_shifts_and_masks() {
-        let words = [0x8000_0000_0000_0001u64, 0x3];
-        assert_eq!(extract_bits(&words, 0, 128), vec![words[0], words[1]]);
-        assert_eq!(extract_bits(&words, 63, 3), vec![0b111]);
-        assert_eq!(extract_bits(&words, 1, 62), vec![0]);
-        assert_eq!(extract_bits(&words, 64, 1), vec![1]);
     }
 
     #[test]
