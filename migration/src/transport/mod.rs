@@ -1,8 +1,7 @@
 //! Byte transports for the protocol: `tcp:HOST:PORT`, `unix:PATH`, and local mode (guest memory as
 //! memfds passed with SCM_RIGHTS over the Unix socket), mutual TLS over `tcp:` (`tls`: config and
 //! policy; `tls_handshake`: rustls handshake; `tls_record`: record protection; `tls_stream`: the
-//! splittable connection, and what TLS costs; `tls_sender`: its writer's send thread), plus a
-//! shared token-bucket bandwidth cap.
+//! splittable connection, and what TLS costs), plus a shared token-bucket bandwidth cap.
 
 mod conn;
 pub mod keepalive;
@@ -11,7 +10,6 @@ mod rate;
 mod tls;
 mod tls_handshake;
 mod tls_record;
-mod tls_sender;
 mod tls_stream;
 mod url;
 

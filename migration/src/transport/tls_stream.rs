@@ -1,15 +1,10 @@
 //! A TLS connection the engine can split like a socket: every handle ([`TlsStream::try_clone`])
 //! shares the TCP socket, and the two directions have their own keys and locks (the kernel-TLS
 //! model), so one thread reads while another writes and each does its own crypto — no pump
-//! thread, no extra copy through a socket pair. A long write (more than one batch of records)
-//! is pipelined: the writing thread seals batch after batch while the stream's send thread
-//! (`tls_sender`, started by the first long write, ended with the last handle) sends the one
-//! before, so one connection's AEAD and socket copy run on two cores, not one after the other;
-//! the write returns once every batch is in the socket, like a plain socket's.
+//! thread, no extra copy through a socket pair.
 //!
-//! Reads block in `recv` holding only the read lock, writes block in `send` (theirs or the send
-//! thread's) holding only the write lock: `shutdown` and read timeouts act on the TCP socket
-//! directly and wake them.
+//! Reads block in `recv` holding only the read lock, writes block in `send` holding only the
+//! write lock: `shutdown` and read timeouts act on the TCP socket directly and wake them.
 //! The end of the stream is authenticated: a reader gets EOF only after the peer's close_notify
 //! (or after shutting its own read side); a TCP EOF before it is an error (truncation). This
 //! side sends close_notify when its write side is shut or the last handle is dropped.
@@ -17,9 +12,9 @@
 //! Cost (`benches/tls_throughput.rs` has the numbers): per byte, one AES-GCM pass on each side
 //! beyond plain TCP and no user-space copy. The writer seals guest memory straight into a reused
 //! record buffer (`Sealer::seal_from`, out of place) and sends a batch of records with one
-//! `send` (on the send thread for long writes); the reader opens a record straight into the
-//! caller's memory (guest memory too) when the whole record fits there (`Opener::open_to`), else
-//! in place in its receive buffer and copies the plaintext out. The AEAD is aws-lc's (VAES, AVX-512). Kernel TLS (absent from this
+//! `send`; the reader opens a record straight into the caller's memory (guest memory too) when
+//! the whole record fits there (`Opener::open_to`), else in place in its receive buffer and
+//! copies the plaintext out. The AEAD is aws-lc's (VAES, AVX-512). Kernel TLS (absent from this
 //! host's kernel: no `tls` ULP) would take the same secrets (`tls_handshake` already ends in
 //! rustls's `KernelConnection`) and decrypt from the socket buffers into the reader's memory,
 //! saving the reader's socket copy; it would not save the AEAD. NIC TLS offload would.
@@ -40,7 +35,6 @@ use super::tls_record::{
     inner_len, payload_len, post_handshake, Opener, PostHandshake, Sealer, Suite, HEADER,
     MAX_CIPHER, MAX_PLAIN, OVERHEAD,
 };
-use super::tls_sender::Sender;
 use crate::guest_bytes::{guest_bytes, guest_view};
 
 /// Ciphertext read per `recv` at most: large enough for few system calls, small enough to stay
@@ -48,10 +42,6 @@ use crate::guest_bytes::{guest_bytes, guest_view};
 const RX_BUF: usize = 256 << 10;
 /// Plaintext sealed per `send` at most: 16 records (the same trade-off).
 const TX_BATCH: usize = 16 * MAX_PLAIN;
-/// Plaintext taken per write call at most when the sender thread pipelines the batches: many
-/// batches, so the pipeline's fill and drain (one batch's seal, one batch's send) are a small
-/// part of the call; one engine batch of pages (4 MiB).
-const TX_CALL: usize = 16 * TX_BATCH;
 
 /// The engine's handle on a TLS connection.
 pub struct TlsStream {
@@ -59,8 +49,7 @@ pub struct TlsStream {
 }
 
 struct Inner {
-    /// Shared with the sender thread.
-    tcp: Arc<TcpStream>,
+    tcp: TcpStream,
     peer: String,
     suite: Suite,
     rx: Mutex<Rx>,
@@ -94,11 +83,6 @@ struct Tx {
     broken: bool,
     /// The records of one send, sealed in place: reused, so no allocation per record.
     out: Vec<u8>,
-    /// Sends the batches of a long write while the next one is sealed; started by the first
-    /// such write.
-    sender: Option<Sender>,
-    /// Starting the sender failed (no threads allowed here): seal and send serially.
-    serial: bool,
 }
 
 impl TlsStream {
@@ -119,7 +103,7 @@ impl TlsStream {
         buf.resize(RX_BUF.max(end), 0);
         Ok(TlsStream {
             inner: Arc::new(Inner {
-                tcp: Arc::new(tcp),
+                tcp,
                 peer,
                 suite,
                 rx: Mutex::new(Rx {
@@ -136,8 +120,6 @@ impl TlsStream {
                     closed: false,
                     broken: false,
                     out: Vec::new(),
-                    sender: None,
-                    serial: false,
                 }),
                 kernel: Mutex::new(est.kernel),
                 rekey_requested: AtomicBool::new(false),
@@ -375,7 +357,7 @@ impl Inner {
             rx.end = e - s;
         }
         let end = rx.end;
-        match (&*self.tcp).read(&mut rx.buf[end..])? {
+        match (&self.tcp).read(&mut rx.buf[end..])? {
             0 => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
@@ -390,9 +372,8 @@ impl Inner {
         }
     }
 
-    /// Seal `len` bytes of plaintext (at most [`TX_BATCH`] are taken, or [`TX_CALL`] when the
-    /// sender thread pipelines them) and send them; `plain(at, n)` lends the `n` bytes from
-    /// offset `at`. Returns once they are all in the socket. An error leaves the stream broken.
+    /// Seal `len` bytes of plaintext (at most [`TX_BATCH`] are taken) and send them;
+    /// `plain(at, n)` lends the `n` bytes from offset `at`. An error leaves the stream broken.
     fn write_with<'p>(
         &self,
         tx: &mut Tx,
@@ -411,112 +392,54 @@ impl Inner {
                 "tls write side is shut down",
             ));
         }
+        let len = len.min(TX_BATCH);
         // Records are numbered as they are sealed: any failure from here leaves a gap.
-        let sent = if len > TX_BATCH && self.sender(tx) {
-            let len = len.min(TX_CALL);
-            self.seal_pipelined(tx, len, plain).map(|()| len)
-        } else {
-            let len = len.min(TX_BATCH);
-            let mut out = std::mem::take(&mut tx.out);
-            let sent = self
-                .seal_batch(&mut tx.sealer, &mut out, 0, len, &plain)
-                .and_then(|used| (&*self.tcp).write_all(&out[..used]));
-            tx.out = out;
-            sent.map(|()| len)
-        };
+        let sent = self.seal_and_send(tx, len, plain);
         if sent.is_err() {
             tx.broken = true;
         }
-        sent
+        sent.map(|()| len)
     }
 
-    /// Whether the sender thread runs (started here on first use).
-    fn sender(&self, tx: &mut Tx) -> bool {
-        if tx.sender.is_none() && !tx.serial {
-            match Sender::spawn(self.tcp.clone()) {
-                Ok(s) => tx.sender = Some(s),
-                Err(e) => {
-                    log::debug!("tls to {}: sealing and sending serially: {e}", self.peer);
-                    tx.serial = true;
-                }
-            }
-        }
-        tx.sender.is_some()
-    }
-
-    /// Batch after batch sealed here while the sender thread sends the one before, in order;
-    /// returns when all are sent (or one failed).
-    fn seal_pipelined<'p>(
+    /// Full records, sealed one after another from the plaintext into `tx.out`, then one `send`
+    /// for all of them.
+    fn seal_and_send<'p>(
         &self,
         tx: &mut Tx,
         len: usize,
         plain: impl Fn(usize, usize) -> io::Result<&'p [u8]>,
     ) -> io::Result<()> {
-        let Tx { sealer, sender, .. } = tx;
-        let Some(sender) = sender else {
-            return Err(io::Error::other("no tls sender"));
-        };
-        let sealed = (|| {
-            let mut off = 0;
-            while off < len {
-                let n = (len - off).min(TX_BATCH);
-                let mut buf = sender.buffer()?;
-                match self.seal_batch(sealer, &mut buf, off, n, &plain) {
-                    Ok(used) => sender.send(buf, used)?,
-                    Err(e) => {
-                        sender.give_back(buf);
-                        return Err(e);
-                    }
-                }
-                off += n;
-            }
-            Ok(())
-        })();
-        // Even after a sealing error: nothing may still be in flight when the call returns.
-        let sent = sender.finish();
-        sealed.and(sent)
-    }
-
-    /// Seal plaintext `[at, at + len)` (at most [`TX_BATCH`]) as full records one after another
-    /// into `out` (a KeyUpdate first where due); the bytes of `out` used.
-    fn seal_batch<'p>(
-        &self,
-        sealer: &mut Sealer,
-        out: &mut Vec<u8>,
-        at: usize,
-        len: usize,
-        plain: &impl Fn(usize, usize) -> io::Result<&'p [u8]>,
-    ) -> io::Result<usize> {
         let mut used = 0;
         let mut off = 0;
         while off < len {
-            if sealer.must_rekey() || self.rekey_requested.swap(false, Ordering::SeqCst) {
-                let rec = self.rekey(sealer)?;
-                grow(out, used + rec.len());
-                out[used..used + rec.len()].copy_from_slice(&rec);
+            if tx.sealer.must_rekey() || self.rekey_requested.swap(false, Ordering::SeqCst) {
+                let rec = self.rekey(tx)?;
+                grow(&mut tx.out, used + rec.len());
+                tx.out[used..used + rec.len()].copy_from_slice(&rec);
                 used += rec.len();
             }
             let n = (len - off).min(MAX_PLAIN);
-            let src = plain(at + off, n)?;
-            grow(out, used + n + OVERHEAD);
-            used += sealer
-                .seal_from(ContentType::ApplicationData, src, &mut out[used..])
+            let src = plain(off, n)?;
+            grow(&mut tx.out, used + n + OVERHEAD);
+            used += tx
+                .sealer
+                .seal_from(ContentType::ApplicationData, src, &mut tx.out[used..])
                 .map_err(invalid)?;
             off += n;
         }
-        Ok(used)
+        (&self.tcp).write_all(&tx.out[..used])
     }
 
     /// A KeyUpdate under the current keys, to send before anything sealed after the switch to
     /// the next ones.
-    fn rekey(&self, sealer: &mut Sealer) -> io::Result<Vec<u8>> {
-        let rec = sealer.key_update(false).map_err(invalid)?;
+    fn rekey(&self, tx: &mut Tx) -> io::Result<Vec<u8>> {
+        let rec = tx.sealer.key_update(false).map_err(invalid)?;
         let (seq, s) = match &mut *lock(&self.kernel) {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
         }
         .map_err(invalid)?;
-        sealer.rekey(self.suite, seq, s).map_err(invalid)?;
+        tx.sealer.rekey(self.suite, seq, s).map_err(invalid)?;
         Ok(rec)
     }
 }
@@ -551,8 +474,6 @@ impl Drop for Inner {
         // The last handle is gone: end the stream cleanly.
         let tx = self.tx.get_mut().unwrap_or_else(|e| e.into_inner());
         close_notify(&self.tcp, tx);
-        // No write is in progress (it would hold a handle): the sender thread is idle and ends.
-        tx.sender = None;
     }
 }
 
