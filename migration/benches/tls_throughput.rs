@@ -32,6 +32,34 @@
 //! AEAD: with both ends on two busy cores the ratio follows the CPU ratio (0.24 / 0.59 = 0.4-0.5);
 //! with a core each it follows the slower thread, ~0.3 s/GB, and reaches 0.6-0.7.
 //!
+//! One connection's writer pipelined (tried 2026-11-30 in e7939fd, dropped in a621598): a send
+//! thread per stream sent each sealed 256 KiB batch while the writing thread sealed the next (3
+//! buffers, seal order kept, a write returning once all of it was in the socket). Interleaved
+//! with the serial writer, 15 runs of 3 rounds each (the old and new binaries alternating), load
+//! average 2.0-6.9 (other sessions: a running VM, builds; this bench adds 2-3 by itself); per-round
+//! min / median / max, medians of the CPU columns (the pipelined writer's send thread is in "all"
+//! only):
+//!
+//! | tls writer | 1 conn ratio | 2 conn ratio | 1 conn tls GB/s | tls CPU s/GB (writer / reader / all) |
+//! | --- | ---: | ---: | ---: | ---: |
+//! | seals and sends (kept) | 0.35 / **0.53** / 1.09 | 0.38 / 0.58 / 0.80 | 0.64 / 1.42 / 3.46 | 0.28 / 0.35 / 0.65 |
+//! | seals, a send thread sends (dropped) | 0.32 / **0.51** / 1.43 | 0.28 / 0.61 / 2.05 | 0.70 / 1.41 / 2.44 | 0.15 / 0.24 / 0.67 |
+//!
+//! Plain TCP in the same rounds: 2.8 GB/s median (0.9-5.7), 0.29 CPU s/GB. In the stretch with
+//! nothing else running (13:46-13:49, full and TLS-only runs alternating, 9-12 rounds of each) the
+//! pipeline lost outright: serial 2.4-3.5 GB/s at 0.48-0.59 CPU s/GB (one round 0.68), pipelined
+//! 2.1-2.5 GB/s at 0.59-0.69; batches of 4 to 64 records and 2 or 3 buffers changed nothing beyond
+//! the noise. Why: here both ends share the 2 cores. The serial writer costs 0.28-0.30 s/GB (its
+//! `send` ~0.17, what plain TCP's writer costs, plus the seal 0.11) and the reader 0.20, so only
+//! about a third of the second core is idle; a third busy thread costs more than that (+0.1-0.15
+//! CPU s/GB: ~6 K more context switches per GB, about two per batch, and the sealed batch crossing
+//! cores). Under load it took a larger CPU share (three runnable threads against two) for 10-25 %
+//! more TLS GB/s in some runs, not a better ratio. So a serial writer on this loopback is bound
+//! near plain's writer / (plain's writer + the seal) = 0.17 / 0.28 = 0.6 even when quiet, and the
+//! goal (median >= 0.6 on 1 connection) is not met here. A source whose receiver runs on another
+//! host has the reader's core free for a send thread; that is the case the pipeline is for, and one
+//! 2-core host cannot measure it.
+//!
 //! Kernel TLS cannot be measured: this kernel offers no `tls` ULP (tcp_available_ulp: mptcp).
 //! Software kTLS would decrypt from the socket buffers straight into the reader's memory, saving
 //! the reader's socket copy (~6 % of the TLS CPU); `sendfile`/`splice` of memfd-backed guest
