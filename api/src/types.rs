@@ -688,6 +688,20 @@ pub struct MigrationStatus {
     pub devices: Vec<DeviceMigrationStatus>,
     /// Where the switchover's time went (source side, once completed).
     pub switchover: Option<SwitchoverTimes>,
+    /// The switchover step by step, once completed, in the order the steps ran: on the source
+    /// the VMM's steps inside `switchover`'s pause and state save; on the destination everything
+    /// from the source's Complete to this side's ack, adding up to that time.
+    pub switchover_steps: Vec<SwitchoverStep>,
+}
+
+/// One timed step of a switchover.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SwitchoverStep {
+    /// What the step did, e.g. `"vCPU sregs"` or `"wait for commit"`.
+    pub name: String,
+    /// Its wall time in µs (summed over every run, e.g. once per vCPU).
+    pub us: u64,
 }
 
 /// The switchover's steps, source side, in µs from the pause to the destination's ack; they

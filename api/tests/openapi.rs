@@ -132,6 +132,10 @@ fn migration_status() -> MigrationStatus {
             destination_restore_us: 800,
             destination_start_us: 60,
         }),
+        switchover_steps: vec![tern_api::types::SwitchoverStep {
+            name: "vCPU sregs".into(),
+            us: 70,
+        }],
         devices: vec![tern_api::DeviceMigrationStatus {
             id: "mtty0".into(),
             precopy_bytes: 24,

@@ -27,6 +27,9 @@ timeout -s KILL 300 tern --api-socket "$dir/c.sock" --serial "file=$dir/c.log" 2
 c=$!
 wait_socket "$dir/c.sock" || exit 1
 migrate "$dir/b.sock" "$dir/c.sock" "unix:$dir/bc.mig" --local || { cat "$dir"/*.err; exit 1; }
+# The destination's side of that switchover, step by step (the source's is printed above).
+lab_log "local migration (no device), the destination's steps:"
+ternctl --api-socket "$dir/c.sock" migration-status --watch | grep -a 'steps:'
 wait_tern b "first destination" "$dir/b.err" || exit 1
 before=$(passes "$dir/c.log")
 wait_progress "$dir/c.log" "$before" || exit 1

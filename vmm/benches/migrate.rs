@@ -5,6 +5,7 @@
 //!   - an idle 1 GiB demo guest.
 //!
 //! Run: `cargo bench -p tern-vmm --bench migrate` (release build; uses /dev/kvm).
+//! `TERN_BENCH_MODES=local` (comma-separated: tcp, unix, local) runs only those modes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,7 +50,13 @@ fn start(dir: &Path, name: &str, args: &[&str]) -> Tern {
     Tern { child, socket }
 }
 
-fn migrate_once(dir: &Path, guest: &str, memory: &str, mode: &str) -> Option<MigrationStatus> {
+/// One migration: the source's final status and the destination's (its switchover steps).
+fn migrate_once(
+    dir: &Path,
+    guest: &str,
+    memory: &str,
+    mode: &str,
+) -> Option<(MigrationStatus, MigrationStatus)> {
     let _ = std::fs::remove_file(dir.join("mig.sock"));
     let dst = start(dir, "dst", &[]);
     let src = start(
@@ -84,16 +91,62 @@ fn migrate_once(dir: &Path, guest: &str, memory: &str, mode: &str) -> Option<Mig
     let client = ApiClient::new(&src.socket);
     client.vm_send_migration(&send).ok()?;
     let t0 = Instant::now();
-    let mut last = None;
+    let dst_client = ApiClient::new(&dst.socket);
+    // The destination records its steps right after its ack, a moment after the source's end.
+    let dst_status = || {
+        (0..100)
+            .filter_map(|_| {
+                let d = dst_client.vm_migration_status().ok()?;
+                if d.switchover_steps.is_empty() {
+                    std::thread::sleep(Duration::from_millis(10));
+                    return None;
+                }
+                Some(d)
+            })
+            .next()
+            .unwrap_or_default()
+    };
     while t0.elapsed() < Duration::from_secs(60) {
         match client.vm_migration_status() {
-            Ok(s) if s.status.is_terminal() => return Some(s),
-            Ok(s) => last = Some(s),
+            Ok(s) if s.status.is_terminal() => return Some((s, dst_status())),
+            Ok(_) => {}
             Err(_) => break,
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Polling competes with the switchover for CPU; the downtime is measured by the source.
+        std::thread::sleep(Duration::from_millis(20));
     }
-    last
+    None
+}
+
+/// The downtime in µs: the source's switchover steps, pause to the destination's ack.
+fn downtime_us(s: &MigrationStatus) -> Option<u64> {
+    s.switchover.map(|t| {
+        t.pause_us
+            + t.final_pass_us
+            + t.state_save_us
+            + t.send_us
+            + t.destination_restore_us
+            + t.destination_start_us
+    })
+}
+
+/// Median per step over runs, in the first run's order: `name median` joined.
+fn median_steps(runs: &[&[tern_api::types::SwitchoverStep]]) -> String {
+    let Some(first) = runs.first() else {
+        return String::new();
+    };
+    first
+        .iter()
+        .map(|step| {
+            let v = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|s| s.name == step.name))
+                .map(|s| s.us as f64)
+                .collect();
+            format!("{} {:.0}", step.name, median(v))
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -116,12 +169,17 @@ fn main() {
         ),
         ("1 GiB idle", "demo,mib=4,dirty-mib-per-s=0", "1G"),
     ];
+    let modes = std::env::var("TERN_BENCH_MODES").unwrap_or_else(|_| "tcp,unix,local".into());
     for (label, guest, memory) in workloads {
         for mode in ["tcp", "unix", "local"] {
-            let runs: Vec<MigrationStatus> = (0..RUNS)
+            if !modes.split(',').any(|m| m.trim() == mode) {
+                continue;
+            }
+            let pairs: Vec<(MigrationStatus, MigrationStatus)> = (0..RUNS)
                 .filter_map(|_| migrate_once(&dir, guest, memory, mode))
-                .filter(|s| s.status == MigrationState::Completed)
+                .filter(|(s, _)| s.status == MigrationState::Completed)
                 .collect();
+            let runs: Vec<MigrationStatus> = pairs.iter().map(|(s, _)| s.clone()).collect();
             let ms = |f: fn(&MigrationStatus) -> Option<u64>| {
                 median(runs.iter().filter_map(f).map(|v| v as f64).collect())
             };
@@ -133,6 +191,36 @@ fn main() {
                 tt = ms(|s| s.total_time_ms),
                 mib = ms(|s| Some(s.transferred_bytes)) / (1 << 20) as f64,
                 it = ms(|s| Some(s.iteration)),
+            );
+            let sw = |f: fn(&tern_api::types::SwitchoverTimes) -> u64| {
+                median(
+                    runs.iter()
+                        .filter_map(|s| s.switchover.as_ref().map(f))
+                        .map(|v| v as f64)
+                        .collect(),
+                )
+            };
+            println!(
+                "    downtime {:.0} us: pause {:.0} · final pass {:.0} · state save {:.0} · send {:.0} \
+                 · destination restore {:.0} · start {:.0} (µs, medians)",
+                ms(downtime_us),
+                sw(|t| t.pause_us),
+                sw(|t| t.final_pass_us),
+                sw(|t| t.state_save_us),
+                sw(|t| t.send_us),
+                sw(|t| t.destination_restore_us),
+                sw(|t| t.destination_start_us),
+            );
+            let src: Vec<&[_]> = runs.iter().map(|s| s.switchover_steps.as_slice()).collect();
+            let dst: Vec<&[_]> = pairs
+                .iter()
+                .map(|(_, d)| d.switchover_steps.as_slice())
+                .filter(|d| !d.is_empty())
+                .collect();
+            println!("    source steps: {} (µs, medians)", median_steps(&src));
+            println!(
+                "    destination steps: {} (µs, medians)",
+                median_steps(&dst)
             );
         }
     }

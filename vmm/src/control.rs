@@ -454,6 +454,14 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
             destination_restore_us: b.destination_restore_us,
             destination_start_us: b.destination_start_us,
         }),
+        switchover_steps: s
+            .switchover_steps
+            .iter()
+            .map(|t| tern_api::types::SwitchoverStep {
+                name: t.name.clone(),
+                us: t.us,
+            })
+            .collect(),
     }
 }
 

@@ -557,6 +557,7 @@ impl DeviceManager {
         &self,
         states: &DeviceStates,
         serial_config: &SerialConfig,
+        steps: &mut tern_migration::engine::StepTimes,
     ) -> Result<(), DeviceError> {
         let trigger = self
             .serial_irq
@@ -568,8 +569,9 @@ impl DeviceManager {
             })?;
         let serial = SerialDevice::restore(trigger, serial_output(serial_config)?, &states.serial)?;
         let cmos = Cmos::restore(&states.cmos)?;
+        steps.lap("devices: serial, CMOS");
         self.pci
-            .restore(&states.pci)
+            .restore(&states.pci, steps)
             .map_err(DeviceError::PciRestore)?;
         for (id, state) in &states.mock_dma {
             let m = self

@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tern_devices::vfio::handover::InheritedDevices;
+use tern_migration::engine::StepTimes;
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
@@ -170,7 +171,7 @@ impl Machine {
         state: &MachineState,
     ) -> Result<Self, MachineError> {
         let machine = Self::create_incoming(kvm_path, config, ram)?;
-        machine.restore_state(state)?;
+        machine.restore_state(state, &mut StepTimes::start())?;
         Ok(machine)
     }
 
@@ -196,24 +197,30 @@ impl Machine {
         Self::build(kvm_path, config, ram, false, Some(inherited))
     }
 
-    /// Loads a saved state into this VM. Its vCPUs must be paused (or never started).
-    pub fn restore_state(&self, state: &MachineState) -> Result<(), MachineError> {
+    /// Loads a saved state into this VM, timing its steps into `steps`. Its vCPUs must be paused
+    /// (or never started).
+    pub fn restore_state(
+        &self,
+        state: &MachineState,
+        steps: &mut StepTimes,
+    ) -> Result<(), MachineError> {
         if state.vcpus.len() != self.vcpus.len() {
             return Err(MachineError::VcpuCountMismatch {
                 saved: state.vcpus.len(),
                 configured: self.vcpus.len(),
             });
         }
-        self.vm.restore_state(&state.vm)?;
+        self.vm.restore_state(&state.vm, steps)?;
         for (handle, s) in self.vcpus.iter().zip(&state.vcpus) {
             handle
-                .with_fd(|fd| s.restore(fd))
+                .with_fd(|fd| s.restore(fd, steps))
                 .map_err(|source| MachineError::VcpuState {
                     index: handle.index(),
                     source,
                 })?;
         }
-        self.devices.restore(&state.devices, &self.config.serial)?;
+        self.devices
+            .restore(&state.devices, &self.config.serial, steps)?;
         Ok(())
     }
 
@@ -334,32 +341,39 @@ impl Machine {
 
     /// Stops every vCPU and waits until none is inside KVM_RUN.
     pub fn pause(&self) {
+        self.pause_timed(&mut StepTimes::start());
+    }
+
+    /// [`Machine::pause`], timing the kicks and the wait into `steps`; returns how many times a
+    /// vCPU had to be kicked again.
+    pub fn pause_timed(&self, steps: &mut StepTimes) -> u32 {
         for v in &self.vcpus {
             v.request_pause();
         }
-        for v in &self.vcpus {
-            v.wait_paused();
-        }
+        steps.lap("vCPUs kicked");
+        let kicks = self.vcpus.iter().map(|v| v.wait_paused()).sum();
+        steps.lap("vCPUs out of KVM_RUN");
+        kicks
     }
 
-    /// Saves vCPU, VM and device state. The machine must be paused.
-    pub fn save_state(&self) -> Result<MachineState, MachineError> {
+    /// Saves vCPU, VM and device state, timing its steps into `steps`. The machine must be
+    /// paused.
+    pub fn save_state(&self, steps: &mut StepTimes) -> Result<MachineState, MachineError> {
         let vcpus = self
             .vcpus
             .iter()
             .map(|v| {
-                v.with_fd(|fd| VcpuState::save(fd, &self.msr_indices))
+                v.with_fd(|fd| VcpuState::save(fd, &self.msr_indices, steps))
                     .map_err(|source| MachineError::VcpuState {
                         index: v.index(),
                         source,
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(MachineState {
-            vcpus,
-            vm: self.vm.save_state()?,
-            devices: self.devices.save()?,
-        })
+        let vm = self.vm.save_state(steps)?;
+        let devices = self.devices.save()?;
+        steps.lap("devices");
+        Ok(MachineState { vcpus, vm, devices })
     }
 
     /// The VM's configuration.

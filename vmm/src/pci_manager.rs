@@ -193,6 +193,8 @@ struct Vector {
 pub struct GsiRouter {
     vm: Arc<Vm>,
     inner: Mutex<RouterInner>,
+    /// KVM_SET_GSI_ROUTING calls so far (each writes the whole table).
+    table_writes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -214,7 +216,32 @@ impl GsiRouter {
                 vectors: BTreeMap::new(),
                 irqfds_off: false,
             }),
+            table_writes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times the routing table was written to KVM.
+    pub fn table_writes(&self) -> u64 {
+        self.table_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the whole table as `inner` has it (`vector` names the change in errors).
+    fn write_table(&self, inner: &RouterInner, vector: u16) -> Result<(), MsiRouteError> {
+        let entries: Vec<_> = Self::table_of(inner)
+            .into_iter()
+            .map(|(g, r)| kvm_entry(g, r))
+            .collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| MsiRouteError::NoRouteLeft { vector })?;
+        self.table_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.vm
+            .fd()
+            .set_gsi_routing(&table)
+            .map_err(|source| MsiRouteError::Program {
+                vector,
+                source: std::io::Error::from_raw_os_error(source.errno()),
+            })
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, RouterInner> {
@@ -342,17 +369,11 @@ impl GsiRouter {
                 .map_err(program)?;
             v.registered = false;
         }
-        let entries: Vec<_> = Self::table_of(&inner)
-            .into_iter()
-            .map(|(g, r)| kvm_entry(g, r))
-            .collect();
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| MsiRouteError::NoRouteLeft { vector })?;
-        if let Err(e) = self.vm.fd().set_gsi_routing(&table) {
+        if let Err(e) = self.write_table(&inner, vector) {
             if let Some(v) = inner.vectors.get_mut(&gsi) {
                 v.route = old;
             }
-            return Err(program(e));
+            return Err(e);
         }
         let v = inner
             .vectors
@@ -366,6 +387,54 @@ impl GsiRouter {
                 .fd()
                 .register_irqfd(&v.irqfd, gsi)
                 .map_err(program)?;
+            v.registered = true;
+        }
+        Ok(())
+    }
+
+    /// Sets the routes of several vectors (`(gsi, vector, route)`) with one table write, then
+    /// their irqfds: a restore replays every vector of a device at once, and each
+    /// KVM_SET_GSI_ROUTING waits for the routing's readers (an SRCU grace period) inside the
+    /// downtime. On a failure no route changed.
+    pub fn set_routes(&self, routes: &[(u32, u16, MsiMessage)]) -> Result<(), MsiRouteError> {
+        let Some(&(_, first, _)) = routes.first() else {
+            return Ok(());
+        };
+        let mut inner = self.inner();
+        let off = inner.irqfds_off;
+        let mut old = Vec::with_capacity(routes.len());
+        let undo = |inner: &mut RouterInner, old: Vec<(u32, Option<MsiMessage>)>| {
+            for (gsi, route) in old {
+                if let Some(v) = inner.vectors.get_mut(&gsi) {
+                    v.route = route;
+                }
+            }
+        };
+        for &(gsi, vector, route) in routes {
+            let Some(v) = inner.vectors.get_mut(&gsi) else {
+                undo(&mut inner, old);
+                return Err(MsiRouteError::UnknownVector { vector, vectors: 0 });
+            };
+            old.push((gsi, v.route));
+            v.route = Some(route);
+        }
+        if let Err(e) = self.write_table(&inner, first) {
+            undo(&mut inner, old);
+            return Err(e);
+        }
+        for &(gsi, vector, _) in routes {
+            let Some(v) = inner.vectors.get_mut(&gsi) else {
+                continue;
+            };
+            if !v.registered && !off {
+                self.vm
+                    .fd()
+                    .register_irqfd(&v.irqfd, gsi)
+                    .map_err(|source| MsiRouteError::Program {
+                        vector,
+                        source: std::io::Error::from_raw_os_error(source.errno()),
+                    })?;
+            }
             v.registered = true;
         }
         Ok(())
@@ -389,6 +458,21 @@ impl MsiRouteSink for DeviceMsiRoutes {
                 vectors: self.gsis.len() as u16,
             })?;
         self.router.set_route(gsi, vector, route)
+    }
+
+    fn set_routes(&self, routes: &[(u16, MsiMessage)]) -> Result<(), MsiRouteError> {
+        let vectors = self.gsis.len() as u16;
+        let routes = routes
+            .iter()
+            .map(|&(vector, route)| {
+                let gsi = *self
+                    .gsis
+                    .get(usize::from(vector))
+                    .ok_or(MsiRouteError::UnknownVector { vector, vectors })?;
+                Ok((gsi, vector, route))
+            })
+            .collect::<Result<Vec<_>, MsiRouteError>>()?;
+        self.router.set_routes(&routes)
     }
 }
 
@@ -621,8 +705,13 @@ impl PciManager {
     /// names a function this VM does not have, lacks one it has, or does not fit the function in
     /// its slot (a passthrough function of another id or model), is refused before anything
     /// changes. A passthrough function's BARs then decode where the guest put them on the source
-    /// (the bus's map and the function's memory slots follow). vCPUs must be paused.
-    pub fn restore(&self, state: &PciManagerState) -> Result<(), PciManagerError> {
+    /// (the bus's map and the function's memory slots follow). Each part is timed into `steps`.
+    /// vCPUs must be paused.
+    pub fn restore(
+        &self,
+        state: &PciManagerState,
+        steps: &mut tern_migration::engine::StepTimes,
+    ) -> Result<(), PciManagerError> {
         let mut bridge = None;
         let mut vfio = Vec::new();
         for (slot, f) in &state.functions {
@@ -655,15 +744,18 @@ impl PciManager {
             return Err(PciManagerError::MissingFunction { slot: *slot });
         }
         *self.host_bridge.lock().unwrap_or_else(|p| p.into_inner()) = bridge;
+        steps.lap("PCI: states checked");
         for (slot, device, s) in vfio {
             device
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore(s)
                 .map_err(PciManagerError::Restore)?;
+            steps.lap("PCI: VFIO function (command, MSI routes)");
             for e in self.bus().refresh(slot) {
                 log::warn!("PCI slot {slot}: {e}");
             }
+            steps.lap("PCI: BARs placed (memory slots)");
         }
         Ok(())
     }
@@ -673,6 +765,7 @@ impl PciManager {
 mod tests {
     use super::*;
     use crate::vstate::memory::GuestRam;
+    use tern_migration::engine::StepTimes;
 
     fn vm() -> Arc<Vm> {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
@@ -868,6 +961,47 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_of_many_vectors_writes_the_routing_table_once() {
+        let m = PciManager::new(vm(), 16 << 20).unwrap();
+        let (sink, _fds) = m.msi_vectors(8).unwrap();
+        let routes: Vec<(u16, MsiMessage)> = (0..8)
+            .map(|v| {
+                let msg = MsiMessage {
+                    address: 0xfee0_0000,
+                    data: 0x40 + u32::from(v),
+                };
+                (v, msg)
+            })
+            .collect();
+        let before = m.router().table_writes();
+        sink.set_routes(&routes).unwrap();
+        assert_eq!(
+            m.router().table_writes() - before,
+            1,
+            "one table write for 8 vectors"
+        );
+        let table = m.router().table();
+        for (v, msg) in &routes {
+            assert!(table.contains(&(IOAPIC_PINS + u32::from(*v), GsiRoute::Msi(*msg))));
+        }
+        // Each vector's irqfd is registered: a second registration by hand is refused (EBUSY)
+        // and a later per-vector change does not try again.
+        let (gsi, fd) = (IOAPIC_PINS + 3, &_fds[3]);
+        assert!(m.router().vm.fd().register_irqfd(fd, gsi).is_err());
+        sink.set_route(3, Some(routes[4].1)).unwrap();
+        // A vector outside the device's refuses the whole batch and changes no route.
+        let bad = [(1, routes[0].1), (9, routes[0].1)];
+        assert!(matches!(
+            sink.set_routes(&bad),
+            Err(MsiRouteError::UnknownVector { vector: 9, .. })
+        ));
+        assert!(m
+            .router()
+            .table()
+            .contains(&(IOAPIC_PINS + 1, GsiRoute::Msi(routes[1].1))));
+    }
+
+    #[test]
     fn gsi_router_refuses_more_vectors_than_gsis() {
         let m = PciManager::new(vm(), 16 << 20).unwrap();
         m.msi_vectors(1000).unwrap();
@@ -897,7 +1031,7 @@ mod tests {
         let r = PciManager::new(vm(), 16 << 20).unwrap();
         let (pio, _) = buses(&r);
         assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0);
-        r.restore(&back).unwrap();
+        r.restore(&back, &mut StepTimes::start()).unwrap();
         assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0x4);
         assert_eq!(cfg_read(&pio, 0, 0), 0x0008_1b36);
         // Refused states leave the restored bridge as it was.
@@ -908,11 +1042,14 @@ mod tests {
         s.config.regs[1] = 0;
         fresh.functions.push((3, fresh.functions[0].1.clone()));
         assert!(matches!(
-            r.restore(&fresh),
+            r.restore(&fresh, &mut StepTimes::start()),
             Err(PciManagerError::UnknownFunction { slot: 3 })
         ));
         assert!(matches!(
-            r.restore(&PciManagerState { functions: vec![] }),
+            r.restore(
+                &PciManagerState { functions: vec![] },
+                &mut StepTimes::start()
+            ),
             Err(PciManagerError::MissingFunction { slot: 0 })
         ));
         // A passthrough function's state for a slot without one.
@@ -931,7 +1068,7 @@ mod tests {
             }),
         ));
         assert!(matches!(
-            r.restore(&vfio),
+            r.restore(&vfio, &mut StepTimes::start()),
             Err(PciManagerError::UnknownFunction { slot: 2 })
         ));
         assert_eq!(cfg_read(&pio, 0, 1) & 0xffff, 0x4);

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::TempDir;
+use tern_migration::engine::StepTimes;
 use tern_vmm::config::{PayloadConfig, SerialConfig, VmConfig};
 use tern_vmm::demo::setup::layout;
 use tern_vmm::demo::DemoConfig;
@@ -62,7 +63,7 @@ fn run_and_save(dir: &TempDir, cpus: u8) -> (Machine, MachineState) {
     assert!(text.contains("DEMO: start"), "{text}");
     std::thread::sleep(Duration::from_millis(300));
     source.pause();
-    let state = source.save_state().unwrap();
+    let state = source.save_state(&mut StepTimes::start()).unwrap();
     // Through JSON, as the migration stream carries it.
     let json = serde_json::to_vec(&state).unwrap();
     (source, serde_json::from_slice(&json).unwrap())
@@ -115,7 +116,7 @@ fn restored_vm_continues_where_it_was() {
             .unwrap_or_else(|| panic!("no progress after restore: {text}"));
         assert!(first_pass > 0, "pass counter restarted: {text}");
         // The restored VM's own state can be saved again.
-        let again = dest.save_state().unwrap();
+        let again = dest.save_state(&mut StepTimes::start()).unwrap();
         assert_eq!(again.vcpus.len(), usize::from(cpus));
         assert_eq!(
             again.devices.pci, state.devices.pci,

@@ -299,18 +299,13 @@ impl Msix {
         v < self.entries.len() && self.pba[v / 64] & (1 << (v % 64)) != 0
     }
 
-    /// Programs every active route again (after a restore).
+    /// Programs every active route again (after a restore), in one [`MsiRouteSink::set_routes`].
     pub fn replay(
         &self,
         config: &ConfigSpace,
         sink: &dyn MsiRouteSink,
     ) -> Result<(), MsiRouteError> {
-        for (v, r) in self.routes(config).into_iter().enumerate() {
-            if r.is_some() {
-                sink.set_route(v as u16, r)?;
-            }
-        }
-        Ok(())
+        super::msi::replay_routes(self.routes(config), sink)
     }
 
     /// Saved table and PBA.

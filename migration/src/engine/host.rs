@@ -1,8 +1,9 @@
 //! What the engine needs from a VM: the source side ([`MigrationHost`]) and the destination side
 //! ([`MigrationTargetFactory`] builds a [`MigrationTarget`] from the source's config bytes).
 //!
-//! No method has a default body except the device-state ones (a VM without migratable devices
-//! has none): a VMM that cannot do something returns a [`HostError`] that says what and why.
+//! No method has a default body except the device-state and live-update ones (a VM without
+//! migratable devices has none) and the switchover step times (a VMM may time nothing): a VMM
+//! that cannot do something returns a [`HostError`] that says what and why.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -11,6 +12,7 @@ use crate::dirty::GuestPageBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::device::{DeviceStateSink, DeviceStateSource};
+use super::steps::SwitchoverStep;
 use crate::dirty::{DirtyBitmap, DirtySource, GpaRange};
 
 /// Boxed cause from the VMM.
@@ -144,6 +146,12 @@ pub trait MigrationHost: Send {
     /// Local mode: the destination runs the VM with the devices; never tear them down here (no
     /// unmap, no interrupt change, no detach), only close this side's descriptors.
     fn handover_done(&mut self) {}
+    /// The VMM's own steps inside the last switchover's pause, device pause, handover release
+    /// and state save (e.g. per KVM ioctl group), in the order they ran; taken once, for the
+    /// stats' `switchover_steps`.
+    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+        Vec::new()
+    }
 }
 
 /// The destination VM being filled.
@@ -159,6 +167,12 @@ pub trait MigrationTarget: Send {
     /// after the VM is built; the engine drives them from then on.
     fn device_sinks(&mut self) -> Result<Vec<Box<dyn DeviceStateSink>>, HostError> {
         Ok(Vec::new())
+    }
+    /// The VMM's own steps inside the last [`MigrationTarget::restore_state`] or
+    /// [`MigrationTarget::start`] (e.g. per KVM ioctl group), in the order they ran; taken once
+    /// after each, for the stats' `switchover_steps`.
+    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+        Vec::new()
     }
 }
 

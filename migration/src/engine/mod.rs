@@ -15,6 +15,7 @@ mod policy;
 mod precopy;
 mod receive;
 mod stats;
+mod steps;
 
 pub use device::{
     DeviceMigrationRecord, DevicePending, DeviceReadEnd, DeviceStateSink, DeviceStateSource,
@@ -37,3 +38,4 @@ pub use stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatsSnapshot, MigrationStatus,
     PassKind, SwitchoverBreakdown, HISTORY_LIMIT,
 };
+pub use steps::{StepTimes, SwitchoverStep};

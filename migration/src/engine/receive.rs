@@ -28,6 +28,7 @@ use super::host::{
 use super::in_doubt::InDoubtVm;
 use super::pages::PageWriter;
 use super::stats::{MigrationStats, MigrationStatus};
+use super::steps::StepTimes;
 
 /// Listen on `url`, receive one migration, and return the started VM.
 pub fn receive(
@@ -314,7 +315,7 @@ fn run(
     let mut w = FrameWriter::new(writer);
     let result = run_control(listener, &control, factory, stats, cancel);
     match result {
-        Ok(target) => {
+        Ok((target, mut steps)) => {
             // The VM runs here now, whatever happens to this ack: a source that does not get it
             // stays paused, in doubt, and the operator stops it.
             if let Err(e) = w.send(&Frame::Ack) {
@@ -323,6 +324,8 @@ fn run(
                     error_chain(&e)
                 );
             }
+            steps.lap("ack sent");
+            stats.set_switchover_steps(steps.take());
             Ok(target)
         }
         // The source may have committed and stopped: say nothing that could make it resume.
@@ -350,7 +353,7 @@ fn run_control(
     factory: &mut dyn MigrationTargetFactory,
     stats: &MigrationStats,
     cancel: &Canceller<'_>,
-) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+) -> Result<(Box<dyn MigrationTarget>, StepTimes), MigrationError> {
     let reader = control.try_clone().map_err(MigrationError::Transport)?;
     let incoming = match reader {
         Connection::Unix(u) => Incoming::Fds(FdReader::new(u)),
@@ -470,12 +473,15 @@ fn run_control(
         control,
         stats,
     );
-    if let Err(e) = result {
-        // No device keeps a partial state; the half-built VM is dropped by the caller.
-        devices.recover();
-        return Err(e);
-    }
-    await_commit(control, &mut r, target, devices)
+    let steps = match result {
+        Ok(steps) => steps,
+        Err(e) => {
+            // No device keeps a partial state; the half-built VM is dropped by the caller.
+            devices.recover();
+            return Err(e);
+        }
+    };
+    await_commit(control, &mut r, target, devices, steps)
 }
 
 /// How long the destination waits for the source's Commit after its Ready.
@@ -483,13 +489,14 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Phase two: tell the source this side can run the VM, and run it only on its Commit. The
 /// source's Error means it resumed (drop the VM); a lost link means it may have committed or not:
-/// the VM is held paused, in doubt, for the operator.
+/// the VM is held paused, in doubt, for the operator. `steps` times the switchover on.
 fn await_commit(
     control: &Connection,
     r: &mut FrameReader<Incoming>,
     mut target: Box<dyn MigrationTarget>,
     devices: DeviceSinks,
-) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    mut steps: StepTimes,
+) -> Result<(Box<dyn MigrationTarget>, StepTimes), MigrationError> {
     let writer = control.try_clone().map_err(MigrationError::Transport);
     if let Err(e) = writer.and_then(|w| {
         FrameWriter::new(w)
@@ -500,13 +507,16 @@ fn await_commit(
         devices.recover();
         return Err(e);
     }
+    steps.lap("ready sent");
     let _ = control.set_read_timeout(Some(COMMIT_TIMEOUT));
     let in_doubt = |detail: String, target, devices| MigrationError::InDoubt {
         detail,
         held: Some(Box::new(InDoubtVm::new(target, devices))),
     };
     match r.recv() {
-        Ok(Frame::Commit) => {}
+        Ok(Frame::Commit) => {
+            steps.lap("wait for commit");
+        }
         Ok(Frame::Error(reason)) => {
             devices.recover();
             return Err(MigrationError::PeerError {
@@ -529,12 +539,16 @@ fn await_commit(
     // Committed: the source has stopped for good. Devices first, then the vCPUs.
     let started = devices
         .run()
-        .and_then(|()| target.start().map_err(MigrationError::Host));
+        .and_then(|()| {
+            steps.lap("devices running");
+            target.start().map_err(MigrationError::Host)
+        })
+        .map(|()| steps.lap_split(target.switchover_steps(), "start (other)"));
     if let Err(e) = started {
         devices.recover();
         return Err(e);
     }
-    Ok(target)
+    Ok((target, steps))
 }
 
 /// Memory, device data and state until Complete, then restore (the VM starts on Commit).
@@ -546,7 +560,7 @@ fn receive_state(
     data_conns: &[Connection],
     control: &Connection,
     stats: &MigrationStats,
-) -> Result<(), MigrationError> {
+) -> Result<StepTimes, MigrationError> {
     let mem = target.guest_memory();
     stats.set_total_bytes(
         vm_memory::GuestMemoryBackend::iter(&mem)
@@ -556,7 +570,7 @@ fn receive_state(
     stats.set_status(MigrationStatus::Active);
     stats.mark_setup_done();
 
-    let state = std::thread::scope(|scope| -> Result<MigrationState, MigrationError> {
+    let (state, mut steps) = std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for (i, slot) in data.iter_mut().enumerate() {
             let Some(mut dr) = slot.take() else { continue };
@@ -576,6 +590,8 @@ fn receive_state(
         }
         let mut pw = PageWriter::new(mem.clone())?;
         let control_result = control_loop(r, &mut pw, stats, devices);
+        // The switchover's clock here starts at the source's Complete.
+        let steps = StepTimes::start();
         // Unblock data threads on failure; on success each has read StreamEnd.
         if control_result.is_err() {
             for c in data_conns {
@@ -596,13 +612,17 @@ fn receive_state(
             // A source-reported reason explains everything; otherwise the data error is the cause.
             (Err(e @ MigrationError::PeerError { .. }), _) => Err(e),
             (_, Some(e)) => Err(e),
-            (r, None) => r,
+            (r, None) => r.map(|state| (state, steps)),
         }
     })?;
+    steps.lap("data connections ended");
 
     stats.set_status(MigrationStatus::Completing);
     devices.check_complete()?;
-    target.restore_state(state).map_err(MigrationError::Host)
+    steps.lap("device state complete");
+    target.restore_state(state).map_err(MigrationError::Host)?;
+    steps.lap_split(target.switchover_steps(), "restore (other)");
+    Ok(steps)
 }
 
 /// The most vCPU, VM and device state a source may send (each blob is one frame of at most

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::device::DeviceMigrationRecord;
+use super::steps::SwitchoverStep;
 use crate::dirty::SourceKind;
 
 /// Where a migration is.
@@ -185,6 +186,10 @@ pub struct MigrationStatsSnapshot {
     pub devices: Vec<DeviceMigrationRecord>,
     /// Where the switchover's time went (source side, once completed).
     pub switchover: Option<SwitchoverBreakdown>,
+    /// The switchover step by step, once completed: on the source the VMM's steps inside
+    /// `switchover`'s pause and state save; on the destination everything from the source's
+    /// Complete to this side's Ack (engine and VMM steps, in order, adding up to that time).
+    pub switchover_steps: Vec<SwitchoverStep>,
 }
 
 const UNSET: u64 = u64::MAX;
@@ -220,6 +225,7 @@ pub struct MigrationStats {
     history: Mutex<Vec<IterationRecord>>,
     devices: Mutex<Vec<DeviceMigrationRecord>>,
     switchover: Mutex<Option<SwitchoverBreakdown>>,
+    switchover_steps: Mutex<Vec<SwitchoverStep>>,
 }
 
 impl Default for MigrationStats {
@@ -269,6 +275,7 @@ impl MigrationStats {
             history: Mutex::new(Vec::new()),
             devices: Mutex::new(Vec::new()),
             switchover: Mutex::new(None),
+            switchover_steps: Mutex::new(Vec::new()),
         }
     }
 
@@ -329,6 +336,10 @@ impl MigrationStats {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         *self.switchover.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.switchover_steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.dma_by_source
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -460,6 +471,13 @@ impl MigrationStats {
         *self.switchover.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
     }
 
+    pub(crate) fn set_switchover_steps(&self, steps: Vec<SwitchoverStep>) {
+        *self
+            .switchover_steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = steps;
+    }
+
     pub(crate) fn set_downtime(&self, ms: u64) {
         self.downtime_ms.store(ms, Ordering::Relaxed);
     }
@@ -517,6 +535,11 @@ impl MigrationStats {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             switchover: *self.switchover.lock().unwrap_or_else(|p| p.into_inner()),
+            switchover_steps: self
+                .switchover_steps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

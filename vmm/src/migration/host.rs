@@ -5,7 +5,8 @@ use std::sync::Arc;
 use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, VmmWriteSource};
 use tern_migration::engine::{
-    DeviceStateSource, Handover, HandoverFd, HostError, MigrationHost, MigrationState,
+    DeviceStateSource, Handover, HandoverFd, HostError, MigrationHost, MigrationState, StepTimes,
+    SwitchoverStep,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -20,6 +21,8 @@ use crate::machine::Machine;
 pub struct MachineHost {
     machine: Arc<Machine>,
     throttle: Option<Throttle>,
+    /// The switchover's steps on this side, from the pause on.
+    steps: StepTimes,
 }
 
 impl MachineHost {
@@ -28,6 +31,7 @@ impl MachineHost {
         Self {
             machine,
             throttle: None,
+            steps: StepTimes::start(),
         }
     }
 
@@ -44,6 +48,8 @@ impl MigrationHost for MachineHost {
     }
 
     fn config(&mut self) -> Result<Vec<u8>, HostError> {
+        // Called once as the migration starts: the pause is seconds or less away.
+        super::prefault_code("migration source");
         // The destination checks its devices against the source's PCI IDs.
         let mut config = self.machine.config().clone();
         let opened: Vec<(String, PciFunctionIds)> = self
@@ -87,16 +93,26 @@ impl MigrationHost for MachineHost {
     }
 
     fn pause(&mut self) -> Result<(), HostError> {
-        self.stop_throttle();
-        self.machine.pause();
+        self.steps = StepTimes::start();
+        if self.throttle.is_some() {
+            self.stop_throttle();
+            self.steps.lap("auto-converge throttle stopped");
+        }
+        let kicks = self.machine.pause_timed(&mut self.steps);
+        if kicks > 0 {
+            log::info!("switchover: the vCPUs needed {kicks} more kicks to pause");
+        }
         Ok(())
     }
 
     fn pause_devices(&mut self) -> Result<(), HostError> {
+        self.steps.restart();
         self.machine
             .devices()
             .pause_dma()
-            .map_err(|e| HostError::new("stop device DMA", e))
+            .map_err(|e| HostError::new("stop device DMA", e))?;
+        self.steps.lap("device DMA paused");
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<(), HostError> {
@@ -106,11 +122,14 @@ impl MigrationHost for MachineHost {
     }
 
     fn save_state(&mut self) -> Result<MigrationState, HostError> {
+        self.steps.restart();
         let state = self
             .machine
-            .save_state()
+            .save_state(&mut self.steps)
             .map_err(|e| HostError::new("save state", e))?;
-        encode_state(&state).map_err(|e| HostError::new("encode state", e))
+        let encoded = encode_state(&state).map_err(|e| HostError::new("encode state", e))?;
+        self.steps.lap("encode state");
+        Ok(encoded)
     }
 
     fn device_states(&mut self) -> Result<Vec<Box<dyn DeviceStateSource>>, HostError> {
@@ -141,10 +160,14 @@ impl MigrationHost for MachineHost {
     }
 
     fn handover_release(&mut self) -> Result<(), HostError> {
+        self.steps.restart();
         self.machine
             .devices()
             .handover_release()
-            .map_err(|e| HostError::new("release the devices for the new process", e))
+            .map_err(|e| HostError::new("release the devices for the new process", e))?;
+        self.steps
+            .lap("devices released (irqfds off, DMA addresses)");
+        Ok(())
     }
 
     fn handover_reclaim(&mut self) -> Result<(), HostError> {
@@ -156,6 +179,10 @@ impl MigrationHost for MachineHost {
 
     fn handover_done(&mut self) {
         self.machine.devices().handover_done();
+    }
+
+    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+        self.steps.take()
     }
 
     fn throttle(&mut self, percent: u8) -> Result<(), HostError> {

@@ -8,7 +8,7 @@ use tern_devices::vfio::handover::InheritedDevices;
 use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::engine::{
     DeviceStateSink, HandoverFd, HostError, LocalRegion, MigrationState, MigrationTarget,
-    MigrationTargetFactory,
+    MigrationTargetFactory, StepTimes, SwitchoverStep,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -132,6 +132,8 @@ impl MigrationTargetFactory for TernTargetFactory {
         config: &[u8],
         local: Vec<LocalRegion>,
     ) -> Result<Box<dyn MigrationTarget>, HostError> {
+        // The switchover (restore, start) runs code this process has never run.
+        super::prefault_code("migration destination");
         let mut config: VmConfig =
             serde_json::from_slice(config).map_err(|e| HostError::new("decode VM config", e))?;
         config.serial = self.serial.clone();
@@ -187,6 +189,7 @@ impl MigrationTargetFactory for TernTargetFactory {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
             live_update,
+            steps: StepTimes::start(),
         }))
     }
 }
@@ -198,6 +201,8 @@ struct TernTarget {
     received: Arc<ReceivedMachine>,
     /// The passthrough devices were handed over by the old process.
     live_update: bool,
+    /// The steps of the last restore or start.
+    steps: StepTimes,
 }
 
 impl TernTarget {
@@ -218,7 +223,9 @@ impl MigrationTarget for TernTarget {
     }
 
     fn restore_state(&mut self, state: MigrationState) -> Result<(), HostError> {
+        let mut steps = StepTimes::start();
         let state = decode_state(&state).map_err(|e| HostError::new("decode state", e))?;
+        steps.lap("decode state");
         let machine = self.machine("restore state")?;
         if self.live_update {
             // The old process has let go (it is paused): the DMA mappings become ours.
@@ -226,14 +233,17 @@ impl MigrationTarget for TernTarget {
                 .devices()
                 .take_over()
                 .map_err(|e| HostError::new("take the handed devices over", e))?;
+            steps.lap("take the devices' DMA over");
             for m in moves {
                 eprintln!("tern: live update: iommufd: {m}");
             }
             test_exit_point("take-over");
+            steps.restart();
         }
         machine
-            .restore_state(&state)
+            .restore_state(&state, &mut steps)
             .map_err(|e| HostError::new("restore state", e))?;
+        self.steps = steps;
         if self.live_update {
             test_exit_point("restore");
         }
@@ -252,16 +262,24 @@ impl MigrationTarget for TernTarget {
     }
 
     fn start(&mut self) -> Result<(), HostError> {
+        self.steps = StepTimes::start();
         let machine = self
             .machine
             .take()
             .ok_or_else(|| HostError::new("start", "the incoming VM was already started"))?;
         if self.live_update {
             machine.devices().take_ownership();
+            self.steps.lap("irqfds on");
         }
         machine.resume();
+        self.steps.lap("vCPUs resumed");
         self.received.put(machine);
+        self.steps.lap("VM handed to the VMM loop");
         Ok(())
+    }
+
+    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+        self.steps.take()
     }
 }
 

@@ -2,6 +2,7 @@
 //! only here.
 #![allow(unsafe_code)]
 
+pub mod code_prefault;
 pub mod kvm_dirty_log;
 pub mod kvm_dirty_ring;
 pub mod kvm_memslot;

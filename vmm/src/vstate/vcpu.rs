@@ -3,8 +3,11 @@
 //!
 //! Pausing: the controller sets the request, then kicks each vCPU thread with a signal until it
 //! acknowledges. A signal that lands just before the thread enters KVM_RUN is lost, so the kick is
-//! repeated every millisecond until the acknowledgement arrives; once paused, the thread has released
-//! its `VcpuFd` and the controller may read or write the vCPU's state through [`VcpuHandle::with_fd`].
+//! repeated until the acknowledgement arrives, first after 100 µs, then at doubling intervals up
+//! to 2 ms: a kick is rarely lost, and a thread that is merely slow to leave KVM_RUN (its CPU
+//! shared, or a nested exit) is only slowed further by signals and wake-ups every 100 µs. Once
+//! paused, the thread has released its `VcpuFd` and the controller may read or write the vCPU's
+//! state through [`VcpuHandle::with_fd`].
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,8 +18,11 @@ use tern_devices::bus::Bus;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// How long to wait for a pause acknowledgement before kicking again (a kick that lands just
-/// before the thread enters KVM_RUN is lost).
+/// before the thread enters KVM_RUN is lost); doubled after each retry up to [`KICK_RETRY_MAX`].
 const KICK_RETRY: Duration = Duration::from_micros(100);
+
+/// The longest wait between two kicks.
+const KICK_RETRY_MAX: Duration = Duration::from_millis(2);
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -160,20 +166,26 @@ impl VcpuHandle {
         self.kick();
     }
 
-    /// Waits until the vCPU acknowledged a pause (or its thread ended), re-kicking it meanwhile.
-    pub fn wait_paused(&self) {
+    /// Waits until the vCPU acknowledged a pause (or its thread ended), re-kicking it meanwhile;
+    /// returns how many times it kicked again.
+    pub fn wait_paused(&self) -> u32 {
         let mut control = lock(&self.shared.control);
+        let mut retry = KICK_RETRY;
+        let mut kicks = 0;
         while !control.paused && !control.finished && control.request == Request::Pause {
             let (c, timeout) = self
                 .shared
                 .changed
-                .wait_timeout(control, KICK_RETRY)
+                .wait_timeout(control, retry)
                 .unwrap_or_else(|p| p.into_inner());
             control = c;
             if timeout.timed_out() && !control.paused {
                 self.kick();
+                kicks += 1;
+                retry = (retry * 2).min(KICK_RETRY_MAX);
             }
         }
+        kicks
     }
 
     /// Lets a paused vCPU run the guest again.

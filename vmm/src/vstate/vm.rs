@@ -6,6 +6,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
+use tern_migration::engine::StepTimes;
 use vm_memory::GuestMemoryBackend as _;
 
 use super::memory::{GuestMemory, GuestRam};
@@ -37,13 +38,19 @@ pub enum VmError {
     },
 }
 
-/// Saved interrupt controllers, PIT and kvmclock.
+/// Saved interrupt controllers, PIT and kvmclock, each KVM struct as one hex string of its bytes
+/// ([`super::kvm_blob`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
+    #[serde(with = "super::kvm_blob")]
     pub pic_master: kvm_irqchip,
+    #[serde(with = "super::kvm_blob")]
     pub pic_slave: kvm_irqchip,
+    #[serde(with = "super::kvm_blob")]
     pub ioapic: kvm_irqchip,
+    #[serde(with = "super::kvm_blob")]
     pub pit: kvm_pit_state2,
+    #[serde(with = "super::kvm_blob")]
     pub clock: kvm_clock_data,
 }
 
@@ -129,20 +136,30 @@ impl Vm {
         Ok(chip)
     }
 
-    /// Reads the interrupt controllers, PIT and clock. vCPUs must be paused.
-    pub fn save_state(&self) -> Result<VmState, VmError> {
+    /// Reads the interrupt controllers, PIT and clock, each ioctl group timed into `steps`.
+    /// vCPUs must be paused.
+    pub fn save_state(&self, steps: &mut StepTimes) -> Result<VmState, VmError> {
         let err = |what| move |source| VmError::State { what, source };
+        let pic_master = self.irqchip(KVM_IRQCHIP_PIC_MASTER)?;
+        let pic_slave = self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?;
+        let ioapic = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
+        steps.lap("VM irqchips");
+        let pit = self.fd.get_pit2().map_err(err("read PIT"))?;
+        steps.lap("VM PIT");
+        let clock = self.fd.get_clock().map_err(err("read kvmclock"))?;
+        steps.lap("VM kvmclock");
         Ok(VmState {
-            pic_master: self.irqchip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: self.irqchip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: self.irqchip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.fd.get_pit2().map_err(err("read PIT"))?,
-            clock: self.fd.get_clock().map_err(err("read kvmclock"))?,
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit,
+            clock,
         })
     }
 
-    /// Loads state saved by [`Vm::save_state`]. vCPUs must not be running.
-    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+    /// Loads state saved by [`Vm::save_state`], each ioctl group timed into `steps`. vCPUs must
+    /// not be running.
+    pub fn restore_state(&self, state: &VmState, steps: &mut StepTimes) -> Result<(), VmError> {
         let err = |what| move |source| VmError::State { what, source };
         self.fd
             .set_irqchip(&state.pic_master)
@@ -153,12 +170,15 @@ impl Vm {
         self.fd
             .set_irqchip(&state.ioapic)
             .map_err(err("restore IOAPIC"))?;
+        steps.lap("VM irqchips");
         self.fd.set_pit2(&state.pit).map_err(err("restore PIT"))?;
+        steps.lap("VM PIT");
         let clock = kvm_clock_data {
             clock: state.clock.clock,
             ..Default::default()
         };
         self.fd.set_clock(&clock).map_err(err("restore kvmclock"))?;
+        steps.lap("VM kvmclock");
         Ok(())
     }
 }

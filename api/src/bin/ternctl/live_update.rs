@@ -92,7 +92,9 @@ fn follow(old: &ApiClient) -> Result<MigrationStatus, LiveUpdateError> {
                     s.error.unwrap_or_else(|| format!("{:?}", s.status)),
                 ))
             }
-            _ => std::thread::sleep(Duration::from_millis(5)),
+            // Each poll is an API request the old tern answers while it may be switching over:
+            // on a host short of CPUs it competes with the switchover itself.
+            _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
@@ -191,6 +193,30 @@ pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateErro
             "live-update: switchover: {}",
             crate::report::switchover_line(t)
         );
+    }
+    if !s.switchover_steps.is_empty() {
+        println!(
+            "live-update: source steps: {}",
+            crate::report::steps_line(&s.switchover_steps)
+        );
+    }
+    // The new tern timed its side from the old one's Complete to its ack; it records them right
+    // after that ack, so they may lag the old tern's completion by a moment.
+    for _ in 0..100 {
+        match new.vm_migration_status() {
+            Ok(d) if !d.switchover_steps.is_empty() => {
+                println!(
+                    "live-update: new tern steps: {}",
+                    crate::report::steps_line(&d.switchover_steps)
+                );
+                break;
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                eprintln!("live-update: the new tern's switchover steps: {e}");
+                break;
+            }
+        }
     }
     let handed: Vec<&str> = s
         .devices

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
-use tern_api::types::{MigrationIteration, MigrationPass, SwitchoverTimes};
+use tern_api::types::{MigrationIteration, MigrationPass, SwitchoverStep, SwitchoverTimes};
 use tern_api::{MigrationState, MigrationStatus};
 
 /// Why no report could be made.
@@ -51,6 +51,12 @@ pub fn text(s: &MigrationStatus) -> Result<String, ReportError> {
     let mut out = verdict(s);
     if let Some(t) = &s.switchover {
         out.push_str(&format!("  switchover: {}\n", switchover_line(t)));
+    }
+    if !s.switchover_steps.is_empty() {
+        out.push_str(&format!(
+            "  switchover steps: {}\n",
+            steps_line(&s.switchover_steps)
+        ));
     }
     out.push('\n');
     out.push_str(&history_table(&s.iterations, None));
@@ -140,6 +146,15 @@ pub fn switchover_line(t: &SwitchoverTimes) -> String {
         t.destination_restore_us,
         t.destination_start_us
     )
+}
+
+/// A switchover's steps (`GET vm.migration`'s `switchover_steps`) in one line, in order (µs).
+pub fn steps_line(steps: &[SwitchoverStep]) -> String {
+    let parts: Vec<String> = steps
+        .iter()
+        .map(|s| format!("{} {}", s.name, s.us))
+        .collect();
+    format!("{} (µs)", parts.join(" · "))
 }
 
 fn state_word(s: MigrationState) -> &'static str {

@@ -200,6 +200,12 @@ fn summary(s: &MigrationStatus) -> String {
             super::report::switchover_line(t)
         ));
     }
+    if !s.switchover_steps.is_empty() {
+        out.push_str(&format!(
+            "  steps:        {}\n",
+            super::report::steps_line(&s.switchover_steps)
+        ));
+    }
     for d in s.devices.iter().filter(|d| d.handed_over) {
         out.push_str(&format!(
             "  device {}: handed over to the new process (live update){}\n",

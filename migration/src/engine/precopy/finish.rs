@@ -120,6 +120,8 @@ impl Source<'_> {
         let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.stats.set_downtime(downtime);
         self.stats.set_switchover(times);
+        self.stats
+            .set_switchover_steps(self.host.switchover_steps());
         self.finish_devices();
         if self.handover_released {
             self.handover_released = false;
