@@ -688,6 +688,11 @@ pub struct MigrationStatus {
     pub devices: Vec<DeviceMigrationStatus>,
     /// Where the switchover's time went (source side, once completed).
     pub switchover: Option<SwitchoverTimes>,
+    /// Where the setup went, step by step, once the destination acknowledged the config: on the
+    /// source from the send request to that ack (what it waits for before it may pause); on the
+    /// destination what it built before the source connected, then from the receive's start to
+    /// its ack (waiting for the source, config, each part of the VM build).
+    pub setup_steps: Vec<SetupStep>,
     /// The switchover step by step, once completed, in the order the steps ran: on the source
     /// the VMM's steps inside `switchover`'s pause and state save; on the destination everything
     /// from the source's Complete to this side's ack, adding up to that time.
@@ -701,6 +706,16 @@ pub struct SwitchoverStep {
     /// What the step did, e.g. `"vCPU sregs"` or `"wait for commit"`.
     pub name: String,
     /// Its wall time in µs (summed over every run, e.g. once per vCPU).
+    pub us: u64,
+}
+
+/// One timed step of a migration's setup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SetupStep {
+    /// What the step did, e.g. `"memory slots"` or `"wait for the destination's VM"`.
+    pub name: String,
+    /// Its wall time in µs.
     pub us: u64,
 }
 

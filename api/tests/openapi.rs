@@ -121,6 +121,10 @@ fn migration_status() -> MigrationStatus {
         dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
         iterations: vec![iteration()],
         downtime_limit_ms: Some(300),
+        setup_steps: vec![tern_api::types::SetupStep {
+            name: "memory slots".into(),
+            us: 400,
+        }],
         switchover: Some(tern_api::types::SwitchoverTimes {
             pause_us: 40,
             final_sync_us: 30,

@@ -149,6 +149,29 @@ fn median_steps(runs: &[&[tern_api::types::SwitchoverStep]]) -> String {
         .join(" · ")
 }
 
+/// Median per named step over runs (a run without the step does not count), in the order the
+/// steps first appear: `name median` joined.
+fn median_named(runs: &[Vec<(String, u64)>]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for (name, _) in runs.iter().flatten() {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    names
+        .iter()
+        .map(|name| {
+            let v = runs
+                .iter()
+                .filter_map(|r| r.iter().find(|(n, _)| n == name))
+                .map(|(_, us)| *us as f64)
+                .collect();
+            format!("{name} {:.0}", median(v))
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -221,6 +244,21 @@ fn main() {
             println!(
                 "    destination steps: {} (µs, medians)",
                 median_steps(&dst)
+            );
+            let totals: Vec<String> = runs
+                .iter()
+                .map(|s| s.total_time_ms.unwrap_or(0).to_string())
+                .collect();
+            println!("    totals {} ms", totals.join(" "));
+            let named = |steps: &[tern_api::types::SetupStep]| -> Vec<(String, u64)> {
+                steps.iter().map(|s| (s.name.clone(), s.us)).collect()
+            };
+            let src: Vec<_> = runs.iter().map(|s| named(&s.setup_steps)).collect();
+            let dst: Vec<_> = pairs.iter().map(|(_, d)| named(&d.setup_steps)).collect();
+            println!("    source setup: {} (µs, medians)", median_named(&src));
+            println!(
+                "    destination setup: {} (µs, medians)",
+                median_named(&dst)
             );
         }
     }

@@ -454,6 +454,14 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
             destination_restore_us: b.destination_restore_us,
             destination_start_us: b.destination_start_us,
         }),
+        setup_steps: s
+            .setup_steps
+            .iter()
+            .map(|t| tern_api::types::SetupStep {
+                name: t.name.clone(),
+                us: t.us,
+            })
+            .collect(),
         switchover_steps: s
             .switchover_steps
             .iter()
@@ -733,6 +741,9 @@ impl ApiHandler for Controller {
                 .map(|d| (d.id.clone(), d.path.clone()))
                 .collect(),
             inherited: None,
+            base: None,
+            mapping: None,
+            steps: Vec::new(),
         };
         let controller = self.self_ref();
         std::thread::Builder::new()
@@ -793,5 +804,7 @@ fn mig_receive(
 ) -> Result<Box<dyn tern_migration::engine::MigrationTarget>, tern_migration::engine::MigrationError>
 {
     seccomp::install_or_log(ThreadKind::Migration);
+    // The VM's config-free part first: a source that connects meanwhile waits in the backlog.
+    factory.prebuild();
     receive_on(listener, factory, stats)
 }

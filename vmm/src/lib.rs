@@ -24,4 +24,5 @@ pub mod pci_manager;
 pub mod seccomp;
 pub mod sys;
 pub mod vfio_manager;
+pub mod vm_base;
 pub mod vstate;

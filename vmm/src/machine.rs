@@ -4,6 +4,7 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tern_devices::vfio::handover::InheritedDevices;
 use tern_migration::engine::StepTimes;
 
@@ -18,10 +19,9 @@ use crate::demo;
 use crate::device_manager::{DeviceError, DeviceManager, DeviceStates, PlatformEvents};
 use crate::dirty::kvm_ring::{DirtyRings, RING_ENTRIES};
 use crate::sys::kvm_dirty_ring::{self, DirtyRingMapping, KvmDirtyRingError};
+use crate::vm_base::{MappedVm, VmBase};
 use crate::vstate::memory::{GuestRam, MemoryError};
-use crate::vstate::vcpu::{
-    self, DirtyRingFullHandler, VcpuHandle, VcpuRunner, VcpuStop, VcpuStopSink,
-};
+use crate::vstate::vcpu::{DirtyRingFullHandler, VcpuHandle, VcpuRunner, VcpuStop, VcpuStopSink};
 use crate::vstate::vcpu_state::{VcpuState, VcpuStateError};
 use crate::vstate::vm::{Vm, VmError, VmState};
 
@@ -134,19 +134,24 @@ pub struct Machine {
     msr_indices: Vec<u32>,
     vm: Arc<Vm>,
     ram: GuestRam,
+    /// How building it on its [`MappedVm`] went, step by step.
+    build_steps: BuildSteps,
 }
 
-fn open_kvm(path: &Path) -> Result<Kvm, MachineError> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-        MachineError::OpenKvm {
-            path: path.display().to_string(),
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        }
-    })?;
-    Kvm::new_with_path(&c_path).map_err(|source| MachineError::OpenKvm {
-        path: path.display().to_string(),
-        source,
-    })
+/// How long each step of building something took, in µs, in order (what `GET vm.migration`
+/// shows of a destination's VM build).
+#[derive(Debug, Default, Clone)]
+pub struct BuildSteps(pub Vec<(&'static str, u64)>);
+
+impl BuildSteps {
+    /// Records the time since `*from` under `name` and moves `*from` to now.
+    pub fn lap(&mut self, name: &'static str, from: &mut Instant) {
+        let now = Instant::now();
+        let us =
+            u64::try_from(now.saturating_duration_since(*from).as_micros()).unwrap_or(u64::MAX);
+        *from = now;
+        self.0.push((name, us));
+    }
 }
 
 /// The largest vCPU count tern accepts on this host.
@@ -159,7 +164,7 @@ impl Machine {
     /// Builds a VM from `config` and loads its payload; vCPUs are created but not started.
     pub fn create(kvm_path: &Path, config: VmConfig) -> Result<Self, MachineError> {
         let ram = GuestRam::new(config.memory_bytes)?;
-        Self::build(kvm_path, config, ram, true, None)
+        Self::build(VmBase::build(kvm_path)?.map(ram)?, config, true, None)
     }
 
     /// Rebuilds a VM from `config`, existing guest RAM and a saved state; vCPUs are created,
@@ -170,31 +175,26 @@ impl Machine {
         ram: GuestRam,
         state: &MachineState,
     ) -> Result<Self, MachineError> {
-        let machine = Self::create_incoming(kvm_path, config, ram)?;
+        let machine = Self::create_incoming(VmBase::build(kvm_path)?.map(ram)?, config)?;
         machine.restore_state(state, &mut StepTimes::start())?;
         Ok(machine)
     }
 
-    /// Builds a VM that will receive its state later (a migration destination, built when the
-    /// source's config arrives so that the switchover only loads state): no payload, vCPUs created
-    /// and not started.
-    pub fn create_incoming(
-        kvm_path: &Path,
-        config: VmConfig,
-        ram: GuestRam,
-    ) -> Result<Self, MachineError> {
-        Self::build(kvm_path, config, ram, false, None)
+    /// Builds a VM that will receive its state later (a migration destination, built on `base`
+    /// when the source's config arrives so that the switchover only loads state): no payload,
+    /// vCPUs created and not started.
+    pub fn create_incoming(base: MappedVm, config: VmConfig) -> Result<Self, MachineError> {
+        Self::build(base, config, false, None)
     }
 
     /// Like [`Machine::create_incoming`] for a live update: the passthrough devices are the ones
     /// the old process handed over (`inherited`), not opened again.
     pub fn create_inheriting(
-        kvm_path: &Path,
+        base: MappedVm,
         config: VmConfig,
-        ram: GuestRam,
         inherited: &mut InheritedDevices,
     ) -> Result<Self, MachineError> {
-        Self::build(kvm_path, config, ram, false, Some(inherited))
+        Self::build(base, config, false, Some(inherited))
     }
 
     /// Loads a saved state into this VM, timing its steps into `steps`. Its vCPUs must be paused
@@ -225,13 +225,26 @@ impl Machine {
     }
 
     fn build(
-        kvm_path: &Path,
+        base: MappedVm,
         config: VmConfig,
-        ram: GuestRam,
         boot: bool,
         inherited: Option<&mut InheritedDevices>,
     ) -> Result<Self, MachineError> {
-        let kvm = open_kvm(kvm_path)?;
+        let MappedVm {
+            kvm,
+            vm,
+            ram,
+            cpuid: base_cpuid,
+            steps: _,
+        } = base;
+        if ram.size_bytes() != config.memory_bytes {
+            return Err(MachineError::Memory(MemoryError::FileSizeMismatch {
+                expected: config.memory_bytes,
+                actual: ram.size_bytes(),
+            }));
+        }
+        let mut steps = BuildSteps::default();
+        let mut t = Instant::now();
         let max = max_vcpus(&kvm);
         if usize::from(config.cpus) > max || config.cpus == 0 {
             return Err(MachineError::TooManyCpus {
@@ -239,11 +252,7 @@ impl Machine {
                 max,
             });
         }
-        vcpu::register_kick_signal().map_err(|e| MachineError::SpawnVcpu {
-            index: 0,
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
-        let vm = Arc::new(Vm::new(&kvm, &ram)?);
+        let vm = Arc::new(vm);
         // Dirty-ring hook: KVM accepts the ring capability only before the first vCPU exists.
         let ring_bytes = match config.dirty_tracking {
             DirtyTracking::Ring => Some(
@@ -253,6 +262,7 @@ impl Machine {
         };
         let mut ring_maps = Vec::new();
         let (mut devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
+        steps.lap("platform devices", &mut t);
         match inherited {
             Some(inherited) => devices.add_inherited(&ram, &config.devices, inherited)?,
             None => devices.add_passthrough(&ram, &config.devices)?,
@@ -260,7 +270,9 @@ impl Machine {
         for spec in &config.mock_dma {
             devices.add_mock_dma(&ram, spec)?;
         }
-        let base_cpuid = cpuid::supported(&kvm)?;
+        if !config.devices.is_empty() || !config.mock_dma.is_empty() {
+            steps.lap("passthrough devices", &mut t);
+        }
         let mut fds = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let fd = vm
@@ -281,10 +293,12 @@ impl Machine {
         }
         let dirty_rings =
             ring_bytes.map(|_| Arc::new(DirtyRings::new(vm.clone(), &ram, ring_maps)));
+        steps.lap("vCPUs and CPUID", &mut t);
         let msr_indices = match fds.first() {
             Some(fd) => msr::saveable_msr_indices(&kvm, fd)?,
             None => Vec::new(),
         };
+        steps.lap("saveable MSRs", &mut t);
 
         if boot {
             let entries = load_payload(&config, &ram, &fds)?;
@@ -316,6 +330,7 @@ impl Machine {
                 .map_err(|source| MachineError::SpawnVcpu { index, source })?;
             vcpus.push(handle);
         }
+        steps.lap("vCPU threads", &mut t);
         Ok(Self {
             config,
             vcpus,
@@ -326,6 +341,7 @@ impl Machine {
             msr_indices,
             vm,
             ram,
+            build_steps: steps,
         })
     }
 
@@ -374,6 +390,11 @@ impl Machine {
         let devices = self.devices.save()?;
         steps.lap("devices");
         Ok(MachineState { vcpus, vm, devices })
+    }
+
+    /// How building this machine on its [`MappedVm`] went, step by step (µs).
+    pub fn build_steps(&self) -> &[(&'static str, u64)] {
+        &self.build_steps.0
     }
 
     /// The VM's configuration.

@@ -12,6 +12,7 @@ use crate::dirty::GuestPageBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::device::{DeviceStateSink, DeviceStateSource};
+use super::setup_steps::SetupStep;
 use super::steps::SwitchoverStep;
 use crate::dirty::{DirtyBitmap, DirtySource, GpaRange};
 
@@ -190,6 +191,14 @@ pub trait MigrationTargetFactory {
         ))
     }
 
+    /// Local mode: one of the source's memory regions arrived (they come before the config). A
+    /// factory may start mapping it now, alongside the rest of the setup; `create` gets every
+    /// region again. A failure here is reported at once (the source has not paused).
+    fn local_memory(&mut self, region: &LocalRegion) -> Result<(), HostError> {
+        let _ = region;
+        Ok(())
+    }
+
     /// Build a VM from the source's config bytes. `local` holds the source's memory regions in
     /// local mode (map them `MAP_SHARED`, do not copy) and is empty otherwise.
     fn create(
@@ -197,4 +206,16 @@ pub trait MigrationTargetFactory {
         config: &[u8],
         local: Vec<LocalRegion>,
     ) -> Result<Box<dyn MigrationTarget>, HostError>;
+
+    /// The VMM's own steps inside the last [`MigrationTargetFactory::create`] (e.g. memory
+    /// slots, vCPUs), in the order they ran; taken once, for the stats' `setup_steps`.
+    fn setup_steps(&mut self) -> Vec<SetupStep> {
+        Vec::new()
+    }
+
+    /// What the factory built before the receive started (before the source connected), step by
+    /// step; taken once, for the stats' `setup_steps` (outside the migration's total time).
+    fn prebuilt_steps(&mut self) -> Vec<SetupStep> {
+        Vec::new()
+    }
 }

@@ -14,6 +14,7 @@ mod params;
 mod policy;
 mod precopy;
 mod receive;
+mod setup_steps;
 mod stats;
 mod steps;
 
@@ -34,6 +35,7 @@ pub use policy::{
 };
 pub use precopy::{send, start_send, MigrationOutcome, STATE_ESTIMATE_BYTES};
 pub use receive::{receive, receive_on};
+pub use setup_steps::{SetupClock, SetupStep};
 pub use stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatsSnapshot, MigrationStatus,
     PassKind, SwitchoverBreakdown, HISTORY_LIMIT,

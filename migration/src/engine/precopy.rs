@@ -27,6 +27,7 @@ use super::host::{Handover, MigrationHost};
 use super::lanes::{Lanes, OwnedFrame};
 use super::params::SendParams;
 use super::policy::{decide, memory_rate, switchover_ms, AutoConverge, Decision, SwitchoverLoad};
+use super::setup_steps::SetupClock;
 use super::stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatus, PassKind,
     SwitchoverBreakdown,
@@ -108,6 +109,7 @@ pub fn send(
         deferred_loaded: Vec::new(),
         handover: Handover::default(),
         handover_released: false,
+        setup: SetupClock::start(),
     };
     let result = s.migrate();
     let result = s.unwind(result);
@@ -269,6 +271,8 @@ struct Source<'h> {
     /// The handed devices were released ([`MigrationHost::handover_release`]): a failure must
     /// take them back before the VM resumes.
     handover_released: bool,
+    /// The setup's steps until the destination's first ack (published as they happen).
+    setup: SetupClock,
 }
 
 /// A duration in µs, as the stats record them.
@@ -286,12 +290,16 @@ impl Source<'_> {
         if self.params.local {
             // Refused here, before anything connects or pauses, with the reason.
             self.handover = self.host.handover().map_err(MigrationError::Host)?;
+            self.setup_lap("collect what is handed over");
         }
         self.connect()?;
+        self.setup_lap("connect and handshake");
         if self.params.local {
             self.send_local_memory()?;
+            self.setup_lap("memory fds sent");
         }
         self.send_config()?;
+        self.setup_lap("config sent");
         let conns = self.connect_data()?;
         self.lanes = Some(Lanes::start(
             conns,
@@ -300,6 +308,7 @@ impl Source<'_> {
             self.rate.clone(),
             self.stats.clone(),
         )?);
+        self.setup_lap("lanes started");
         if !self.params.local {
             self.sources = self.host.dirty_sources().map_err(MigrationError::Host)?;
             order_for_claims(&mut self.sources);
@@ -364,6 +373,12 @@ impl Source<'_> {
 
     fn session(&self) -> u64 {
         self.session
+    }
+
+    /// Times a setup step and publishes the steps so far.
+    pub(super) fn setup_lap(&mut self, name: &str) {
+        self.setup.lap(name);
+        self.stats.set_setup_steps(self.setup.steps());
     }
 
     fn connect_data(&mut self) -> Result<Vec<Connection>, MigrationError> {

@@ -27,6 +27,7 @@ use super::host::{
 };
 use super::in_doubt::InDoubtVm;
 use super::pages::PageWriter;
+use super::setup_steps::SetupClock;
 use super::stats::{MigrationStats, MigrationStatus};
 use super::steps::StepTimes;
 
@@ -310,10 +311,13 @@ fn run(
     stats: &MigrationStats,
     cancel: &Canceller<'_>,
 ) -> Result<Box<dyn MigrationTarget>, MigrationError> {
+    let mut clock = SetupClock::start();
+    clock.record_before(factory.prebuilt_steps());
     let control = accept(listener, cancel, None)?;
+    clock.lap("wait for the source to connect");
     let writer = control.try_clone().map_err(MigrationError::Transport)?;
     let mut w = FrameWriter::new(writer);
-    let result = run_control(listener, &control, factory, stats, cancel);
+    let result = run_control(listener, &control, factory, stats, cancel, clock);
     match result {
         Ok((target, mut steps)) => {
             // The VM runs here now, whatever happens to this ack: a source that does not get it
@@ -353,6 +357,7 @@ fn run_control(
     factory: &mut dyn MigrationTargetFactory,
     stats: &MigrationStats,
     cancel: &Canceller<'_>,
+    mut clock: SetupClock,
 ) -> Result<(Box<dyn MigrationTarget>, StepTimes), MigrationError> {
     let reader = control.try_clone().map_err(MigrationError::Transport)?;
     let incoming = match reader {
@@ -361,6 +366,7 @@ fn run_control(
     };
     let mut r = FrameReader::new(incoming);
     let hello = read_hello(&mut r)?;
+    clock.lap("handshake");
     if hello.connection_index != 0 {
         return Err(MigrationError::InvalidParams {
             reason: format!(
@@ -399,6 +405,9 @@ fn run_control(
             })?;
         *slot = Some(dr);
     }
+    if hello.connections > 1 {
+        clock.lap("data connections");
+    }
 
     // Setup: memfds and handed devices' fds (local mode), then config.
     let mut local = Vec::new();
@@ -412,12 +421,16 @@ fn run_control(
                         info.gpa.0
                     ),
                 })?;
-                local.push(LocalRegion {
+                let region = LocalRegion {
                     gpa: info.gpa,
                     len_bytes: info.len_bytes,
                     file,
                     file_offset: info.file_offset,
-                });
+                };
+                factory
+                    .local_memory(&region)
+                    .map_err(MigrationError::Host)?;
+                local.push(region);
             }
             Ok(Frame::HandoverFd(meta)) if hello.local => {
                 let meta = meta.to_vec();
@@ -430,12 +443,19 @@ fn run_control(
                 });
             }
             Ok(Frame::Config(cfg)) => {
-                factory
-                    .inherit(std::mem::take(&mut handed))
-                    .map_err(MigrationError::Host)?;
+                clock.lap("memory fds and config received");
+                if !handed.is_empty() {
+                    factory
+                        .inherit(std::mem::take(&mut handed))
+                        .map_err(MigrationError::Host)?;
+                    clock.lap("take the handed devices");
+                } else {
+                    factory.inherit(Vec::new()).map_err(MigrationError::Host)?;
+                }
                 let mut target = factory
                     .create(cfg, std::mem::take(&mut local))
                     .map_err(MigrationError::Host)?;
+                clock.lap_split(factory.setup_steps(), "build the VM (other)");
                 // Devices that take a source device's state wait in RESUMING from now on.
                 let sinks = target.device_sinks().map_err(MigrationError::Host)?;
                 let writer = control.try_clone().map_err(MigrationError::Transport)?;
@@ -447,6 +467,8 @@ fn run_control(
                     devices.recover();
                     return Err(proto("acknowledging the config")(e));
                 }
+                clock.lap("device sinks and ack");
+                stats.set_setup_steps(clock.steps());
                 break (target, devices);
             }
             Ok(Frame::Error(reason)) => {

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::device::DeviceMigrationRecord;
+use super::setup_steps::SetupStep;
 use super::steps::SwitchoverStep;
 use crate::dirty::SourceKind;
 
@@ -186,6 +187,11 @@ pub struct MigrationStatsSnapshot {
     pub devices: Vec<DeviceMigrationRecord>,
     /// Where the switchover's time went (source side, once completed).
     pub switchover: Option<SwitchoverBreakdown>,
+    /// Where the setup went, step by step, once the destination acknowledged the config: on the
+    /// source from the send request to that ack (what it waits for before it may pause), on the
+    /// destination what it built before the source connected, then from the receive's start to
+    /// its ack (waiting for the source, config, each part of the VM build).
+    pub setup_steps: Vec<SetupStep>,
     /// The switchover step by step, once completed: on the source the VMM's steps inside
     /// `switchover`'s pause and state save; on the destination everything from the source's
     /// Complete to this side's Ack (engine and VMM steps, in order, adding up to that time).
@@ -225,6 +231,7 @@ pub struct MigrationStats {
     history: Mutex<Vec<IterationRecord>>,
     devices: Mutex<Vec<DeviceMigrationRecord>>,
     switchover: Mutex<Option<SwitchoverBreakdown>>,
+    setup_steps: Mutex<Vec<SetupStep>>,
     switchover_steps: Mutex<Vec<SwitchoverStep>>,
 }
 
@@ -275,6 +282,7 @@ impl MigrationStats {
             history: Mutex::new(Vec::new()),
             devices: Mutex::new(Vec::new()),
             switchover: Mutex::new(None),
+            setup_steps: Mutex::new(Vec::new()),
             switchover_steps: Mutex::new(Vec::new()),
         }
     }
@@ -336,6 +344,10 @@ impl MigrationStats {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         *self.switchover.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.setup_steps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.switchover_steps
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -478,6 +490,10 @@ impl MigrationStats {
             .unwrap_or_else(|p| p.into_inner()) = steps;
     }
 
+    pub(crate) fn set_setup_steps(&self, steps: &[SetupStep]) {
+        *self.setup_steps.lock().unwrap_or_else(|p| p.into_inner()) = steps.to_vec();
+    }
+
     pub(crate) fn set_downtime(&self, ms: u64) {
         self.downtime_ms.store(ms, Ordering::Relaxed);
     }
@@ -535,6 +551,11 @@ impl MigrationStats {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             switchover: *self.switchover.lock().unwrap_or_else(|p| p.into_inner()),
+            setup_steps: self
+                .setup_steps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             switchover_steps: self
                 .switchover_steps
                 .lock()

@@ -3,12 +3,14 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tern_devices::vfio::handover::InheritedDevices;
 use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::engine::{
     DeviceStateSink, HandoverFd, HostError, LocalRegion, MigrationState, MigrationTarget,
-    MigrationTargetFactory, StepTimes, SwitchoverStep,
+    MigrationTargetFactory, SetupStep, StepTimes, SwitchoverStep,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -16,8 +18,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device_map::{apply_mapping, check_local, LocalDevice};
 use super::state_codec::decode_state;
 use crate::config::{PciFunctionIds, SerialConfig, VmConfig};
-use crate::machine::Machine;
+use crate::machine::{BuildSteps, Machine, MachineError};
+use crate::vm_base::{MappedVm, VmBase};
 use crate::vstate::memory::GuestRam;
+use crate::vstate::memory::MemoryError;
 
 /// Where a started destination machine is handed to the VMM loop.
 #[derive(Debug)]
@@ -102,6 +106,50 @@ pub struct TernTargetFactory {
     pub devices: Vec<(String, PathBuf)>,
     /// A live update's devices, handed over by the old process before its config arrived.
     pub inherited: Option<InheritedDevices>,
+    /// The KVM VM built before the source connected ([`TernTargetFactory::prebuild`]); taken by
+    /// the first `create`, which builds its own when there is none.
+    pub base: Option<VmBase>,
+    /// `base` getting the source's memory fd mapped in, on a thread of its own, since that fd
+    /// arrived (local mode): `create` waits for it.
+    pub mapping: Option<JoinHandle<Result<MappedVm, MachineError>>>,
+    /// The steps of the last `create`, for the stats.
+    pub steps: Vec<SetupStep>,
+}
+
+fn setup_steps(steps: &[(&'static str, u64)]) -> Vec<SetupStep> {
+    steps
+        .iter()
+        .map(|&(name, us)| SetupStep {
+            name: name.to_owned(),
+            us,
+        })
+        .collect()
+}
+
+impl Drop for TernTargetFactory {
+    fn drop(&mut self) {
+        // A receive that ends before its config: the VM being mapped goes now, not whenever its
+        // thread ends.
+        if let Some(h) = self.mapping.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl TernTargetFactory {
+    /// Builds what does not depend on the source's config (the KVM VM, its irqchip and PIT,
+    /// KVM's CPUID) now, before the source connects, so that its wait for the VM does not include
+    /// it. A failure here is only logged: `create` then builds it and reports the error.
+    pub fn prebuild(&mut self) {
+        match VmBase::build(&self.kvm_path) {
+            Ok(base) => self.base = Some(base),
+            Err(e) => log::warn!(
+                "could not build the KVM VM ahead of the migration (it is built when the \
+                 source's config arrives): {}",
+                tern_migration::engine::error_chain(&e)
+            ),
+        }
+    }
 }
 
 /// Test hook (lab): `TERN_TEST_LIVE_UPDATE_EXIT=inherit|take-over|restore` makes a live update's
@@ -115,6 +163,51 @@ pub fn test_exit_point(step: &str) {
 }
 
 impl MigrationTargetFactory for TernTargetFactory {
+    fn setup_steps(&mut self) -> Vec<SetupStep> {
+        std::mem::take(&mut self.steps)
+    }
+
+    fn local_memory(&mut self, region: &LocalRegion) -> Result<(), HostError> {
+        // All of tern's RAM regions live in one memfd: the first region's file is all it takes.
+        if self.mapping.is_some() {
+            return Ok(());
+        }
+        let Some(base) = self.base.take() else {
+            return Ok(());
+        };
+        let file = region
+            .file
+            .try_clone()
+            .map_err(|e| HostError::new("keep the memory fd handed over", e))?;
+        let map = move || -> Result<MappedVm, MachineError> {
+            let len = file
+                .metadata()
+                .map_err(|e| MachineError::Memory(MemoryError::CreateFile(e)))?
+                .len();
+            base.map(GuestRam::from_file(file, len)?)
+        };
+        // Registering memory slots can wait on the kernel (a grace period): not on this thread,
+        // which reads the config meanwhile. The migration seccomp filter is inherited.
+        let handle = std::thread::Builder::new()
+            .name("tern-mig-memslots".into())
+            .spawn(map)
+            .map_err(|e| HostError::new("start mapping the memory handed over", e))?;
+        self.mapping = Some(handle);
+        Ok(())
+    }
+
+    fn prebuilt_steps(&mut self) -> Vec<SetupStep> {
+        self.base.as_ref().map_or_else(Vec::new, |b| {
+            b.steps()
+                .iter()
+                .map(|&(name, us)| SetupStep {
+                    name: format!("before the source connected: {name}"),
+                    us,
+                })
+                .collect()
+        })
+    }
+
     fn inherit(&mut self, fds: Vec<HandoverFd>) -> Result<(), HostError> {
         if fds.is_empty() {
             self.inherited = None;
@@ -134,37 +227,73 @@ impl MigrationTargetFactory for TernTargetFactory {
     ) -> Result<Box<dyn MigrationTarget>, HostError> {
         // The switchover (restore, start) runs code this process has never run.
         super::prefault_code("migration destination");
+        let mut t = Instant::now();
+        let mut steps = BuildSteps::default();
         let mut config: VmConfig =
             serde_json::from_slice(config).map_err(|e| HostError::new("decode VM config", e))?;
         config.serial = self.serial.clone();
         // Refused here, before the source pauses, with the reason.
         apply_mapping(&mut config.devices, &self.devices)
             .map_err(|e| HostError::new("map the source's passthrough devices", e))?;
-        let ram = match local.into_iter().next() {
-            // A copy needs memory of its own: refuse a VM this host cannot hold now, with the
-            // reason, rather than start a migration the kernel's OOM killer would end.
-            None => check_host_memory(config.memory_bytes, host_available_bytes())
-                .map_err(|e| HostError::new("reserve guest memory", e))
-                .and_then(|()| {
-                    GuestRam::new(config.memory_bytes)
-                        .map_err(|e| HostError::new("create guest memory", e))
-                })?,
-            // All of tern's RAM regions live in one memfd, at their file offsets; the first
-            // region's file is that memfd.
-            Some(first) => GuestRam::from_file(first.file, config.memory_bytes)
-                .map_err(|e| HostError::new("map guest memory handed over", e))?,
+        let mut out = Vec::new();
+        let mapped = match self.mapping.take() {
+            // Local mode with a prebuilt VM: mapped since the memory fd arrived.
+            Some(handle) => {
+                steps.lap("config", &mut t);
+                let mapped = handle
+                    .join()
+                    .map_err(|_| HostError::new("map guest memory handed over", "thread panicked"))?
+                    .map_err(|e| HostError::new("map guest memory handed over", e))?;
+                steps.lap("wait for the memory mapped alongside", &mut t);
+                out.extend(mapped.steps().iter().map(|&(name, us)| SetupStep {
+                    name: format!("alongside: {name}"),
+                    us,
+                }));
+                mapped
+            }
+            None => {
+                let ram = match local.into_iter().next() {
+                    // A copy needs memory of its own: refuse a VM this host cannot hold now, with
+                    // the reason, rather than start a migration the kernel's OOM killer would end.
+                    None => check_host_memory(config.memory_bytes, host_available_bytes())
+                        .map_err(|e| HostError::new("reserve guest memory", e))
+                        .and_then(|()| {
+                            GuestRam::new(config.memory_bytes)
+                                .map_err(|e| HostError::new("create guest memory", e))
+                        })?,
+                    // All of tern's RAM regions live in one memfd, at their file offsets; the
+                    // first region's file is that memfd.
+                    Some(first) => GuestRam::from_file(first.file, config.memory_bytes)
+                        .map_err(|e| HostError::new("map guest memory handed over", e))?,
+                };
+                steps.lap("config and guest memory", &mut t);
+                let base = match self.base.take() {
+                    Some(base) => base,
+                    None => {
+                        let base = VmBase::build(&self.kvm_path)
+                            .map_err(|e| HostError::new("build the incoming VM", e))?;
+                        steps.0.extend_from_slice(base.steps());
+                        base
+                    }
+                };
+                let mapped = base
+                    .map(ram)
+                    .map_err(|e| HostError::new("build the incoming VM", e))?;
+                steps.0.extend_from_slice(mapped.steps());
+                mapped
+            }
         };
         // Build the whole VM now, while the source is still iterating, so that the switchover
         // only has to load state.
         let handed = self.inherited.take();
         let live_update = handed.is_some();
         let machine = match handed {
-            Some(mut inherited) => {
-                Machine::create_inheriting(&self.kvm_path, config, ram, &mut inherited)
-            }
-            None => Machine::create_incoming(&self.kvm_path, config, ram),
+            Some(mut inherited) => Machine::create_inheriting(mapped, config, &mut inherited),
+            None => Machine::create_incoming(mapped, config),
         }
         .map_err(|e| HostError::new("build the incoming VM", e))?;
+        steps.0.extend_from_slice(machine.build_steps());
+        t = Instant::now();
         let local: Vec<LocalDevice> = machine
             .devices()
             .passthrough_info()
@@ -185,6 +314,9 @@ impl MigrationTargetFactory for TernTargetFactory {
             check_local(&machine.config().devices, &local)
                 .map_err(|e| HostError::new("check the local passthrough devices", e))?;
         }
+        steps.lap("check the devices", &mut t);
+        self.steps = setup_steps(&steps.0);
+        self.steps.extend(out);
         Ok(Box::new(TernTarget {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
@@ -327,6 +459,9 @@ mod tests {
             received: ReceivedMachine::new().expect("eventfd"),
             devices: Vec::new(),
             inherited: None,
+            base: None,
+            mapping: None,
+            steps: Vec::new(),
         };
         let bytes = serde_json::to_vec(&config).expect("config");
         let Err(e) = factory.create(&bytes, Vec::new()) else {

@@ -67,6 +67,12 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, its irqchip and PIT, and maps `ram` into it.
     pub fn new(kvm: &Kvm, ram: &GuestRam) -> Result<Self, VmError> {
+        Self::with_fd(Self::create_fd(kvm)?, ram)
+    }
+
+    /// Creates a KVM VM with its TSS, in-kernel irqchip and PIT: what every tern VM has, whatever
+    /// its config (a migration destination builds it before the source's config arrives).
+    pub fn create_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
         let fd = kvm.create_vm().map_err(VmError::Create)?;
         let setup = |what| move |source| VmError::Setup { what, source };
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -79,6 +85,11 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(setup("create the in-kernel PIT"))?;
+        Ok(fd)
+    }
+
+    /// Maps `ram` into a VM from [`Vm::create_fd`] that has no memory slots yet.
+    pub fn with_fd(fd: VmFd, ram: &GuestRam) -> Result<Self, VmError> {
         let mut vm = Self {
             fd,
             memory: ram.memory().clone(),

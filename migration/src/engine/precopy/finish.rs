@@ -23,6 +23,7 @@ impl Source<'_> {
         if !self.destination_ready {
             self.wait_ack("waiting for the destination to build its VM")?;
             self.destination_ready = true;
+            self.setup_lap("wait for the destination's VM");
         }
         self.stats.set_status(MigrationStatus::Completing);
         let paused_at = Instant::now();
