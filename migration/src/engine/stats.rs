@@ -221,7 +221,8 @@ pub struct MigrationStats {
     throttle_percent: AtomicU64,
     downtime_ms: AtomicU64,
     start_unix_ms: AtomicU64,
-    end_unix_ms: AtomicU64,
+    /// When it ended, in µs since `started` (UNSET while it runs).
+    end_us: AtomicU64,
     setup_time_ms: AtomicU64,
     // Written once when a migration fails; readers take the lock only to clone the text.
     error: Mutex<Option<String>>,
@@ -274,7 +275,7 @@ impl MigrationStats {
             throttle_percent: AtomicU64::new(0),
             downtime_ms: AtomicU64::new(UNSET),
             start_unix_ms: AtomicU64::new(0),
-            end_unix_ms: AtomicU64::new(UNSET),
+            end_us: AtomicU64::new(UNSET),
             setup_time_ms: AtomicU64::new(UNSET),
             error: Mutex::new(None),
             started: Mutex::new(None),
@@ -333,7 +334,7 @@ impl MigrationStats {
         }
         self.downtime_ms.store(UNSET, Ordering::Relaxed);
         self.downtime_target_ms.store(UNSET, Ordering::Relaxed);
-        self.end_unix_ms.store(UNSET, Ordering::Relaxed);
+        self.end_us.store(UNSET, Ordering::Relaxed);
         self.setup_time_ms.store(UNSET, Ordering::Relaxed);
         self.total_bytes.store(total_bytes, Ordering::Relaxed);
         self.start_unix_ms.store(unix_ms(), Ordering::Relaxed);
@@ -498,18 +499,31 @@ impl MigrationStats {
         self.downtime_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// The migration is over from here on (the source has the destination's final ack): what
+    /// follows (closing connections, joining threads) is not part of its total time, as in QEMU.
+    /// Only the first call counts; [`MigrationStats::finish`] makes it if nothing did.
+    pub(crate) fn mark_end(&self) {
+        let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let us = started.map_or(0, |s| {
+            u64::try_from(s.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
+        });
+        let _ = self
+            .end_us
+            .compare_exchange(UNSET, us, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
     /// Record the end of a migration: final status and, on failure, the error text.
     pub(crate) fn finish(&self, status: MigrationStatus, error: Option<String>) {
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = error;
-        self.end_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        self.mark_end();
         self.set_status(status);
     }
 
     /// A consistent-enough copy for display; never blocks on the migration thread.
     pub fn snapshot(&self) -> MigrationStatsSnapshot {
         let start = self.start_unix_ms.load(Ordering::Relaxed);
-        let total_time_ms = match opt(self.end_unix_ms.load(Ordering::Relaxed)) {
-            Some(end) => end.saturating_sub(start),
+        let total_time_ms = match opt(self.end_us.load(Ordering::Relaxed)) {
+            Some(end_us) => end_us / 1000,
             None if start == 0 => 0,
             None => self.elapsed_ms(),
         };

@@ -118,6 +118,8 @@ impl Source<'_> {
             Err(e) => return Err(in_doubt(e)),
         }
         times.destination_start_us = step.lap();
+        // The VM runs at the destination and this side knows it: the migration is complete.
+        self.stats.mark_end();
         let downtime = u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.stats.set_downtime(downtime);
         self.stats.set_switchover(times);
