@@ -147,6 +147,10 @@ pub trait MigrationHost: Send {
     /// Local mode: the destination runs the VM with the devices; never tear them down here (no
     /// unmap, no interrupt change, no detach), only close this side's descriptors.
     fn handover_done(&mut self) {}
+    /// Called once, right after the config went out: work this side only needs done before its
+    /// pause, done while the destination builds its VM rather than before the config goes out.
+    /// The VMM logs its own failures here.
+    fn prepare_switchover(&mut self) {}
     /// The VMM's own steps inside the last switchover's pause, device pause, handover release
     /// and state save (e.g. per KVM ioctl group), in the order they ran; taken once, for the
     /// stats' `switchover_steps`.

@@ -309,6 +309,8 @@ impl Source<'_> {
             self.stats.clone(),
         )?);
         self.setup_lap("lanes started");
+        self.host.prepare_switchover();
+        self.setup_lap("prepare the switchover");
         if !self.params.local {
             self.sources = self.host.dirty_sources().map_err(MigrationError::Host)?;
             order_for_claims(&mut self.sources);

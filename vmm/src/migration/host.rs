@@ -48,8 +48,6 @@ impl MigrationHost for MachineHost {
     }
 
     fn config(&mut self) -> Result<Vec<u8>, HostError> {
-        // Called once as the migration starts: the pause is seconds or less away.
-        super::prefault_code("migration source");
         // The destination checks its devices against the source's PCI IDs.
         let mut config = self.machine.config().clone();
         let opened: Vec<(String, PciFunctionIds)> = self
@@ -175,6 +173,12 @@ impl MigrationHost for MachineHost {
             .devices()
             .handover_reclaim()
             .map_err(|e| HostError::new("take the devices back", e))
+    }
+
+    fn prepare_switchover(&mut self) {
+        // The pause is seconds or less away; the destination is building its VM meanwhile, so
+        // this is not on the path the migration waits on (it was, before the config went out).
+        super::prefault_code("migration source");
     }
 
     fn handover_done(&mut self) {

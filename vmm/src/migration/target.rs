@@ -142,7 +142,12 @@ impl TernTargetFactory {
     /// it. A failure here is only logged: `create` then builds it and reports the error.
     pub fn prebuild(&mut self) {
         match VmBase::build(&self.kvm_path) {
-            Ok(base) => self.base = Some(base),
+            Ok(base) => {
+                self.base = Some(base);
+                // The switchover (restore, start) runs code this process has never run; mapping
+                // it does not depend on the config either.
+                super::prefault_code("migration destination");
+            }
             Err(e) => log::warn!(
                 "could not build the KVM VM ahead of the migration (it is built when the \
                  source's config arrives): {}",
@@ -225,8 +230,11 @@ impl MigrationTargetFactory for TernTargetFactory {
         config: &[u8],
         local: Vec<LocalRegion>,
     ) -> Result<Box<dyn MigrationTarget>, HostError> {
-        // The switchover (restore, start) runs code this process has never run.
-        super::prefault_code("migration destination");
+        if self.base.is_none() && self.mapping.is_none() {
+            // Nothing was prebuilt (nor the code mapped with it): the switchover (restore, start)
+            // runs code this process has never run.
+            super::prefault_code("migration destination");
+        }
         let mut t = Instant::now();
         let mut steps = BuildSteps::default();
         let mut config: VmConfig =
