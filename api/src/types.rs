@@ -678,6 +678,11 @@ pub struct MigrationStatus {
     pub downtime_limit_ms: Option<u64>,
     /// Guest pause measured at switch-over (set when `completed`).
     pub downtime_ms: Option<u64>,
+    /// Source: when its vCPUs were paused for the switchover, µs since the Unix epoch (wall
+    /// clock: compare with the destination's `resumed_at_unix_us` on the same host).
+    pub paused_at_unix_us: Option<u64>,
+    /// Destination: when its vCPUs started running the guest, µs since the Unix epoch.
+    pub resumed_at_unix_us: Option<u64>,
     /// From the start of `setup` to the end (set once terminal).
     pub total_time_ms: Option<u64>,
     /// Time spent in `setup` (set once `active` began).

@@ -425,6 +425,8 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         cpu_throttle_percent: u8::try_from(s.throttle_percent).unwrap_or(u8::MAX),
         downtime_limit_ms: s.downtime_target_ms,
         downtime_ms: s.downtime_ms,
+        paused_at_unix_us: s.paused_at_unix_us,
+        resumed_at_unix_us: s.resumed_at_unix_us,
         total_time_ms: status.is_terminal().then_some(s.total_time_ms),
         setup_time_ms: s.setup_time_ms,
         error: s.error.clone(),

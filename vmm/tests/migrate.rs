@@ -95,6 +95,27 @@ fn watch_throttle(src: &mut TernProcess) -> (MigrationStatus, u8) {
     panic!("migration did not finish: {last:?}");
 }
 
+/// The source's pause and the destination's start, stamped on the wall clock by each side: the
+/// destination starts after the source paused and before the source heard so (its downtime).
+fn assert_stop_to_run_within_downtime(src_status: &MigrationStatus, dst: &TernProcess) {
+    let dst_status = dst
+        .client()
+        .vm_migration_status()
+        .expect("destination status");
+    let (Some(paused), Some(resumed), Some(downtime_ms)) = (
+        src_status.paused_at_unix_us,
+        dst_status.resumed_at_unix_us,
+        src_status.downtime_ms,
+    ) else {
+        panic!("pause/resume stamps missing:\nsource {src_status:?}\ndestination {dst_status:?}");
+    };
+    assert!(
+        paused <= resumed && resumed - paused <= (downtime_ms + 1) * 1000,
+        "destination started {} us after the source paused; downtime {downtime_ms} ms",
+        i128::from(resumed) - i128::from(paused)
+    );
+}
+
 /// Migrates `src` to `dst` over `url` with `body` (destination_url is filled in) and checks the
 /// full success contract. Returns the final status.
 fn migrate_ok(
@@ -126,6 +147,7 @@ fn migrate_ok_throttle(
         src.stderr_text()
     );
     assert!(status.downtime_ms.is_some(), "{status:?}");
+    assert_stop_to_run_within_downtime(&status, dst);
     let Some(exit) = src.wait_exit(Duration::from_secs(10)) else {
         panic!(
             "source did not exit after handing over: {}\nthreads: {}",

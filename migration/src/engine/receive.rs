@@ -320,6 +320,7 @@ fn run(
     let result = run_control(listener, &control, factory, stats, cancel, clock);
     match result {
         Ok((target, mut steps)) => {
+            stats.mark_resumed();
             // The VM runs here now, whatever happens to this ack: a source that does not get it
             // stays paused, in doubt, and the operator stops it.
             if let Err(e) = w.send(&Frame::Ack) {

@@ -177,6 +177,11 @@ pub struct MigrationStatsSnapshot {
     pub throttle_percent: u64,
     /// Measured downtime (pause → destination ack), once completed.
     pub downtime_ms: Option<u64>,
+    /// Source: when its vCPUs were paused for the switchover, µs since the Unix epoch (wall
+    /// clock, so that another process on the host, or another VMM, can be compared with it).
+    pub paused_at_unix_us: Option<u64>,
+    /// Destination: when its vCPUs started running the guest, µs since the Unix epoch.
+    pub resumed_at_unix_us: Option<u64>,
     /// Time since start (running) or start → end (finished), in ms.
     pub total_time_ms: u64,
     /// Time from start to the first memory frame, in ms.
@@ -224,6 +229,8 @@ pub struct MigrationStats {
     /// When it ended, in µs since `started` (UNSET while it runs).
     end_us: AtomicU64,
     setup_time_ms: AtomicU64,
+    paused_at_unix_us: AtomicU64,
+    resumed_at_unix_us: AtomicU64,
     // Written once when a migration fails; readers take the lock only to clone the text.
     error: Mutex<Option<String>>,
     started: Mutex<Option<Instant>>,
@@ -240,6 +247,13 @@ impl Default for MigrationStats {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn unix_ms() -> u64 {
@@ -277,6 +291,8 @@ impl MigrationStats {
             start_unix_ms: AtomicU64::new(0),
             end_us: AtomicU64::new(UNSET),
             setup_time_ms: AtomicU64::new(UNSET),
+            paused_at_unix_us: AtomicU64::new(UNSET),
+            resumed_at_unix_us: AtomicU64::new(UNSET),
             error: Mutex::new(None),
             started: Mutex::new(None),
             dma_by_source: Mutex::new(BTreeMap::new()),
@@ -336,6 +352,8 @@ impl MigrationStats {
         self.downtime_target_ms.store(UNSET, Ordering::Relaxed);
         self.end_us.store(UNSET, Ordering::Relaxed);
         self.setup_time_ms.store(UNSET, Ordering::Relaxed);
+        self.paused_at_unix_us.store(UNSET, Ordering::Relaxed);
+        self.resumed_at_unix_us.store(UNSET, Ordering::Relaxed);
         self.total_bytes.store(total_bytes, Ordering::Relaxed);
         self.start_unix_ms.store(unix_ms(), Ordering::Relaxed);
         *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
@@ -499,6 +517,16 @@ impl MigrationStats {
         self.downtime_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// The source's vCPUs have just been paused for the switchover.
+    pub(crate) fn mark_paused(&self) {
+        self.paused_at_unix_us.store(unix_us(), Ordering::Relaxed);
+    }
+
+    /// The destination's vCPUs have just started running the guest.
+    pub(crate) fn mark_resumed(&self) {
+        self.resumed_at_unix_us.store(unix_us(), Ordering::Relaxed);
+    }
+
     /// The migration is over from here on (the source has the destination's final ack): what
     /// follows (closing connections, joining threads) is not part of its total time, as in QEMU.
     /// Only the first call counts; [`MigrationStats::finish`] makes it if nothing did.
@@ -556,6 +584,8 @@ impl MigrationStats {
             downtime_target_ms: opt(self.downtime_target_ms.load(Ordering::Relaxed)),
             throttle_percent: self.throttle_percent.load(Ordering::Relaxed),
             downtime_ms: opt(self.downtime_ms.load(Ordering::Relaxed)),
+            paused_at_unix_us: opt(self.paused_at_unix_us.load(Ordering::Relaxed)),
+            resumed_at_unix_us: opt(self.resumed_at_unix_us.load(Ordering::Relaxed)),
             total_time_ms,
             setup_time_ms: opt(self.setup_time_ms.load(Ordering::Relaxed)),
             error: self.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),

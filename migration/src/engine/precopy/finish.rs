@@ -30,6 +30,7 @@ impl Source<'_> {
         let mut times = SwitchoverBreakdown::default();
         let mut step = Step(paused_at);
         self.host.pause().map_err(MigrationError::Host)?;
+        self.stats.mark_paused();
         self.paused = true;
         // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
         // read: a device write after that read would be lost. Their stop counts as downtime.
