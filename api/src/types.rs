@@ -695,8 +695,8 @@ pub struct MigrationStatus {
     pub switchover: Option<SwitchoverTimes>,
     /// Where the setup went, step by step, once the destination acknowledged the config: on the
     /// source from the send request to that ack (what it waits for before it may pause); on the
-    /// destination what it built before the source connected, then from the receive's start to
-    /// its ack (waiting for the source, config, each part of the VM build).
+    /// destination from the receive's start to its ack (waiting for the source, config, each part
+    /// of the VM build); steps named "alongside: ..." ran on another thread meanwhile.
     pub setup_steps: Vec<SetupStep>,
     /// The switchover step by step, once completed, in the order the steps ran: on the source
     /// the VMM's steps inside `switchover`'s pause and state save; on the destination everything

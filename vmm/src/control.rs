@@ -733,20 +733,15 @@ impl ApiHandler for Controller {
             stats: stats.clone(),
             outgoing: false,
         });
-        let mut factory = TernTargetFactory {
-            kvm_path: self.kvm_path.clone(),
-            serial: self.serial.clone(),
-            received: self.received.clone(),
-            devices: data
-                .devices
+        let mut factory = TernTargetFactory::new(
+            self.kvm_path.clone(),
+            self.serial.clone(),
+            self.received.clone(),
+            data.devices
                 .iter()
                 .map(|d| (d.id.clone(), d.path.clone()))
                 .collect(),
-            inherited: None,
-            base: None,
-            mapping: None,
-            steps: Vec::new(),
-        };
+        );
         let controller = self.self_ref();
         std::thread::Builder::new()
             .name("tern-migrate-dst".into())
@@ -806,7 +801,7 @@ fn mig_receive(
 ) -> Result<Box<dyn tern_migration::engine::MigrationTarget>, tern_migration::engine::MigrationError>
 {
     seccomp::install_or_log(ThreadKind::Migration);
-    // The VM's config-free part first: a source that connects meanwhile waits in the backlog.
+    // The VM's config-free part, alongside the source's connection.
     factory.prebuild();
     receive_on(listener, factory, stats)
 }

@@ -78,6 +78,8 @@ pub enum MachineError {
     },
     #[error("saved state has {saved} vCPUs but the VM has {configured}")]
     VcpuCountMismatch { saved: usize, configured: usize },
+    #[error("the thread building the VM ahead of the migration panicked")]
+    PrebuildPanicked,
     #[error("cannot wait for VM events")]
     Epoll(#[source] std::io::Error),
     #[error("cannot set up the KVM dirty ring (--dirty-tracking ring)")]
@@ -236,6 +238,7 @@ impl Machine {
             ram,
             cpuid: base_cpuid,
             steps: _,
+            base_steps: _,
         } = base;
         if ram.size_bytes() != config.memory_bytes {
             return Err(MachineError::Memory(MemoryError::FileSizeMismatch {

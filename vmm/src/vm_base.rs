@@ -1,8 +1,8 @@
 //! The part of a VM that no configuration changes: the `/dev/kvm` handle, a KVM VM with its TSS,
 //! in-kernel irqchip and PIT, and KVM's supported CPUID. Every machine is built on one
-//! ([`crate::machine::Machine`]); a migration destination builds it when `vm.receive-migration`
-//! is requested, before the source connects, so that the source's wait for the destination's VM
-//! (and with it a local migration's total time) no longer includes it.
+//! ([`crate::machine::Machine`]); a migration destination builds it from the moment
+//! `vm.receive-migration` is requested, while the source connects, so that the source's wait for
+//! the destination's VM (and with it a local migration's total time) no longer includes it.
 //!
 //! It holds no guest memory and no vCPU: the dirty ring (`--dirty-tracking ring`) can still be
 //! enabled on it, and any config the source sends fits it. [`VmBase::map`] then registers guest
@@ -84,6 +84,7 @@ impl VmBase {
             ram,
             cpuid: self.cpuid,
             steps,
+            base_steps: self.steps,
         })
     }
 }
@@ -95,14 +96,21 @@ pub struct MappedVm {
     pub(crate) vm: Vm,
     pub(crate) ram: GuestRam,
     pub(crate) cpuid: CpuId,
-    /// How mapping the memory took, step by step (µs; the base's own steps are its own).
+    /// How mapping the memory took, step by step (µs).
     pub(crate) steps: BuildSteps,
+    /// How building the base took, step by step (µs).
+    pub(crate) base_steps: BuildSteps,
 }
 
 impl MappedVm {
     /// What building it took, step by step (µs).
     pub fn steps(&self) -> &[(&'static str, u64)] {
         &self.steps.0
+    }
+
+    /// What building its [`VmBase`] took, step by step (µs).
+    pub fn base_steps(&self) -> &[(&'static str, u64)] {
+        &self.base_steps.0
     }
 
     /// The guest memory.

@@ -25,16 +25,12 @@ fn open_fds() -> usize {
 }
 
 fn factory() -> TernTargetFactory {
-    TernTargetFactory {
-        kvm_path: "/dev/kvm".into(),
-        serial: SerialConfig::Off,
-        received: ReceivedMachine::new().expect("eventfd"),
-        devices: Vec::new(),
-        inherited: None,
-        base: None,
-        mapping: None,
-        steps: Vec::new(),
-    }
+    TernTargetFactory::new(
+        "/dev/kvm".into(),
+        SerialConfig::Off,
+        ReceivedMachine::new().expect("eventfd"),
+        Vec::new(),
+    )
 }
 
 fn config(memory_bytes: u64) -> Vec<u8> {
@@ -75,11 +71,20 @@ fn prebuilt_vm_is_used_checked_against_the_config_and_released() {
     let ram = memfd(64 * MIB);
     let before = open_fds();
 
-    // A receive cancelled before its source connected: the prebuilt VM goes with the factory.
+    // The VM is built ahead, on a thread.
     let mut f = factory();
     f.prebuild();
-    assert!(f.base.is_some(), "nothing was prebuilt");
+    let base = f.base.take().expect("nothing is being prebuilt");
+    let base = base.join().expect("prebuild thread").expect("prebuilt VM");
     assert!(open_fds() > before, "the prebuilt VM holds no descriptor?");
+    drop(base);
+    drop(f);
+    assert_eq!(open_fds(), before, "the prebuilt VM leaked descriptors");
+
+    // A receive cancelled before its source connected, the VM maybe still being built: it goes
+    // with the factory.
+    let mut f = factory();
+    f.prebuild();
     drop(f);
     assert_eq!(open_fds(), before, "the prebuilt VM leaked descriptors");
 

@@ -217,8 +217,8 @@ pub trait MigrationTargetFactory {
         Vec::new()
     }
 
-    /// What the factory built before the receive started (before the source connected), step by
-    /// step; taken once, for the stats' `setup_steps` (outside the migration's total time).
+    /// What the factory built alongside the receive (from before the source connected), step by
+    /// step; taken once after `create`, for the stats' `setup_steps` (it overlaps the others).
     fn prebuilt_steps(&mut self) -> Vec<SetupStep> {
         Vec::new()
     }

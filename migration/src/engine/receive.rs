@@ -312,7 +312,6 @@ fn run(
     cancel: &Canceller<'_>,
 ) -> Result<Box<dyn MigrationTarget>, MigrationError> {
     let mut clock = SetupClock::start();
-    clock.record_before(factory.prebuilt_steps());
     let control = accept(listener, cancel, None)?;
     clock.lap("wait for the source to connect");
     let writer = control.try_clone().map_err(MigrationError::Transport)?;
@@ -469,6 +468,7 @@ fn run_control(
                     return Err(proto("acknowledging the config")(e));
                 }
                 clock.lap("device sinks and ack");
+                clock.record_before(factory.prebuilt_steps());
                 stats.set_setup_steps(clock.steps());
                 break (target, devices);
             }

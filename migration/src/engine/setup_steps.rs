@@ -60,7 +60,7 @@ impl SetupClock {
         }
     }
 
-    /// Adds steps that ran before this clock started (they take no part in its laps).
+    /// Adds steps that ran alongside this clock's (they take no part in its laps), first.
     pub fn record_before(&mut self, parts: Vec<SetupStep>) {
         self.steps.splice(0..0, parts);
     }

@@ -106,14 +106,34 @@ pub struct TernTargetFactory {
     pub devices: Vec<(String, PathBuf)>,
     /// A live update's devices, handed over by the old process before its config arrived.
     pub inherited: Option<InheritedDevices>,
-    /// The KVM VM built before the source connected ([`TernTargetFactory::prebuild`]); taken by
-    /// the first `create`, which builds its own when there is none.
-    pub base: Option<VmBase>,
+    /// The KVM VM being built since the receive request ([`TernTargetFactory::prebuild`]), on a
+    /// thread of its own while the source connects; taken by the first `create` (or by
+    /// `mapping`), which builds one itself when there is none.
+    pub base: Option<JoinHandle<Result<VmBase, MachineError>>>,
     /// `base` getting the source's memory fd mapped in, on a thread of its own, since that fd
     /// arrived (local mode): `create` waits for it.
     pub mapping: Option<JoinHandle<Result<MappedVm, MachineError>>>,
+    /// The code prefault started with `base`.
+    prefault: Option<JoinHandle<()>>,
     /// The steps of the last `create`, for the stats.
-    pub steps: Vec<SetupStep>,
+    steps: Vec<SetupStep>,
+    /// What `base` took, once joined, for the stats.
+    prebuilt: Vec<SetupStep>,
+}
+
+/// Waits for the VM being built ahead.
+fn join_base(h: JoinHandle<Result<VmBase, MachineError>>) -> Result<VmBase, MachineError> {
+    h.join().unwrap_or(Err(MachineError::PrebuildPanicked))
+}
+
+fn alongside(steps: &[(&'static str, u64)]) -> Vec<SetupStep> {
+    steps
+        .iter()
+        .map(|&(name, us)| SetupStep {
+            name: format!("alongside: {name}"),
+            us,
+        })
+        .collect()
 }
 
 fn setup_steps(steps: &[(&'static str, u64)]) -> Vec<SetupStep> {
@@ -133,26 +153,57 @@ impl Drop for TernTargetFactory {
         if let Some(h) = self.mapping.take() {
             let _ = h.join();
         }
+        if let Some(h) = self.base.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.prefault.take() {
+            let _ = h.join();
+        }
     }
 }
 
 impl TernTargetFactory {
-    /// Builds what does not depend on the source's config (the KVM VM, its irqchip and PIT,
-    /// KVM's CPUID) now, before the source connects, so that its wait for the VM does not include
-    /// it. A failure here is only logged: `create` then builds it and reports the error.
+    /// A factory for one receive; nothing built yet.
+    pub fn new(
+        kvm_path: PathBuf,
+        serial: SerialConfig,
+        received: Arc<ReceivedMachine>,
+        devices: Vec<(String, PathBuf)>,
+    ) -> Self {
+        Self {
+            kvm_path,
+            serial,
+            received,
+            devices,
+            inherited: None,
+            base: None,
+            mapping: None,
+            prefault: None,
+            steps: Vec::new(),
+            prebuilt: Vec::new(),
+        }
+    }
+
+    /// Starts building what does not depend on the source's config (the KVM VM, its irqchip and
+    /// PIT, KVM's CPUID) and mapping this process's code, each on a thread of its own, so that
+    /// neither delays the source's connection nor is waited for after its config. A thread that
+    /// cannot start is only logged: `create` then does the work itself.
     pub fn prebuild(&mut self) {
-        match VmBase::build(&self.kvm_path) {
-            Ok(base) => {
-                self.base = Some(base);
-                // The switchover (restore, start) runs code this process has never run; mapping
-                // it does not depend on the config either.
-                super::prefault_code("migration destination");
-            }
-            Err(e) => log::warn!(
-                "could not build the KVM VM ahead of the migration (it is built when the \
-                 source's config arrives): {}",
-                tern_migration::engine::error_chain(&e)
-            ),
+        let kvm_path = self.kvm_path.clone();
+        match std::thread::Builder::new()
+            .name("tern-mig-prebuild".into())
+            .spawn(move || VmBase::build(&kvm_path))
+        {
+            Ok(h) => self.base = Some(h),
+            Err(e) => log::warn!("cannot build the KVM VM ahead of the migration: {e}"),
+        }
+        // The switchover (restore, start) runs code this process has never run.
+        match std::thread::Builder::new()
+            .name("tern-mig-prefault".into())
+            .spawn(|| super::prefault_code("migration destination"))
+        {
+            Ok(h) => self.prefault = Some(h),
+            Err(e) => log::warn!("cannot map the code ahead of the migration: {e}"),
         }
     }
 }
@@ -185,6 +236,7 @@ impl MigrationTargetFactory for TernTargetFactory {
             .try_clone()
             .map_err(|e| HostError::new("keep the memory fd handed over", e))?;
         let map = move || -> Result<MappedVm, MachineError> {
+            let base = join_base(base)?;
             let len = file
                 .metadata()
                 .map_err(|e| MachineError::Memory(MemoryError::CreateFile(e)))?
@@ -202,15 +254,7 @@ impl MigrationTargetFactory for TernTargetFactory {
     }
 
     fn prebuilt_steps(&mut self) -> Vec<SetupStep> {
-        self.base.as_ref().map_or_else(Vec::new, |b| {
-            b.steps()
-                .iter()
-                .map(|&(name, us)| SetupStep {
-                    name: format!("before the source connected: {name}"),
-                    us,
-                })
-                .collect()
-        })
+        std::mem::take(&mut self.prebuilt)
     }
 
     fn inherit(&mut self, fds: Vec<HandoverFd>) -> Result<(), HostError> {
@@ -230,9 +274,9 @@ impl MigrationTargetFactory for TernTargetFactory {
         config: &[u8],
         local: Vec<LocalRegion>,
     ) -> Result<Box<dyn MigrationTarget>, HostError> {
-        if self.base.is_none() && self.mapping.is_none() {
-            // Nothing was prebuilt (nor the code mapped with it): the switchover (restore, start)
-            // runs code this process has never run.
+        if self.prefault.is_none() {
+            // Not mapped ahead: the switchover (restore, start) runs code this process has never
+            // run.
             super::prefault_code("migration destination");
         }
         let mut t = Instant::now();
@@ -253,10 +297,8 @@ impl MigrationTargetFactory for TernTargetFactory {
                     .map_err(|_| HostError::new("map guest memory handed over", "thread panicked"))?
                     .map_err(|e| HostError::new("map guest memory handed over", e))?;
                 steps.lap("wait for the memory mapped alongside", &mut t);
-                out.extend(mapped.steps().iter().map(|&(name, us)| SetupStep {
-                    name: format!("alongside: {name}"),
-                    us,
-                }));
+                self.prebuilt = alongside(mapped.base_steps());
+                out.extend(alongside(mapped.steps()));
                 mapped
             }
             None => {
@@ -276,7 +318,13 @@ impl MigrationTargetFactory for TernTargetFactory {
                 };
                 steps.lap("config and guest memory", &mut t);
                 let base = match self.base.take() {
-                    Some(base) => base,
+                    Some(h) => {
+                        let base =
+                            join_base(h).map_err(|e| HostError::new("build the incoming VM", e))?;
+                        steps.lap("wait for the VM built alongside", &mut t);
+                        self.prebuilt = alongside(base.steps());
+                        base
+                    }
                     None => {
                         let base = VmBase::build(&self.kvm_path)
                             .map_err(|e| HostError::new("build the incoming VM", e))?;
@@ -461,16 +509,12 @@ mod tests {
             devices: Vec::new(),
             mock_dma: Vec::new(),
         };
-        let mut factory = TernTargetFactory {
-            kvm_path: "/dev/kvm".into(),
-            serial: SerialConfig::Off,
-            received: ReceivedMachine::new().expect("eventfd"),
-            devices: Vec::new(),
-            inherited: None,
-            base: None,
-            mapping: None,
-            steps: Vec::new(),
-        };
+        let mut factory = TernTargetFactory::new(
+            "/dev/kvm".into(),
+            SerialConfig::Off,
+            ReceivedMachine::new().expect("eventfd"),
+            Vec::new(),
+        );
         let bytes = serde_json::to_vec(&config).expect("config");
         let Err(e) = factory.create(&bytes, Vec::new()) else {
             panic!("a 16 TiB VM was accepted");
