@@ -42,6 +42,11 @@ wait_rounds() {
     done
 }
 
+# Prints the time the guest stood still in live-update output $1 (pause -> resume stamps).
+stood_still() {
+    sed -n 's/.*stopped -> running in the new tern: \([0-9]*\) us.*/\1/p' "$1"
+}
+
 # Waits until process $1 is gone (30 s).
 wait_gone() {
     i=0
@@ -104,9 +109,10 @@ live_update() {
     no_bad_rounds "$d/b.log" "$label new tern" || return 1
     grep -q 'EDU: loop' "$d/b.log" && { lab_log "$label: the guest restarted in the new tern"; return 1; }
     downtime=$(sed -n 's/.*downtime \([0-9]*\) ms (\([0-9]*\) us.*/\2/p' "$d/lu.out")
+    stood=$(stood_still "$d/lu.out")
     lab_log "$label: old tern exit 0 after $before clean rounds; new tern: $(clean_rounds "$d/b.log") clean rounds, last: $(grep 'EDU: round' "$d/b.log" | tail -n 1)"
-    lab_log "$label: downtime with edu: ${downtime} us"
-    echo "$downtime" >"$d/downtime"
+    lab_log "$label: downtime with edu: ${downtime} us (vCPUs stopped -> running: ${stood} us)"
+    echo "$downtime us (stopped -> running $stood us)" >"$d/downtime"
 
     # 3. And on again from the new tern (its device is an inherited one).
     ternctl --api-socket "$d/b.sock" live-update --binary "$tern_bin" --new-api-socket "$d/c.sock" \
@@ -144,10 +150,10 @@ b=$(sed -n 's/.*new tern pid \([0-9]*\).*/\1/p' "$d/lu.out")
 pids="$pids $b"
 before=$(passes "$d/b.log")
 wait_progress "$d/b.log" "$before" || exit 1
-nodev=$(sed -n 's/.*downtime \([0-9]*\) ms (\([0-9]*\) us.*/\2/p' "$d/lu.out")
+nodev="$(sed -n 's/.*downtime \([0-9]*\) ms (\([0-9]*\) us.*/\2/p' "$d/lu.out") us (stopped -> running $(stood_still "$d/lu.out") us)"
 ternctl --api-socket "$d/b.sock" shutdown-vmm
 wait_gone "$b"
-lab_log "downtime (256 MiB VM): with edu type1 $(cat "$dir/type1/downtime") us, with edu iommufd $(cat "$dir/iommufd/downtime") us, without a device ${nodev} us"
+lab_log "downtime (256 MiB VM): with edu type1 $(cat "$dir/type1/downtime"), with edu iommufd $(cat "$dir/iommufd/downtime"), without a device ${nodev}"
 
 # An mtty mdev cannot go: type1's update-vaddr excludes mdevs. Refused before anything pauses,
 # naming the device and the reason; the VM runs on.

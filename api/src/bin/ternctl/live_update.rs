@@ -209,6 +209,14 @@ pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateErro
                     "live-update: new tern steps: {}",
                     crate::report::steps_line(&d.switchover_steps)
                 );
+                // Both stamps are this host's wall clock: the time the guest stood still, without
+                // the ack's way back (on a host short of CPUs the resumed guest may run first).
+                if let (Some(p), Some(r)) = (s.paused_at_unix_us, d.resumed_at_unix_us) {
+                    println!(
+                        "live-update: vCPUs stopped -> running in the new tern: {} us",
+                        r.saturating_sub(p)
+                    );
+                }
                 break;
             }
             Ok(_) => std::thread::sleep(Duration::from_millis(10)),
