@@ -235,13 +235,22 @@ impl MigrationTargetFactory for TernTargetFactory {
             .file
             .try_clone()
             .map_err(|e| HostError::new("keep the memory fd handed over", e))?;
+        let mut t = Instant::now();
         let map = move || -> Result<MappedVm, MachineError> {
+            let mut steps = BuildSteps::default();
+            steps.lap("mapping thread started", &mut t);
             let base = join_base(base)?;
+            steps.lap("wait for the VM", &mut t);
             let len = file
                 .metadata()
                 .map_err(|e| MachineError::Memory(MemoryError::CreateFile(e)))?
                 .len();
-            base.map(GuestRam::from_file(file, len)?)
+            let ram = GuestRam::from_file(file, len)?;
+            steps.lap("map the memory fd", &mut t);
+            let mut mapped = base.map(ram)?;
+            steps.0.append(&mut mapped.steps.0);
+            mapped.steps = steps;
+            Ok(mapped)
         };
         // Registering memory slots can wait on the kernel (a grace period): not on this thread,
         // which reads the config meanwhile. The migration seccomp filter is inherited.
