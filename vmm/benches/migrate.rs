@@ -5,7 +5,8 @@
 //!   - an idle 1 GiB demo guest.
 //!
 //! Run: `cargo bench -p tern-vmm --bench migrate` (release build; uses /dev/kvm).
-//! `TERN_BENCH_MODES=local` (comma-separated: tcp, unix, local) runs only those modes.
+//! `TERN_BENCH_MODES=local` (comma-separated: tcp, unix, local) runs only those modes;
+//! `TERN_BENCH_RUNS=N` takes the median of N runs (default 5; a busy host needs more).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +17,7 @@ use tern_api::types::{
 };
 use tern_api::ApiClient;
 
-const RUNS: usize = 5;
+const DEFAULT_RUNS: usize = 5;
 const DOWNTIME_TARGET_MS: u64 = 5;
 
 struct Tern {
@@ -183,7 +184,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let dir = std::env::temp_dir().join(format!("tern-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    println!("migration benchmark: median of {RUNS} runs, downtime target {DOWNTIME_TARGET_MS} ms");
+    let runs_wanted = std::env::var("TERN_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_RUNS);
+    println!(
+        "migration benchmark: median of {runs_wanted} runs, downtime target {DOWNTIME_TARGET_MS} ms"
+    );
     let workloads = [
         (
             "512 MiB, 4 MiB hot set @ 70 MiB/s",
@@ -198,7 +206,7 @@ fn main() {
             if !modes.split(',').any(|m| m.trim() == mode) {
                 continue;
             }
-            let pairs: Vec<(MigrationStatus, MigrationStatus)> = (0..RUNS)
+            let pairs: Vec<(MigrationStatus, MigrationStatus)> = (0..runs_wanted)
                 .filter_map(|_| migrate_once(&dir, guest, memory, mode))
                 .filter(|(s, _)| s.status == MigrationState::Completed)
                 .collect();
@@ -207,7 +215,7 @@ fn main() {
                 median(runs.iter().filter_map(f).map(|v| v as f64).collect())
             };
             println!(
-                "  {label:<36} {mode:<5}: {ok}/{RUNS} ok  downtime {dt:6.1} ms  total {tt:7.1} ms  \
+                "  {label:<36} {mode:<5}: {ok}/{runs_wanted} ok  downtime {dt:6.1} ms  total {tt:7.1} ms  \
                  on the wire {mib:7.2} MiB  iterations {it:.0}",
                 ok = runs.len(),
                 dt = ms(|s| s.downtime_ms),
