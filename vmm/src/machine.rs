@@ -238,7 +238,6 @@ impl Machine {
             ram,
             cpuid: base_cpuid,
             steps: _,
-            base_steps: _,
         } = base;
         if ram.size_bytes() != config.memory_bytes {
             return Err(MachineError::Memory(MemoryError::FileSizeMismatch {

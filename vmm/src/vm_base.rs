@@ -84,7 +84,6 @@ impl VmBase {
             ram,
             cpuid: self.cpuid,
             steps,
-            base_steps: self.steps,
         })
     }
 }
@@ -98,19 +97,12 @@ pub struct MappedVm {
     pub(crate) cpuid: CpuId,
     /// How mapping the memory took, step by step (µs).
     pub(crate) steps: BuildSteps,
-    /// How building the base took, step by step (µs).
-    pub(crate) base_steps: BuildSteps,
 }
 
 impl MappedVm {
     /// What building it took, step by step (µs).
     pub fn steps(&self) -> &[(&'static str, u64)] {
         &self.steps.0
-    }
-
-    /// What building its [`VmBase`] took, step by step (µs).
-    pub fn base_steps(&self) -> &[(&'static str, u64)] {
-        &self.base_steps.0
     }
 
     /// The guest memory.

@@ -1,8 +1,9 @@
 //! The destination's VM built ahead of the source (`TernTargetFactory::prebuild` at
-//! `vm.receive-migration`) and, in local mode, guest memory mapped into it as soon as the source's
-//! memory fd arrives (`local_memory`, on a thread of its own): a config that does not fit the
-//! memory fd is refused with both sizes, one that fits gets a VM on the handed memfd, a receive
-//! that ends early releases every descriptor, and a factory with nothing prebuilt still builds.
+//! `vm.receive-migration`, on a thread) and, in local mode, guest memory mapped into it as soon as
+//! the source's memory fd arrives (`local_memory`, before the config): a config that does not fit
+//! the memory fd is refused with both sizes, one that fits gets a VM on the handed memfd, a
+//! receive that ends early releases every descriptor, and a factory with nothing prebuilt still
+//! builds.
 //!
 //! One test: it counts this process's open descriptors, which tests on parallel threads would
 //! disturb.
@@ -88,22 +89,24 @@ fn prebuilt_vm_is_used_checked_against_the_config_and_released() {
     drop(f);
     assert_eq!(open_fds(), before, "the prebuilt VM leaked descriptors");
 
-    // A source that handed its memory fd and then went away: the mapping thread is joined and
-    // everything it held closed.
+    // A source that handed its memory fd and then went away: the VM with its memory slots goes
+    // with the factory.
     let mut f = factory();
     f.prebuild();
     let r = region(&ram);
     f.local_memory(&r).expect("map the memory fd");
     drop(r);
     assert!(
-        f.mapping.is_some(),
-        "the memory is not being mapped alongside"
+        f.mapped.is_some(),
+        "the memory was not mapped as it arrived"
     );
+    let steps = f.setup_steps();
+    assert!(steps.iter().any(|s| s.name == "memory slots"), "{steps:?}");
     drop(f);
     assert_eq!(
         open_fds(),
         before,
-        "the memory mapped alongside leaked descriptors"
+        "the memory mapped ahead leaked descriptors"
     );
 
     // A config whose memory size is not the memory fd's: refused, naming both, nothing kept.
@@ -123,7 +126,7 @@ fn prebuilt_vm_is_used_checked_against_the_config_and_released() {
     assert_eq!(open_fds(), before, "a refused config leaked descriptors");
 
     // A config that fits: the VM runs on the handed memfd itself (a write through the VM's
-    // memory is in the file), and the build reports the memory mapped alongside.
+    // memory is in the file), built on the memory mapped ahead.
     let mut f = factory();
     f.prebuild();
     let r = region(&ram);
@@ -144,8 +147,8 @@ fn prebuilt_vm_is_used_checked_against_the_config_and_released() {
     assert_eq!(u64::from_le_bytes(word), 0x7e57);
     let steps = f.setup_steps();
     assert!(
-        steps.iter().any(|s| s.name == "alongside: memory slots"),
-        "{steps:?}"
+        !steps.iter().any(|s| s.name == "memory slots"),
+        "the memory slots were registered again: {steps:?}"
     );
     drop(mem);
     drop(target);
@@ -156,7 +159,7 @@ fn prebuilt_vm_is_used_checked_against_the_config_and_released() {
     let r = region(&ram);
     f.local_memory(&r)
         .expect("no prebuilt VM: nothing to map yet");
-    assert!(f.mapping.is_none());
+    assert!(f.mapped.is_none());
     let target = f.create(&config(64 * MIB), vec![r]).expect("build the VM");
     let steps = f.setup_steps();
     assert!(steps.iter().any(|s| s.name == "memory slots"), "{steps:?}");

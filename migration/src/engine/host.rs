@@ -196,8 +196,9 @@ pub trait MigrationTargetFactory {
     }
 
     /// Local mode: one of the source's memory regions arrived (they come before the config). A
-    /// factory may start mapping it now, alongside the rest of the setup; `create` gets every
-    /// region again. A failure here is reported at once (the source has not paused).
+    /// factory may map it now (the config waits in the socket); `create` gets every region
+    /// again. Its steps are taken with [`MigrationTargetFactory::setup_steps`] right after. A
+    /// failure here is reported at once (the source has not paused).
     fn local_memory(&mut self, region: &LocalRegion) -> Result<(), HostError> {
         let _ = region;
         Ok(())

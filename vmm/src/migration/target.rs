@@ -21,7 +21,6 @@ use crate::config::{PciFunctionIds, SerialConfig, VmConfig};
 use crate::machine::{BuildSteps, Machine, MachineError};
 use crate::vm_base::{MappedVm, VmBase};
 use crate::vstate::memory::GuestRam;
-use crate::vstate::memory::MemoryError;
 
 /// Where a started destination machine is handed to the VMM loop.
 #[derive(Debug)]
@@ -107,12 +106,14 @@ pub struct TernTargetFactory {
     /// A live update's devices, handed over by the old process before its config arrived.
     pub inherited: Option<InheritedDevices>,
     /// The KVM VM being built since the receive request ([`TernTargetFactory::prebuild`]), on a
-    /// thread of its own while the source connects; taken by the first `create` (or by
-    /// `mapping`), which builds one itself when there is none.
+    /// thread of its own while the source connects; taken by the first `create` (or
+    /// `local_memory`), which builds one itself when there is none.
     pub base: Option<JoinHandle<Result<VmBase, MachineError>>>,
-    /// `base` getting the source's memory fd mapped in, on a thread of its own, since that fd
-    /// arrived (local mode): `create` waits for it.
-    pub mapping: Option<JoinHandle<Result<MappedVm, MachineError>>>,
+    /// `base` with the source's memory fd mapped in and registered as memory slots the moment
+    /// that fd arrived (local mode), on the receiving thread before it reads the config: a
+    /// thread of its own started 0.1-2 ms late on a busy host, more than the device and vCPU
+    /// build it would have overlapped. `create` builds on it.
+    pub mapped: Option<MappedVm>,
     /// The code prefault started with `base`.
     prefault: Option<JoinHandle<()>>,
     /// The steps of the last `create`, for the stats.
@@ -150,9 +151,6 @@ impl Drop for TernTargetFactory {
     fn drop(&mut self) {
         // A receive that ends before its config: the VM being mapped goes now, not whenever its
         // thread ends.
-        if let Some(h) = self.mapping.take() {
-            let _ = h.join();
-        }
         if let Some(h) = self.base.take() {
             let _ = h.join();
         }
@@ -177,7 +175,7 @@ impl TernTargetFactory {
             devices,
             inherited: None,
             base: None,
-            mapping: None,
+            mapped: None,
             prefault: None,
             steps: Vec::new(),
             prebuilt: Vec::new(),
@@ -225,40 +223,31 @@ impl MigrationTargetFactory for TernTargetFactory {
 
     fn local_memory(&mut self, region: &LocalRegion) -> Result<(), HostError> {
         // All of tern's RAM regions live in one memfd: the first region's file is all it takes.
-        if self.mapping.is_some() {
+        if self.mapped.is_some() {
             return Ok(());
         }
         let Some(base) = self.base.take() else {
             return Ok(());
         };
+        let mut t = Instant::now();
+        let mut steps = BuildSteps::default();
+        let base = join_base(base).map_err(|e| HostError::new("build the incoming VM", e))?;
+        steps.lap("wait for the VM built alongside", &mut t);
+        self.prebuilt = alongside(base.steps());
+        const MAP: &str = "map guest memory handed over";
         let file = region
             .file
             .try_clone()
-            .map_err(|e| HostError::new("keep the memory fd handed over", e))?;
-        let mut t = Instant::now();
-        let map = move || -> Result<MappedVm, MachineError> {
-            let mut steps = BuildSteps::default();
-            steps.lap("mapping thread started", &mut t);
-            let base = join_base(base)?;
-            steps.lap("wait for the VM", &mut t);
-            let len = file
-                .metadata()
-                .map_err(|e| MachineError::Memory(MemoryError::CreateFile(e)))?
-                .len();
-            let ram = GuestRam::from_file(file, len)?;
-            steps.lap("map the memory fd", &mut t);
-            let mut mapped = base.map(ram)?;
-            steps.0.append(&mut mapped.steps.0);
-            mapped.steps = steps;
-            Ok(mapped)
-        };
-        // Registering memory slots can wait on the kernel (a grace period): not on this thread,
-        // which reads the config meanwhile. The migration seccomp filter is inherited.
-        let handle = std::thread::Builder::new()
-            .name("tern-mig-memslots".into())
-            .spawn(map)
-            .map_err(|e| HostError::new("start mapping the memory handed over", e))?;
-        self.mapping = Some(handle);
+            .map_err(|e| HostError::new(MAP, e))?;
+        let len = file.metadata().map_err(|e| HostError::new(MAP, e))?.len();
+        let ram = GuestRam::from_file(file, len).map_err(|e| HostError::new(MAP, e))?;
+        steps.lap("map the memory fd", &mut t);
+        // The memory slots' registration waits for a grace period (milliseconds on a busy
+        // host): it starts here, as early as it can, and the config waits in the socket.
+        let mut mapped = base.map(ram).map_err(|e| HostError::new(MAP, e))?;
+        steps.0.append(&mut mapped.steps.0);
+        self.steps = setup_steps(&steps.0);
+        self.mapped = Some(mapped);
         Ok(())
     }
 
@@ -296,18 +285,10 @@ impl MigrationTargetFactory for TernTargetFactory {
         // Refused here, before the source pauses, with the reason.
         apply_mapping(&mut config.devices, &self.devices)
             .map_err(|e| HostError::new("map the source's passthrough devices", e))?;
-        let mut out = Vec::new();
-        let mapped = match self.mapping.take() {
-            // Local mode with a prebuilt VM: mapped since the memory fd arrived.
-            Some(handle) => {
+        let mapped = match self.mapped.take() {
+            // Local mode with a prebuilt VM: mapped as the memory fd arrived.
+            Some(mapped) => {
                 steps.lap("config", &mut t);
-                let mapped = handle
-                    .join()
-                    .map_err(|_| HostError::new("map guest memory handed over", "thread panicked"))?
-                    .map_err(|e| HostError::new("map guest memory handed over", e))?;
-                steps.lap("wait for the memory mapped alongside", &mut t);
-                self.prebuilt = alongside(mapped.base_steps());
-                out.extend(alongside(mapped.steps()));
                 mapped
             }
             None => {
@@ -381,7 +362,6 @@ impl MigrationTargetFactory for TernTargetFactory {
         }
         steps.lap("check the devices", &mut t);
         self.steps = setup_steps(&steps.0);
-        self.steps.extend(out);
         Ok(Box::new(TernTarget {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
