@@ -319,7 +319,6 @@ fn run(
     let result = run_control(listener, &control, factory, stats, cancel, clock);
     match result {
         Ok((target, mut steps)) => {
-            stats.mark_resumed();
             // The VM runs here now, whatever happens to this ack: a source that does not get it
             // stays paused, in doubt, and the operator stops it.
             if let Err(e) = w.send(&Frame::Ack) {
@@ -506,7 +505,7 @@ fn run_control(
             return Err(e);
         }
     };
-    await_commit(control, &mut r, target, devices, steps)
+    await_commit(control, &mut r, target, devices, steps, stats)
 }
 
 /// How long the destination waits for the source's Commit after its Ready.
@@ -521,6 +520,7 @@ fn await_commit(
     mut target: Box<dyn MigrationTarget>,
     devices: DeviceSinks,
     mut steps: StepTimes,
+    stats: &MigrationStats,
 ) -> Result<(Box<dyn MigrationTarget>, StepTimes), MigrationError> {
     let writer = control.try_clone().map_err(MigrationError::Transport);
     if let Err(e) = writer.and_then(|w| {
@@ -566,6 +566,9 @@ fn await_commit(
         .run()
         .and_then(|()| {
             steps.lap("devices running");
+            // Stamped as the vCPUs are let go (as QEMU's RESUME event is), not after: a vCPU
+            // that takes this core at once must not count as time stood still.
+            stats.mark_resumed();
             target.start().map_err(MigrationError::Host)
         })
         .map(|()| steps.lap_split(target.switchover_steps(), "start (other)"));
