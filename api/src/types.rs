@@ -747,6 +747,9 @@ pub struct SwitchoverTimes {
     pub destination_restore_us: u64,
     /// Commit to Ack: the destination started the VM.
     pub destination_start_us: u64,
+    /// Pre-copy data still queued to send when the vCPUs paused (it would go out with the guest
+    /// stopped): the source lets it drain before it pauses, so this is 0.
+    pub queued_at_pause_bytes: u64,
 }
 
 /// One device's state migration (VFIO migration v2).

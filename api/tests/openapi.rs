@@ -135,6 +135,7 @@ fn migration_status() -> MigrationStatus {
             send_us: 500,
             destination_restore_us: 800,
             destination_start_us: 60,
+            queued_at_pause_bytes: 0,
         }),
         switchover_steps: vec![tern_api::types::SwitchoverStep {
             name: "vCPU sregs".into(),

@@ -455,6 +455,7 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
             send_us: b.send_us,
             destination_restore_us: b.destination_restore_us,
             destination_start_us: b.destination_start_us,
+            queued_at_pause_bytes: b.queued_at_pause_bytes,
         }),
         setup_steps: s
             .setup_steps

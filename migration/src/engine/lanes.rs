@@ -557,6 +557,15 @@ impl Lanes {
 
     /// Wait until every lane has written everything queued so far.
     pub fn flush(&mut self, cancellable: bool) -> Result<(), MigrationError> {
+        self.flush_until(cancellable, None).map(|_| ())
+    }
+
+    /// [`Lanes::flush`], giving up waiting at `deadline`; whether everything was written.
+    pub fn flush_until(
+        &mut self,
+        cancellable: bool,
+        deadline: Option<Instant>,
+    ) -> Result<bool, MigrationError> {
         let mut waits = Vec::new();
         for i in 0..self.lanes.len() {
             let (tx, rx) = mpsc::channel();
@@ -572,12 +581,15 @@ impl Lanes {
                         if cancellable && self.stats.cancel_requested() {
                             return Err(MigrationError::Cancelled);
                         }
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            return Ok(false);
+                        }
                         self.check_stall()?;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Close every lane. With `error`, queued memory is dropped and lane 0 sends the Error frame

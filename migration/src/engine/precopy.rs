@@ -777,6 +777,14 @@ impl Source<'_> {
         let mut iteration = 0u64;
         loop {
             self.check_abort(true)?;
+            // What the last pass queued goes out before the next plan, with the guest running: a
+            // plan made behind that backlog would claim pages long before they could be sent,
+            // and a switchover decided on it would send the backlog with the guest paused. The
+            // timeout does not wait for it (the decision then applies the strategy).
+            if self.lanes()?.queued_bytes() > 0 {
+                let deadline = self.precopy_deadline;
+                self.lanes()?.flush_until(true, deadline)?;
+            }
             let plan_started = Instant::now();
             self.sync_sources()?;
             let (planned, can_peek) = self.plan()?;
@@ -1157,12 +1165,13 @@ mod tests {
     }
 
     /// `--timeout-s` cuts a pre-copy pass short instead of waiting for its end: 8 MiB of guest,
-    /// the first 2 MiB (512 pages, 8 chunks of 256 KiB) rewritten all the time, a 2 MB/s cap, so
-    /// a pass takes about a second; the timeout (cancel) runs out during a pre-copy pass.
+    /// the first 4 MiB (1024 pages, 16 chunks of 256 KiB) rewritten all the time, a 2 MB/s cap,
+    /// so a pass takes about two seconds: iteration 0 and its drain end near 2 s, the timeout
+    /// (cancel) runs out at 3 s, during the first pre-copy pass.
     #[test]
     fn the_timeout_cuts_a_precopy_pass_short() {
         const PAGES_8M: u64 = 2048;
-        const HOT: u64 = 512;
+        const HOT: u64 = 1024;
         let path =
             std::env::temp_dir().join(format!("tern-precopy-timeout-{}.sock", std::process::id()));
         let l = MigrationListener::bind(&MigrationUrl::Unix(path)).expect("bind");
@@ -1170,7 +1179,7 @@ mod tests {
         params.chunk_bytes = 256 << 10;
         params.downtime_ms = 1;
         params.max_bandwidth_mbps = 16;
-        params.timeout = Duration::from_secs(2);
+        params.timeout = Duration::from_secs(3);
         let dst = std::thread::spawn(move || {
             receive_on(&l, &mut Factory(PAGES_8M), &MigrationStats::new()).map(|_| ())
         });

@@ -137,6 +137,9 @@ pub struct SwitchoverBreakdown {
     pub destination_restore_us: u64,
     /// Commit → Ack: the destination started the VM.
     pub destination_start_us: u64,
+    /// Pre-copy data still queued on the lanes when the vCPUs paused (it would go out with the
+    /// guest stopped): the source lets it drain before it pauses, so this is 0.
+    pub queued_at_pause_bytes: u64,
 }
 
 /// Most passes kept in the history (the oldest are dropped beyond this).

@@ -32,6 +32,7 @@ impl Source<'_> {
         self.host.pause().map_err(MigrationError::Host)?;
         self.stats.mark_paused();
         self.paused = true;
+        times.queued_at_pause_bytes = self.lanes()?.queued_bytes();
         // Devices after vCPUs (a vCPU could restart a device's DMA) and before the final DMA
         // read: a device write after that read would be lost. Their stop counts as downtime.
         self.host.pause_devices().map_err(MigrationError::Host)?;
