@@ -752,6 +752,18 @@ pub struct SwitchoverTimes {
     pub queued_at_pause_bytes: u64,
 }
 
+impl SwitchoverTimes {
+    /// The steps' sum in µs, the pause to the destination's ack: about the downtime, to the µs.
+    pub fn total_us(&self) -> u64 {
+        self.pause_us
+            + self.final_pass_us
+            + self.state_save_us
+            + self.send_us
+            + self.destination_restore_us
+            + self.destination_start_us
+    }
+}
+
 /// One device's state migration (VFIO migration v2).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

@@ -72,10 +72,8 @@ impl Step {
     }
 }
 
-fn time<T>(steps: &mut Vec<Step>, name: &'static str, f: impl FnOnce() -> T) -> T {
-    let t0 = Instant::now();
-    let v = f();
-    let took = us(t0.elapsed());
+/// One more run of step `name` (its first run is kept apart: a cold first call).
+fn record(steps: &mut Vec<Step>, name: &'static str, took: u64) {
     match steps.iter_mut().find(|s| s.name == name) {
         Some(s) => s.runs.push(took),
         None => steps.push(Step {
@@ -84,6 +82,12 @@ fn time<T>(steps: &mut Vec<Step>, name: &'static str, f: impl FnOnce() -> T) -> 
             runs: Vec::new(),
         }),
     }
+}
+
+fn time<T>(steps: &mut Vec<Step>, name: &'static str, f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let v = f();
+    record(steps, name, us(t0.elapsed()));
     v
 }
 
@@ -329,15 +333,7 @@ fn kicks(m: Machine, rip: u64, name: &'static str, steps: &mut Vec<Step>) -> Mac
                 }
             }
         };
-        let took = us(back.saturating_duration_since(kicked));
-        match steps.iter_mut().find(|s| s.name == name) {
-            Some(s) => s.runs.push(took),
-            None => steps.push(Step {
-                name,
-                first: took,
-                runs: Vec::new(),
-            }),
-        }
+        record(steps, name, us(back.saturating_duration_since(kicked)));
     }
     go_tx.send(false).expect("vCPU thread");
     let vcpu = thread.join().expect("vCPU thread");

@@ -121,14 +121,7 @@ fn migrate_once(
 
 /// The downtime in µs: the source's switchover steps, pause to the destination's ack.
 fn downtime_us(s: &MigrationStatus) -> Option<u64> {
-    s.switchover.map(|t| {
-        t.pause_us
-            + t.final_pass_us
-            + t.state_save_us
-            + t.send_us
-            + t.destination_restore_us
-            + t.destination_start_us
-    })
+    s.switchover.map(|t| t.total_us())
 }
 
 /// Median per step over runs, in the first run's order: `name median` joined.

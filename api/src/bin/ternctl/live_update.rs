@@ -170,14 +170,7 @@ pub fn run(old: &ApiClient, args: LiveUpdate) -> Result<ExitCode, LiveUpdateErro
             return Err(e);
         }
     };
-    let steps_us = s.switchover.as_ref().map_or(0, |t| {
-        t.pause_us
-            + t.final_pass_us
-            + t.state_save_us
-            + t.send_us
-            + t.destination_restore_us
-            + t.destination_start_us
-    });
+    let steps_us = s.switchover.as_ref().map_or(0, |t| t.total_us());
     println!(
         "live-update: completed: new tern pid {} on {}",
         child.id(),
