@@ -238,8 +238,9 @@ struct RunContext {
 
 enum Outcome {
     Continue,
-    /// The exit was a port or MMIO read, answered here; KVM stores the value and completes the
-    /// instruction only on the next KVM_RUN.
+    /// The exit was port or MMIO I/O, handled here; KVM completes the instruction (stores a
+    /// read's value, moves RIP on, sends the next fragment of a split MMIO access) only on the
+    /// next KVM_RUN.
     Io,
     Stop(VcpuStop),
 }
@@ -251,7 +252,7 @@ impl RunContext {
             {
                 let mut control = lock(&shared.control);
                 if control.request == Request::Pause && io_pending {
-                    // Paused right after a read exit: finish that instruction before anyone
+                    // Paused right after an I/O exit: finish that instruction before anyone
                     // reads the state (the control lock is not held while KVM runs).
                     drop(control);
                     self.complete_io(&mut lock(&shared.fd));
@@ -298,16 +299,17 @@ impl RunContext {
         shared.changed.notify_all();
     }
 
-    /// Completes the instruction of the last port or MMIO read exit. KVM stores the value and
-    /// moves RIP past the instruction only on the next KVM_RUN, so a vCPU paused right after
-    /// such an exit still has its RIP on it: a copy restored from that state (a migration's
-    /// destination) reads again, and what the first read consumed (a serial byte, a
-    /// clear-on-read status) is lost. KVM_RUN with `immediate_exit` completes it and returns
-    /// EINTR without entering the guest; a string read (`rep insb`) may need more exits before
-    /// that, handled here too. Writes are not completed this way: on this host's KVM (PVM) an
-    /// OUT is finished before its exit, and completing it again broke the demo guest in 4 of 11
-    /// runs of tests/state.rs. Where VMX/SVM leave an OUT pending, a copy restored from that state
-    /// writes it twice: not handled yet.
+    /// Completes the instruction of the last port or MMIO exit, as KVM's API asks before the
+    /// state is saved: KVM stores a read's value, moves RIP past an IN or a fast-path OUT, and
+    /// sends the rest of a split MMIO access only on the next KVM_RUN, so a vCPU paused right
+    /// after such an exit may still have its RIP on the instruction, and a copy restored from
+    /// that state (a migration's destination) does the access again: a read consumes a second
+    /// serial byte or clear-on-read status, a write is written twice. KVM_RUN with
+    /// `immediate_exit` completes it and returns EINTR without entering the guest; a string or
+    /// split access may need more exits before that, handled here too. On this host's KVM (PVM)
+    /// an emulated OUT is already complete at its exit (the extra KVM_RUN then only returns
+    /// EINTR). Tests: vmm/tests/io_completion.rs (IN here and in the lab, OUT in the lab's
+    /// nested SVM).
     fn complete_io(&self, fd: &mut VcpuFd) {
         fd.set_kvm_immediate_exit(1);
         loop {
@@ -334,7 +336,7 @@ impl RunContext {
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.pio.write(u64::from(port), data);
-                Outcome::Continue
+                Outcome::Io
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !self.mmio.read(addr, data) {
@@ -344,7 +346,7 @@ impl RunContext {
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.mmio.write(addr, data);
-                Outcome::Continue
+                Outcome::Io
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => Outcome::Continue,
             Ok(VcpuExit::Shutdown) => Outcome::Stop(VcpuStop::GuestShutdown {
@@ -392,101 +394,5 @@ fn describe_rip(fd: &VcpuFd) -> String {
     match (fd.get_regs(), fd.get_sregs()) {
         (Ok(r), Ok(s)) => format!("rip={:#x} cs={:#x} cpl={}", r.rip, s.cs.selector, s.cs.dpl),
         _ => "unknown rip".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::mpsc;
-
-    use tern_devices::bus::BusDevice;
-    use vm_memory::{Bytes, GuestAddress};
-
-    use super::*;
-    use crate::vstate::memory::GuestRam;
-    use crate::vstate::vm::Vm;
-
-    /// Port 0x80 reads 0x42; on the first read it lets the test pause the vCPU before the read
-    /// returns, so the vCPU thread sees the pause right after that I/O exit.
-    struct Port {
-        reads: Arc<Mutex<usize>>,
-        first: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
-    }
-
-    impl BusDevice for Port {
-        fn read(&mut self, _: u64, data: &mut [u8]) {
-            *lock(&self.reads) += 1;
-            data.fill(0x42);
-            if let Some((hit, go)) = self.first.take() {
-                let _ = hit.send(());
-                let _ = go.recv();
-            }
-        }
-        fn write(&mut self, _: u64, _: &[u8]) {}
-    }
-
-    struct NoStops;
-    impl VcpuStopSink for NoStops {
-        fn vcpu_stopped(&self, stop: VcpuStop) {
-            panic!("vCPU stopped: {stop:?}");
-        }
-    }
-
-    /// An IN that exited to the VMM is finished by KVM only on the next KVM_RUN (its value
-    /// stored, RIP moved on), on every path KVM takes (VMX/SVM fast PIO or its emulator; an OUT
-    /// the emulator finishes before the exit). A vCPU paused right after it must have it done,
-    /// or a copy restored from its state would read the port again.
-    #[test]
-    fn a_vcpu_paused_right_after_an_in_has_completed_it() {
-        register_kick_signal().expect("kick signal");
-        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-        let ram = GuestRam::new(16 << 20).unwrap();
-        let vm = Vm::new(&kvm, &ram).unwrap();
-        // Real mode at 0x1000: in al, 0x80; hlt; jmp back to the hlt.
-        const IN: u64 = 0x1000;
-        ram.memory()
-            .write_slice(&[0xe4, 0x80, 0xf4, 0xeb, 0xfd], GuestAddress(IN))
-            .unwrap();
-        let fd = vm.fd().create_vcpu(0).unwrap();
-        let mut sregs = fd.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        fd.set_sregs(&sregs).unwrap();
-        let mut regs = fd.get_regs().unwrap();
-        regs.rip = IN;
-        regs.rax = 0;
-        regs.rflags = 2;
-        fd.set_regs(&regs).unwrap();
-        let reads = Arc::new(Mutex::new(0));
-        let (hit_tx, hit_rx) = mpsc::channel();
-        let (go_tx, go_rx) = mpsc::channel();
-        let mut pio = Bus::new();
-        let device: tern_devices::bus::SharedDevice = Arc::new(Mutex::new(Port {
-            reads: reads.clone(),
-            first: Some((hit_tx, go_rx)),
-        }));
-        pio.insert(device, 0x80, 1).unwrap();
-        let handle = VcpuHandle::spawn(
-            VcpuRunner {
-                index: 0,
-                fd,
-                pio: Arc::new(pio),
-                mmio: Arc::new(Bus::new()),
-                stop_sink: Arc::new(NoStops),
-                dirty_ring: None,
-            },
-            false,
-        )
-        .unwrap();
-        hit_rx.recv().expect("the guest's IN");
-        handle.request_pause();
-        go_tx.send(()).unwrap();
-        handle.wait_paused();
-        let regs = handle.with_fd(|fd| fd.get_regs().unwrap());
-        // Left pending, RIP would still be on the IN with AL unset.
-        assert_eq!(regs.rip, IN + 2, "RIP {:#x}", regs.rip);
-        assert_eq!(regs.rax & 0xff, 0x42);
-        assert_eq!(*lock(&reads), 1);
-        handle.exit();
     }
 }
