@@ -697,30 +697,20 @@ pub struct MigrationStatus {
     /// source from the send request to that ack (what it waits for before it may pause); on the
     /// destination from the receive's start to its ack (waiting for the source, config, each part
     /// of the VM build); steps named "alongside: ..." ran on another thread meanwhile.
-    pub setup_steps: Vec<SetupStep>,
+    pub setup_steps: Vec<TimedStep>,
     /// The switchover step by step, once completed, in the order the steps ran: on the source
     /// the VMM's steps inside `switchover`'s pause and state save; on the destination everything
     /// from the source's Complete to this side's ack, adding up to that time.
-    pub switchover_steps: Vec<SwitchoverStep>,
+    pub switchover_steps: Vec<TimedStep>,
 }
 
-/// One timed step of a switchover.
+/// One timed step of a migration's setup or switchover.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct SwitchoverStep {
-    /// What the step did, e.g. `"vCPU sregs"` or `"wait for commit"`.
+pub struct TimedStep {
+    /// What the step did, e.g. `"memory slots"` or `"vCPU sregs"`.
     pub name: String,
-    /// Its wall time in µs (summed over every run, e.g. once per vCPU).
-    pub us: u64,
-}
-
-/// One timed step of a migration's setup.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SetupStep {
-    /// What the step did, e.g. `"memory slots"` or `"wait for the destination's VM"`.
-    pub name: String,
-    /// Its wall time in µs.
+    /// Its wall time in µs (in a switchover, summed over every run, e.g. once per vCPU).
     pub us: u64,
 }
 

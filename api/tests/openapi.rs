@@ -121,7 +121,7 @@ fn migration_status() -> MigrationStatus {
         dma_pages_by_device: [("hwpt 3: edu0".to_owned(), 9)].into(),
         iterations: vec![iteration()],
         downtime_limit_ms: Some(300),
-        setup_steps: vec![tern_api::types::SetupStep {
+        setup_steps: vec![tern_api::types::TimedStep {
             name: "memory slots".into(),
             us: 400,
         }],
@@ -137,7 +137,7 @@ fn migration_status() -> MigrationStatus {
             destination_start_us: 60,
             queued_at_pause_bytes: 0,
         }),
-        switchover_steps: vec![tern_api::types::SwitchoverStep {
+        switchover_steps: vec![tern_api::types::TimedStep {
             name: "vCPU sregs".into(),
             us: 70,
         }],

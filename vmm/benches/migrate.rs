@@ -125,7 +125,7 @@ fn downtime_us(s: &MigrationStatus) -> Option<u64> {
 }
 
 /// Median per step over runs, in the first run's order: `name median` joined.
-fn median_steps(runs: &[&[tern_api::types::SwitchoverStep]]) -> String {
+fn median_steps(runs: &[&[tern_api::types::TimedStep]]) -> String {
     let Some(first) = runs.first() else {
         return String::new();
     };
@@ -251,7 +251,7 @@ fn main() {
                 .map(|s| s.total_time_ms.unwrap_or(0).to_string())
                 .collect();
             println!("    totals {} ms", totals.join(" "));
-            let named = |steps: &[tern_api::types::SetupStep]| -> Vec<(String, u64)> {
+            let named = |steps: &[tern_api::types::TimedStep]| -> Vec<(String, u64)> {
                 steps.iter().map(|s| (s.name.clone(), s.us)).collect()
             };
             let src: Vec<_> = runs.iter().map(|s| named(&s.setup_steps)).collect();

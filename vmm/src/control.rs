@@ -457,23 +457,19 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
             destination_start_us: b.destination_start_us,
             queued_at_pause_bytes: b.queued_at_pause_bytes,
         }),
-        setup_steps: s
-            .setup_steps
-            .iter()
-            .map(|t| tern_api::types::SetupStep {
-                name: t.name.clone(),
-                us: t.us,
-            })
-            .collect(),
-        switchover_steps: s
-            .switchover_steps
-            .iter()
-            .map(|t| tern_api::types::SwitchoverStep {
-                name: t.name.clone(),
-                us: t.us,
-            })
-            .collect(),
+        setup_steps: api_steps(&s.setup_steps),
+        switchover_steps: api_steps(&s.switchover_steps),
     }
+}
+
+fn api_steps(steps: &[tern_migration::engine::TimedStep]) -> Vec<tern_api::types::TimedStep> {
+    steps
+        .iter()
+        .map(|t| tern_api::types::TimedStep {
+            name: t.name.clone(),
+            us: t.us,
+        })
+        .collect()
 }
 
 impl ApiHandler for Controller {

@@ -12,8 +12,7 @@ use crate::dirty::GuestPageBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::device::{DeviceStateSink, DeviceStateSource};
-use super::setup_steps::SetupStep;
-use super::steps::SwitchoverStep;
+use super::steps::TimedStep;
 use crate::dirty::{DirtyBitmap, DirtySource, GpaRange};
 
 /// Boxed cause from the VMM.
@@ -154,7 +153,7 @@ pub trait MigrationHost: Send {
     /// The VMM's own steps inside the last switchover's pause, device pause, handover release
     /// and state save (e.g. per KVM ioctl group), in the order they ran; taken once, for the
     /// stats' `switchover_steps`.
-    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+    fn switchover_steps(&mut self) -> Vec<TimedStep> {
         Vec::new()
     }
 }
@@ -176,7 +175,7 @@ pub trait MigrationTarget: Send {
     /// The VMM's own steps inside the last [`MigrationTarget::restore_state`] or
     /// [`MigrationTarget::start`] (e.g. per KVM ioctl group), in the order they ran; taken once
     /// after each, for the stats' `switchover_steps`.
-    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+    fn switchover_steps(&mut self) -> Vec<TimedStep> {
         Vec::new()
     }
 }
@@ -214,13 +213,13 @@ pub trait MigrationTargetFactory {
 
     /// The VMM's own steps inside the last [`MigrationTargetFactory::create`] (e.g. memory
     /// slots, vCPUs), in the order they ran; taken once, for the stats' `setup_steps`.
-    fn setup_steps(&mut self) -> Vec<SetupStep> {
+    fn setup_steps(&mut self) -> Vec<TimedStep> {
         Vec::new()
     }
 
     /// What the factory built alongside the receive (from before the source connected), step by
     /// step; taken once after `create`, for the stats' `setup_steps` (it overlaps the others).
-    fn prebuilt_steps(&mut self) -> Vec<SetupStep> {
+    fn prebuilt_steps(&mut self) -> Vec<TimedStep> {
         Vec::new()
     }
 }

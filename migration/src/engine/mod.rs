@@ -14,7 +14,6 @@ mod params;
 mod policy;
 mod precopy;
 mod receive;
-mod setup_steps;
 mod stats;
 mod steps;
 
@@ -35,9 +34,8 @@ pub use policy::{
 };
 pub use precopy::{send, start_send, MigrationOutcome, STATE_ESTIMATE_BYTES};
 pub use receive::{receive, receive_on};
-pub use setup_steps::{SetupClock, SetupStep};
 pub use stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatsSnapshot, MigrationStatus,
     PassKind, SwitchoverBreakdown, HISTORY_LIMIT,
 };
-pub use steps::{StepTimes, SwitchoverStep};
+pub use steps::{StepTimes, TimedStep};

@@ -27,11 +27,11 @@ use super::host::{Handover, MigrationHost};
 use super::lanes::{Lanes, OwnedFrame};
 use super::params::SendParams;
 use super::policy::{decide, memory_rate, switchover_ms, AutoConverge, Decision, SwitchoverLoad};
-use super::setup_steps::SetupClock;
 use super::stats::{
     DirtyPagesBySource, IterationRecord, MigrationStats, MigrationStatus, PassKind,
     SwitchoverBreakdown,
 };
+use super::steps::StepTimes;
 
 mod devices;
 mod finish;
@@ -109,7 +109,7 @@ pub fn send(
         deferred_loaded: Vec::new(),
         handover: Handover::default(),
         handover_released: false,
-        setup: SetupClock::start(),
+        setup: StepTimes::sequence(),
     };
     let result = s.migrate();
     let result = s.unwind(result);
@@ -272,7 +272,7 @@ struct Source<'h> {
     /// take them back before the VM resumes.
     handover_released: bool,
     /// The setup's steps until the destination's first ack (published as they happen).
-    setup: SetupClock,
+    setup: StepTimes,
 }
 
 /// A duration in µs, as the stats record them.

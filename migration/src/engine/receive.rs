@@ -27,7 +27,6 @@ use super::host::{
 };
 use super::in_doubt::InDoubtVm;
 use super::pages::PageWriter;
-use super::setup_steps::SetupClock;
 use super::stats::{MigrationStats, MigrationStatus};
 use super::steps::StepTimes;
 
@@ -311,7 +310,7 @@ fn run(
     stats: &MigrationStats,
     cancel: &Canceller<'_>,
 ) -> Result<Box<dyn MigrationTarget>, MigrationError> {
-    let mut clock = SetupClock::start();
+    let mut clock = StepTimes::sequence();
     let control = accept(listener, cancel, None)?;
     clock.lap("wait for the source to connect");
     let writer = control.try_clone().map_err(MigrationError::Transport)?;
@@ -356,7 +355,7 @@ fn run_control(
     factory: &mut dyn MigrationTargetFactory,
     stats: &MigrationStats,
     cancel: &Canceller<'_>,
-    mut clock: SetupClock,
+    mut clock: StepTimes,
 ) -> Result<(Box<dyn MigrationTarget>, StepTimes), MigrationError> {
     let reader = control.try_clone().map_err(MigrationError::Transport)?;
     let incoming = match reader {
@@ -445,13 +444,12 @@ fn run_control(
             }
             Ok(Frame::Config(cfg)) => {
                 clock.lap("config received");
-                if !handed.is_empty() {
-                    factory
-                        .inherit(std::mem::take(&mut handed))
-                        .map_err(MigrationError::Host)?;
+                let handed_any = !handed.is_empty();
+                factory
+                    .inherit(std::mem::take(&mut handed))
+                    .map_err(MigrationError::Host)?;
+                if handed_any {
                     clock.lap("take the handed devices");
-                } else {
-                    factory.inherit(Vec::new()).map_err(MigrationError::Host)?;
                 }
                 let mut target = factory
                     .create(cfg, std::mem::take(&mut local))

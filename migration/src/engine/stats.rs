@@ -9,8 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::device::DeviceMigrationRecord;
-use super::setup_steps::SetupStep;
-use super::steps::SwitchoverStep;
+use super::steps::TimedStep;
 use crate::dirty::SourceKind;
 
 /// Where a migration is.
@@ -199,11 +198,11 @@ pub struct MigrationStatsSnapshot {
     /// source from the send request to that ack (what it waits for before it may pause), on the
     /// destination from the receive's start to its ack (waiting for the source, config, each part
     /// of the VM build); steps named "alongside: ..." ran on another thread meanwhile.
-    pub setup_steps: Vec<SetupStep>,
+    pub setup_steps: Vec<TimedStep>,
     /// The switchover step by step, once completed: on the source the VMM's steps inside
     /// `switchover`'s pause and state save; on the destination everything from the source's
     /// Complete to this side's Ack (engine and VMM steps, in order, adding up to that time).
-    pub switchover_steps: Vec<SwitchoverStep>,
+    pub switchover_steps: Vec<TimedStep>,
 }
 
 const UNSET: u64 = u64::MAX;
@@ -242,8 +241,8 @@ pub struct MigrationStats {
     history: Mutex<Vec<IterationRecord>>,
     devices: Mutex<Vec<DeviceMigrationRecord>>,
     switchover: Mutex<Option<SwitchoverBreakdown>>,
-    setup_steps: Mutex<Vec<SetupStep>>,
-    switchover_steps: Mutex<Vec<SwitchoverStep>>,
+    setup_steps: Mutex<Vec<TimedStep>>,
+    switchover_steps: Mutex<Vec<TimedStep>>,
 }
 
 impl Default for MigrationStats {
@@ -505,14 +504,14 @@ impl MigrationStats {
         *self.switchover.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
     }
 
-    pub(crate) fn set_switchover_steps(&self, steps: Vec<SwitchoverStep>) {
+    pub(crate) fn set_switchover_steps(&self, steps: Vec<TimedStep>) {
         *self
             .switchover_steps
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = steps;
     }
 
-    pub(crate) fn set_setup_steps(&self, steps: &[SetupStep]) {
+    pub(crate) fn set_setup_steps(&self, steps: &[TimedStep]) {
         *self.setup_steps.lock().unwrap_or_else(|p| p.into_inner()) = steps.to_vec();
     }
 

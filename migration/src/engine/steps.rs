@@ -1,26 +1,29 @@
-//! The switchover's steps, timed where they happen, so `GET vm.migration` can say where a
-//! downtime went on each side (the engine's own steps and the VMM's, e.g. one KVM ioctl group).
+//! Where a migration's setup and switchover time went, step by step, timed where it happens (the
+//! engine's own steps and the VMM's, e.g. one KVM ioctl group), so `GET vm.migration` can show
+//! `setup_steps` and `switchover_steps` on each side.
 
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-/// One timed step of a switchover.
+/// One timed step of a setup or a switchover.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwitchoverStep {
-    /// What the step did, e.g. `"vCPU sregs"` or `"wait for commit"`.
+pub struct TimedStep {
+    /// What the step did, e.g. `"memory slots"` or `"vCPU sregs"`.
     pub name: String,
-    /// Its wall time in µs (summed over every time it ran, e.g. once per vCPU).
+    /// Its wall time in µs (for a switchover, summed over every time it ran, e.g. per vCPU).
     pub us: u64,
 }
 
 /// Times consecutive steps: each [`StepTimes::lap`] is the time since the previous lap (or the
-/// start). A name timed again adds to its first entry, so a per-vCPU step is one entry however
-/// many vCPUs there are, in the order the steps first ran.
+/// start). A switchover's clock ([`StepTimes::start`]) adds a name timed again to its first entry,
+/// so a per-vCPU step is one entry however many vCPUs there are, in the order the steps first
+/// ran; a setup's ([`StepTimes::sequence`]) keeps every lap as its own entry.
 #[derive(Debug)]
 pub struct StepTimes {
-    steps: Vec<SwitchoverStep>,
+    steps: Vec<TimedStep>,
     last: Instant,
+    merge_repeats: bool,
 }
 
 impl Default for StepTimes {
@@ -34,11 +37,20 @@ fn micros(from: Instant, to: Instant) -> u64 {
 }
 
 impl StepTimes {
-    /// Starts the clock now, with no step recorded.
+    /// A switchover's clock, started now: a step timed again adds to its first entry.
     pub fn start() -> Self {
         Self {
             steps: Vec::new(),
             last: Instant::now(),
+            merge_repeats: true,
+        }
+    }
+
+    /// A setup's clock, started now: every lap is an entry of its own, in order.
+    pub fn sequence() -> Self {
+        Self {
+            merge_repeats: false,
+            ..Self::start()
         }
     }
 
@@ -59,7 +71,7 @@ impl StepTimes {
 
     /// Records a lap made of `parts` timed elsewhere (a VMM's own steps): the parts, then what
     /// the lap took beyond them under `rest`, so the list still adds up to the wall time.
-    pub fn lap_split(&mut self, parts: Vec<SwitchoverStep>, rest: &str) {
+    pub fn lap_split(&mut self, parts: Vec<TimedStep>, rest: &str) {
         let now = Instant::now();
         let total = micros(self.last, now);
         self.last = now;
@@ -72,18 +84,32 @@ impl StepTimes {
         }
     }
 
+    /// Adds steps that ran alongside this clock's (they take no part in its laps), first.
+    pub fn record_before(&mut self, parts: Vec<TimedStep>) {
+        self.steps.splice(0..0, parts);
+    }
+
     fn add(&mut self, name: &str, us: u64) {
-        match self.steps.iter_mut().find(|s| s.name == name) {
+        match self
+            .steps
+            .iter_mut()
+            .find(|s| self.merge_repeats && s.name == name)
+        {
             Some(s) => s.us = s.us.saturating_add(us),
-            None => self.steps.push(SwitchoverStep {
+            None => self.steps.push(TimedStep {
                 name: name.to_owned(),
                 us,
             }),
         }
     }
 
+    /// The steps so far.
+    pub fn steps(&self) -> &[TimedStep] {
+        &self.steps
+    }
+
     /// The steps so far; the list is empty afterwards (the clock keeps running).
-    pub fn take(&mut self) -> Vec<SwitchoverStep> {
+    pub fn take(&mut self) -> Vec<TimedStep> {
         std::mem::take(&mut self.steps)
     }
 }
@@ -92,8 +118,8 @@ impl StepTimes {
 mod tests {
     use super::*;
 
-    fn step(name: &str, us: u64) -> SwitchoverStep {
-        SwitchoverStep {
+    fn step(name: &str, us: u64) -> TimedStep {
+        TimedStep {
             name: name.into(),
             us,
         }
@@ -110,6 +136,17 @@ mod tests {
     }
 
     #[test]
+    fn a_sequence_keeps_a_step_timed_twice_as_two_entries() {
+        let mut t = StepTimes::sequence();
+        t.add("memory fd received", 3);
+        t.add("memory fd received", 4);
+        assert_eq!(
+            t.take(),
+            vec![step("memory fd received", 3), step("memory fd received", 4)]
+        );
+    }
+
+    #[test]
     fn a_split_lap_keeps_its_parts_and_names_the_rest() {
         let mut t = StepTimes::start();
         // Parts that claim more than the lap's wall time: no negative rest, parts kept.
@@ -122,5 +159,15 @@ mod tests {
         assert_eq!(steps.len(), 1);
         assert_eq!(steps[0].name, "other");
         assert!(steps[0].us >= 2000, "{steps:?}");
+    }
+
+    #[test]
+    fn steps_that_ran_alongside_go_first() {
+        let mut t = StepTimes::sequence();
+        t.lap("own");
+        t.record_before(vec![step("prebuilt", 7)]);
+        assert_eq!(t.steps()[0], step("prebuilt", 7));
+        assert_eq!(t.steps()[1].name, "own");
+        assert_eq!(t.steps().len(), 2);
     }
 }

@@ -6,7 +6,7 @@ use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::dirty::{DirtyBitmap, DirtySource, GpaRange, VmmWriteSource};
 use tern_migration::engine::{
     DeviceStateSource, Handover, HandoverFd, HostError, MigrationHost, MigrationState, StepTimes,
-    SwitchoverStep,
+    TimedStep,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -185,7 +185,7 @@ impl MigrationHost for MachineHost {
         self.machine.devices().handover_done();
     }
 
-    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+    fn switchover_steps(&mut self) -> Vec<TimedStep> {
         self.steps.take()
     }
 

@@ -10,7 +10,7 @@ use tern_devices::vfio::handover::InheritedDevices;
 use tern_migration::dirty::GuestPageBitmap;
 use tern_migration::engine::{
     DeviceStateSink, HandoverFd, HostError, LocalRegion, MigrationState, MigrationTarget,
-    MigrationTargetFactory, SetupStep, StepTimes, SwitchoverStep,
+    MigrationTargetFactory, StepTimes, TimedStep,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -117,9 +117,9 @@ pub struct TernTargetFactory {
     /// The code prefault started with `base`.
     prefault: Option<JoinHandle<()>>,
     /// The steps of the last `create`, for the stats.
-    steps: Vec<SetupStep>,
+    steps: Vec<TimedStep>,
     /// What `base` took, once joined, for the stats.
-    prebuilt: Vec<SetupStep>,
+    prebuilt: Vec<TimedStep>,
 }
 
 /// Waits for the VM being built ahead.
@@ -127,21 +127,12 @@ fn join_base(h: JoinHandle<Result<VmBase, MachineError>>) -> Result<VmBase, Mach
     h.join().unwrap_or(Err(MachineError::PrebuildPanicked))
 }
 
-fn alongside(steps: &[(&'static str, u64)]) -> Vec<SetupStep> {
+/// The VMM's build steps for the stats, each name after `prefix`.
+fn timed_steps(prefix: &str, steps: &[(&'static str, u64)]) -> Vec<TimedStep> {
     steps
         .iter()
-        .map(|&(name, us)| SetupStep {
-            name: format!("alongside: {name}"),
-            us,
-        })
-        .collect()
-}
-
-fn setup_steps(steps: &[(&'static str, u64)]) -> Vec<SetupStep> {
-    steps
-        .iter()
-        .map(|&(name, us)| SetupStep {
-            name: name.to_owned(),
+        .map(|&(name, us)| TimedStep {
+            name: format!("{prefix}{name}"),
             us,
         })
         .collect()
@@ -217,7 +208,7 @@ pub fn test_exit_point(step: &str) {
 }
 
 impl MigrationTargetFactory for TernTargetFactory {
-    fn setup_steps(&mut self) -> Vec<SetupStep> {
+    fn setup_steps(&mut self) -> Vec<TimedStep> {
         std::mem::take(&mut self.steps)
     }
 
@@ -233,7 +224,7 @@ impl MigrationTargetFactory for TernTargetFactory {
         let mut steps = BuildSteps::default();
         let base = join_base(base).map_err(|e| HostError::new("build the incoming VM", e))?;
         steps.lap("wait for the VM built alongside", &mut t);
-        self.prebuilt = alongside(base.steps());
+        self.prebuilt = timed_steps("alongside: ", base.steps());
         const MAP: &str = "map guest memory handed over";
         let file = region
             .file
@@ -246,12 +237,12 @@ impl MigrationTargetFactory for TernTargetFactory {
         // host): it starts here, as early as it can, and the config waits in the socket.
         let mut mapped = base.map(ram).map_err(|e| HostError::new(MAP, e))?;
         steps.0.append(&mut mapped.steps.0);
-        self.steps = setup_steps(&steps.0);
+        self.steps = timed_steps("", &steps.0);
         self.mapped = Some(mapped);
         Ok(())
     }
 
-    fn prebuilt_steps(&mut self) -> Vec<SetupStep> {
+    fn prebuilt_steps(&mut self) -> Vec<TimedStep> {
         std::mem::take(&mut self.prebuilt)
     }
 
@@ -312,7 +303,7 @@ impl MigrationTargetFactory for TernTargetFactory {
                         let base =
                             join_base(h).map_err(|e| HostError::new("build the incoming VM", e))?;
                         steps.lap("wait for the VM built alongside", &mut t);
-                        self.prebuilt = alongside(base.steps());
+                        self.prebuilt = timed_steps("alongside: ", base.steps());
                         base
                     }
                     None => {
@@ -361,7 +352,7 @@ impl MigrationTargetFactory for TernTargetFactory {
                 .map_err(|e| HostError::new("check the local passthrough devices", e))?;
         }
         steps.lap("check the devices", &mut t);
-        self.steps = setup_steps(&steps.0);
+        self.steps = timed_steps("", &steps.0);
         Ok(Box::new(TernTarget {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
@@ -455,7 +446,7 @@ impl MigrationTarget for TernTarget {
         Ok(())
     }
 
-    fn switchover_steps(&mut self) -> Vec<SwitchoverStep> {
+    fn switchover_steps(&mut self) -> Vec<TimedStep> {
         self.steps.take()
     }
 }

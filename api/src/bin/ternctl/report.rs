@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
-use tern_api::types::{MigrationIteration, MigrationPass, SwitchoverStep, SwitchoverTimes};
+use tern_api::types::{MigrationIteration, MigrationPass, SwitchoverTimes, TimedStep};
 use tern_api::{MigrationState, MigrationStatus};
 
 /// Why no report could be made.
@@ -149,7 +149,7 @@ pub fn switchover_line(t: &SwitchoverTimes) -> String {
 }
 
 /// A switchover's steps (`GET vm.migration`'s `switchover_steps`) in one line, in order (µs).
-pub fn steps_line(steps: &[SwitchoverStep]) -> String {
+pub fn steps_line(steps: &[TimedStep]) -> String {
     let parts: Vec<String> = steps
         .iter()
         .map(|s| format!("{} {}", s.name, s.us))
