@@ -11,7 +11,13 @@
 //! reach, printed for context). Both tern modes are measured: unchecked page data (default,
 //! zero-copy) and `page_checksums` (zero-copy too, an XXH3 sum per page).
 //!
-//! Run: `cargo bench -p tern-migration --bench throughput`
+//! Guest memory is a shared memory file, as in the VMM. On Unix sockets tern sends page data
+//! with `sendfile` from that file (`transport::sendfile`; on TCP it writes from the mapping),
+//! while "raw" always writes from the mapping. Unix sockets get the send buffer tern's transport
+//! gives its own (`transport::sockopt`) in the raw copies too, so the ratio compares equal
+//! sockets.
+//!
+//! Run: `cargo bench -p tern-migration --bench throughput` (`TERN_BENCH_ROUNDS=n`, default 5).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -25,15 +31,48 @@ use tern_migration::engine::{
     receive_on, start_send, HostError, LocalRegion, MigrationHost, MigrationState, MigrationStats,
     MigrationTarget, MigrationTargetFactory, SendParams,
 };
+use tern_migration::transport::sockopt::enlarge_unix_send_buffer;
 use tern_migration::transport::{MigrationListener, MigrationUrl};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 const GUEST: usize = 512 << 20;
 
 type Mem = GuestMemoryMmap<GuestPageBitmap>;
 
+/// Guest memory as the VMM has it: one shared memory file (here in /dev/shm, shmem like the
+/// VMM's memfd), mapped.
+fn shared_memory() -> Mem {
+    let path = std::env::temp_dir().join(format!("tern-bench-ram-{}", std::process::id()));
+    let shm = std::path::Path::new("/dev/shm").join(path.file_name().expect("name"));
+    let (file, at) = match std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&shm)
+    {
+        Ok(f) => (f, shm),
+        Err(_) => (
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .expect("memory file"),
+            path,
+        ),
+    };
+    std::fs::remove_file(at).expect("unlink the memory file");
+    file.set_len(GUEST as u64).expect("size the memory file");
+    GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        GUEST,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .expect("memory")
+}
+
 fn guest() -> Mem {
-    let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST)]).expect("memory");
+    let m = shared_memory();
     let page: Vec<u8> = (0..PAGE_SIZE as usize)
         .map(|i| (i % 251) as u8 + 1)
         .collect();
@@ -109,6 +148,14 @@ impl MigrationTargetFactory for Factory {
     }
 }
 
+/// A connected Unix pair whose writing end has the send buffer tern gives its own (so the raw
+/// copy is measured on the same socket as the migration).
+fn unix_pair() -> (UnixStream, UnixStream) {
+    let (a, b) = UnixStream::pair().expect("pair");
+    enlarge_unix_send_buffer(&a).expect("send buffer");
+    (a, b)
+}
+
 fn raw(tcp: bool, total: usize) -> f64 {
     let (mut a, mut b): (Box<dyn Write + Send>, Box<dyn Read + Send>) = if tcp {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -116,7 +163,7 @@ fn raw(tcp: bool, total: usize) -> f64 {
         let (b, _) = l.accept().expect("accept");
         (Box::new(a), Box::new(b))
     } else {
-        let (a, b) = UnixStream::pair().expect("pair");
+        let (a, b) = unix_pair();
         (Box::new(a), Box::new(b))
     };
     let rx = std::thread::spawn(move || {
@@ -149,7 +196,7 @@ fn raw_guest(tcp: bool, src: &Mem, dst: &Mem) -> f64 {
         let (b, _) = l.accept().expect("accept");
         (Connection::Tcp(a.into()), Connection::Tcp(b.into()))
     } else {
-        let (a, b) = UnixStream::pair().expect("pair");
+        let (a, b) = unix_pair();
         (Connection::Unix(a), Connection::Unix(b))
     };
     const STEP: usize = 4 << 20;
@@ -211,6 +258,9 @@ fn tern(tcp: bool, src: &Mem, dst: &Mem, n: usize, checksums: bool) -> (u64, f64
     rx.join().expect("rx");
     let s = stats.snapshot();
     assert_eq!(s.data_pages, GUEST as u64 / PAGE_SIZE);
+    // Unix: every page sent by sendfile from the memory file; TCP: copied by write.
+    let from_file = if tcp { 0 } else { GUEST as u64 };
+    assert_eq!(s.sent_from_file_bytes, from_file);
     (s.transferred_bytes, s.transferred_bytes as f64 / el)
 }
 
@@ -238,15 +288,28 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-const ROUNDS: usize = 5;
+/// Rounds per link: `TERN_BENCH_ROUNDS`, default 5.
+fn rounds() -> usize {
+    std::env::var("TERN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(5)
+}
 
 fn main() {
+    let rounds = rounds();
     let src = guest();
-    let dst: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST)]).expect("memory");
+    let dst = shared_memory();
     println!(
-        "single-connection loopback, {} MiB idle guest, every page data; {ROUNDS} rounds of raw, tern, \
+        "single-connection loopback, {} MiB idle guest, every page data; {rounds} rounds of raw, tern, \
          tern with page sums back to back, ratios taken within a round (same load), medians",
         GUEST >> 20
+    );
+    let (probe, _) = unix_pair();
+    println!(
+        "unix sockets (raw and tern alike): send buffer {} KiB granted (net.core.wmem_max caps it)",
+        enlarge_unix_send_buffer(&probe).expect("send buffer") >> 10
     );
     println!(
         "{:>5} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>12} {:>12} {:>12}",
@@ -266,7 +329,7 @@ fn main() {
         n += 1;
         let (wire, _) = tern(tcp, &src, &dst, n, false); // warm-up: faults in the destination
         let mut cols: [Vec<f64>; 9] = Default::default();
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             n += 2;
             let (r, rc) = measured(GUEST, || raw_guest(tcp, &src, &dst));
             let cached = raw(tcp, wire as usize);

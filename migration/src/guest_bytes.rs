@@ -1,6 +1,6 @@
 //! Guest memory lent to code that wants byte slices (the TLS record layer's AEAD, the page sum),
-//! so that it works on guest memory in place instead of on a copy. With the socket options in
-//! `transport::keepalive`, the crate's only `unsafe`.
+//! so that it works on guest memory in place instead of on a copy. With `transport::sockopt` and
+//! `transport::sendfile`, the crate's only `unsafe`.
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{VolatileMemoryError, VolatileSlice};

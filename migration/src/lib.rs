@@ -7,8 +7,9 @@
 //!
 //! What it refuses to do: know anything about the VMM. A VM is seen only through the traits in
 //! [`engine`] (`MigrationHost`, `MigrationTarget`) and [`dirty::DirtySource`]; vCPU, VM and device
-//! state are opaque bytes. Its `unsafe` is two small layers, each allowed where it is: socket
-//! options (`transport::keepalive`) and guest memory lent as byte slices (`guest_bytes`).
+//! state are opaque bytes. Its `unsafe` is three small layers, each allowed where it is: socket
+//! options (`transport::sockopt`), `sendfile` (`transport::sendfile`) and guest memory lent as
+//! byte slices (`guest_bytes`).
 #![deny(unsafe_code)]
 
 pub mod dirty;

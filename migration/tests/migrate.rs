@@ -71,6 +71,35 @@ mod tests {
         assert!(s.dirty_pages.kvm > 0 && s.dirty_pages.vmm > 0, "{s:?}");
         // Never-written pages travel as markers (the idle test checks the volume).
         assert!(s.zero_pages > 0, "{s:?}");
+        assert_eq!(
+            s.sent_from_file_bytes, 0,
+            "anonymous memory has no file to send from"
+        );
+    }
+
+    #[test]
+    fn migrate_over_unix_sends_file_backed_pages_from_the_file() {
+        // Guest memory in a shared file, as the VMM has it: the kernel sends page data from the
+        // file (sendfile, by reference) while the guest keeps writing. A page rewritten after
+        // its send may arrive newer than its sum; the destination must still end up equal.
+        let host = FakeHost::new(shared_memory(), 256, 20);
+        let mem = host.mem.clone();
+        let guest = host.guest.ctl.clone();
+        let r = run(
+            MigrationUrl::Unix(sock_path()),
+            host,
+            FakeFactory::default(),
+            |p| p.page_checksums = true,
+        );
+        check_success(&r, &mem);
+        let s = r.src_stats.snapshot();
+        assert!(guest.writes.load(Ordering::Relaxed) > 0, "the guest ran");
+        assert!(s.data_pages > 0, "{s:?}");
+        assert_eq!(
+            s.sent_from_file_bytes,
+            s.data_pages * 4096,
+            "every data page went from the file: {s:?}"
+        );
     }
 
     #[test]

@@ -36,9 +36,9 @@ pub enum BatchMode {
 /// One memory frame being assembled.
 ///
 /// In [`BatchMode::Snapshot`] the page bytes are copied into `data`; in the stream modes each
-/// page is only copied through a 4 KiB bounce buffer (for the zero check and the sum) and the
-/// sender later writes the `Data` entries straight from guest memory. A page changing in between
-/// is harmless: its dirty bit was set again after the claim, so it is resent.
+/// page is only read in place (the zero check and the sum) and the sender later writes the
+/// `Data` entries straight from guest memory. A page changing in between is harmless: its dirty
+/// bit was set again after the claim, so it is resent.
 #[derive(Debug)]
 pub struct MemoryBatch {
     /// Entry table.
@@ -52,7 +52,6 @@ pub struct MemoryBatch {
     /// One sum per data page, in entry order ([`BatchMode::StreamSummed`]).
     pub sums: Vec<u64>,
     mode: BatchMode,
-    bounce: Vec<u8>,
 }
 
 impl Default for MemoryBatch {
@@ -92,7 +91,6 @@ impl MemoryBatch {
                 Vec::new()
             },
             mode,
-            bounce: if snapshot { Vec::new() } else { vec![0; PAGE] },
         }
     }
 
@@ -208,25 +206,33 @@ impl MemoryBatch {
                 .map_err(|e| gm_err(e, len))?;
             let mut taken = 0;
             while taken < n && self.entries.len() < BATCH_MAX_ENTRIES {
-                let page = slice
-                    .subslice(taken as usize * PAGE, PAGE)
-                    .map_err(|e| gm_err(e.into(), PAGE_SIZE))?;
-                let dst = if self.mode == BatchMode::Snapshot {
-                    &mut self.data[self.data_len..self.data_len + PAGE]
-                } else {
-                    &mut self.bounce[..]
-                };
-                page.copy_to(dst);
                 let page_gpa = at + taken * PAGE_SIZE;
-                if is_zero_page(dst) {
-                    self.zero_pages += 1;
-                    self.push_entry(page_gpa, PageEncoding::Zero);
+                let off = taken as usize * PAGE;
+                let data = if self.mode == BatchMode::Snapshot {
+                    let dst = &mut self.data[self.data_len..self.data_len + PAGE];
+                    slice
+                        .subslice(off, PAGE)
+                        .map_err(|e| gm_err(e.into(), PAGE_SIZE))?
+                        .copy_to(dst);
+                    !is_zero_page(dst)
                 } else {
-                    if self.mode == BatchMode::StreamSummed {
-                        self.sums.push(crate::protocol::page_sum::page_sum(dst));
+                    // The zero check and the sum read the page where it is: the bytes that go
+                    // on the wire come from guest memory too, so a copy would not make them
+                    // agree, and a page rewritten meanwhile is dirty again and resent.
+                    let page = crate::guest_bytes::guest_view(&slice, off, PAGE)
+                        .map_err(|e| gm_err(e.into(), PAGE_SIZE))?;
+                    let data = !is_zero_page(page);
+                    if data && self.mode == BatchMode::StreamSummed {
+                        self.sums.push(crate::protocol::page_sum::page_sum(page));
                     }
+                    data
+                };
+                if data {
                     self.data_len += PAGE;
                     self.push_entry(page_gpa, PageEncoding::Data);
+                } else {
+                    self.zero_pages += 1;
+                    self.push_entry(page_gpa, PageEncoding::Zero);
                 }
                 taken += 1;
             }
@@ -237,6 +243,24 @@ impl MemoryBatch {
         }
         Ok(done)
     }
+}
+
+/// Pages read before their sums are checked: small enough to stay in a core's L2 cache.
+const CHECK_PIECE_PAGES: usize = 64;
+
+/// Reads `slice.len()` bytes of page data for `gpa` from `src` into guest memory.
+fn read_pages<S: ReadVolatile, B: vm_memory::bitmap::BitmapSlice>(
+    src: &mut S,
+    slice: &mut vm_memory::VolatileSlice<'_, B>,
+    gpa: u64,
+) -> Result<(), MigrationError> {
+    src.read_exact_volatile(slice)
+        .map_err(|source| MigrationError::PageData {
+            direction: "receive",
+            gpa,
+            len_bytes: slice.len() as u64,
+            source,
+        })
 }
 
 /// Applies memory frames to the destination's guest memory.
@@ -360,36 +384,44 @@ impl PageWriter {
                             source,
                         }
                     })?;
-                    src.read_exact_volatile(&mut slice).map_err(|source| {
-                        MigrationError::PageData {
-                            direction: "receive",
-                            gpa: e.gpa.0,
-                            len_bytes: len,
-                            source,
-                        }
-                    })?;
                     self.data_pages += u64::from(e.npages);
                     if sums.is_empty() {
+                        read_pages(src, &mut slice, e.gpa.0)?;
                         self.mend(idx, first, u64::from(e.npages));
                         continue;
                     }
+                    // Check each piece right after its read, while it is still in this core's
+                    // cache (a whole 4 MiB run would have left it).
                     let torn = &mut self.torn[idx];
-                    for p in 0..u64::from(e.npages) {
-                        // The page is in cache right after the read: hash it in place.
-                        let page = crate::guest_bytes::guest_view(&slice, p as usize * PAGE, PAGE)
-                            .map_err(|err| MigrationError::GuestMemory {
-                                gpa: e.gpa.0 + p * PAGE_SIZE,
-                                len_bytes: PAGE_SIZE,
+                    for at in (0..e.npages as usize).step_by(CHECK_PIECE_PAGES) {
+                        let n = CHECK_PIECE_PAGES.min(e.npages as usize - at);
+                        let piece_gpa = e.gpa.0 + (at * PAGE) as u64;
+                        let mut piece = slice.subslice(at * PAGE, n * PAGE).map_err(|err| {
+                            MigrationError::GuestMemory {
+                                gpa: piece_gpa,
+                                len_bytes: (n * PAGE) as u64,
                                 source: err.into(),
-                            })?;
-                        let want = sum.next().ok_or(MigrationError::Unexpected {
-                            frame: "memory",
-                            during: "checking pages: fewer sums than data pages",
+                            }
                         })?;
-                        if crate::protocol::page_sum::page_sum(page) == *want {
-                            torn.clear_range(first + p, 1);
-                        } else {
-                            torn.set(first + p).map_err(MigrationError::Bitmap)?;
+                        read_pages(src, &mut piece, piece_gpa)?;
+                        for p in 0..n {
+                            let page_gpa = piece_gpa + (p * PAGE) as u64;
+                            let page = crate::guest_bytes::guest_view(&piece, p * PAGE, PAGE)
+                                .map_err(|err| MigrationError::GuestMemory {
+                                    gpa: page_gpa,
+                                    len_bytes: PAGE_SIZE,
+                                    source: err.into(),
+                                })?;
+                            let want = sum.next().ok_or(MigrationError::Unexpected {
+                                frame: "memory",
+                                during: "checking pages: fewer sums than data pages",
+                            })?;
+                            let page_index = first + (at + p) as u64;
+                            if crate::protocol::page_sum::page_sum(page) == *want {
+                                torn.clear_range(page_index, 1);
+                            } else {
+                                torn.set(page_index).map_err(MigrationError::Bitmap)?;
+                            }
                         }
                     }
                 }

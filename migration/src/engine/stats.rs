@@ -171,6 +171,9 @@ pub struct MigrationStatsSnapshot {
     pub data_pages: u64,
     /// Pages sent as zero markers.
     pub zero_pages: u64,
+    /// Page data the kernel sent straight from the guest memory file (`sendfile`, no copy on
+    /// the source), in bytes; the rest of the data pages were copied from the mapping.
+    pub sent_from_file_bytes: u64,
     /// Expected downtime if switching over now, in ms.
     pub expected_downtime_ms: u64,
     /// The downtime limit the source switches over under (source side only).
@@ -223,6 +226,7 @@ pub struct MigrationStats {
     dirty_dma: AtomicU64,
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
+    sent_from_file_bytes: AtomicU64,
     expected_downtime_ms: AtomicU64,
     downtime_target_ms: AtomicU64,
     throttle_percent: AtomicU64,
@@ -286,6 +290,7 @@ impl MigrationStats {
             dirty_dma: AtomicU64::new(0),
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
+            sent_from_file_bytes: AtomicU64::new(0),
             expected_downtime_ms: AtomicU64::new(0),
             downtime_target_ms: AtomicU64::new(UNSET),
             throttle_percent: AtomicU64::new(0),
@@ -345,6 +350,7 @@ impl MigrationStats {
             &self.dirty_dma,
             &self.data_pages,
             &self.zero_pages,
+            &self.sent_from_file_bytes,
             &self.expected_downtime_ms,
             &self.throttle_percent,
         ] {
@@ -429,6 +435,11 @@ impl MigrationStats {
     /// Bytes put on the wire so far (cheap: no snapshot).
     pub fn transferred_bytes(&self) -> u64 {
         self.transferred_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_sent_from_file(&self, bytes: u64) {
+        self.sent_from_file_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub(crate) fn add_pages(&self, data: u64, zero: u64) {
@@ -582,6 +593,7 @@ impl MigrationStats {
                 .clone(),
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
+            sent_from_file_bytes: self.sent_from_file_bytes.load(Ordering::Relaxed),
             expected_downtime_ms: self.expected_downtime_ms.load(Ordering::Relaxed),
             downtime_target_ms: opt(self.downtime_target_ms.load(Ordering::Relaxed)),
             throttle_percent: self.throttle_percent.load(Ordering::Relaxed),

@@ -2,17 +2,19 @@
 //!
 //! The frame's CRC covers the header, the entry table and a table of one XXH3-64 sum per data page;
 //! the page bytes themselves go straight from guest memory to the socket and from the socket into
-//! guest memory, and each side hashes a page while it is in cache (the sender from the copy it
-//! already makes for its zero-page check, the receiver right after the read). XXH3 (twox-hash,
-//! which picks its AVX2 code at run time) hashes a cached 4 KiB page at ~52 GB/s here, against
-//! ~28 GB/s for xxhash-rust's compile-time SSE2 build, ~21 GB/s for CRC-32C and ~9 GB/s for the
-//! CRC-32 (crc32fast) the old whole-frame checksum ran over a snapshot copy of every page.
+//! guest memory, and each side hashes a page where it is: the sender right after its zero-page
+//! check read the page in, the receiver after reading a piece small enough to stay in cache
+//! (`engine::pages`). XXH3 (twox-hash, which picks its AVX2 code at run time) hashes a cached
+//! 4 KiB page at ~52 GB/s here, against ~28 GB/s for xxhash-rust's compile-time SSE2 build,
+//! ~21 GB/s for CRC-32C and ~9 GB/s for the CRC-32 (crc32fast) the old whole-frame checksum ran
+//! over a snapshot copy of every page.
 //!
-//! A page the guest rewrites between the sender's hash and the socket copy arrives with a
-//! mismatching sum: harmless, since the write set its dirty bit after the claim and the page is
-//! sent again. So the receiver does not fail on a mismatch: it records the page as torn and clears
-//! the mark when a later copy (or zero marker) of the page arrives intact. A page still torn when
-//! its connection ends was damaged in transit and never resent: that fails the migration.
+//! A page the guest rewrites between the sender's hash and the socket copy (or, sent by
+//! `sendfile`, before the receiver's copy) arrives with a mismatching sum: harmless, since the
+//! write set its dirty bit after the claim and the page is sent again. So the receiver does not
+//! fail on a mismatch: it records the page as torn and clears the mark when a later copy (or zero
+//! marker) of the page arrives intact. A page still torn when its connection ends was damaged in
+//! transit and never resent: that fails the migration.
 
 /// Bytes of one entry of the sums table.
 pub const PAGE_SUM_BYTES: usize = 8;

@@ -140,7 +140,16 @@ impl Connection {
                 let s = connect_tcp(url, host, *port)?;
                 Ok(Connection::Tcp(TcpLink::Tls(tls.connect(s, host)?)))
             }
-            MigrationUrl::Unix(p) => UnixStream::connect(p).map(Connection::Unix).map_err(err),
+            MigrationUrl::Unix(p) => {
+                let s = UnixStream::connect(p).map_err(err)?;
+                // Only the sender connects and writes bulk data; a host cap below the ask
+                // still works, only slower (see `sockopt`).
+                match super::sockopt::enlarge_unix_send_buffer(&s) {
+                    Ok(granted) => log::debug!("unix migration socket: send buffer {granted} B"),
+                    Err(e) => log::warn!("unix migration socket: send buffer not enlarged: {e}"),
+                }
+                Ok(Connection::Unix(s))
+            }
         }
     }
 

@@ -11,8 +11,9 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
+
+use super::sockopt::set;
 
 /// Quiet time before the first probe.
 pub const IDLE: Duration = Duration::from_secs(10);
@@ -24,28 +25,6 @@ pub const PROBES: u32 = 4;
 /// The longest a receiver waits on a dead peer: `IDLE + PROBES * INTERVAL`.
 pub fn dead_peer_bound() -> Duration {
     IDLE + INTERVAL * PROBES
-}
-
-fn set(s: &TcpStream, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
-    let value = libc::c_int::try_from(value)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket option out of range"))?;
-    // SAFETY: `s` owns an open socket for the duration of the call; the option value is a c_int
-    // on the stack whose size is passed with it, and the kernel only reads it.
-    #[allow(unsafe_code)]
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Turns keepalive on with tern's timings.
@@ -62,21 +41,7 @@ mod tests {
     use super::*;
 
     fn get(s: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-        let mut v: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as in `set`, with the kernel writing at most `len` bytes into `v`.
-        #[allow(unsafe_code)]
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                level,
-                name,
-                std::ptr::from_mut(&mut v).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "getsockopt: {}", io::Error::last_os_error());
-        v
+        super::super::sockopt::get(s, level, name).expect("getsockopt")
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod conn;
 pub mod keepalive;
 mod local;
 mod rate;
+mod sendfile;
+pub mod sockopt;
 mod tls;
 mod tls_handshake;
 mod tls_record;
@@ -16,6 +18,7 @@ mod url;
 pub use conn::{Connection, MigrationListener, TcpLink, TransportError};
 pub use local::{send_frame_with_fd, FdReader, SendFdError};
 pub use rate::RateLimiter;
+pub use sendfile::{send_file_range, SendFileError};
 pub use tls::{
     check_plain_tcp, is_loopback_host, TlsClient, TlsError, TlsServer, ALLOW_PLAIN_TCP_FLAG,
     CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY,

@@ -32,6 +32,8 @@ pub(super) fn syscalls() -> Vec<i64> {
         libc::SYS_recvfrom,
         libc::SYS_sendmsg,
         libc::SYS_recvmsg,
+        // Page data from the guest memory file straight to a unix socket (no copy).
+        libc::SYS_sendfile,
         // Waiting on sockets and eventfds with a timeout.
         libc::SYS_poll,
         libc::SYS_ppoll,
