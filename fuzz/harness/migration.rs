@@ -166,6 +166,7 @@ impl Owned {
             // 15 is the streamed memory frame, built in `build`.
             16 => Frame::HandoverFd(&self.bytes),
             17 => Frame::Ready,
+            19 => Frame::Populated(self.entries.clone()),
             _ => Frame::Commit,
         }
     }
@@ -205,7 +206,7 @@ fn build(inp: &mut Input<'_>) -> (Vec<u8>, Vec<(usize, usize, bool)>) {
     let mut buf = Vec::new();
     for _ in 0..1 + inp.below(8) {
         let start = out.len();
-        let tag = 1 + inp.below(18) as u8;
+        let tag = 1 + inp.below(19) as u8;
         if tag == 15 {
             // A memory frame with its data outside the CRC (unchecked, or with a sum per page):
             // header and tables, then the page bytes.
@@ -237,6 +238,12 @@ fn build(inp: &mut Input<'_>) -> (Vec<u8>, Vec<(usize, usize, bool)>) {
             let fill = inp.u8();
             o.entries = e;
             o.bytes = vec![fill; data_len];
+        }
+        if tag == 19 {
+            o.entries = entries(inp).0;
+            for e in &mut o.entries {
+                e.encoding = PageEncoding::Data;
+            }
         }
         let tail = encode_frame(&o.frame(), &mut buf).expect("valid frame encodes");
         out.extend_from_slice(&buf);
@@ -360,7 +367,7 @@ pub fn stream_seeds() -> Vec<Vec<u8>> {
     }
     // One of each frame type, in protocol order, as a source sends them.
     let mut one_each = Vec::new();
-    for tag in 1..=15u8 {
+    for tag in 1..=19u8 {
         let mut recipe = vec![0u8; 4];
         recipe.extend_from_slice(&u32::from(tag - 1).to_le_bytes());
         recipe.extend(std::iter::repeat_n(tag, 60));

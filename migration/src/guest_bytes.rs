@@ -42,3 +42,20 @@ pub(crate) fn guest_view<'a, B: BitmapSlice>(
     // writes the page.
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
+
+/// Faults in every page of `mem` writable (`MADV_POPULATE_WRITE`): allocates what is not yet
+/// there without changing any byte, as a write fault would. Fails with `EINVAL` on kernels
+/// before 5.14.
+#[allow(unsafe_code)]
+pub(crate) fn populate_write<B: BitmapSlice>(mem: &VolatileSlice<'_, B>) -> std::io::Result<()> {
+    let ptr = mem.ptr_guard_mut().as_ptr();
+    // SAFETY: a VolatileSlice covers `len` mapped bytes from `ptr` for as long as `mem` is
+    // borrowed; populating changes no byte of them (the kernel only allocates and maps pages),
+    // so no reader or writer of the memory can observe it.
+    let r = unsafe { libc::madvise(ptr.cast(), mem.len(), libc::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

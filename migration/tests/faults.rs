@@ -680,7 +680,7 @@ mod tests {
             }
         ));
         assert!(
-            text.contains("unsupported protocol version 9 (this side speaks 3)"),
+            text.contains("unsupported protocol version 9 (this side speaks 4)"),
             "{text}"
         );
         let (_, text) = feed(b"GET / HTTP/1.1\r\n\r\n".to_vec());

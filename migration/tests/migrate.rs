@@ -8,6 +8,7 @@ mod tests {
     use super::common::*;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
+    use tern_migration::dirty::{DirtyBitmap, GpaRange};
     use tern_migration::engine::MigrationStatus;
     use tern_migration::transport::MigrationUrl;
     use vm_memory::{Bytes, GuestAddress};
@@ -100,6 +101,25 @@ mod tests {
             s.data_pages * 4096,
             "every data page went from the file: {s:?}"
         );
+        // The destination heard what the source has populated and faulted in only that: never
+        // a page the source does not have.
+        let d = r.dst_stats.snapshot();
+        assert!(d.populated_hint_bytes > 0, "{d:?}");
+        assert!(d.prefaulted_bytes <= d.populated_hint_bytes, "{d:?}");
+        let target = r.dst.as_ref().expect("destination");
+        for &(base, len) in &REGIONS {
+            let range = GpaRange::new(GuestAddress(base), len as u64);
+            let populated = |m: &Mem| {
+                let mut b = DirtyBitmap::new(GuestAddress(base), len as u64).expect("bitmap");
+                pagemap_populated(m, range, &mut b).expect("pagemap");
+                b
+            };
+            let (src, dst) = (populated(&mem), populated(&target.guest_memory()));
+            for (i, (s, d)) in src.words().iter().zip(dst.words()).enumerate() {
+                assert_eq!(d & !s, 0, "word {i} of {base:#x}: destination-only pages");
+            }
+            assert!(dst.count() > 0);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use vm_memory::{
     WriteVolatile,
 };
 
-use crate::protocol::{DeviceMark, Frame, FrameWriter, PageEncoding};
+use crate::protocol::{DeviceMark, Frame, FrameWriter, MemoryEntry, PageEncoding};
 use crate::transport::{send_file_range, Connection, RateLimiter, SendFileError};
 
 use super::error::MigrationError;
@@ -41,6 +41,8 @@ pub enum OwnedFrame {
     DeviceData(String, Vec<u8>),
     /// A point in a device's data stream.
     DeviceMark(String, DeviceMark),
+    /// The memory the first pass will send as data.
+    Populated(Vec<MemoryEntry>),
 }
 
 impl OwnedFrame {
@@ -54,6 +56,7 @@ impl OwnedFrame {
             OwnedFrame::StreamEnd => Frame::StreamEnd,
             OwnedFrame::DeviceData(id, b) => Frame::DeviceData { id, bytes: b },
             OwnedFrame::DeviceMark(id, mark) => Frame::DeviceMark { id, mark: *mark },
+            OwnedFrame::Populated(entries) => Frame::Populated(entries.clone()),
         }
     }
 }

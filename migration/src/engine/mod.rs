@@ -13,6 +13,7 @@ mod pages;
 mod params;
 mod policy;
 mod precopy;
+mod prefault;
 mod receive;
 mod stats;
 mod steps;

@@ -279,6 +279,11 @@ pub struct PageWriter {
 }
 
 impl PageWriter {
+    /// The guest memory it writes.
+    pub fn memory(&self) -> &GuestMemoryMmap<GuestPageBitmap> {
+        &self.mem
+    }
+
     /// A writer over `mem`, which must be zero-filled.
     pub fn new(mem: GuestMemoryMmap<GuestPageBitmap>) -> Result<Self, MigrationError> {
         let mut populated = Vec::new();

@@ -35,6 +35,7 @@ use super::steps::StepTimes;
 
 mod devices;
 mod finish;
+mod populated;
 
 use devices::DeviceRun;
 
@@ -311,6 +312,10 @@ impl Source<'_> {
             self.stats.clone(),
         )?);
         self.setup_lap("lanes started");
+        if !self.params.local {
+            self.send_populated()?;
+            self.setup_lap("populated memory queued");
+        }
         self.host.prepare_switchover();
         self.setup_lap("prepare the switchover");
         if !self.params.local {
@@ -596,6 +601,8 @@ impl Source<'_> {
             None => {
                 let mut hint = DirtyBitmap::new(range.start, range.len_bytes)
                     .map_err(MigrationError::Bitmap)?;
+                // Asked after the chunk's claim: a page first written between the two is
+                // populated by then and read (its claimed bit is dropped by this pass).
                 if self
                     .host
                     .populated(range, &mut hint)

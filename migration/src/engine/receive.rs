@@ -27,6 +27,7 @@ use super::host::{
 };
 use super::in_doubt::InDoubtVm;
 use super::pages::PageWriter;
+use super::prefault::Prefaulter;
 use super::stats::{MigrationStats, MigrationStatus};
 use super::steps::StepTimes;
 
@@ -615,7 +616,8 @@ fn receive_state(
             ));
         }
         let mut pw = PageWriter::new(mem.clone())?;
-        let control_result = control_loop(r, &mut pw, stats, devices);
+        let mut prefault = Prefaulter::default();
+        let control_result = control_loop(r, &mut pw, &mut prefault, stats, devices);
         // The switchover's clock here starts at the source's Complete.
         let steps = StepTimes::start();
         // Unblock data threads on failure; on success each has read StreamEnd.
@@ -624,6 +626,9 @@ fn receive_state(
                 c.shutdown();
             }
         }
+        // Every page is here (or the receive failed): what the helper did not reach the
+        // receiver faulted in itself.
+        stats.set_prefaulted(prefault.stop());
         let mut lane_err = None;
         for (i, h) in handles {
             let res = h.join().unwrap_or(Err(MigrationError::Panicked));
@@ -684,6 +689,7 @@ fn check_state(
 fn control_loop(
     r: &mut FrameReader<Incoming>,
     pw: &mut PageWriter,
+    prefault: &mut Prefaulter,
     stats: &MigrationStats,
     devices: &DeviceSinks,
 ) -> Result<MigrationState, MigrationError> {
@@ -705,6 +711,10 @@ fn control_loop(
             Ok(Frame::Memory { entries, data }) => {
                 pw.apply(&entries, data)?;
                 stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
+            }
+            Ok(Frame::Populated(entries)) => {
+                stats.set_populated_hint(entries.iter().map(|e| e.len_bytes()).sum());
+                prefault.start(pw.memory(), entries);
             }
             Ok(Frame::VmState(b)) => {
                 check_state(&state, "VM", !state.vm.is_empty(), b.len())?;

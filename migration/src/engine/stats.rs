@@ -174,6 +174,12 @@ pub struct MigrationStatsSnapshot {
     /// Page data the kernel sent straight from the guest memory file (`sendfile`, no copy on
     /// the source), in bytes; the rest of the data pages were copied from the mapping.
     pub sent_from_file_bytes: u64,
+    /// Destination: the guest memory the source said it has populated and will send as data
+    /// (its [`Frame::Populated`](crate::protocol::Frame::Populated) hint), in bytes.
+    pub populated_hint_bytes: u64,
+    /// Destination: of that, the bytes a helper faulted in ahead of their data
+    /// (`engine::prefault`); the receiver faulted in the rest as the data arrived.
+    pub prefaulted_bytes: u64,
     /// Expected downtime if switching over now, in ms.
     pub expected_downtime_ms: u64,
     /// The downtime limit the source switches over under (source side only).
@@ -227,6 +233,8 @@ pub struct MigrationStats {
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
     sent_from_file_bytes: AtomicU64,
+    populated_hint_bytes: AtomicU64,
+    prefaulted_bytes: AtomicU64,
     expected_downtime_ms: AtomicU64,
     downtime_target_ms: AtomicU64,
     throttle_percent: AtomicU64,
@@ -291,6 +299,8 @@ impl MigrationStats {
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             sent_from_file_bytes: AtomicU64::new(0),
+            populated_hint_bytes: AtomicU64::new(0),
+            prefaulted_bytes: AtomicU64::new(0),
             expected_downtime_ms: AtomicU64::new(0),
             downtime_target_ms: AtomicU64::new(UNSET),
             throttle_percent: AtomicU64::new(0),
@@ -351,6 +361,8 @@ impl MigrationStats {
             &self.data_pages,
             &self.zero_pages,
             &self.sent_from_file_bytes,
+            &self.populated_hint_bytes,
+            &self.prefaulted_bytes,
             &self.expected_downtime_ms,
             &self.throttle_percent,
         ] {
@@ -435,6 +447,14 @@ impl MigrationStats {
     /// Bytes put on the wire so far (cheap: no snapshot).
     pub fn transferred_bytes(&self) -> u64 {
         self.transferred_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_populated_hint(&self, bytes: u64) {
+        self.populated_hint_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_prefaulted(&self, bytes: u64) {
+        self.prefaulted_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub(crate) fn add_sent_from_file(&self, bytes: u64) {
@@ -594,6 +614,8 @@ impl MigrationStats {
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             sent_from_file_bytes: self.sent_from_file_bytes.load(Ordering::Relaxed),
+            populated_hint_bytes: self.populated_hint_bytes.load(Ordering::Relaxed),
+            prefaulted_bytes: self.prefaulted_bytes.load(Ordering::Relaxed),
             expected_downtime_ms: self.expected_downtime_ms.load(Ordering::Relaxed),
             downtime_target_ms: opt(self.downtime_target_ms.load(Ordering::Relaxed)),
             throttle_percent: self.throttle_percent.load(Ordering::Relaxed),

@@ -15,7 +15,7 @@ use super::frame::{encode_memory_entries, Frame, FrameTag, MemoryEntry, PayloadE
 /// First bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Bytes of the preamble (magic + version).
 pub const PREAMBLE_BYTES: usize = 12;
 /// Bytes of a frame header.
@@ -405,12 +405,24 @@ mod tests {
                 mark: DeviceMark::InitialSent,
             },
             Frame::DeviceLoaded { id: "mtty0" },
+            Frame::Populated(vec![
+                MemoryEntry {
+                    gpa: GuestAddress(0x20_0000),
+                    npages: 512,
+                    encoding: PageEncoding::Data,
+                },
+                MemoryEntry {
+                    gpa: GuestAddress(0x1_0000_0000),
+                    npages: 3,
+                    encoding: PageEncoding::Data,
+                },
+            ]),
         ]
     }
 
     #[test]
     fn preamble_golden_bytes_and_checks() {
-        assert_eq!(hex(&preamble()), "5445524e4d49470003000000");
+        assert_eq!(hex(&preamble()), "5445524e4d49470004000000");
         read_preamble(&mut &preamble()[..]).expect("own preamble");
         // Version 1 had no config ack; a v1 peer must be refused before any frame.
         let mut v1 = preamble();
@@ -419,7 +431,7 @@ mod tests {
             read_preamble(&mut &v1[..]),
             Err(ProtocolError::UnsupportedVersion {
                 found: 1,
-                supported: 3
+                supported: 4
             })
         ));
         assert!(matches!(
@@ -439,9 +451,9 @@ mod tests {
     /// Expected bytes computed independently (Python `struct` + `zlib.crc32`) from the layout in
     /// the module docs. A format change must bump VERSION and these together. (Version 2 changed
     /// the exchange, not the frame layout: the destination acks the config once its VM is built.
-    /// Version 3 added the device data, mark and loaded frames.)
+    /// Version 3 added the device data, mark and loaded frames; version 4 the populated frame.)
     #[test]
-    fn golden_bytes_per_frame_type_version_3() {
+    fn golden_bytes_per_frame_type_version_4() {
         let pg = page(0x5a);
         let golden = [
             "01000000100000002233697f08070605040302010100020001000000",
@@ -458,6 +470,7 @@ mod tests {
             "0c0000000a0000002bf7253c05006d74747930070809",
             "0d000000080000006c49190405006d7474793001",
             "0e000000070000001e97804f05006d74747930",
+            "12000000240000005397ae12020000000000200000000000000200000000000000000000010000000300000000000000",
         ];
         let frames = samples(&pg);
         assert_eq!(frames.len(), golden.len());

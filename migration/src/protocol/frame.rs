@@ -1,4 +1,4 @@
-//! Typed frames and their payload encoding (version 3). Frames borrow their byte payloads from the
+//! Typed frames and their payload encoding (version 4). Frames borrow their byte payloads from the
 //! codec's buffer, so page data and state blobs are never copied between the socket and the guest.
 
 use vm_memory::GuestAddress;
@@ -43,6 +43,8 @@ pub enum FrameTag {
     Commit = 16,
     /// [`Frame::HandoverFd`].
     HandoverFd = 17,
+    /// [`Frame::Populated`].
+    Populated = 18,
 }
 
 impl FrameTag {
@@ -67,6 +69,7 @@ impl FrameTag {
             15 => Ready,
             16 => Commit,
             17 => HandoverFd,
+            18 => Populated,
             _ => return None,
         })
     }
@@ -92,6 +95,7 @@ impl FrameTag {
             Ready => "ready",
             Commit => "commit",
             HandoverFd => "handover-fd",
+            Populated => "populated",
         }
     }
 }
@@ -188,6 +192,10 @@ pub enum Frame<'a> {
     },
     /// Local mode: a memory region as an fd (SCM_RIGHTS).
     MemoryFd(MemoryFdInfo),
+    /// Source to destination, before the first pass: the guest memory the source has populated
+    /// (`Data` entries), which that pass will send as data; the destination may allocate it
+    /// while the data is on the way. A hint: the pages still come in memory frames.
+    Populated(Vec<MemoryEntry>),
     /// One vCPU's opaque state.
     VcpuState {
         /// vCPU index.
@@ -482,6 +490,7 @@ impl<'a> Frame<'a> {
             Frame::Config(_) => FrameTag::Config,
             Frame::Memory { .. } => FrameTag::Memory,
             Frame::MemoryFd(_) => FrameTag::MemoryFd,
+            Frame::Populated(_) => FrameTag::Populated,
             Frame::VcpuState { .. } => FrameTag::VcpuState,
             Frame::VmState(_) => FrameTag::VmState,
             Frame::DeviceState { .. } => FrameTag::DeviceState,
@@ -513,6 +522,10 @@ impl<'a> Frame<'a> {
             Frame::Memory { ref entries, data } => {
                 encode_memory_entries(entries, head);
                 data
+            }
+            Frame::Populated(ref entries) => {
+                encode_memory_entries(entries, head);
+                &[]
             }
             Frame::MemoryFd(m) => {
                 head.extend_from_slice(&m.gpa.0.to_le_bytes());
@@ -591,6 +604,16 @@ impl<'a> Frame<'a> {
                     });
                 }
                 Frame::Memory { entries, data }
+            }
+            FrameTag::Populated => {
+                let (entries, _) = decode_entries(&mut c)?;
+                if entries.iter().any(|e| e.encoding != PageEncoding::Data) {
+                    return Err(PayloadError::Invalid {
+                        field: "populated entry kind",
+                        value: 1,
+                    });
+                }
+                Frame::Populated(entries)
             }
             FrameTag::MemoryFd => {
                 let gpa = c.u64("region gpa")?;

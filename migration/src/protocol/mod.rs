@@ -1,4 +1,4 @@
-//! The tern migration wire protocol, version 3.
+//! The tern migration wire protocol, version 4.
 //!
 //! Every connection opens with a 12-byte preamble in *both* directions (`b"TERNMIG\0"` + `u32`
 //! version), so each side rejects a peer of another version before any frame. Then frames:
@@ -23,6 +23,9 @@
 //!     end
 //!     S->>D: Config(bytes): D builds the VM (on the memfds in local mode)
 //!     D->>S: Ack (VM built: the source never pauses before this)
+//!     opt the source knows which memory it has populated (not in local mode)
+//!         S->>D: Populated(entries): D allocates those pages while they are on the way
+//!     end
 //!     loop pre-copy iterations (not in local mode)
 //!         S->>D: Memory(entries: Data | Zero, page bytes), chunk i on connection i mod M
 //!         S->>D: DeviceData(id, bytes)… of devices in PRE_COPY

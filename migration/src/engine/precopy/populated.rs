@@ -1,0 +1,51 @@
+//! Before the first pass: telling the destination which memory it will receive as data, so that
+//! it allocates those pages while they are on the way (`engine::prefault`) instead of faulting
+//! each one in as its data arrives.
+
+use super::*;
+use crate::protocol::{MemoryEntry, PageEncoding};
+
+/// The most entries one hint carries (16 bytes each: 1 MiB); a guest fragmented beyond that
+/// has its first ranges hinted and the rest faulted in as the data arrives.
+const MAX_HINT_ENTRIES: usize = 1 << 16;
+
+impl Source<'_> {
+    /// Queues [`Frame::Populated`] with the host's populated memory, if the host knows it,
+    /// ahead of the first pass's memory on the control connection (lane 0); a lane's failure
+    /// path reports a destination that went away, with its reason. Only a hint: the first pass
+    /// asks the host again chunk by chunk, after each chunk's claim (a page written since this
+    /// snapshot must be read then, or it would go as a zero marker with its dirty bit dropped).
+    pub(super) fn send_populated(&mut self) -> Result<(), MigrationError> {
+        let mut entries = Vec::new();
+        for (base, len) in self.regions.clone() {
+            let range = GpaRange::new(base, len);
+            let mut populated = DirtyBitmap::new(base, len).map_err(MigrationError::Bitmap)?;
+            if !self
+                .host
+                .populated(range, &mut populated)
+                .map_err(MigrationError::Host)?
+            {
+                return Ok(());
+            }
+            self.ranges.fill_from(&populated);
+            for run in self.ranges.runs() {
+                let mut first = run.first_page;
+                let end = run.first_page + run.npages;
+                while first < end && entries.len() < MAX_HINT_ENTRIES {
+                    let n = (end - first).min(u64::from(u32::MAX));
+                    entries.push(MemoryEntry {
+                        gpa: GuestAddress(base.0 + first * PAGE_SIZE),
+                        // n ≤ u32::MAX.
+                        npages: n as u32,
+                        encoding: PageEncoding::Data,
+                    });
+                    first += n;
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.lanes()?.send_frame(0, OwnedFrame::Populated(entries))
+    }
+}
