@@ -28,17 +28,19 @@ pub enum BatchMode {
     Snapshot,
     /// Written by the sender straight from guest memory, outside any check.
     Stream,
-    /// Written straight from guest memory, each page with its sum taken from the copy the zero
-    /// check makes ([`crate::protocol::page_sum`]).
+    /// Written straight from guest memory, each page with its sum ([`crate::protocol::page_sum`]).
     StreamSummed,
 }
 
 /// One memory frame being assembled.
 ///
-/// In [`BatchMode::Snapshot`] the page bytes are copied into `data`; in the stream modes each
-/// page is only read in place (the zero check and the sum) and the sender later writes the
-/// `Data` entries straight from guest memory. A page changing in between is harmless: its dirty
-/// bit was set again after the claim, so it is resent.
+/// In [`BatchMode::Snapshot`] the page bytes are copied into `data` as pages are added. In the
+/// stream modes adding a page reads nothing: its `Data` entry is tentative until the lane that
+/// sends the batch calls [`MemoryBatch::resolve`], which reads each page once in place (the zero
+/// check, the sum) right before the lane writes the `Data` entries straight from guest memory.
+/// So every lane reads its own pages, in parallel, on the thread that then sends them, and the
+/// thread that plans the pass only claims and queues. A page changing after its claim is
+/// harmless wherever it is read: its dirty bit was set again, so it is resent.
 #[derive(Debug)]
 pub struct MemoryBatch {
     /// Entry table.
@@ -52,6 +54,10 @@ pub struct MemoryBatch {
     /// One sum per data page, in entry order ([`BatchMode::StreamSummed`]).
     pub sums: Vec<u64>,
     mode: BatchMode,
+    /// Stream modes: the entries are tentative until [`MemoryBatch::resolve`].
+    resolved: bool,
+    /// The tentative entries while resolving (kept for reuse).
+    tentative: Vec<MemoryEntry>,
 }
 
 impl Default for MemoryBatch {
@@ -91,6 +97,8 @@ impl MemoryBatch {
                 Vec::new()
             },
             mode,
+            resolved: snapshot,
+            tentative: Vec::new(),
         }
     }
 
@@ -105,6 +113,7 @@ impl MemoryBatch {
         self.data_len = 0;
         self.zero_pages = 0;
         self.sums.clear();
+        self.resolved = self.mode == BatchMode::Snapshot;
     }
 
     /// True when nothing was added.
@@ -117,11 +126,17 @@ impl MemoryBatch {
         self.data_len + PAGE > BATCH_DATA_BYTES || self.entries.len() >= BATCH_MAX_ENTRIES
     }
 
-    /// Bytes the batch puts on the wire: page data and entry table.
+    /// Bytes the batch puts on the wire: page data, entry table and sums; before
+    /// [`MemoryBatch::resolve`] an estimate that takes every tentative page for data.
     pub fn wire_bytes(&self) -> u64 {
+        let sums = if self.mode == BatchMode::StreamSummed {
+            self.data_len / PAGE
+        } else {
+            0
+        };
         (self.data_len
             + self.entries.len() * crate::protocol::MEMORY_ENTRY_BYTES
-            + self.sums.len() * crate::protocol::page_sum::PAGE_SUM_BYTES) as u64
+            + sums * crate::protocol::page_sum::PAGE_SUM_BYTES) as u64
     }
 
     /// Data pages in the batch.
@@ -130,59 +145,27 @@ impl MemoryBatch {
     }
 
     fn push_entry(&mut self, gpa: u64, encoding: PageEncoding) {
-        if let Some(last) = self.entries.last_mut() {
-            if last.encoding == encoding
-                && last.gpa.0 + last.len_bytes() == gpa
-                && last.npages < u32::MAX
-            {
-                last.npages += 1;
-                return;
-            }
-        }
-        self.entries.push(MemoryEntry {
-            gpa: GuestAddress(gpa),
-            npages: 1,
-            encoding,
-        });
+        push_run(&mut self.entries, gpa, 1, encoding);
     }
 
     /// Add `npages` pages from `gpa` as zero markers without reading them (known never written);
-    /// returns how many fit.
+    /// returns how many fit (all of them, or none when the entry table is full and they do not
+    /// extend its last entry).
     pub fn push_zero_run(&mut self, gpa: GuestAddress, npages: u64) -> u64 {
-        let mut done = 0;
-        while done < npages {
-            let at = gpa.0 + done * PAGE_SIZE;
-            let n = (npages - done).min(u64::from(u32::MAX));
-            if let Some(last) = self.entries.last_mut() {
-                let room = u64::from(u32::MAX - last.npages);
-                if last.encoding == PageEncoding::Zero
-                    && last.gpa.0 + last.len_bytes() == at
-                    && room > 0
-                {
-                    let k = n.min(room);
-                    // k ≤ room ≤ u32::MAX.
-                    last.npages += k as u32;
-                    self.zero_pages += k;
-                    done += k;
-                    continue;
-                }
-            }
-            if self.entries.len() >= BATCH_MAX_ENTRIES {
-                break;
-            }
-            self.entries.push(MemoryEntry {
-                gpa: GuestAddress(at),
-                npages: n as u32,
-                encoding: PageEncoding::Zero,
-            });
-            self.zero_pages += n;
-            done += n;
+        let extends = self.entries.last().is_some_and(|last| {
+            last.encoding == PageEncoding::Zero && last.gpa.0 + last.len_bytes() == gpa.0
+        });
+        if !extends && self.entries.len() >= BATCH_MAX_ENTRIES {
+            return 0;
         }
-        done
+        push_run(&mut self.entries, gpa.0, npages, PageEncoding::Zero);
+        self.zero_pages += npages;
+        npages
     }
 
-    /// Copy up to `npages` pages from `gpa` (inside one region) into the batch; returns how many
-    /// pages were taken before the batch filled up.
+    /// Add up to `npages` pages from `gpa` (inside one region); returns how many pages were
+    /// taken before the batch filled up. A snapshot batch copies them now; a stream batch takes
+    /// them as tentative data for [`MemoryBatch::resolve`].
     pub fn push_pages(
         &mut self,
         mem: &GuestMemoryMmap<GuestPageBitmap>,
@@ -194,6 +177,9 @@ impl MemoryBatch {
             len_bytes,
             source,
         };
+        if self.mode != BatchMode::Snapshot {
+            return self.push_tentative(mem, gpa, npages);
+        }
         let mut done = 0;
         while done < npages && !self.is_full() {
             // Take as many pages as fit in one slice lookup.
@@ -208,25 +194,12 @@ impl MemoryBatch {
             while taken < n && self.entries.len() < BATCH_MAX_ENTRIES {
                 let page_gpa = at + taken * PAGE_SIZE;
                 let off = taken as usize * PAGE;
-                let data = if self.mode == BatchMode::Snapshot {
-                    let dst = &mut self.data[self.data_len..self.data_len + PAGE];
-                    slice
-                        .subslice(off, PAGE)
-                        .map_err(|e| gm_err(e.into(), PAGE_SIZE))?
-                        .copy_to(dst);
-                    !is_zero_page(dst)
-                } else {
-                    // The zero check and the sum read the page where it is: the bytes that go
-                    // on the wire come from guest memory too, so a copy would not make them
-                    // agree, and a page rewritten meanwhile is dirty again and resent.
-                    let page = crate::guest_bytes::guest_view(&slice, off, PAGE)
-                        .map_err(|e| gm_err(e.into(), PAGE_SIZE))?;
-                    let data = !is_zero_page(page);
-                    if data && self.mode == BatchMode::StreamSummed {
-                        self.sums.push(crate::protocol::page_sum::page_sum(page));
-                    }
-                    data
-                };
+                let dst = &mut self.data[self.data_len..self.data_len + PAGE];
+                slice
+                    .subslice(off, PAGE)
+                    .map_err(|e| gm_err(e.into(), PAGE_SIZE))?
+                    .copy_to(dst);
+                let data = !is_zero_page(dst);
                 if data {
                     self.data_len += PAGE;
                     self.push_entry(page_gpa, PageEncoding::Data);
@@ -242,6 +215,123 @@ impl MemoryBatch {
             }
         }
         Ok(done)
+    }
+
+    /// Stream modes: takes up to `npages` pages from `gpa` (inside one region) as tentative
+    /// data without reading them; returns how many fit.
+    fn push_tentative(
+        &mut self,
+        mem: &GuestMemoryMmap<GuestPageBitmap>,
+        gpa: GuestAddress,
+        npages: u64,
+    ) -> Result<u64, MigrationError> {
+        if self.entries.len() >= BATCH_MAX_ENTRIES {
+            return Ok(0);
+        }
+        let room = ((BATCH_DATA_BYTES - self.data_len) / PAGE) as u64;
+        let n = npages.min(room).min(u64::from(u32::MAX));
+        if n == 0 {
+            return Ok(0);
+        }
+        // Outside guest memory is the planner's error, reported here rather than on a lane.
+        if mem.get_slice(gpa, (n * PAGE_SIZE) as usize).is_err() {
+            return Err(MigrationError::GuestMemory {
+                gpa: gpa.0,
+                len_bytes: n * PAGE_SIZE,
+                source: vm_memory::GuestMemoryError::InvalidGuestAddress(gpa),
+            });
+        }
+        push_run(&mut self.entries, gpa.0, n, PageEncoding::Data);
+        self.data_len += n as usize * PAGE;
+        Ok(n)
+    }
+
+    /// Stream modes, on the sending lane: reads each tentative data page once where it is — an
+    /// all-zero page becomes a marker, a data page gets its sum — so the entries say what the
+    /// frame carries. Called once per batch; a no-op for a snapshot batch.
+    pub fn resolve(
+        &mut self,
+        mem: &GuestMemoryMmap<GuestPageBitmap>,
+    ) -> Result<(), MigrationError> {
+        if self.resolved {
+            return Ok(());
+        }
+        self.resolved = true;
+        let mut tentative =
+            std::mem::replace(&mut self.entries, std::mem::take(&mut self.tentative));
+        self.data_len = 0;
+        self.sums.clear();
+        let summed = self.mode == BatchMode::StreamSummed;
+        for e in &tentative {
+            if e.encoding == PageEncoding::Zero {
+                push_run(
+                    &mut self.entries,
+                    e.gpa.0,
+                    u64::from(e.npages),
+                    PageEncoding::Zero,
+                );
+                continue;
+            }
+            let len = e.len_bytes();
+            let slice = mem.get_slice(e.gpa, len as usize).map_err(|source| {
+                MigrationError::GuestMemory {
+                    gpa: e.gpa.0,
+                    len_bytes: len,
+                    source,
+                }
+            })?;
+            for p in 0..u64::from(e.npages) {
+                let at = e.gpa.0 + p * PAGE_SIZE;
+                // Read where it is: the bytes that go on the wire come from guest memory too,
+                // so a copy would not make them agree.
+                let page = crate::guest_bytes::guest_view(&slice, (p * PAGE_SIZE) as usize, PAGE)
+                    .map_err(|source| MigrationError::GuestMemory {
+                    gpa: at,
+                    len_bytes: PAGE_SIZE,
+                    source: source.into(),
+                })?;
+                if is_zero_page(page) {
+                    self.zero_pages += 1;
+                    push_run(&mut self.entries, at, 1, PageEncoding::Zero);
+                } else {
+                    if summed {
+                        self.sums.push(crate::protocol::page_sum::page_sum(page));
+                    }
+                    self.data_len += PAGE;
+                    push_run(&mut self.entries, at, 1, PageEncoding::Data);
+                }
+            }
+        }
+        tentative.clear();
+        self.tentative = tentative;
+        Ok(())
+    }
+}
+
+/// Appends `npages` pages from `gpa` as one entry, or extends the last entry when it has the
+/// same encoding and ends at `gpa`.
+fn push_run(entries: &mut Vec<MemoryEntry>, gpa: u64, npages: u64, encoding: PageEncoding) {
+    let mut gpa = gpa;
+    let mut left = npages;
+    if let Some(last) = entries.last_mut() {
+        if last.encoding == encoding && last.gpa.0 + last.len_bytes() == gpa {
+            let k = left.min(u64::from(u32::MAX - last.npages));
+            // k ≤ u32::MAX - npages.
+            last.npages += k as u32;
+            gpa += k * PAGE_SIZE;
+            left -= k;
+        }
+    }
+    while left > 0 {
+        let k = left.min(u64::from(u32::MAX));
+        entries.push(MemoryEntry {
+            gpa: GuestAddress(gpa),
+            // k ≤ u32::MAX.
+            npages: k as u32,
+            encoding,
+        });
+        gpa += k * PAGE_SIZE;
+        left -= k;
     }
 }
 
@@ -523,6 +613,65 @@ mod tests {
         assert_eq!(b.zero_pages, 6);
         assert_eq!(b.data[4095], 1);
         assert_eq!(b.data[4096], 1);
+    }
+
+    #[test]
+    fn a_stream_batch_reads_nothing_until_resolved_then_marks_zero_pages_and_sums_data() {
+        let m = mem(8);
+        m.write_slice(&[1], GuestAddress(0x10_0000 + 2 * 4096 + 4095))
+            .expect("write");
+        m.write_slice(&[7], GuestAddress(0x10_0000 + 3 * 4096))
+            .expect("write");
+        let mut b = MemoryBatch::with_mode(BatchMode::StreamSummed);
+        assert_eq!(b.push_zero_run(GuestAddress(0x20_0000), 4), 4);
+        assert_eq!(
+            b.push_pages(&m, GuestAddress(0x10_0000), 8).expect("take"),
+            8
+        );
+        let e = |gpa: u64, n, encoding| MemoryEntry {
+            gpa: GuestAddress(gpa),
+            npages: n,
+            encoding,
+        };
+        // Tentative: every taken page counts as data, nothing read yet.
+        assert_eq!(b.data_pages(), 8);
+        assert!(b.sums.is_empty());
+        let estimate = b.wire_bytes();
+        // A write after the take is what the lane reads (its dirty bit was set again anyway).
+        m.write_slice(&[9], GuestAddress(0x10_0000 + 7 * 4096))
+            .expect("write");
+        b.resolve(&m).expect("resolve");
+        assert_eq!(
+            b.entries,
+            vec![
+                e(0x20_0000, 4, PageEncoding::Zero),
+                e(0x10_0000, 2, PageEncoding::Zero),
+                e(0x10_2000, 2, PageEncoding::Data),
+                e(0x10_4000, 3, PageEncoding::Zero),
+                e(0x10_7000, 1, PageEncoding::Data),
+            ]
+        );
+        assert_eq!(b.data_pages(), 3);
+        assert_eq!(b.zero_pages, 4 + 5);
+        let page = |i: u64| {
+            let mut p = vec![0u8; PAGE];
+            m.read_slice(&mut p, GuestAddress(0x10_0000 + i * 4096))
+                .expect("read");
+            crate::protocol::page_sum::page_sum(&p)
+        };
+        assert_eq!(b.sums, vec![page(2), page(3), page(7)]);
+        assert!(b.wire_bytes() <= estimate, "the estimate bounds the frame");
+        // Resolving twice changes nothing; clearing makes the batch tentative again.
+        let resolved = b.entries.clone();
+        b.resolve(&m).expect("again");
+        assert_eq!(b.entries, resolved);
+        b.clear();
+        assert_eq!(
+            b.push_pages(&m, GuestAddress(0x10_0000), 1).expect("take"),
+            1
+        );
+        b.resolve(&m).expect("resolve");
+        assert_eq!(b.entries, vec![e(0x10_0000, 1, PageEncoding::Zero)]);
     }
 
     #[test]
