@@ -584,23 +584,32 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0x10_0000), pages * PAGE)]).expect("memory")
     }
 
+    /// 8 pages at 1 MiB; page 2's last byte and page 3's first byte are `a` and `b`.
+    fn pages_2_and_3_written(a: u8, b: u8) -> GuestMemoryMmap<GuestPageBitmap> {
+        let m = mem(8);
+        m.write_slice(&[a], GuestAddress(0x10_0000 + 2 * 4096 + 4095))
+            .expect("write");
+        m.write_slice(&[b], GuestAddress(0x10_0000 + 3 * 4096))
+            .expect("write");
+        m
+    }
+
+    fn e(gpa: u64, npages: u32, encoding: PageEncoding) -> MemoryEntry {
+        MemoryEntry {
+            gpa: GuestAddress(gpa),
+            npages,
+            encoding,
+        }
+    }
+
     #[test]
     fn zero_pages_become_markers_and_runs_merge() {
-        let m = mem(8);
-        m.write_slice(&[1], GuestAddress(0x10_0000 + 2 * 4096 + 4095))
-            .expect("write");
-        m.write_slice(&[1], GuestAddress(0x10_0000 + 3 * 4096))
-            .expect("write");
+        let m = pages_2_and_3_written(1, 1);
         let mut b = MemoryBatch::new();
         assert_eq!(
             b.push_pages(&m, GuestAddress(0x10_0000), 8).expect("read"),
             8
         );
-        let e = |gpa: u64, n, encoding| MemoryEntry {
-            gpa: GuestAddress(gpa),
-            npages: n,
-            encoding,
-        };
         assert_eq!(
             b.entries,
             vec![
@@ -617,22 +626,13 @@ mod tests {
 
     #[test]
     fn a_stream_batch_reads_nothing_until_resolved_then_marks_zero_pages_and_sums_data() {
-        let m = mem(8);
-        m.write_slice(&[1], GuestAddress(0x10_0000 + 2 * 4096 + 4095))
-            .expect("write");
-        m.write_slice(&[7], GuestAddress(0x10_0000 + 3 * 4096))
-            .expect("write");
+        let m = pages_2_and_3_written(1, 7);
         let mut b = MemoryBatch::with_mode(BatchMode::StreamSummed);
         assert_eq!(b.push_zero_run(GuestAddress(0x20_0000), 4), 4);
         assert_eq!(
             b.push_pages(&m, GuestAddress(0x10_0000), 8).expect("take"),
             8
         );
-        let e = |gpa: u64, n, encoding| MemoryEntry {
-            gpa: GuestAddress(gpa),
-            npages: n,
-            encoding,
-        };
         // Tentative: every taken page counts as data, nothing read yet.
         assert_eq!(b.data_pages(), 8);
         assert!(b.sums.is_empty());

