@@ -687,6 +687,18 @@ pub struct MigrationStatus {
     pub total_time_ms: Option<u64>,
     /// Time spent in `setup` (set once `active` began).
     pub setup_time_ms: Option<u64>,
+    /// Source: pages sent as data (all passes).
+    pub data_pages: u64,
+    /// Source: pages sent as zero markers (never read, or read and all zero).
+    pub zero_pages: u64,
+    /// Source: page data the kernel sent straight from the guest memory file (`sendfile` on a
+    /// unix socket: no copy on the source), in bytes; the rest was copied from the mapping.
+    pub sent_from_file_bytes: u64,
+    /// Destination: guest memory the source said it has populated (sent ahead of the pages).
+    pub populated_hint_bytes: u64,
+    /// Destination: of that, bytes a helper faulted in ahead of their data; the receiving thread
+    /// faulted in the rest itself.
+    pub prefaulted_bytes: u64,
     /// Why the migration failed or was cancelled, including the peer's reason when it sent one.
     pub error: Option<String>,
     /// Devices whose own state migrates (VFIO migration v2), source side.

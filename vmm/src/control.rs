@@ -429,6 +429,11 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         resumed_at_unix_us: s.resumed_at_unix_us,
         total_time_ms: status.is_terminal().then_some(s.total_time_ms),
         setup_time_ms: s.setup_time_ms,
+        data_pages: s.data_pages,
+        zero_pages: s.zero_pages,
+        sent_from_file_bytes: s.sent_from_file_bytes,
+        populated_hint_bytes: s.populated_hint_bytes,
+        prefaulted_bytes: s.prefaulted_bytes,
         error: s.error.clone(),
         devices: s
             .devices
