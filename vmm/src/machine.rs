@@ -4,9 +4,8 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use tern_devices::vfio::handover::InheritedDevices;
-use tern_migration::engine::StepTimes;
+use tern_migration::engine::{StepTimes, TimedStep};
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
@@ -137,23 +136,7 @@ pub struct Machine {
     vm: Arc<Vm>,
     ram: GuestRam,
     /// How building it on its [`MappedVm`] went, step by step.
-    build_steps: BuildSteps,
-}
-
-/// How long each step of building something took, in µs, in order (what `GET vm.migration`
-/// shows of a destination's VM build).
-#[derive(Debug, Default, Clone)]
-pub struct BuildSteps(pub Vec<(&'static str, u64)>);
-
-impl BuildSteps {
-    /// Records the time since `*from` under `name` and moves `*from` to now.
-    pub fn lap(&mut self, name: &'static str, from: &mut Instant) {
-        let now = Instant::now();
-        let us =
-            u64::try_from(now.saturating_duration_since(*from).as_micros()).unwrap_or(u64::MAX);
-        *from = now;
-        self.0.push((name, us));
-    }
+    build_steps: StepTimes,
 }
 
 /// The largest vCPU count tern accepts on this host.
@@ -245,8 +228,7 @@ impl Machine {
                 actual: ram.size_bytes(),
             }));
         }
-        let mut steps = BuildSteps::default();
-        let mut t = Instant::now();
+        let mut steps = StepTimes::sequence();
         let max = max_vcpus(&kvm);
         if usize::from(config.cpus) > max || config.cpus == 0 {
             return Err(MachineError::TooManyCpus {
@@ -264,7 +246,7 @@ impl Machine {
         };
         let mut ring_maps = Vec::new();
         let (mut devices, events) = DeviceManager::new(&vm, config.memory_bytes, &config.serial)?;
-        steps.lap("platform devices", &mut t);
+        steps.lap("platform devices");
         match inherited {
             Some(inherited) => devices.add_inherited(&ram, &config.devices, inherited)?,
             None => devices.add_passthrough(&ram, &config.devices)?,
@@ -273,7 +255,7 @@ impl Machine {
             devices.add_mock_dma(&ram, spec)?;
         }
         if !config.devices.is_empty() || !config.mock_dma.is_empty() {
-            steps.lap("passthrough devices", &mut t);
+            steps.lap("passthrough devices");
         }
         let mut fds = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -295,12 +277,12 @@ impl Machine {
         }
         let dirty_rings =
             ring_bytes.map(|_| Arc::new(DirtyRings::new(vm.clone(), &ram, ring_maps)));
-        steps.lap("vCPUs and CPUID", &mut t);
+        steps.lap("vCPUs and CPUID");
         let msr_indices = match fds.first() {
             Some(fd) => msr::saveable_msr_indices(&kvm, fd)?,
             None => Vec::new(),
         };
-        steps.lap("saveable MSRs", &mut t);
+        steps.lap("saveable MSRs");
 
         if boot {
             let entries = load_payload(&config, &ram, &fds)?;
@@ -332,7 +314,7 @@ impl Machine {
                 .map_err(|source| MachineError::SpawnVcpu { index, source })?;
             vcpus.push(handle);
         }
-        steps.lap("vCPU threads", &mut t);
+        steps.lap("vCPU threads");
         Ok(Self {
             config,
             vcpus,
@@ -395,8 +377,8 @@ impl Machine {
     }
 
     /// How building this machine on its [`MappedVm`] went, step by step (µs).
-    pub fn build_steps(&self) -> &[(&'static str, u64)] {
-        &self.build_steps.0
+    pub fn build_steps(&self) -> &[TimedStep] {
+        self.build_steps.steps()
     }
 
     /// The VM's configuration.

@@ -188,6 +188,14 @@ struct Vector {
     registered: bool,
 }
 
+/// A KVM call about `vector`'s route or irqfd failed.
+fn program_error(vector: u16, source: kvm_ioctls::Error) -> MsiRouteError {
+    MsiRouteError::Program {
+        vector,
+        source: std::io::Error::from_raw_os_error(source.errno()),
+    }
+}
+
 /// The VM's GSI routing table and the irqfds of every MSI vector.
 #[derive(Debug)]
 pub struct GsiRouter {
@@ -238,10 +246,43 @@ impl GsiRouter {
         self.vm
             .fd()
             .set_gsi_routing(&table)
-            .map_err(|source| MsiRouteError::Program {
-                vector,
-                source: std::io::Error::from_raw_os_error(source.errno()),
-            })
+            .map_err(|e| program_error(vector, e))
+    }
+
+    /// Takes `v`'s irqfd off `gsi` if it is there; with irqfds off it is only marked not due.
+    fn detach_irqfd(
+        &self,
+        v: &mut Vector,
+        gsi: u32,
+        vector: u16,
+        off: bool,
+    ) -> Result<(), MsiRouteError> {
+        if v.registered && !off {
+            self.vm
+                .fd()
+                .unregister_irqfd(&v.irqfd, gsi)
+                .map_err(|e| program_error(vector, e))?;
+        }
+        v.registered = false;
+        Ok(())
+    }
+
+    /// Puts `v`'s irqfd on `gsi` unless it is there; with irqfds off it is only marked due.
+    fn attach_irqfd(
+        &self,
+        v: &mut Vector,
+        gsi: u32,
+        vector: u16,
+        off: bool,
+    ) -> Result<(), MsiRouteError> {
+        if !v.registered && !off {
+            self.vm
+                .fd()
+                .register_irqfd(&v.irqfd, gsi)
+                .map_err(|e| program_error(vector, e))?;
+        }
+        v.registered = true;
+        Ok(())
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, RouterInner> {
@@ -348,10 +389,6 @@ impl GsiRouter {
         route: Option<MsiMessage>,
     ) -> Result<(), MsiRouteError> {
         let mut inner = self.inner();
-        let program = |source: kvm_ioctls::Error| MsiRouteError::Program {
-            vector,
-            source: std::io::Error::from_raw_os_error(source.errno()),
-        };
         let off = inner.irqfds_off;
         let Some(v) = inner.vectors.get_mut(&gsi) else {
             return Err(MsiRouteError::UnknownVector { vector, vectors: 0 });
@@ -359,15 +396,8 @@ impl GsiRouter {
         let old = v.route;
         v.route = route;
         // Take the irqfd off first when disabling, so no signal lands on a route being removed.
-        if route.is_none() && v.registered && off {
-            v.registered = false;
-        }
-        if route.is_none() && v.registered {
-            self.vm
-                .fd()
-                .unregister_irqfd(&v.irqfd, gsi)
-                .map_err(program)?;
-            v.registered = false;
+        if route.is_none() {
+            self.detach_irqfd(v, gsi, vector, off)?;
         }
         if let Err(e) = self.write_table(&inner, vector) {
             if let Some(v) = inner.vectors.get_mut(&gsi) {
@@ -379,15 +409,8 @@ impl GsiRouter {
             .vectors
             .get_mut(&gsi)
             .expect("looked up under the same lock");
-        if route.is_some() && !v.registered && off {
-            v.registered = true;
-        }
-        if route.is_some() && !v.registered {
-            self.vm
-                .fd()
-                .register_irqfd(&v.irqfd, gsi)
-                .map_err(program)?;
-            v.registered = true;
+        if route.is_some() {
+            self.attach_irqfd(v, gsi, vector, off)?;
         }
         Ok(())
     }
@@ -423,19 +446,9 @@ impl GsiRouter {
             return Err(e);
         }
         for &(gsi, vector, _) in routes {
-            let Some(v) = inner.vectors.get_mut(&gsi) else {
-                continue;
-            };
-            if !v.registered && !off {
-                self.vm
-                    .fd()
-                    .register_irqfd(&v.irqfd, gsi)
-                    .map_err(|source| MsiRouteError::Program {
-                        vector,
-                        source: std::io::Error::from_raw_os_error(source.errno()),
-                    })?;
+            if let Some(v) = inner.vectors.get_mut(&gsi) {
+                self.attach_irqfd(v, gsi, vector, off)?;
             }
-            v.registered = true;
         }
         Ok(())
     }

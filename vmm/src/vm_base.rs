@@ -10,16 +10,16 @@
 //! memory fd arrives, before the config, on a thread of its own.
 
 use std::path::Path;
-use std::time::Instant;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::x86_64::cpuid;
-use crate::machine::{BuildSteps, MachineError};
+use crate::machine::MachineError;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu;
 use crate::vstate::vm::Vm;
+use tern_migration::engine::{StepTimes, TimedStep};
 
 /// A KVM VM without memory, vCPUs or devices.
 #[derive(Debug)]
@@ -28,7 +28,7 @@ pub struct VmBase {
     pub(crate) vm: VmFd,
     pub(crate) cpuid: CpuId,
     /// How long each part took (µs), in order.
-    pub(crate) steps: BuildSteps,
+    pub(crate) steps: StepTimes,
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, MachineError> {
@@ -47,18 +47,17 @@ fn open_kvm(path: &Path) -> Result<Kvm, MachineError> {
 impl VmBase {
     /// Opens `kvm_path` and creates the VM.
     pub fn build(kvm_path: &Path) -> Result<Self, MachineError> {
-        let mut steps = BuildSteps::default();
-        let mut t = Instant::now();
+        let mut steps = StepTimes::sequence();
         let kvm = open_kvm(kvm_path)?;
         vcpu::register_kick_signal().map_err(|e| MachineError::SpawnVcpu {
             index: 0,
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-        steps.lap("open KVM", &mut t);
+        steps.lap("open KVM");
         let vm = Vm::create_fd(&kvm)?;
-        steps.lap("KVM VM, irqchip, PIT", &mut t);
+        steps.lap("KVM VM, irqchip, PIT");
         let cpuid = cpuid::supported(&kvm)?;
-        steps.lap("supported CPUID", &mut t);
+        steps.lap("supported CPUID");
         Ok(Self {
             kvm,
             vm,
@@ -68,16 +67,15 @@ impl VmBase {
     }
 
     /// What building it took, step by step (µs).
-    pub fn steps(&self) -> &[(&'static str, u64)] {
-        &self.steps.0
+    pub fn steps(&self) -> &[TimedStep] {
+        self.steps.steps()
     }
 
     /// Registers `ram` as the VM's memory slots.
     pub fn map(self, ram: GuestRam) -> Result<MappedVm, MachineError> {
-        let mut steps = BuildSteps::default();
-        let mut t = Instant::now();
+        let mut steps = StepTimes::sequence();
         let vm = Vm::with_fd(self.vm, &ram)?;
-        steps.lap("memory slots", &mut t);
+        steps.lap("memory slots");
         Ok(MappedVm {
             kvm: self.kvm,
             vm,
@@ -96,13 +94,13 @@ pub struct MappedVm {
     pub(crate) ram: GuestRam,
     pub(crate) cpuid: CpuId,
     /// How mapping the memory took, step by step (µs).
-    pub(crate) steps: BuildSteps,
+    pub(crate) steps: StepTimes,
 }
 
 impl MappedVm {
     /// What building it took, step by step (µs).
-    pub fn steps(&self) -> &[(&'static str, u64)] {
-        &self.steps.0
+    pub fn steps(&self) -> &[TimedStep] {
+        self.steps.steps()
     }
 
     /// The guest memory.

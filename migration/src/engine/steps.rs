@@ -84,6 +84,14 @@ impl StepTimes {
         }
     }
 
+    /// Appends steps timed elsewhere that ran since the last lap (a builder's own steps); the
+    /// clock keeps running, so [`StepTimes::restart`] once they are all in.
+    pub fn extend(&mut self, parts: &[TimedStep]) {
+        for p in parts {
+            self.add(&p.name, p.us);
+        }
+    }
+
     /// Adds steps that ran alongside this clock's (they take no part in its laps), first.
     pub fn record_before(&mut self, parts: Vec<TimedStep>) {
         self.steps.splice(0..0, parts);
@@ -144,6 +152,19 @@ mod tests {
             t.take(),
             vec![step("memory fd received", 3), step("memory fd received", 4)]
         );
+    }
+
+    #[test]
+    fn extended_steps_follow_in_order_and_a_restart_drops_their_time_from_the_next_lap() {
+        let mut t = StepTimes::sequence();
+        t.add("config", 2);
+        t.extend(&[step("memory slots", 5), step("vCPUs", 7)]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        t.restart();
+        let us = t.lap("check the devices");
+        assert!(us < 20_000, "the restart dropped the 20 ms before it: {us} µs");
+        let names: Vec<String> = t.take().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["config", "memory slots", "vCPUs", "check the devices"]);
     }
 
     #[test]

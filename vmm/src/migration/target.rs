@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use tern_devices::vfio::handover::InheritedDevices;
 use tern_migration::dirty::GuestPageBitmap;
@@ -18,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device_map::{apply_mapping, check_local, LocalDevice};
 use super::state_codec::decode_state;
 use crate::config::{PciFunctionIds, SerialConfig, VmConfig};
-use crate::machine::{BuildSteps, Machine, MachineError};
+use crate::machine::{Machine, MachineError};
 use crate::vm_base::{MappedVm, VmBase};
 use crate::vstate::memory::GuestRam;
 
@@ -128,12 +127,12 @@ fn join_base(h: JoinHandle<Result<VmBase, MachineError>>) -> Result<VmBase, Mach
 }
 
 /// The VMM's build steps for the stats, each name after `prefix`.
-fn timed_steps(prefix: &str, steps: &[(&'static str, u64)]) -> Vec<TimedStep> {
+fn timed_steps(prefix: &str, steps: &[TimedStep]) -> Vec<TimedStep> {
     steps
         .iter()
-        .map(|&(name, us)| TimedStep {
-            name: format!("{prefix}{name}"),
-            us,
+        .map(|s| TimedStep {
+            name: format!("{prefix}{}", s.name),
+            us: s.us,
         })
         .collect()
 }
@@ -220,10 +219,9 @@ impl MigrationTargetFactory for TernTargetFactory {
         let Some(base) = self.base.take() else {
             return Ok(());
         };
-        let mut t = Instant::now();
-        let mut steps = BuildSteps::default();
+        let mut steps = StepTimes::sequence();
         let base = join_base(base).map_err(|e| HostError::new("build the incoming VM", e))?;
-        steps.lap("wait for the VM built alongside", &mut t);
+        steps.lap("wait for the VM built alongside");
         self.prebuilt = timed_steps("alongside: ", base.steps());
         const MAP: &str = "map guest memory handed over";
         let file = region
@@ -232,12 +230,12 @@ impl MigrationTargetFactory for TernTargetFactory {
             .map_err(|e| HostError::new(MAP, e))?;
         let len = file.metadata().map_err(|e| HostError::new(MAP, e))?.len();
         let ram = GuestRam::from_file(file, len).map_err(|e| HostError::new(MAP, e))?;
-        steps.lap("map the memory fd", &mut t);
+        steps.lap("map the memory fd");
         // The memory slots' registration waits for a grace period (milliseconds on a busy
         // host): it starts here, as early as it can, and the config waits in the socket.
-        let mut mapped = base.map(ram).map_err(|e| HostError::new(MAP, e))?;
-        steps.0.append(&mut mapped.steps.0);
-        self.steps = timed_steps("", &steps.0);
+        let mapped = base.map(ram).map_err(|e| HostError::new(MAP, e))?;
+        steps.extend(mapped.steps());
+        self.steps = steps.take();
         self.mapped = Some(mapped);
         Ok(())
     }
@@ -268,8 +266,7 @@ impl MigrationTargetFactory for TernTargetFactory {
             // run.
             super::prefault_code("migration destination");
         }
-        let mut t = Instant::now();
-        let mut steps = BuildSteps::default();
+        let mut steps = StepTimes::sequence();
         let mut config: VmConfig =
             serde_json::from_slice(config).map_err(|e| HostError::new("decode VM config", e))?;
         config.serial = self.serial.clone();
@@ -279,7 +276,7 @@ impl MigrationTargetFactory for TernTargetFactory {
         let mapped = match self.mapped.take() {
             // Local mode with a prebuilt VM: mapped as the memory fd arrived.
             Some(mapped) => {
-                steps.lap("config", &mut t);
+                steps.lap("config");
                 mapped
             }
             None => {
@@ -297,26 +294,26 @@ impl MigrationTargetFactory for TernTargetFactory {
                     Some(first) => GuestRam::from_file(first.file, config.memory_bytes)
                         .map_err(|e| HostError::new("map guest memory handed over", e))?,
                 };
-                steps.lap("config and guest memory", &mut t);
+                steps.lap("config and guest memory");
                 let base = match self.base.take() {
                     Some(h) => {
                         let base =
                             join_base(h).map_err(|e| HostError::new("build the incoming VM", e))?;
-                        steps.lap("wait for the VM built alongside", &mut t);
+                        steps.lap("wait for the VM built alongside");
                         self.prebuilt = timed_steps("alongside: ", base.steps());
                         base
                     }
                     None => {
                         let base = VmBase::build(&self.kvm_path)
                             .map_err(|e| HostError::new("build the incoming VM", e))?;
-                        steps.0.extend_from_slice(base.steps());
+                        steps.extend(base.steps());
                         base
                     }
                 };
                 let mapped = base
                     .map(ram)
                     .map_err(|e| HostError::new("build the incoming VM", e))?;
-                steps.0.extend_from_slice(mapped.steps());
+                steps.extend(mapped.steps());
                 mapped
             }
         };
@@ -329,8 +326,8 @@ impl MigrationTargetFactory for TernTargetFactory {
             None => Machine::create_incoming(mapped, config),
         }
         .map_err(|e| HostError::new("build the incoming VM", e))?;
-        steps.0.extend_from_slice(machine.build_steps());
-        t = Instant::now();
+        steps.extend(machine.build_steps());
+        steps.restart();
         let local: Vec<LocalDevice> = machine
             .devices()
             .passthrough_info()
@@ -351,8 +348,8 @@ impl MigrationTargetFactory for TernTargetFactory {
             check_local(&machine.config().devices, &local)
                 .map_err(|e| HostError::new("check the local passthrough devices", e))?;
         }
-        steps.lap("check the devices", &mut t);
-        self.steps = timed_steps("", &steps.0);
+        steps.lap("check the devices");
+        self.steps = steps.take();
         Ok(Box::new(TernTarget {
             machine: Some(Arc::new(machine)),
             received: self.received.clone(),
