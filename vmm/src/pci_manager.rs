@@ -249,40 +249,31 @@ impl GsiRouter {
             .map_err(|e| program_error(vector, e))
     }
 
-    /// Takes `v`'s irqfd off `gsi` if it is there; with irqfds off it is only marked not due.
-    fn detach_irqfd(
+    /// Puts `v`'s irqfd on `gsi` (`on`) or takes it off, unless it is so already; with irqfds
+    /// off (`off`) only `registered` changes: what is due once they go back on.
+    fn set_irqfd(
         &self,
         v: &mut Vector,
         gsi: u32,
         vector: u16,
+        on: bool,
         off: bool,
     ) -> Result<(), MsiRouteError> {
-        if v.registered && !off {
-            self.vm
-                .fd()
-                .unregister_irqfd(&v.irqfd, gsi)
+        if v.registered != on && !off {
+            self.kvm_irqfd(v, gsi, on)
                 .map_err(|e| program_error(vector, e))?;
         }
-        v.registered = false;
+        v.registered = on;
         Ok(())
     }
 
-    /// Puts `v`'s irqfd on `gsi` unless it is there; with irqfds off it is only marked due.
-    fn attach_irqfd(
-        &self,
-        v: &mut Vector,
-        gsi: u32,
-        vector: u16,
-        off: bool,
-    ) -> Result<(), MsiRouteError> {
-        if !v.registered && !off {
-            self.vm
-                .fd()
-                .register_irqfd(&v.irqfd, gsi)
-                .map_err(|e| program_error(vector, e))?;
+    /// Registers (`on`) or unregisters `v`'s irqfd on `gsi` with KVM.
+    fn kvm_irqfd(&self, v: &Vector, gsi: u32, on: bool) -> Result<(), kvm_ioctls::Error> {
+        if on {
+            self.vm.fd().register_irqfd(&v.irqfd, gsi)
+        } else {
+            self.vm.fd().unregister_irqfd(&v.irqfd, gsi)
         }
-        v.registered = true;
-        Ok(())
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, RouterInner> {
@@ -352,12 +343,7 @@ impl GsiRouter {
         inner.irqfds_off = !on;
         let mut n = 0;
         for (&gsi, v) in inner.vectors.iter().filter(|(_, v)| v.registered) {
-            let r = if on {
-                self.vm.fd().register_irqfd(&v.irqfd, gsi)
-            } else {
-                self.vm.fd().unregister_irqfd(&v.irqfd, gsi)
-            };
-            match r {
+            match self.kvm_irqfd(v, gsi, on) {
                 Ok(()) => n += 1,
                 Err(e) => log::warn!("GSI {gsi}: irqfd {}: {e}", if on { "on" } else { "off" }),
             }
@@ -397,7 +383,7 @@ impl GsiRouter {
         v.route = route;
         // Take the irqfd off first when disabling, so no signal lands on a route being removed.
         if route.is_none() {
-            self.detach_irqfd(v, gsi, vector, off)?;
+            self.set_irqfd(v, gsi, vector, false, off)?;
         }
         if let Err(e) = self.write_table(&inner, vector) {
             if let Some(v) = inner.vectors.get_mut(&gsi) {
@@ -410,7 +396,7 @@ impl GsiRouter {
             .get_mut(&gsi)
             .expect("looked up under the same lock");
         if route.is_some() {
-            self.attach_irqfd(v, gsi, vector, off)?;
+            self.set_irqfd(v, gsi, vector, true, off)?;
         }
         Ok(())
     }
@@ -447,7 +433,7 @@ impl GsiRouter {
         }
         for &(gsi, vector, _) in routes {
             if let Some(v) = inner.vectors.get_mut(&gsi) {
-                self.attach_irqfd(v, gsi, vector, off)?;
+                self.set_irqfd(v, gsi, vector, true, off)?;
             }
         }
         Ok(())
