@@ -162,9 +162,15 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         t.restart();
         let us = t.lap("check the devices");
-        assert!(us < 20_000, "the restart dropped the 20 ms before it: {us} µs");
+        assert!(
+            us < 20_000,
+            "the restart dropped the 20 ms before it: {us} µs"
+        );
         let names: Vec<String> = t.take().into_iter().map(|s| s.name).collect();
-        assert_eq!(names, ["config", "memory slots", "vCPUs", "check the devices"]);
+        assert_eq!(
+            names,
+            ["config", "memory slots", "vCPUs", "check the devices"]
+        );
     }
 
     #[test]
