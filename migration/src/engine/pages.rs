@@ -229,7 +229,7 @@ impl MemoryBatch {
             return Ok(0);
         }
         let room = ((BATCH_DATA_BYTES - self.data_len) / PAGE) as u64;
-        let n = npages.min(room).min(u64::from(u32::MAX));
+        let n = npages.min(room);
         if n == 0 {
             return Ok(0);
         }
@@ -322,17 +322,22 @@ fn push_run(entries: &mut Vec<MemoryEntry>, gpa: u64, npages: u64, encoding: Pag
             left -= k;
         }
     }
-    while left > 0 {
-        let k = left.min(u64::from(u32::MAX));
-        entries.push(MemoryEntry {
-            gpa: GuestAddress(gpa),
-            // k ≤ u32::MAX.
-            npages: k as u32,
-            encoding,
-        });
-        gpa += k * PAGE_SIZE;
-        left -= k;
-    }
+    entries.extend(entry_run(gpa, left, encoding));
+}
+
+/// `npages` pages from `gpa` as entries of at most `u32::MAX` pages each.
+pub(crate) fn entry_run(
+    gpa: u64,
+    npages: u64,
+    encoding: PageEncoding,
+) -> impl Iterator<Item = MemoryEntry> {
+    let max = u64::from(u32::MAX);
+    (0..npages.div_ceil(max)).map(move |i| MemoryEntry {
+        gpa: GuestAddress(gpa + i * max * PAGE_SIZE),
+        // At most u32::MAX.
+        npages: (npages - i * max).min(max) as u32,
+        encoding,
+    })
 }
 
 /// Pages read before their sums are checked: small enough to stay in a core's L2 cache.
@@ -672,6 +677,22 @@ mod tests {
         );
         b.resolve(&m).expect("resolve");
         assert_eq!(b.entries, vec![e(0x10_0000, 1, PageEncoding::Zero)]);
+    }
+
+    #[test]
+    fn a_run_longer_than_an_entry_splits_in_order() {
+        let max = u32::MAX;
+        let run: Vec<_> = entry_run(0x1000, 2 * u64::from(max) + 1, PageEncoding::Zero).collect();
+        let at = |pages: u64| 0x1000 + pages * PAGE_SIZE;
+        assert_eq!(
+            run,
+            vec![
+                e(at(0), max, PageEncoding::Zero),
+                e(at(u64::from(max)), max, PageEncoding::Zero),
+                e(at(2 * u64::from(max)), 1, PageEncoding::Zero),
+            ]
+        );
+        assert_eq!(entry_run(0x1000, 0, PageEncoding::Data).count(), 0);
     }
 
     #[test]

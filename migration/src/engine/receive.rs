@@ -626,8 +626,8 @@ fn receive_state(
                 c.shutdown();
             }
         }
-        // Every page is here (or the receive failed): what the helper did not reach the
-        // receiver faulted in itself.
+        // The source has sent every page (or the receive failed): what the helper has not
+        // reached by now, the receivers fault in themselves.
         stats.set_prefaulted(prefault.stop());
         let mut lane_err = None;
         for (i, h) in handles {

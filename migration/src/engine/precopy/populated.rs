@@ -3,7 +3,8 @@
 //! each one in as its data arrives.
 
 use super::*;
-use crate::protocol::{MemoryEntry, PageEncoding};
+use crate::engine::pages::entry_run;
+use crate::protocol::PageEncoding;
 
 /// The most entries one hint carries (16 bytes each: 1 MiB); a guest fragmented beyond that
 /// has its first ranges hinted and the rest faulted in as the data arrives.
@@ -29,18 +30,9 @@ impl Source<'_> {
             }
             self.ranges.fill_from(&populated);
             for run in self.ranges.runs() {
-                let mut first = run.first_page;
-                let end = run.first_page + run.npages;
-                while first < end && entries.len() < MAX_HINT_ENTRIES {
-                    let n = (end - first).min(u64::from(u32::MAX));
-                    entries.push(MemoryEntry {
-                        gpa: GuestAddress(base.0 + first * PAGE_SIZE),
-                        // n ≤ u32::MAX.
-                        npages: n as u32,
-                        encoding: PageEncoding::Data,
-                    });
-                    first += n;
-                }
+                let gpa = base.0 + run.first_page * PAGE_SIZE;
+                let room = MAX_HINT_ENTRIES.saturating_sub(entries.len());
+                entries.extend(entry_run(gpa, run.npages, PageEncoding::Data).take(room));
             }
         }
         if entries.is_empty() {
