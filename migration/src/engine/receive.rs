@@ -713,7 +713,7 @@ fn control_loop(
                 stats.add_transferred(memory_frame_bytes(entries.len(), data.len()));
             }
             Ok(Frame::Populated(entries)) => {
-                stats.set_populated_hint(entries.iter().map(|e| e.len_bytes()).sum());
+                stats.set_populated_hint(entries.iter().map(|e| e.data_bytes()).sum());
                 prefault.start(pw.memory(), entries);
             }
             Ok(Frame::VmState(b)) => {

@@ -448,6 +448,37 @@ mod tests {
         ));
     }
 
+    /// 2^20 + 1 entries of u32::MAX data pages each need more than 2^64 bytes: refused as bad
+    /// input, never summed past u64 (a panic in a debug build, a wrapped and wrong check in a
+    /// release one).
+    #[test]
+    fn an_entry_table_needing_more_than_u64_bytes_is_refused() {
+        let n: u32 = (1 << 20) + 1;
+        let mut table = n.to_le_bytes().to_vec();
+        for _ in 0..n {
+            table.extend_from_slice(&0u64.to_le_bytes());
+            table.extend_from_slice(&u32::MAX.to_le_bytes());
+            table.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        let wrapped = u64::from(n).wrapping_mul(u64::from(u32::MAX) << 12) as usize;
+        for data_len in [0, wrapped] {
+            assert!(matches!(
+                super::super::frame::decode_memory_table(&table, data_len),
+                Err(PayloadError::Invalid {
+                    field: "entry data length",
+                    ..
+                })
+            ));
+        }
+        assert!(matches!(
+            Frame::decode(FrameTag::Populated, &table),
+            Err(PayloadError::Invalid {
+                field: "entry data length",
+                ..
+            })
+        ));
+    }
+
     /// Expected bytes computed independently (Python `struct` + `zlib.crc32`) from the layout in
     /// the module docs. A format change must bump VERSION and these together. (Version 2 changed
     /// the exchange, not the frame layout: the destination acks the config once its VM is built.

@@ -458,7 +458,13 @@ fn decode_entries(c: &mut Cursor<'_>) -> Result<(Vec<MemoryEntry>, u64), Payload
             encoding,
         };
         check_aligned_gpa(gpa, e.len_bytes())?;
-        need += e.data_bytes();
+        // Up to 2^22 entries of 2^44 bytes each can pass u64: refuse, never wrap.
+        need = need
+            .checked_add(e.data_bytes())
+            .ok_or(PayloadError::Invalid {
+                field: "entry data length",
+                value: need,
+            })?;
         entries.push(e);
     }
     Ok((entries, need))
