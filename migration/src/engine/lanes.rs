@@ -275,22 +275,7 @@ fn lane_main(
                     continue;
                 }
                 let t = Instant::now();
-                let n = if b.copies_data() {
-                    let frame = Frame::Memory {
-                        entries: std::mem::take(&mut b.entries),
-                        data: &b.data[..b.data_len],
-                    };
-                    let n = w.send(&frame).map_err(|source| MigrationError::Protocol {
-                        during: "sending memory",
-                        source,
-                    })?;
-                    if let Frame::Memory { entries, .. } = frame {
-                        b.entries = entries;
-                    }
-                    n
-                } else {
-                    send_unchecked(&mut w, &mut pages, &b, &ctx)?
-                };
+                let n = send_unchecked(&mut w, &mut pages, &b, &ctx)?;
                 let ns = u64::try_from(t.elapsed().as_nanos() + resolve_ns).unwrap_or(u64::MAX);
                 ctx.counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
                 ctx.counters.bytes.fetch_add(n, Ordering::Relaxed);

@@ -1,6 +1,8 @@
-//! Guest pages ⇄ memory frames. The source copies dirty pages into a reusable batch, turning
-//! all-zero pages into markers; the destination writes data pages and zeroes only pages it has
-//! populated before, so memory the guest never touched is never touched here either.
+//! Guest pages ⇄ memory frames. The source claims dirty pages into a reusable batch; the lane
+//! that sends it reads each page once in place, turning all-zero pages into markers (and summing
+//! data pages), then writes the data straight from guest memory. The destination writes data
+//! pages and zeroes only pages it has populated before, so memory the guest never touched is
+//! never touched here either.
 
 use crate::dirty::GuestPageBitmap;
 use vm_memory::{
@@ -21,32 +23,29 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// Data bytes per memory frame.
 const BATCH_DATA_BYTES: usize = BATCH_DATA_PAGES * PAGE;
 
-/// How a batch carries its page bytes.
+/// How a batch's data pages travel: both write them straight from guest memory (the protocol's
+/// stream frames); the buffered `Memory` frame, page bytes inside the frame CRC, is only
+/// received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchMode {
-    /// Snapshotted into the batch, sent inside the frame CRC (a buffered frame).
-    Snapshot,
-    /// Written by the sender straight from guest memory, outside any check.
+    /// Outside any check.
     Stream,
-    /// Written straight from guest memory, each page with its sum ([`crate::protocol::page_sum`]).
+    /// Each page with its sum ([`crate::protocol::page_sum`]).
     StreamSummed,
 }
 
 /// One memory frame being assembled.
 ///
-/// In [`BatchMode::Snapshot`] the page bytes are copied into `data` as pages are added. In the
-/// stream modes adding a page reads nothing: its `Data` entry is tentative until the lane that
-/// sends the batch calls [`MemoryBatch::resolve`], which reads each page once in place (the zero
-/// check, the sum) right before the lane writes the `Data` entries straight from guest memory.
-/// So every lane reads its own pages, in parallel, on the thread that then sends them, and the
-/// thread that plans the pass only claims and queues. A page changing after its claim is
-/// harmless wherever it is read: its dirty bit was set again, so it is resent.
+/// Adding a page reads nothing: its `Data` entry is tentative until the lane that sends the
+/// batch calls [`MemoryBatch::resolve`], which reads each page once in place (the zero check, the
+/// sum) right before the lane writes the `Data` entries straight from guest memory. So every
+/// lane reads its own pages, in parallel, on the thread that then sends them, and the thread
+/// that plans the pass only claims and queues. A page changing after its claim is harmless
+/// wherever it is read: its dirty bit was set again, so it is resent.
 #[derive(Debug)]
 pub struct MemoryBatch {
     /// Entry table.
     pub entries: Vec<MemoryEntry>,
-    /// Page bytes (copy mode); only `..data_len` is meaningful. Allocated once, never re-zeroed.
-    pub data: Vec<u8>,
     /// Data bytes the entries cover.
     pub data_len: usize,
     /// Pages sent as zero markers in this batch.
@@ -54,16 +53,10 @@ pub struct MemoryBatch {
     /// One sum per data page, in entry order ([`BatchMode::StreamSummed`]).
     pub sums: Vec<u64>,
     mode: BatchMode,
-    /// Stream modes: the entries are tentative until [`MemoryBatch::resolve`].
+    /// False while the entries are tentative (until [`MemoryBatch::resolve`]).
     resolved: bool,
     /// The tentative entries while resolving (kept for reuse).
     tentative: Vec<MemoryEntry>,
-}
-
-impl Default for MemoryBatch {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// True when every byte of `page` is zero. OR-folding 256-byte blocks vectorises well and exits
@@ -74,21 +67,10 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 }
 
 impl MemoryBatch {
-    /// An empty batch with room for [`BATCH_DATA_PAGES`] pages, copying page data.
-    pub fn new() -> Self {
-        Self::with_mode(BatchMode::Snapshot)
-    }
-
-    /// An empty batch carrying its pages as `mode` says.
+    /// An empty batch with room for [`BATCH_DATA_PAGES`] pages, carrying them as `mode` says.
     pub fn with_mode(mode: BatchMode) -> Self {
-        let snapshot = mode == BatchMode::Snapshot;
         MemoryBatch {
             entries: Vec::with_capacity(BATCH_MAX_ENTRIES),
-            data: if snapshot {
-                vec![0; BATCH_DATA_BYTES]
-            } else {
-                Vec::new()
-            },
             data_len: 0,
             zero_pages: 0,
             sums: if mode == BatchMode::StreamSummed {
@@ -97,14 +79,9 @@ impl MemoryBatch {
                 Vec::new()
             },
             mode,
-            resolved: snapshot,
+            resolved: false,
             tentative: Vec::new(),
         }
-    }
-
-    /// Does the batch hold the page bytes?
-    pub fn copies_data(&self) -> bool {
-        self.mode == BatchMode::Snapshot
     }
 
     /// Empty it for reuse.
@@ -113,7 +90,7 @@ impl MemoryBatch {
         self.data_len = 0;
         self.zero_pages = 0;
         self.sums.clear();
-        self.resolved = self.mode == BatchMode::Snapshot;
+        self.resolved = false;
     }
 
     /// True when nothing was added.
@@ -144,10 +121,6 @@ impl MemoryBatch {
         (self.data_len / PAGE) as u64
     }
 
-    fn push_entry(&mut self, gpa: u64, encoding: PageEncoding) {
-        push_run(&mut self.entries, gpa, 1, encoding);
-    }
-
     /// Add `npages` pages from `gpa` as zero markers without reading them (known never written);
     /// returns how many fit (all of them, or none when the entry table is full and they do not
     /// extend its last entry).
@@ -163,63 +136,9 @@ impl MemoryBatch {
         npages
     }
 
-    /// Add up to `npages` pages from `gpa` (inside one region); returns how many pages were
-    /// taken before the batch filled up. A snapshot batch copies them now; a stream batch takes
-    /// them as tentative data for [`MemoryBatch::resolve`].
+    /// Takes up to `npages` pages from `gpa` (inside one region) as tentative data, without
+    /// reading them, for [`MemoryBatch::resolve`]; returns how many fit before the batch filled.
     pub fn push_pages(
-        &mut self,
-        mem: &GuestMemoryMmap<GuestPageBitmap>,
-        gpa: GuestAddress,
-        npages: u64,
-    ) -> Result<u64, MigrationError> {
-        let gm_err = |source, len_bytes| MigrationError::GuestMemory {
-            gpa: gpa.0,
-            len_bytes,
-            source,
-        };
-        if self.mode != BatchMode::Snapshot {
-            return self.push_tentative(mem, gpa, npages);
-        }
-        let mut done = 0;
-        while done < npages && !self.is_full() {
-            // Take as many pages as fit in one slice lookup.
-            let room = ((BATCH_DATA_BYTES - self.data_len) / PAGE) as u64;
-            let n = (npages - done).min(room);
-            let at = gpa.0 + done * PAGE_SIZE;
-            let len = n * PAGE_SIZE;
-            let slice = mem
-                .get_slice(GuestAddress(at), len as usize)
-                .map_err(|e| gm_err(e, len))?;
-            let mut taken = 0;
-            while taken < n && self.entries.len() < BATCH_MAX_ENTRIES {
-                let page_gpa = at + taken * PAGE_SIZE;
-                let off = taken as usize * PAGE;
-                let dst = &mut self.data[self.data_len..self.data_len + PAGE];
-                slice
-                    .subslice(off, PAGE)
-                    .map_err(|e| gm_err(e.into(), PAGE_SIZE))?
-                    .copy_to(dst);
-                let data = !is_zero_page(dst);
-                if data {
-                    self.data_len += PAGE;
-                    self.push_entry(page_gpa, PageEncoding::Data);
-                } else {
-                    self.zero_pages += 1;
-                    self.push_entry(page_gpa, PageEncoding::Zero);
-                }
-                taken += 1;
-            }
-            done += taken;
-            if taken < n {
-                break;
-            }
-        }
-        Ok(done)
-    }
-
-    /// Stream modes: takes up to `npages` pages from `gpa` (inside one region) as tentative
-    /// data without reading them; returns how many fit.
-    fn push_tentative(
         &mut self,
         mem: &GuestMemoryMmap<GuestPageBitmap>,
         gpa: GuestAddress,
@@ -246,9 +165,9 @@ impl MemoryBatch {
         Ok(n)
     }
 
-    /// Stream modes, on the sending lane: reads each tentative data page once where it is — an
-    /// all-zero page becomes a marker, a data page gets its sum — so the entries say what the
-    /// frame carries. Called once per batch; a no-op for a snapshot batch.
+    /// On the sending lane: reads each tentative data page once where it is — an all-zero page
+    /// becomes a marker, a data page gets its sum — so the entries say what the frame carries.
+    /// Called once per batch; again, a no-op.
     pub fn resolve(
         &mut self,
         mem: &GuestMemoryMmap<GuestPageBitmap>,
@@ -599,34 +518,29 @@ mod tests {
         m
     }
 
+    /// The bytes a lane writes after a resolved batch's header: its `Data` entries, read from
+    /// guest memory in order.
+    fn data_of(m: &GuestMemoryMmap<GuestPageBitmap>, b: &MemoryBatch) -> Vec<u8> {
+        let mut data = Vec::new();
+        for e in b
+            .entries
+            .iter()
+            .filter(|e| e.encoding == PageEncoding::Data)
+        {
+            let mut bytes = vec![0u8; e.len_bytes() as usize];
+            m.read_slice(&mut bytes, e.gpa).expect("read");
+            data.extend(bytes);
+        }
+        assert_eq!(data.len(), b.data_len);
+        data
+    }
+
     fn e(gpa: u64, npages: u32, encoding: PageEncoding) -> MemoryEntry {
         MemoryEntry {
             gpa: GuestAddress(gpa),
             npages,
             encoding,
         }
-    }
-
-    #[test]
-    fn zero_pages_become_markers_and_runs_merge() {
-        let m = pages_2_and_3_written(1, 1);
-        let mut b = MemoryBatch::new();
-        assert_eq!(
-            b.push_pages(&m, GuestAddress(0x10_0000), 8).expect("read"),
-            8
-        );
-        assert_eq!(
-            b.entries,
-            vec![
-                e(0x10_0000, 2, PageEncoding::Zero),
-                e(0x10_2000, 2, PageEncoding::Data),
-                e(0x10_4000, 4, PageEncoding::Zero),
-            ]
-        );
-        assert_eq!(b.data_len, 2 * PAGE);
-        assert_eq!(b.zero_pages, 6);
-        assert_eq!(b.data[4095], 1);
-        assert_eq!(b.data[4096], 1);
     }
 
     #[test]
@@ -722,7 +636,7 @@ mod tests {
             m.write_slice(&[7], GuestAddress(0x10_0000 + (p * PAGE) as u64))
                 .expect("write");
         }
-        let mut b = MemoryBatch::new();
+        let mut b = MemoryBatch::with_mode(BatchMode::Stream);
         let total = (BATCH_DATA_PAGES + 10) as u64;
         let n = b
             .push_pages(&m, GuestAddress(0x10_0000), total)
@@ -740,11 +654,12 @@ mod tests {
         let dst = mem(8);
         src.write_slice(&[9; 4096], GuestAddress(0x10_1000))
             .expect("write");
-        let mut b = MemoryBatch::new();
+        let mut b = MemoryBatch::with_mode(BatchMode::Stream);
         b.push_pages(&src, GuestAddress(0x10_0000), 8)
             .expect("read");
+        b.resolve(&src).expect("resolve");
         let mut w = PageWriter::new(dst.clone()).expect("writer");
-        w.apply(&b.entries, &b.data[..b.data_len]).expect("apply");
+        w.apply(&b.entries, &data_of(&src, &b)).expect("apply");
         let mut got = [0u8; 4096];
         dst.read_slice(&mut got, GuestAddress(0x10_1000))
             .expect("read");
@@ -755,7 +670,9 @@ mod tests {
         b.clear();
         b.push_pages(&src, GuestAddress(0x10_0000), 8)
             .expect("read");
-        w.apply(&b.entries, &b.data[..b.data_len]).expect("apply");
+        b.resolve(&src).expect("resolve");
+        assert_eq!(b.data_len, 0);
+        w.apply(&b.entries, &data_of(&src, &b)).expect("apply");
         dst.read_slice(&mut got, GuestAddress(0x10_1000))
             .expect("read");
         assert_eq!(got, [0; 4096]);
