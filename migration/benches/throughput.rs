@@ -17,7 +17,8 @@
 //! gives its own (`transport::sockopt`) in the raw copies too, so the ratio compares equal
 //! sockets.
 //!
-//! Run: `cargo bench -p tern-migration --bench throughput` (`TERN_BENCH_ROUNDS=n`, default 5).
+//! Run: `cargo bench -p tern-migration --bench throughput` (`TERN_BENCH_ROUNDS=n`, default 5;
+//! `TERN_BENCH_LINKS=tcp` or `unix` measures one link, e.g. under `perf record`).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -297,6 +298,15 @@ fn rounds() -> usize {
         .unwrap_or(5)
 }
 
+/// Links to measure: `TERN_BENCH_LINKS` (`tcp`, `unix`), default both.
+fn links() -> Vec<bool> {
+    match std::env::var("TERN_BENCH_LINKS").as_deref() {
+        Ok("tcp") => vec![true],
+        Ok("unix") => vec![false],
+        _ => vec![true, false],
+    }
+}
+
 fn main() {
     let rounds = rounds();
     let src = guest();
@@ -325,7 +335,7 @@ fn main() {
         "+sums s/GB"
     );
     let mut n = 0;
-    for tcp in [true, false] {
+    for tcp in links() {
         n += 1;
         let (wire, _) = tern(tcp, &src, &dst, n, false); // warm-up: faults in the destination
         let mut cols: [Vec<f64>; 9] = Default::default();
