@@ -18,7 +18,10 @@
 //! sockets.
 //!
 //! Run: `cargo bench -p tern-migration --bench throughput` (`TERN_BENCH_ROUNDS=n`, default 5;
-//! `TERN_BENCH_LINKS=tcp` or `unix` measures one link, e.g. under `perf record`).
+//! `TERN_BENCH_LINKS=tcp` or `unix` measures one link, e.g. under `perf record`;
+//! `TERN_BENCH_PIN=1` runs the sending end on CPU 0 and the receiving end on CPU 1 — every
+//! thread each end starts inherits it — as two hosts would have a core each, where by default
+//! both ends share both cores).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -149,6 +152,20 @@ impl MigrationTargetFactory for Factory {
     }
 }
 
+/// With `TERN_BENCH_PIN=1`, binds the calling thread (and the threads it starts) to `cpu`.
+fn pin(cpu: usize) {
+    if std::env::var("TERN_BENCH_PIN").as_deref() != Ok("1") {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (0 or 1 here).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the set is initialised and its size is passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(r, 0, "sched_setaffinity to CPU {cpu}");
+}
+
 /// A connected Unix pair whose writing end has the send buffer tern gives its own (so the raw
 /// copy is measured on the same socket as the migration).
 fn unix_pair() -> (UnixStream, UnixStream) {
@@ -168,6 +185,7 @@ fn raw(tcp: bool, total: usize) -> f64 {
         (Box::new(a), Box::new(b))
     };
     let rx = std::thread::spawn(move || {
+        pin(1);
         let mut buf = vec![0u8; 4 << 20];
         let mut got = 0;
         while got < total {
@@ -203,6 +221,7 @@ fn raw_guest(tcp: bool, src: &Mem, dst: &Mem) -> f64 {
     const STEP: usize = 4 << 20;
     let dst = dst.clone();
     let rx = std::thread::spawn(move || {
+        pin(1);
         let mut off = 0;
         while off < GUEST {
             let mut s = dst
@@ -241,6 +260,7 @@ fn tern(tcp: bool, src: &Mem, dst: &Mem, n: usize, checksums: bool) -> (u64, f64
     let url = l.url().clone();
     let dst = dst.clone();
     let rx = std::thread::spawn(move || {
+        pin(1);
         let mut f = Factory(dst);
         receive_on(&l, &mut f, &MigrationStats::new())
             .map(|_| ())
@@ -308,6 +328,7 @@ fn links() -> Vec<bool> {
 }
 
 fn main() {
+    pin(0);
     let rounds = rounds();
     let src = guest();
     let dst = shared_memory();
@@ -372,6 +393,9 @@ fn main() {
         &mut std::fs::File::open("/proc/loadavg").expect("loadavg"),
         &mut load,
     );
+    if std::env::var("TERN_BENCH_PIN").as_deref() == Ok("1") {
+        println!("pinned: sending end on CPU 0, receiving end on CPU 1");
+    }
     println!(
         "load average: {}",
         load.split_whitespace()
