@@ -10,16 +10,17 @@ mod tests {
     use std::io::{Read, Write};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+    use tern_migration::dirty::PAGE_SIZE;
     use tern_migration::engine::{
         error_chain, receive_on, start_send, MigrationError, MigrationOutcome, MigrationStats,
-        MigrationStatus, SendParams, TimeoutStrategy,
+        MigrationStatsSnapshot, MigrationStatus, SendParams, TimeoutStrategy,
     };
     use tern_migration::protocol::{
         preamble, read_preamble, Frame, FrameReader, FrameWriter, Hello, MemoryEntry, PageEncoding,
         ProtocolError,
     };
     use tern_migration::transport::{Connection, MigrationListener, MigrationUrl};
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn listener() -> MigrationListener {
         MigrationListener::bind(&MigrationUrl::Unix(sock_path())).expect("bind")
@@ -252,9 +253,9 @@ mod tests {
         dst.join().expect("destination thread");
     }
 
-    #[test]
-    fn destination_that_stops_reading_fails_the_source_by_the_deadline() {
-        // Handshakes, then never reads again and never closes.
+    /// Runs a migration of `mem` to a destination that handshakes, then never reads again and
+    /// never closes; returns the source's stats once it failed (by the 2 s deadline).
+    fn migrate_to_a_destination_that_stops_reading(mem: Mem) -> MigrationStatsSnapshot {
         let l = listener();
         let url = l.url().clone();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -265,12 +266,13 @@ mod tests {
             let _ = stop_rx.recv();
             drop(c);
         });
-        let host = FakeHost::new(anon_memory(), 64, 50);
+        let host = FakeHost::new(mem, 64, 50);
         let (log, view) = (host.log.clone(), FakeGuestView::of(&host));
         let mut p = params(&url);
         p.ack_timeout = Duration::from_secs(2);
+        let stats = Arc::new(MigrationStats::new());
         let t = Instant::now();
-        let out = start_send(Box::new(host), p, Arc::new(MigrationStats::new()))
+        let out = start_send(Box::new(host), p, stats.clone())
             .expect("spawn")
             .join()
             .expect("source thread");
@@ -280,6 +282,33 @@ mod tests {
         assert_source_running(&log, &view);
         let _ = stop_tx.send(());
         dst.join().expect("destination thread");
+        stats.snapshot()
+    }
+
+    #[test]
+    fn destination_that_stops_reading_fails_the_source_by_the_deadline() {
+        migrate_to_a_destination_that_stops_reading(anon_memory());
+    }
+
+    /// The same with page data sent by `sendfile` from a memory file, and more of it than the
+    /// socket holds: a lane blocked inside the kernel's splice into the full socket must be woken
+    /// by the deadline's shutdown too.
+    #[test]
+    fn destination_that_stops_reading_fails_a_sendfile_source_by_the_deadline() {
+        let mem = shared_memory();
+        let mut data = 0;
+        for &(gpa, len) in &REGIONS {
+            for page in (gpa..gpa + len as u64).step_by(PAGE_SIZE as usize) {
+                mem.write_slice(&[0x5a], GuestAddress(page)).expect("fill");
+                data += PAGE_SIZE;
+            }
+        }
+        let s = migrate_to_a_destination_that_stops_reading(mem);
+        assert!(s.sent_from_file_bytes > 0, "{s:?}");
+        assert!(
+            s.sent_from_file_bytes < data,
+            "the socket took all {data} bytes: nothing blocked ({s:?})"
+        );
     }
 
     #[test]
