@@ -123,6 +123,24 @@ mod tests {
     }
 
     #[test]
+    fn migrate_over_unix_copies_pages_from_a_file_that_cannot_be_spliced() {
+        // Guest memory in a file the kernel refuses to `sendfile` from: the first send is
+        // refused before any byte moved, and that lane copies from the mapping from then on.
+        let host = FakeHost::hot_set(secret_memory_of(&[(0, 4 << 20)]), 256, 20);
+        let mem = host.mem.clone();
+        let r = run(
+            MigrationUrl::Unix(sock_path()),
+            host,
+            FakeFactory::default(),
+            |p| p.page_checksums = true,
+        );
+        check_success(&r, &mem);
+        let s = r.src_stats.snapshot();
+        assert!(s.data_pages > 0, "{s:?}");
+        assert_eq!(s.sent_from_file_bytes, 0, "{s:?}");
+    }
+
+    #[test]
     fn migrate_with_page_checksums_matches_memory() {
         let mut host = FakeHost::new(anon_memory(), 256, 20);
         // Also the path without a populated hint: every page is read in iteration 0.

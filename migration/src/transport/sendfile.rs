@@ -25,8 +25,9 @@ const MAX_CALL: u64 = 1 << 30;
 /// How a [`send_file_range`] ended when it could not use `sendfile`.
 #[derive(Debug)]
 pub enum SendFileError {
-    /// The file or socket cannot be spliced (e.g. a file system without `splice_read`); nothing
-    /// of this call was sent, so the caller may send the range another way.
+    /// The file or socket cannot be spliced (e.g. a file system without `splice_read`, or a
+    /// `memfd_secret` file); nothing of this call was sent, so the caller may send the range
+    /// another way.
     Unsupported(io::Error),
     /// The transfer failed after `sent` bytes.
     Failed { sent: u64, source: io::Error },
@@ -66,9 +67,12 @@ pub fn send_file_range(
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) if sent == 0 => {
-                        return Err(SendFileError::Unsupported(e))
-                    }
+                    // EINVAL: no splice_read; ESPIPE: a file that cannot be read at an offset
+                    // (memfd_secret); EBADF: not open for reading. (A bad socket fails the
+                    // copy that follows too, with its own error.)
+                    Some(
+                        libc::EINVAL | libc::ESPIPE | libc::EBADF | libc::ENOSYS | libc::EOPNOTSUPP,
+                    ) if sent == 0 => return Err(SendFileError::Unsupported(e)),
                     _ => return Err(SendFileError::Failed { sent, source: e }),
                 }
             }

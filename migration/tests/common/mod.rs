@@ -70,6 +70,39 @@ pub fn shared_memory_of(regions: &[(u64, usize)]) -> Mem {
     GuestMemoryMmap::from_ranges_with_files(&v).expect("file-backed guest memory")
 }
 
+/// Guest memory in one `memfd_secret` file: mappable like a memfd, but the kernel cannot splice
+/// from it (no `splice_read`; its pages are not even in the kernel's direct map), so `sendfile`
+/// from it is refused. Panics, naming the cause, where the kernel lacks it (CONFIG_SECRETMEM)
+/// or RLIMIT_MEMLOCK is below `regions`' total (secret memory is locked memory).
+pub fn secret_memory_of(regions: &[(u64, usize)]) -> Mem {
+    use std::os::fd::FromRawFd;
+    let total: usize = regions.iter().map(|r| r.1).sum();
+    // SAFETY: memfd_secret takes a flags word and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_memfd_secret, 0) };
+    assert!(
+        fd >= 0,
+        "memfd_secret: {} (this test needs CONFIG_SECRETMEM)",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` was just returned to us and is owned by nothing else.
+    let f = unsafe { std::fs::File::from_raw_fd(fd as i32) };
+    f.set_len(total as u64)
+        .expect("size the secret memory file");
+    let f = Arc::new(f);
+    let mut off = 0u64;
+    let mut v = Vec::new();
+    for &(g, l) in regions {
+        v.push((
+            GuestAddress(g),
+            l,
+            Some(FileOffset::from_arc(f.clone(), off)),
+        ));
+        off += l as u64;
+    }
+    GuestMemoryMmap::from_ranges_with_files(&v)
+        .unwrap_or_else(|e| panic!("map {total} bytes of secret memory (RLIMIT_MEMLOCK?): {e}"))
+}
+
 /// KVM-like dirty log: the guest sets bits after writing; `sync` snapshots without clearing
 /// (manual protect); `claim` clears exactly the snapshot bits of the range (KVM_CLEAR_DIRTY_LOG).
 #[derive(Debug)]
