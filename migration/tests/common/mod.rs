@@ -56,7 +56,15 @@ pub fn shared_memory_of(regions: &[(u64, usize)]) -> Mem {
         .expect("temp file")
         .into_file();
     f.set_len(total as u64).expect("size the file");
-    let f = Arc::new(f);
+    map_regions(f, regions).expect("file-backed guest memory")
+}
+
+/// `regions` laid out back to back in `file`, mapped shared.
+fn map_regions(
+    file: std::fs::File,
+    regions: &[(u64, usize)],
+) -> Result<Mem, vm_memory::mmap::FromRangesError> {
+    let f = Arc::new(file);
     let mut off = 0u64;
     let mut v = Vec::new();
     for &(g, l) in regions {
@@ -67,7 +75,7 @@ pub fn shared_memory_of(regions: &[(u64, usize)]) -> Mem {
         ));
         off += l as u64;
     }
-    GuestMemoryMmap::from_ranges_with_files(&v).expect("file-backed guest memory")
+    GuestMemoryMmap::from_ranges_with_files(&v)
 }
 
 /// Guest memory in one `memfd_secret` file: mappable like a memfd, but the kernel cannot splice
@@ -88,18 +96,7 @@ pub fn secret_memory_of(regions: &[(u64, usize)]) -> Mem {
     let f = unsafe { std::fs::File::from_raw_fd(fd as i32) };
     f.set_len(total as u64)
         .expect("size the secret memory file");
-    let f = Arc::new(f);
-    let mut off = 0u64;
-    let mut v = Vec::new();
-    for &(g, l) in regions {
-        v.push((
-            GuestAddress(g),
-            l,
-            Some(FileOffset::from_arc(f.clone(), off)),
-        ));
-        off += l as u64;
-    }
-    GuestMemoryMmap::from_ranges_with_files(&v)
+    map_regions(f, regions)
         .unwrap_or_else(|e| panic!("map {total} bytes of secret memory (RLIMIT_MEMLOCK?): {e}"))
 }
 
