@@ -9,7 +9,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
     use tern_migration::dirty::{DirtyBitmap, GpaRange};
-    use tern_migration::engine::MigrationStatus;
+    use tern_migration::engine::{MigrationStatus, SendParams};
     use tern_migration::transport::MigrationUrl;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -51,6 +51,20 @@ mod tests {
         assert_eq!(r.dst_stats.snapshot().status, MigrationStatus::Completed);
     }
 
+    /// Migrates `host` over a Unix socket to a default destination with `tweak`ed parameters and
+    /// checks that it completed with equal memory.
+    fn migrate_over_unix(host: FakeHost, tweak: impl FnOnce(&mut SendParams)) -> Run {
+        let mem = host.mem.clone();
+        let r = run(
+            MigrationUrl::Unix(sock_path()),
+            host,
+            FakeFactory::default(),
+            tweak,
+        );
+        check_success(&r, &mem);
+        r
+    }
+
     #[test]
     fn migrate_over_unix_with_dirtying_guest_matches_memory() {
         let host = FakeHost::new(anon_memory(), 256, 20);
@@ -86,13 +100,7 @@ mod tests {
         let host = FakeHost::new(shared_memory(), 256, 20);
         let mem = host.mem.clone();
         let guest = host.guest.ctl.clone();
-        let r = run(
-            MigrationUrl::Unix(sock_path()),
-            host,
-            FakeFactory::default(),
-            |p| p.page_checksums = true,
-        );
-        check_success(&r, &mem);
+        let r = migrate_over_unix(host, |p| p.page_checksums = true);
         let s = r.src_stats.snapshot();
         assert!(guest.writes.load(Ordering::Relaxed) > 0, "the guest ran");
         assert!(s.data_pages > 0, "{s:?}");
@@ -127,14 +135,7 @@ mod tests {
         // Guest memory in a file the kernel refuses to `sendfile` from: the first send is
         // refused before any byte moved, and that lane copies from the mapping from then on.
         let host = FakeHost::hot_set(secret_memory_of(&[(0, 4 << 20)]), 256, 20);
-        let mem = host.mem.clone();
-        let r = run(
-            MigrationUrl::Unix(sock_path()),
-            host,
-            FakeFactory::default(),
-            |p| p.page_checksums = true,
-        );
-        check_success(&r, &mem);
+        let r = migrate_over_unix(host, |p| p.page_checksums = true);
         let s = r.src_stats.snapshot();
         assert!(s.data_pages > 0, "{s:?}");
         assert_eq!(s.sent_from_file_bytes, 0, "{s:?}");
@@ -145,17 +146,10 @@ mod tests {
         let mut host = FakeHost::new(anon_memory(), 256, 20);
         // Also the path without a populated hint: every page is read in iteration 0.
         host.use_populated_hint = false;
-        let mem = host.mem.clone();
-        let r = run(
-            MigrationUrl::Unix(sock_path()),
-            host,
-            FakeFactory::default(),
-            |p| {
-                p.page_checksums = true;
-                p.connections = 2;
-            },
-        );
-        check_success(&r, &mem);
+        migrate_over_unix(host, |p| {
+            p.page_checksums = true;
+            p.connections = 2;
+        });
     }
 
     #[test]
@@ -195,13 +189,7 @@ mod tests {
     fn migrate_local_hands_over_memory_without_copy() {
         let host = FakeHost::new(shared_memory(), 64, 50);
         let mem = host.mem.clone();
-        let r = run(
-            MigrationUrl::Unix(sock_path()),
-            host,
-            FakeFactory::default(),
-            |p| p.local = true,
-        );
-        check_success(&r, &mem);
+        let r = migrate_over_unix(host, |p| p.local = true);
         assert_eq!(r.factory.got_local_regions, 2);
         let s = r.src_stats.snapshot();
         assert_eq!(
@@ -226,20 +214,13 @@ mod tests {
         // ~32 000 pages/s into a 1 MiB hot set against a 5 MB/s (1220 pages/s) link: only a
         // throttle of about 97 % or more lets the dirty set shrink below the downtime limit.
         let host = FakeHost::new(anon_memory(), 256, 1000);
-        let mem = host.mem.clone();
         let log = host.log.clone();
-        let r = run(
-            MigrationUrl::Unix(sock_path()),
-            host,
-            FakeFactory::default(),
-            |p| {
-                p.auto_converge = true;
-                p.downtime_ms = 150;
-                p.max_bandwidth_mbps = 40;
-                p.timeout = Duration::from_secs(60);
-            },
-        );
-        check_success(&r, &mem);
+        let r = migrate_over_unix(host, |p| {
+            p.auto_converge = true;
+            p.downtime_ms = 150;
+            p.max_bandwidth_mbps = 40;
+            p.timeout = Duration::from_secs(60);
+        });
         let ev = log.events();
         assert!(ev.iter().any(|e| e == "throttle 20"), "{ev:?}");
         assert_eq!(
