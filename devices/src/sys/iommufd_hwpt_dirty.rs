@@ -17,7 +17,7 @@ use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-use super::iova::{range_bitmap_words, Iova};
+use super::iova::{check_dirty_bitmap_arg, DirtyBitmapArgError, Iova};
 use super::uapi_size::argsz;
 
 ioctl_io_nr!(
@@ -69,24 +69,9 @@ pub enum HwptDirtyError {
         #[source]
         source: errno::Error,
     },
-    /// The range is empty, or not a whole number of pages, or the page size is not a power of two.
-    #[error("range iova {iova:#x}, {len_bytes:#x} bytes is not a non-empty whole number of {page_size:#x}-byte pages")]
-    BadRange {
-        /// First IOVA of the range.
-        iova: Iova,
-        /// Length of the range.
-        len_bytes: u64,
-        /// Bitmap granularity.
-        page_size: u64,
-    },
-    /// The caller's bitmap does not have exactly one bit per page of the range.
-    #[error("bitmap of {words} words does not match the {needed} words the range needs")]
-    BitmapSize {
-        /// Words the caller passed.
-        words: usize,
-        /// Words the range needs.
-        needed: usize,
-    },
+    /// The range or the bitmap does not fit the uAPI.
+    #[error(transparent)]
+    Arg(#[from] DirtyBitmapArgError),
 }
 
 /// Enable or disable dirty tracking on `hwpt_id`.
@@ -134,18 +119,7 @@ pub fn get_dirty_bitmap(
     mode: DirtyRead,
     bitmap: &mut [u64],
 ) -> Result<(), HwptDirtyError> {
-    let needed =
-        range_bitmap_words(iova, len_bytes, page_size).ok_or(HwptDirtyError::BadRange {
-            iova,
-            len_bytes,
-            page_size,
-        })?;
-    if bitmap.len() != needed {
-        return Err(HwptDirtyError::BitmapSize {
-            words: bitmap.len(),
-            needed,
-        });
-    }
+    check_dirty_bitmap_arg(iova, len_bytes, page_size, bitmap.len())?;
     bitmap.fill(0);
     let mut arg = iommu_hwpt_get_dirty_bitmap {
         size: argsz::<iommu_hwpt_get_dirty_bitmap>(),
@@ -164,8 +138,8 @@ pub fn get_dirty_bitmap(
     };
     // SAFETY: `iommufd` is an open `/dev/iommu` (the only fd an `IommuFd` holds). The kernel reads
     // the 48-byte `arg` and writes dirty bits through `data` for the pages of
-    // `[iova, iova + length)` only: `length / page_size` bits, which fit in the `needed` words of
-    // `bitmap` (length checked above). `bitmap` is an exclusive borrow alive across the call, so the
+    // `[iova, iova + length)` only: `length / page_size` bits, which fit in `bitmap` (its length
+    // checked above). `bitmap` is an exclusive borrow alive across the call, so the
     // kernel's writes through the pointer alias nothing else.
     let ret = unsafe { ioctl_with_mut_ref(iommufd, IOMMU_HWPT_GET_DIRTY_BITMAP(), &mut arg) };
     if ret < 0 {

@@ -39,6 +39,51 @@ pub fn range_bitmap_words(iova: Iova, len_bytes: u64, page_size: u64) -> Option<
     usize::try_from((len_bytes / page_size).div_ceil(64)).ok()
 }
 
+/// A range and a caller's bitmap that a dirty-bitmap uAPI would refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyBitmapArgError {
+    /// The range is empty, or not a whole number of pages, or the page size is not a power of two.
+    #[error("range iova {iova:#x}, {len_bytes:#x} bytes is not a non-empty whole number of {page_size:#x}-byte pages")]
+    BadRange {
+        /// First IOVA of the range.
+        iova: Iova,
+        /// Length of the range.
+        len_bytes: u64,
+        /// Bitmap granularity.
+        page_size: u64,
+    },
+    /// The caller's bitmap does not have exactly one bit per page of the range.
+    #[error("bitmap of {words} words does not match the {needed} words the range needs")]
+    BitmapSize {
+        /// Words the caller passed.
+        words: usize,
+        /// Words the range needs.
+        needed: usize,
+    },
+}
+
+/// Checks that `bitmap_words` words are exactly what [`range_bitmap_words`] says the range needs.
+pub fn check_dirty_bitmap_arg(
+    iova: Iova,
+    len_bytes: u64,
+    page_size: u64,
+    bitmap_words: usize,
+) -> Result<(), DirtyBitmapArgError> {
+    let needed =
+        range_bitmap_words(iova, len_bytes, page_size).ok_or(DirtyBitmapArgError::BadRange {
+            iova,
+            len_bytes,
+            page_size,
+        })?;
+    if bitmap_words != needed {
+        return Err(DirtyBitmapArgError::BitmapSize {
+            words: bitmap_words,
+            needed,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +94,24 @@ mod tests {
         assert_eq!(range_bitmap_words(Iova(0x1000), 64 * 4096, 4096), Some(1));
         assert_eq!(range_bitmap_words(Iova(0), 65 * 4096, 4096), Some(2));
         assert_eq!(range_bitmap_words(Iova(1 << 24), 1 << 20, 2048), Some(8));
+    }
+
+    #[test]
+    fn a_dirty_bitmap_arg_needs_a_good_range_and_exactly_its_words() {
+        assert!(check_dirty_bitmap_arg(Iova(0), 65 * 4096, 4096, 2).is_ok());
+        assert!(matches!(
+            check_dirty_bitmap_arg(Iova(0x800), 4096, 4096, 1),
+            Err(DirtyBitmapArgError::BadRange {
+                page_size: 4096,
+                ..
+            })
+        ));
+        for words in [1, 3] {
+            assert!(matches!(
+                check_dirty_bitmap_arg(Iova(0), 65 * 4096, 4096, words),
+                Err(DirtyBitmapArgError::BitmapSize { needed: 2, .. })
+            ));
+        }
     }
 
     #[test]

@@ -9,8 +9,6 @@
 //! The kernel requires `page_size` to be the container's smallest IOMMU page size (4 KiB on x86) and
 //! the range to start and end on DMA-mapping boundaries.
 
-use std::mem::size_of;
-
 use vfio_bindings::bindings::vfio::{
     vfio_bitmap, vfio_iommu_type1_dirty_bitmap, vfio_iommu_type1_dirty_bitmap_get, VFIO_BASE,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
@@ -21,7 +19,7 @@ use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
-use super::iova::{range_bitmap_words, Iova};
+use super::iova::{check_dirty_bitmap_arg, DirtyBitmapArgError, Iova};
 use super::uapi_size::argsz;
 
 ioctl_io_nr!(VFIO_IOMMU_DIRTY_PAGES, VFIO_TYPE as u32, VFIO_BASE + 17);
@@ -46,24 +44,9 @@ pub enum Type1DirtyError {
         #[source]
         source: errno::Error,
     },
-    /// The range is empty, or not a whole number of pages, or the page size is not a power of two.
-    #[error("range iova {iova:#x}, {len_bytes:#x} bytes is not a non-empty whole number of {page_size:#x}-byte pages")]
-    BadRange {
-        /// First IOVA of the range.
-        iova: Iova,
-        /// Length of the range.
-        len_bytes: u64,
-        /// Bitmap granularity.
-        page_size: u64,
-    },
-    /// The caller's bitmap does not have exactly one bit per page of the range.
-    #[error("bitmap of {words} words does not match the {needed} words the range needs")]
-    BitmapSize {
-        /// Words the caller passed.
-        words: usize,
-        /// Words the range needs.
-        needed: usize,
-    },
+    /// The range or the bitmap does not fit the uAPI.
+    #[error(transparent)]
+    Arg(#[from] DirtyBitmapArgError),
 }
 
 /// Start dirty page tracking on every DMA mapping of `container`.
@@ -112,18 +95,7 @@ pub fn get_dirty_bitmap(
     page_size: u64,
     bitmap: &mut [u64],
 ) -> Result<(), Type1DirtyError> {
-    let needed =
-        range_bitmap_words(iova, len_bytes, page_size).ok_or(Type1DirtyError::BadRange {
-            iova,
-            len_bytes,
-            page_size,
-        })?;
-    if bitmap.len() != needed {
-        return Err(Type1DirtyError::BitmapSize {
-            words: bitmap.len(),
-            needed,
-        });
-    }
+    check_dirty_bitmap_arg(iova, len_bytes, page_size, bitmap.len())?;
     bitmap.fill(0);
     let mut arg = GetBitmapArg {
         header: vfio_iommu_type1_dirty_bitmap {
@@ -136,15 +108,15 @@ pub fn get_dirty_bitmap(
             size: len_bytes,
             bitmap: vfio_bitmap {
                 pgsize: page_size,
-                size: (needed * size_of::<u64>()) as u64,
+                size: std::mem::size_of_val(bitmap) as u64,
                 data: bitmap.as_mut_ptr(),
             },
         },
     };
     // SAFETY: `container` is an open VFIO type1 container (the only fd a `VfioContainer` holds).
     // `arg` is a repr(C) header + `vfio_iommu_type1_dirty_bitmap_get`, exactly the `argsz` bytes the
-    // kernel reads. The kernel writes at most `bitmap.size` bytes through `bitmap.data`; that size is
-    // `needed` words, which is `bitmap.len()` (checked above), and `bitmap` is an exclusive borrow
+    // kernel reads. The kernel writes at most `bitmap.size` bytes through `bitmap.data`: the size of
+    // `bitmap`, which has the words the range needs (checked above) and is an exclusive borrow
     // that lives across the call, so the kernel's writes alias nothing else.
     let ret = unsafe { ioctl_with_mut_ref(container, VFIO_IOMMU_DIRTY_PAGES(), &mut arg) };
     if ret < 0 {
