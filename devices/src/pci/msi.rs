@@ -69,6 +69,25 @@ pub trait MsiRouteSink: Send + Sync {
     }
 }
 
+/// Applies a guest write of `data` at `offset` to `config` and gives `sink` every vector whose
+/// route, as `routes` reads it from the configuration space, changed (MSI and MSI-X alike).
+pub(crate) fn write_and_report_routes(
+    config: &mut ConfigSpace,
+    offset: usize,
+    data: &[u8],
+    routes: impl Fn(&ConfigSpace) -> Vec<Option<MsiMessage>>,
+    sink: &dyn MsiRouteSink,
+) -> Result<(), MsiRouteError> {
+    let before = routes(config);
+    config.write(offset, data);
+    for (v, (b, a)) in before.iter().zip(routes(config)).enumerate() {
+        if *b != a {
+            sink.set_route(v as u16, a)?;
+        }
+    }
+    Ok(())
+}
+
 /// Errors building an MSI capability.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MsiCapError {
@@ -187,15 +206,7 @@ impl MsiCap {
         data: &[u8],
         sink: &dyn MsiRouteSink,
     ) -> Result<(), MsiRouteError> {
-        let before = self.routes(config);
-        config.write(offset, data);
-        let after = self.routes(config);
-        for (v, (b, a)) in before.iter().zip(&after).enumerate() {
-            if b != a {
-                sink.set_route(v as u16, *a)?;
-            }
-        }
-        Ok(())
+        write_and_report_routes(config, offset, data, |c| self.routes(c), sink)
     }
 
     /// Programs every active route again (after a restore, into a fresh VMM), all in one

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::config::{ConfigSpace, ConfigSpaceError};
-use super::msi::{MsiMessage, MsiRouteError, MsiRouteSink};
+use super::msi::{write_and_report_routes, MsiMessage, MsiRouteError, MsiRouteSink};
 
 /// MSI-X capability ID.
 pub const MSIX_CAP_ID: u8 = 0x11;
@@ -202,14 +202,7 @@ impl Msix {
         data: &[u8],
         sink: &dyn MsiRouteSink,
     ) -> Result<(), MsiRouteError> {
-        let before = self.routes(config);
-        config.write(offset, data);
-        for (v, (b, a)) in before.iter().zip(self.routes(config)).enumerate() {
-            if *b != a {
-                sink.set_route(v as u16, a)?;
-            }
-        }
-        Ok(())
+        write_and_report_routes(config, offset, data, |c| self.routes(c), sink)
     }
 
     /// Guest read of the table at `offset` (from the table's start).
