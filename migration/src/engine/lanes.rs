@@ -275,7 +275,7 @@ fn lane_main(
                     continue;
                 }
                 let t = Instant::now();
-                let n = send_unchecked(&mut w, &mut pages, &b, &ctx)?;
+                let n = send_batch(&mut w, &mut pages, &b, &ctx)?;
                 let ns = u64::try_from(t.elapsed().as_nanos() + resolve_ns).unwrap_or(u64::MAX);
                 ctx.counters.busy_ns.fetch_add(ns, Ordering::Relaxed);
                 ctx.counters.bytes.fetch_add(n, Ordering::Relaxed);
@@ -369,8 +369,9 @@ impl PageData {
     }
 }
 
-/// Header and entry table, then each `Data` entry straight from guest memory to the socket.
-fn send_unchecked(
+/// A resolved batch as a stream frame: header, entry table and sums (if any), then each `Data`
+/// entry straight from guest memory to the socket.
+fn send_batch(
     w: &mut FrameWriter<Connection>,
     pages: &mut PageData,
     b: &MemoryBatch,
