@@ -152,9 +152,14 @@ impl MigrationTargetFactory for Factory {
     }
 }
 
-/// With `TERN_BENCH_PIN=1`, binds the calling thread (and the threads it starts) to `cpu`.
+/// `TERN_BENCH_PIN=1`: each end on a core of its own.
+fn pinned() -> bool {
+    std::env::var("TERN_BENCH_PIN").as_deref() == Ok("1")
+}
+
+/// When [`pinned`], binds the calling thread (and the threads it starts) to `cpu`.
 fn pin(cpu: usize) {
-    if std::env::var("TERN_BENCH_PIN").as_deref() != Ok("1") {
+    if !pinned() {
         return;
     }
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
@@ -393,7 +398,7 @@ fn main() {
         &mut std::fs::File::open("/proc/loadavg").expect("loadavg"),
         &mut load,
     );
-    if std::env::var("TERN_BENCH_PIN").as_deref() == Ok("1") {
+    if pinned() {
         println!("pinned: sending end on CPU 0, receiving end on CPU 1");
     }
     println!(

@@ -167,7 +167,7 @@ impl MemoryBatch {
 
     /// On the sending lane: reads each tentative data page once where it is — an all-zero page
     /// becomes a marker, a data page gets its sum — so the entries say what the frame carries.
-    /// Called once per batch; again, a no-op.
+    /// Called once per batch; a second call is a no-op.
     pub fn resolve(
         &mut self,
         mem: &GuestMemoryMmap<GuestPageBitmap>,
