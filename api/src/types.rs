@@ -694,6 +694,9 @@ pub struct MigrationStatus {
     /// Source: page data the kernel sent straight from the guest memory file (`sendfile` on a
     /// unix socket: no copy on the source), in bytes; the rest was copied from the mapping.
     pub sent_from_file_bytes: u64,
+    /// Source: pages of the memory batches a lane's read-ahead thread prepared (zero check,
+    /// sums) while the lane sent the batch before.
+    pub read_ahead_pages: u64,
     /// Destination: guest memory the source said it has populated (sent ahead of the pages).
     pub populated_hint_bytes: u64,
     /// Destination: of that, bytes a helper faulted in ahead of their data; the receiving thread

@@ -8,7 +8,7 @@ mod tests {
     use super::common::*;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
-    use tern_migration::dirty::{DirtyBitmap, GpaRange};
+    use tern_migration::dirty::{DirtyBitmap, GpaRange, PAGE_SIZE};
     use tern_migration::engine::{MigrationStatus, SendParams};
     use tern_migration::transport::MigrationUrl;
     use vm_memory::{Bytes, GuestAddress};
@@ -163,6 +163,32 @@ mod tests {
         let r = run(url, host, FakeFactory::default(), |p| p.connections = 3);
         check_success(&r, &mem);
         assert!(r.src_stats.snapshot().transferred_bytes > 0);
+    }
+
+    #[test]
+    fn migrate_over_tcp_reads_pages_ahead_of_the_sending_lane() {
+        // 32 MiB of data pages, one connection, page sums on: the lane's helper reads (zero
+        // check, sums) each queued batch while the lane sends the one before, and every page
+        // still arrives equal, the hot ones included.
+        let mem = anon_memory_of(&[(0, 32 << 20)]);
+        for p in 0..(32 << 20) / PAGE_SIZE {
+            mem.write_slice(&p.to_le_bytes(), GuestAddress(p * PAGE_SIZE))
+                .expect("fill");
+        }
+        let host = FakeHost::hot_set(mem.clone(), 64, 50);
+        let url = MigrationUrl::Tcp {
+            host: "127.0.0.1".into(),
+            port: 0,
+        };
+        let r = run(url, host, FakeFactory::default(), |p| {
+            p.page_checksums = true;
+            p.connections = 1;
+        });
+        check_success(&r, &mem);
+        let s = r.src_stats.snapshot();
+        assert!(s.data_pages >= (32 << 20) / PAGE_SIZE, "{s:?}");
+        assert!(s.read_ahead_pages > 0, "no batch was read ahead: {s:?}");
+        assert!(s.read_ahead_pages <= s.data_pages + s.zero_pages, "{s:?}");
     }
 
     #[test]

@@ -432,6 +432,7 @@ fn convert_status(s: &MigrationStatsSnapshot) -> MigrationStatus {
         data_pages: s.data_pages,
         zero_pages: s.zero_pages,
         sent_from_file_bytes: s.sent_from_file_bytes,
+        read_ahead_pages: s.read_ahead_pages,
         populated_hint_bytes: s.populated_hint_bytes,
         prefaulted_bytes: s.prefaulted_bytes,
         error: s.error.clone(),

@@ -22,6 +22,7 @@ use crate::transport::{send_file_range, Connection, RateLimiter, SendFileError};
 
 use super::error::MigrationError;
 use super::pages::{BatchMode, MemoryBatch};
+use super::read_ahead::ReadAhead;
 use super::stats::MigrationStats;
 
 /// Control frames the main thread queues behind memory on a lane.
@@ -238,12 +239,43 @@ impl LaneCtx {
     }
 }
 
+/// The item after the one a lane is writing, taken off its queue early so the pages of a memory
+/// batch are read (by [`ReadAhead`]) while the current batch is on the wire.
+#[derive(Debug)]
+enum Ahead {
+    /// A memory batch the read-ahead helper holds; what the queue counted for it.
+    Reading { queued: u64 },
+    /// Anything else, kept in queue order.
+    Item(LaneItem),
+}
+
+/// Takes the lane's next item off the queue if there is one already, handing a memory batch to
+/// the read-ahead helper.
+fn look_ahead(
+    rx: &Receiver<LaneItem>,
+    read_ahead: Option<&ReadAhead>,
+) -> Result<Option<Ahead>, MigrationError> {
+    let Ok(item) = rx.try_recv() else {
+        return Ok(None);
+    };
+    Ok(Some(match (item, read_ahead) {
+        (LaneItem::Memory(b), Some(helper)) => {
+            let queued = b.wire_bytes();
+            helper.submit(b)?;
+            Ahead::Reading { queued }
+        }
+        (item, _) => Ahead::Item(item),
+    }))
+}
+
 fn lane_main(
     mut w: FrameWriter<Connection>,
     rx: Receiver<LaneItem>,
     ctx: LaneCtx,
 ) -> Result<(), MigrationError> {
     let mut pages = PageData::new(w.get_mut());
+    let read_ahead = ReadAhead::start(ctx.index, ctx.mem.clone());
+    let mut ahead = None;
     loop {
         if ctx.abort.is_set() {
             if ctx.index == 0 {
@@ -255,21 +287,36 @@ fn lane_main(
             }
             return Ok(());
         }
-        let item = match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(item) => item,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            // Closed with an abort pending: loop once more so lane 0 still sends the reason.
-            Err(mpsc::RecvTimeoutError::Disconnected) if ctx.abort.is_set() => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        let t = Instant::now();
+        let (item, read_queued) = match ahead.take() {
+            Some(Ahead::Reading { queued }) => match read_ahead.as_ref() {
+                Some(helper) => (LaneItem::Memory(helper.take()?), Some(queued)),
+                None => return Err(MigrationError::Panicked),
+            },
+            Some(Ahead::Item(item)) => (item, None),
+            None => match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(item) => (item, None),
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                // Closed with an abort pending: loop once more so lane 0 still sends the reason.
+                Err(mpsc::RecvTimeoutError::Disconnected) if ctx.abort.is_set() => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            },
         };
         match item {
             LaneItem::Memory(mut b) => {
                 // What the queue counted (an estimate for a stream batch until it is resolved).
-                let queued = b.wire_bytes();
-                let t = Instant::now();
+                let queued = read_queued.unwrap_or_else(|| b.wire_bytes());
+                // Without the helper, or for a batch that came alone, the lane reads it itself
+                // (a no-op for one the helper read). The wait counts as the lane's busy time.
+                let t = if read_queued.is_some() {
+                    t
+                } else {
+                    Instant::now()
+                };
                 b.resolve(&ctx.mem)?;
                 let wire = b.wire_bytes();
                 let resolve_ns = t.elapsed().as_nanos();
+                ahead = look_ahead(&rx, read_ahead.as_ref())?;
                 pace(&ctx, wire);
                 if ctx.abort.is_set() {
                     continue;
@@ -283,6 +330,9 @@ fn lane_main(
                 ctx.touch();
                 ctx.stats.add_transferred(n);
                 ctx.stats.add_pages(b.data_pages(), b.zero_pages);
+                if read_queued.is_some() {
+                    ctx.stats.add_read_ahead(b.data_pages() + b.zero_pages);
+                }
                 b.clear();
                 // The main thread may be gone (failure path); then the batch is just dropped.
                 let _ = ctx.free.send(b);

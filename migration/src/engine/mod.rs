@@ -14,6 +14,7 @@ mod params;
 mod policy;
 mod precopy;
 mod prefault;
+mod read_ahead;
 mod receive;
 mod stats;
 mod steps;

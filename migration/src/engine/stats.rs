@@ -174,6 +174,9 @@ pub struct MigrationStatsSnapshot {
     /// Page data the kernel sent straight from the guest memory file (`sendfile`, no copy on
     /// the source), in bytes; the rest of the data pages were copied from the mapping.
     pub sent_from_file_bytes: u64,
+    /// Pages (data and zero markers) of the memory batches a lane's read-ahead thread prepared
+    /// (zero check, sums) while the lane was sending the batch before; lanes prepared the rest.
+    pub read_ahead_pages: u64,
     /// Destination: the guest memory the source said it has populated and will send as data
     /// (its [`Frame::Populated`](crate::protocol::Frame::Populated) hint), in bytes.
     pub populated_hint_bytes: u64,
@@ -233,6 +236,7 @@ pub struct MigrationStats {
     data_pages: AtomicU64,
     zero_pages: AtomicU64,
     sent_from_file_bytes: AtomicU64,
+    read_ahead_pages: AtomicU64,
     populated_hint_bytes: AtomicU64,
     prefaulted_bytes: AtomicU64,
     expected_downtime_ms: AtomicU64,
@@ -299,6 +303,7 @@ impl MigrationStats {
             data_pages: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
             sent_from_file_bytes: AtomicU64::new(0),
+            read_ahead_pages: AtomicU64::new(0),
             populated_hint_bytes: AtomicU64::new(0),
             prefaulted_bytes: AtomicU64::new(0),
             expected_downtime_ms: AtomicU64::new(0),
@@ -361,6 +366,7 @@ impl MigrationStats {
             &self.data_pages,
             &self.zero_pages,
             &self.sent_from_file_bytes,
+            &self.read_ahead_pages,
             &self.populated_hint_bytes,
             &self.prefaulted_bytes,
             &self.expected_downtime_ms,
@@ -455,6 +461,10 @@ impl MigrationStats {
 
     pub(crate) fn set_prefaulted(&self, bytes: u64) {
         self.prefaulted_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_read_ahead(&self, pages: u64) {
+        self.read_ahead_pages.fetch_add(pages, Ordering::Relaxed);
     }
 
     pub(crate) fn add_sent_from_file(&self, bytes: u64) {
@@ -614,6 +624,7 @@ impl MigrationStats {
             data_pages: self.data_pages.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             sent_from_file_bytes: self.sent_from_file_bytes.load(Ordering::Relaxed),
+            read_ahead_pages: self.read_ahead_pages.load(Ordering::Relaxed),
             populated_hint_bytes: self.populated_hint_bytes.load(Ordering::Relaxed),
             prefaulted_bytes: self.prefaulted_bytes.load(Ordering::Relaxed),
             expected_downtime_ms: self.expected_downtime_ms.load(Ordering::Relaxed),
