@@ -109,6 +109,8 @@ mod tests {
             s.data_pages * 4096,
             "every data page went from the file: {s:?}"
         );
+        // The kernel sends the pages: the lane's thread has no page reads to hand over.
+        assert_eq!(s.read_ahead_pages, 0, "{s:?}");
         // The destination heard what the source has populated and faulted in only that: never
         // a page the source does not have.
         let d = r.dst_stats.snapshot();

@@ -18,22 +18,44 @@ use crate::dirty::GuestPageBitmap;
 use super::error::MigrationError;
 use super::pages::MemoryBatch;
 
-/// The helper of one lane; holds at most one batch.
+/// The helper of one lane; holds at most one batch. Its thread starts with the first batch
+/// handed over, so a lane that never has a second batch queued (an idle guest's, a device
+/// stream's) never starts one.
 #[derive(Debug)]
 pub struct ReadAhead {
-    to: Option<SyncSender<MemoryBatch>>,
-    from: Receiver<Result<MemoryBatch, MigrationError>>,
-    handle: Option<JoinHandle<()>>,
+    index: usize,
+    mem: GuestMemoryMmap<GuestPageBitmap>,
+    helper: Helper,
+}
+
+#[derive(Debug)]
+enum Helper {
+    NotStarted,
+    Running {
+        to: SyncSender<MemoryBatch>,
+        from: Receiver<Result<MemoryBatch, MigrationError>>,
+        handle: JoinHandle<()>,
+    },
+    /// No thread could be started: the lane reads its own pages.
+    Unavailable,
 }
 
 impl ReadAhead {
-    /// Starts the helper for lane `index` over `mem`; `None` (the lane reads its own pages) when
-    /// no thread can be started.
-    pub fn start(index: usize, mem: GuestMemoryMmap<GuestPageBitmap>) -> Option<Self> {
+    /// The helper of lane `index` over `mem`.
+    pub fn new(index: usize, mem: GuestMemoryMmap<GuestPageBitmap>) -> Self {
+        ReadAhead {
+            index,
+            mem,
+            helper: Helper::NotStarted,
+        }
+    }
+
+    fn start(&mut self) {
         let (to, jobs) = mpsc::sync_channel::<MemoryBatch>(1);
         let (done, from) = mpsc::sync_channel(1);
+        let mem = self.mem.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("tern-mig-read{index}"))
+            .name(format!("tern-mig-read{}", self.index))
             .spawn(move || {
                 for mut batch in jobs {
                     let result = batch.resolve(&mem).map(|()| batch);
@@ -42,39 +64,47 @@ impl ReadAhead {
                     }
                 }
             });
-        match spawned {
-            Ok(handle) => Some(ReadAhead {
-                to: Some(to),
-                from,
-                handle: Some(handle),
-            }),
+        self.helper = match spawned {
+            Ok(handle) => Helper::Running { to, from, handle },
             Err(e) => {
-                log::warn!("lane {index} reads its own pages: no read-ahead thread: {e}");
-                None
+                log::warn!(
+                    "lane {} reads its own pages: no read-ahead thread: {e}",
+                    self.index
+                );
+                Helper::Unavailable
             }
+        };
+    }
+
+    /// Hands `batch` over to be prepared, or gives it back when there is no helper thread.
+    /// Call [`ReadAhead::take`] before the next `submit`.
+    pub fn submit(&mut self, batch: MemoryBatch) -> Result<(), MemoryBatch> {
+        if matches!(self.helper, Helper::NotStarted) {
+            self.start();
+        }
+        match &self.helper {
+            Helper::Running { to, .. } => to.send(batch).map_err(|e| e.0),
+            _ => Err(batch),
         }
     }
 
-    /// Hands `batch` over to be resolved. Call [`ReadAhead::take`] before the next `submit`.
-    pub fn submit(&self, batch: MemoryBatch) -> Result<(), MigrationError> {
-        self.to
-            .as_ref()
-            .and_then(|to| to.send(batch).ok())
-            .ok_or(MigrationError::Panicked)
-    }
-
-    /// The submitted batch, resolved (waits for it).
+    /// The submitted batch, prepared (waits for it).
     pub fn take(&self) -> Result<MemoryBatch, MigrationError> {
-        self.from.recv().map_err(|_| MigrationError::Panicked)?
+        match &self.helper {
+            Helper::Running { from, .. } => from.recv().map_err(|_| MigrationError::Panicked)?,
+            _ => Err(MigrationError::Panicked),
+        }
     }
 }
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        // Closing the job queue ends the helper after the batch it is reading, if any.
-        self.to = None;
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        if let Helper::Running { to, handle, .. } =
+            std::mem::replace(&mut self.helper, Helper::Unavailable)
+        {
+            // Closing the job queue ends the helper after the batch it is reading, if any.
+            drop(to);
+            let _ = handle.join();
         }
     }
 }
@@ -107,9 +137,9 @@ mod tests {
         let mut own = queued();
         own.resolve(&mem).expect("resolve");
 
-        let helper = ReadAhead::start(0, mem.clone()).expect("helper thread");
+        let mut helper = ReadAhead::new(0, mem.clone());
         for _ in 0..2 {
-            helper.submit(queued()).expect("submit");
+            assert!(helper.submit(queued()).is_ok(), "no helper thread");
             let read = helper.take().expect("take");
             assert_eq!(read.entries, own.entries);
             assert_eq!(read.sums, own.sums);
