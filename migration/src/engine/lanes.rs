@@ -1,9 +1,9 @@
 //! Source-side sending: one writer thread per connection ("lane") fed through a bounded queue.
 //! The pass thread claims dirty pages and queues them as tentative batches; each lane's batches
 //! have their pages read (zero check, sums: `MemoryBatch::resolve`) just before they are sent —
-//! by the lane's read-ahead helper while the lane sends the batch before, or by the lane itself
-//! when a batch comes alone — so N connections read and send in parallel and the pass thread
-//! never waits on guest memory.
+//! on a lane that copies page data, by its read-ahead helper while the lane sends the batch
+//! before; otherwise, or when a batch comes alone, by the lane itself — so N connections read and
+//! send in parallel and the pass thread never waits on guest memory.
 //! Batches are recycled through a free list so no 4 MiB buffer is allocated per frame.
 
 use std::os::fd::AsFd;
@@ -301,8 +301,8 @@ fn lane_main(
             LaneItem::Memory(mut b) => {
                 // What the queue counted (an estimate for a stream batch until it is resolved).
                 let queued = read_queued.unwrap_or_else(|| b.wire_bytes());
-                // Without the helper, or for a batch that came alone, the lane reads it itself
-                // (a no-op for one the helper read). The wait counts as the lane's busy time.
+                // A batch the helper did not read, the lane reads itself (a no-op for one the
+                // helper read). Waiting for the helper counts as the lane's busy time.
                 let t = if read_queued.is_some() {
                     t
                 } else {
