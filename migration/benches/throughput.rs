@@ -18,7 +18,8 @@
 //! sockets.
 //!
 //! Run: `cargo bench -p tern-migration --bench throughput` (`TERN_BENCH_ROUNDS=n`, default 5;
-//! `TERN_BENCH_LINKS=tcp` or `unix` measures one link, e.g. under `perf record`;
+//! `TERN_BENCH_LINKS=tcp` or `unix` measures one link, e.g. under `perf record`, and `tls`
+//! measures migration TLS (mutual auth, loopback) against the same raw TCP copy;
 //! `TERN_BENCH_PIN=1` runs the sending end on CPU 0 and the receiving end on CPU 1 — every
 //! thread each end starts inherits it — as two hosts would have a core each, where by default
 //! both ends share both cores).
@@ -36,10 +37,41 @@ use tern_migration::engine::{
     MigrationTarget, MigrationTargetFactory, SendParams,
 };
 use tern_migration::transport::sockopt::enlarge_unix_send_buffer;
-use tern_migration::transport::{MigrationListener, MigrationUrl};
+use tern_migration::transport::{MigrationListener, MigrationUrl, TlsClient, TlsServer};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
+#[path = "common/pki.rs"]
+mod pki;
+
 const GUEST: usize = 512 << 20;
+
+/// What the migration runs over; the raw copies use TCP for TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Tcp,
+    Unix,
+    Tls,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Link::Tcp => "tcp",
+            Link::Unix => "unix",
+            Link::Tls => "tls",
+        }
+    }
+
+    fn over_tcp(self) -> bool {
+        self != Link::Unix
+    }
+}
+
+/// The bench's `tls_dir`, made on first use and removed at the end of `main`.
+fn tls_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(pki::pki)
+}
 
 type Mem = GuestMemoryMmap<GuestPageBitmap>;
 
@@ -250,8 +282,8 @@ fn raw_guest(tcp: bool, src: &Mem, dst: &Mem) -> f64 {
 }
 
 /// Returns (bytes on the wire, bytes/s).
-fn tern(tcp: bool, src: &Mem, dst: &Mem, n: usize, checksums: bool) -> (u64, f64) {
-    let url = if tcp {
+fn tern(link: Link, src: &Mem, dst: &Mem, n: usize, checksums: bool) -> (u64, f64) {
+    let url = if link.over_tcp() {
         MigrationUrl::Tcp {
             host: "127.0.0.1".into(),
             port: 0,
@@ -261,8 +293,18 @@ fn tern(tcp: bool, src: &Mem, dst: &Mem, n: usize, checksums: bool) -> (u64, f64
             std::env::temp_dir().join(format!("tern-bench-{}-{n}.sock", std::process::id())),
         )
     };
-    let l = MigrationListener::bind(&url).expect("bind");
-    let url = l.url().clone();
+    let l = if link == Link::Tls {
+        MigrationListener::bind_tls(&url, TlsServer::from_dir(tls_dir()).expect("tls server"))
+    } else {
+        MigrationListener::bind(&url)
+    }
+    .expect("bind");
+    let mut url = l.url().clone();
+    if link == Link::Tls {
+        url = url
+            .with_tls(TlsClient::from_dir(tls_dir()).expect("tls client"))
+            .expect("a tcp url");
+    }
     let dst = dst.clone();
     let rx = std::thread::spawn(move || {
         pin(1);
@@ -285,7 +327,7 @@ fn tern(tcp: bool, src: &Mem, dst: &Mem, n: usize, checksums: bool) -> (u64, f64
     let s = stats.snapshot();
     assert_eq!(s.data_pages, GUEST as u64 / PAGE_SIZE);
     // Unix: every page sent by sendfile from the memory file; TCP: copied by write.
-    let from_file = if tcp { 0 } else { GUEST as u64 };
+    let from_file = if link == Link::Unix { GUEST as u64 } else { 0 };
     assert_eq!(s.sent_from_file_bytes, from_file);
     (s.transferred_bytes, s.transferred_bytes as f64 / el)
 }
@@ -323,12 +365,13 @@ fn rounds() -> usize {
         .unwrap_or(5)
 }
 
-/// Links to measure: `TERN_BENCH_LINKS` (`tcp`, `unix`), default both.
-fn links() -> Vec<bool> {
+/// Links to measure: `TERN_BENCH_LINKS` (`tcp`, `unix`, `tls`), default tcp and unix.
+fn links() -> Vec<Link> {
     match std::env::var("TERN_BENCH_LINKS").as_deref() {
-        Ok("tcp") => vec![true],
-        Ok("unix") => vec![false],
-        _ => vec![true, false],
+        Ok("tcp") => vec![Link::Tcp],
+        Ok("unix") => vec![Link::Unix],
+        Ok("tls") => vec![Link::Tls],
+        _ => vec![Link::Tcp, Link::Unix],
     }
 }
 
@@ -361,16 +404,17 @@ fn main() {
         "+sums s/GB"
     );
     let mut n = 0;
-    for tcp in links() {
+    for link in links() {
         n += 1;
-        let (wire, _) = tern(tcp, &src, &dst, n, false); // warm-up: faults in the destination
+        let tcp = link.over_tcp();
+        let (wire, _) = tern(link, &src, &dst, n, false); // warm-up: faults in the destination
         let mut cols: [Vec<f64>; 9] = Default::default();
         for _ in 0..rounds {
             n += 2;
             let (r, rc) = measured(GUEST, || raw_guest(tcp, &src, &dst));
             let cached = raw(tcp, wire as usize);
-            let (t, tc) = measured(GUEST, || tern(tcp, &src, &dst, n, false).1);
-            let (ts, tsc) = measured(GUEST, || tern(tcp, &src, &dst, n + 1, true).1);
+            let (t, tc) = measured(GUEST, || tern(link, &src, &dst, n, false).1);
+            let (ts, tsc) = measured(GUEST, || tern(link, &src, &dst, n + 1, true).1);
             for (col, v) in cols
                 .iter_mut()
                 .zip([r, cached, t, t / r, ts, ts / r, rc, tc, tsc])
@@ -381,7 +425,7 @@ fn main() {
         let m: Vec<f64> = cols.iter_mut().map(|c| median(c)).collect();
         println!(
             "{:>5} {:>9.0} {:>9.0} {:>9.0} {:>7.2} {:>9.0} {:>7.2} {:>12.2} {:>12.2} {:>12.2}",
-            if tcp { "tcp" } else { "unix" },
+            link.name(),
             m[0] / 1e6,
             m[1] / 1e6,
             m[2] / 1e6,
@@ -392,6 +436,10 @@ fn main() {
             m[7],
             m[8]
         );
+    }
+    if links().contains(&Link::Tls) {
+        let _ = std::fs::remove_dir_all(tls_dir());
+        println!("tls: raw is plain tcp; TLS 1.3, mutual auth, one connection");
     }
     let mut load = String::new();
     let _ = std::io::Read::read_to_string(
