@@ -40,7 +40,7 @@ use tern_migration::transport::sockopt::enlarge_unix_send_buffer;
 use tern_migration::transport::{MigrationListener, MigrationUrl, TlsClient, TlsServer};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
-#[path = "common/pki.rs"]
+#[path = "../tests/pki/mod.rs"]
 mod pki;
 
 const GUEST: usize = 512 << 20;
@@ -70,7 +70,7 @@ impl Link {
 /// The bench's `tls_dir`, made on first use and removed at the end of `main`.
 fn tls_dir() -> &'static std::path::Path {
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(pki::pki)
+    DIR.get_or_init(|| pki::both_dir(&pki::Ca::new("tern bench CA"), &["127.0.0.1"]))
 }
 
 type Mem = GuestMemoryMmap<GuestPageBitmap>;

@@ -72,9 +72,8 @@
 
 use std::time::Instant;
 
-#[path = "common/pki.rs"]
+#[path = "../tests/pki/mod.rs"]
 mod pki;
-use pki::pki;
 
 use tern_migration::transport::{
     Connection, MigrationListener, MigrationUrl, TlsClient, TlsServer,
@@ -207,7 +206,7 @@ fn run(tls: Option<&std::path::Path>, n: usize) -> Run {
 }
 
 fn main() {
-    let dir = pki();
+    let dir = pki::both_dir(&pki::Ca::new("tern bench CA"), &["127.0.0.1"]);
     println!(
         "tls_throughput: {} MiB per connection over loopback, {} CPUs, load average {}",
         PER_CONN >> 20,
