@@ -285,7 +285,7 @@ fn lane_main(
             }
             return Ok(());
         }
-        let t = Instant::now();
+        let started = Instant::now();
         let (item, read_queued) = match ahead.take() {
             Some(Ahead::Reading { queued }) => (LaneItem::Memory(read_ahead.take()?), Some(queued)),
             Some(Ahead::Item(item)) => (item, None),
@@ -304,7 +304,7 @@ fn lane_main(
                 // A batch the helper did not read, the lane reads itself (a no-op for one the
                 // helper read). Waiting for the helper counts as the lane's busy time.
                 let t = if read_queued.is_some() {
-                    t
+                    started
                 } else {
                     Instant::now()
                 };
