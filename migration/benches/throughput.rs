@@ -403,8 +403,9 @@ fn main() {
         "tern s/GB",
         "+sums s/GB"
     );
+    let links = links();
     let mut n = 0;
-    for link in links() {
+    for &link in &links {
         n += 1;
         let tcp = link.over_tcp();
         let (wire, _) = tern(link, &src, &dst, n, false); // warm-up: faults in the destination
@@ -437,7 +438,7 @@ fn main() {
             m[8]
         );
     }
-    if links().contains(&Link::Tls) {
+    if links.contains(&Link::Tls) {
         let _ = std::fs::remove_dir_all(tls_dir());
         println!("tls: raw is plain tcp; TLS 1.3, mutual auth, one connection");
     }
