@@ -23,6 +23,12 @@
 //! `TERN_BENCH_PIN=1` runs the sending end on CPU 0 and the receiving end on CPU 1 — every
 //! thread each end starts inherits it — as two hosts would have a core each, where by default
 //! both ends share both cores).
+//!
+//! A loopback has no line: both ends share the CPU, so any work a migration adds costs rate.
+//! `TERN_BENCH_LINE_GBIT=10,15,20` (root, iproute2) measures behind a link instead: the bench
+//! moves into a network namespace of its own (gone with the process, qdisc and all), and before
+//! each rate's rows shapes its loopback with a token bucket (`tc … tbf rate Ngbit`), so raw and
+//! tern run over the same capped TCP link. Unix sockets do not pass a qdisc and are skipped.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -375,7 +381,76 @@ fn links() -> Vec<Link> {
     }
 }
 
+/// `TERN_BENCH_LINE_GBIT`: link rates (Gbit/s) to shape the loopback to, in order; none when
+/// unset.
+fn line_rates() -> Vec<f64> {
+    let Ok(list) = std::env::var("TERN_BENCH_LINE_GBIT") else {
+        return Vec::new();
+    };
+    list.split(',')
+        .map(|v| match v.trim().parse::<f64>() {
+            Ok(g) if g.is_finite() && g > 0.0 => g,
+            _ => {
+                eprintln!(
+                    "TERN_BENCH_LINE_GBIT: {v:?} is not a positive rate in Gbit/s (e.g. 10,15,20)"
+                );
+                std::process::exit(2)
+            }
+        })
+        .collect()
+}
+
+/// Runs `cmd` with `args`, exiting with its complaint if it fails.
+fn run(cmd: &str, args: &[&str]) {
+    match std::process::Command::new(cmd).args(args).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "{cmd} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            std::process::exit(2)
+        }
+        Err(e) => {
+            eprintln!("{cmd}: {e} (the shaped-link bench needs iproute2)");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// Moves this (still single-threaded) process into a network namespace of its own with its
+/// loopback up: every thread and command started afterwards inherits it.
+fn own_network_namespace() {
+    // SAFETY: unshare takes a flag word and touches no memory of ours.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "TERN_BENCH_LINE_GBIT: a network namespace of its own: {} (run as root)",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(2)
+    }
+    run("ip", &["link", "set", "lo", "up"]);
+}
+
+/// Caps the (namespace's own) loopback at `gbit`: a token bucket deep enough for 64 KiB
+/// loopback segments in bursts.
+fn shape_loopback(gbit: f64) {
+    let rate = format!("{}mbit", (gbit * 1000.0).round() as u64);
+    run(
+        "tc",
+        &[
+            "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", &rate, "burst", "4mb",
+            "latency", "50ms",
+        ],
+    );
+}
+
 fn main() {
+    let line_rates = line_rates();
+    if !line_rates.is_empty() {
+        own_network_namespace();
+    }
     pin(0);
     let rounds = rounds();
     let src = guest();
@@ -391,7 +466,7 @@ fn main() {
         enlarge_unix_send_buffer(&probe).expect("send buffer") >> 10
     );
     println!(
-        "{:>5} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>12} {:>12} {:>12}",
+        "{:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7} {:>12} {:>12} {:>12}",
         "link",
         "raw MB/s",
         "raw-cach",
@@ -403,40 +478,56 @@ fn main() {
         "tern s/GB",
         "+sums s/GB"
     );
-    let links = links();
+    let mut links = links();
+    let mut lines: Vec<Option<f64>> = line_rates.iter().map(|&g| Some(g)).collect();
+    if lines.is_empty() {
+        lines.push(None);
+    } else if links.contains(&Link::Unix) {
+        links.retain(|&l| l.over_tcp());
+        println!("unix: skipped (a shaped loopback caps TCP only)");
+    }
     let mut n = 0;
-    for &link in &links {
-        n += 1;
-        let tcp = link.over_tcp();
-        let (wire, _) = tern(link, &src, &dst, n, false); // warm-up: faults in the destination
-        let mut cols: [Vec<f64>; 9] = Default::default();
-        for _ in 0..rounds {
-            n += 2;
-            let (r, rc) = measured(GUEST, || raw_guest(tcp, &src, &dst));
-            let cached = raw(tcp, wire as usize);
-            let (t, tc) = measured(GUEST, || tern(link, &src, &dst, n, false).1);
-            let (ts, tsc) = measured(GUEST, || tern(link, &src, &dst, n + 1, true).1);
-            for (col, v) in cols
-                .iter_mut()
-                .zip([r, cached, t, t / r, ts, ts / r, rc, tc, tsc])
-            {
-                col.push(v);
-            }
+    for line in lines {
+        if let Some(gbit) = line {
+            shape_loopback(gbit);
         }
-        let m: Vec<f64> = cols.iter_mut().map(|c| median(c)).collect();
-        println!(
-            "{:>5} {:>9.0} {:>9.0} {:>9.0} {:>7.2} {:>9.0} {:>7.2} {:>12.2} {:>12.2} {:>12.2}",
-            link.name(),
-            m[0] / 1e6,
-            m[1] / 1e6,
-            m[2] / 1e6,
-            m[3],
-            m[4] / 1e6,
-            m[5],
-            m[6],
-            m[7],
-            m[8]
-        );
+        for &link in &links {
+            n += 1;
+            let tcp = link.over_tcp();
+            let name = match line {
+                Some(gbit) => format!("{}@{gbit}G", link.name()),
+                None => link.name().to_string(),
+            };
+            let (wire, _) = tern(link, &src, &dst, n, false); // warm-up: faults in the destination
+            let mut cols: [Vec<f64>; 9] = Default::default();
+            for _ in 0..rounds {
+                n += 2;
+                let (r, rc) = measured(GUEST, || raw_guest(tcp, &src, &dst));
+                let cached = raw(tcp, wire as usize);
+                let (t, tc) = measured(GUEST, || tern(link, &src, &dst, n, false).1);
+                let (ts, tsc) = measured(GUEST, || tern(link, &src, &dst, n + 1, true).1);
+                for (col, v) in cols
+                    .iter_mut()
+                    .zip([r, cached, t, t / r, ts, ts / r, rc, tc, tsc])
+                {
+                    col.push(v);
+                }
+            }
+            let m: Vec<f64> = cols.iter_mut().map(|c| median(c)).collect();
+            println!(
+                "{:>9} {:>9.0} {:>9.0} {:>9.0} {:>7.2} {:>9.0} {:>7.2} {:>12.2} {:>12.2} {:>12.2}",
+                name,
+                m[0] / 1e6,
+                m[1] / 1e6,
+                m[2] / 1e6,
+                m[3],
+                m[4] / 1e6,
+                m[5],
+                m[6],
+                m[7],
+                m[8]
+            );
+        }
     }
     if links.contains(&Link::Tls) {
         let _ = std::fs::remove_dir_all(tls_dir());
@@ -449,6 +540,9 @@ fn main() {
     );
     if pinned() {
         println!("pinned: sending end on CPU 0, receiving end on CPU 1");
+    }
+    if !line_rates.is_empty() {
+        println!("link@NG: TCP over this bench's own loopback capped at N Gbit/s (tc tbf)");
     }
     println!(
         "load average: {}",
