@@ -36,6 +36,8 @@ enum Outcome {
         downtime_ms: u64,
         expected_ms: u64,
         switchover: Option<SwitchoverBreakdown>,
+        /// The final pass: (pages sent, the bandwidth its estimate used in bytes/s).
+        final_pass: (u64, u64),
     },
     CannotConverge {
         expected_ms: u64,
@@ -87,6 +89,10 @@ fn once(hot_mib: u64, dirty_mib_s: u64, cap_mbps: u64, target_ms: u64, tag: &str
             // The final pass's record carries the estimate that decided the switchover.
             expected_ms: s.history.last().map_or(0, |r| r.expected_downtime_ms),
             switchover: s.switchover,
+            final_pass: s
+                .history
+                .last()
+                .map_or((0, 0), |r| (r.pages_sent, r.bandwidth_bytes_per_sec)),
         },
         Err(MigrationError::Timeout {
             expected_downtime_ms,
@@ -131,7 +137,7 @@ fn main() {
                 {
                     continue;
                 }
-                let mut worst: Option<(u64, SwitchoverBreakdown)> = None;
+                let mut worst: Option<(u64, SwitchoverBreakdown, (u64, u64))> = None;
                 let mut down = Vec::new();
                 let mut est = Vec::new();
                 let mut stuck = Vec::new();
@@ -143,10 +149,11 @@ fn main() {
                             downtime_ms,
                             expected_ms,
                             switchover,
+                            final_pass,
                         } => {
                             if let Some(b) = switchover {
                                 if worst.is_none_or(|w| w.0 < downtime_ms) {
-                                    worst = Some((downtime_ms, b));
+                                    worst = Some((downtime_ms, b, final_pass));
                                 }
                             }
                             down.push(downtime_ms);
@@ -194,10 +201,11 @@ fn main() {
                     format!("{ok}/{n}")
                 );
                 // Where a run over the goal spent its switchover (µs).
-                if let Some((d, b)) = worst.filter(|w| w.0 > target + 2) {
+                if let Some((d, b, (pages, bw))) = worst.filter(|w| w.0 > target + 2) {
                     println!(
                         "{:>36}  {d} ms: pause {} sync {} claims {} ({} chunks) pass {} \
-                         save {} send {} dst restore {} dst start {}",
+                         save {} send {} dst restore {} dst start {}; final pass {pages} pages \
+                         estimated at {} MB/s; {} KiB queued at the pause",
                         "",
                         b.pause_us,
                         b.final_sync_us,
@@ -207,7 +215,9 @@ fn main() {
                         b.state_save_us,
                         b.send_us,
                         b.destination_restore_us,
-                        b.destination_start_us
+                        b.destination_start_us,
+                        bw / 1_000_000,
+                        b.queued_at_pause_bytes >> 10
                     );
                 }
             }
