@@ -285,9 +285,24 @@ mod tests {
         stats.snapshot()
     }
 
+    /// Puts data in every page of `mem` (laid out as `REGIONS`), so that the migration has more
+    /// to send than a socket holds; returns the bytes.
+    fn fill_every_page(mem: &Mem) -> u64 {
+        let mut data = 0;
+        for &(gpa, len) in &REGIONS {
+            for page in (gpa..gpa + len as u64).step_by(PAGE_SIZE as usize) {
+                mem.write_slice(&[0x5a], GuestAddress(page)).expect("fill");
+                data += PAGE_SIZE;
+            }
+        }
+        data
+    }
+
     #[test]
     fn destination_that_stops_reading_fails_the_source_by_the_deadline() {
-        migrate_to_a_destination_that_stops_reading(anon_memory());
+        let mem = anon_memory();
+        fill_every_page(&mem);
+        migrate_to_a_destination_that_stops_reading(mem);
     }
 
     /// The same with page data sent by `sendfile` from a memory file, and more of it than the
@@ -296,13 +311,7 @@ mod tests {
     #[test]
     fn destination_that_stops_reading_fails_a_sendfile_source_by_the_deadline() {
         let mem = shared_memory();
-        let mut data = 0;
-        for &(gpa, len) in &REGIONS {
-            for page in (gpa..gpa + len as u64).step_by(PAGE_SIZE as usize) {
-                mem.write_slice(&[0x5a], GuestAddress(page)).expect("fill");
-                data += PAGE_SIZE;
-            }
-        }
+        let data = fill_every_page(&mem);
         let s = migrate_to_a_destination_that_stops_reading(mem);
         assert!(s.sent_from_file_bytes > 0, "{s:?}");
         assert!(

@@ -104,10 +104,11 @@ mod tests {
         let s = r.src_stats.snapshot();
         assert!(guest.writes.load(Ordering::Relaxed) > 0, "the guest ran");
         assert!(s.data_pages > 0, "{s:?}");
-        assert_eq!(
-            s.sent_from_file_bytes,
-            s.data_pages * 4096,
-            "every data page went from the file: {s:?}"
+        // Runs of 64 KiB and more go from the file; scattered pages are written together by
+        // one writev, which costs less than a sendfile call each.
+        assert!(
+            s.sent_from_file_bytes > 0 && s.sent_from_file_bytes < s.data_pages * 4096,
+            "long runs from the file, scattered pages copied: {s:?}"
         );
         // The kernel sends the pages: the lane's thread has no page reads to hand over.
         assert_eq!(s.read_ahead_pages, 0, "{s:?}");

@@ -196,12 +196,12 @@ fn migrate_over_unix_socket_with_several_iterations() {
         "expected several iterations: {status:?}"
     );
     assert!(status.dirty_pages_by_source.kvm > 0, "{status:?}");
-    // Over unix every data page went by sendfile from the guest memfd, and the destination
-    // heard up front what the source had populated.
+    // Over unix the long runs of data pages went by sendfile from the guest memfd (scattered
+    // pages are written together by writev), and the destination heard up front what the
+    // source had populated.
     assert!(status.data_pages > 0, "{status:?}");
-    assert_eq!(
-        status.sent_from_file_bytes,
-        status.data_pages * 4096,
+    assert!(
+        status.sent_from_file_bytes > 0 && status.sent_from_file_bytes <= status.data_pages * 4096,
         "{status:?}"
     );
     let d = dst

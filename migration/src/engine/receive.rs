@@ -112,6 +112,15 @@ impl ReadVolatile for Incoming {
     }
 }
 
+impl crate::transport::vectored::PlainSocket for Incoming {
+    fn plain_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Incoming::Plain(c) => c.plain_socket(),
+            Incoming::Fds(r) => r.plain_socket(),
+        }
+    }
+}
+
 impl Incoming {
     fn take_fd(&mut self) -> Option<File> {
         match self {
@@ -249,7 +258,7 @@ fn memory_frame_bytes(entries: usize, data: usize) -> u64 {
 
 /// Reads a streamed memory frame's pages from `src` into guest memory (checking each against its
 /// sum, if `sums` has them) and counts the frame's wire bytes.
-fn apply_streamed<S: vm_memory::ReadVolatile>(
+fn apply_streamed<S: vm_memory::ReadVolatile + crate::transport::vectored::PlainSocket>(
     pw: &mut PageWriter,
     src: &mut S,
     entries: &[crate::protocol::MemoryEntry],

@@ -14,6 +14,7 @@ use vm_memory::{VolatileMemoryError, VolatileSlice};
 use super::tls::{TlsError, TlsServer};
 use super::tls_stream::TlsStream;
 use super::url::MigrationUrl;
+use super::vectored::PlainSocket;
 
 /// Transport errors; each names the URL or operation.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +199,17 @@ impl Connection {
     /// Whether this connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Connection::Tcp(TcpLink::Tls(_)))
+    }
+}
+
+impl PlainSocket for Connection {
+    fn plain_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Connection::Tcp(TcpLink::Plain(s)) => Some(s.as_fd()),
+            Connection::Unix(s) => Some(s.as_fd()),
+            Connection::Tcp(TcpLink::Tls(_)) => None,
+        }
     }
 }
 

@@ -93,6 +93,13 @@ impl ReadVolatile for FdReader {
     }
 }
 
+// Page data carries no descriptors: `readv` on the socket reads what `read_volatile` would.
+impl super::vectored::PlainSocket for FdReader {
+    fn plain_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.stream))
+    }
+}
+
 impl Read for FdReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let (n, fd) = self

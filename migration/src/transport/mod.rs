@@ -14,6 +14,7 @@ mod tls_handshake;
 mod tls_record;
 mod tls_stream;
 mod url;
+pub mod vectored;
 
 pub use conn::{Connection, MigrationListener, TcpLink, TransportError};
 pub use local::{send_frame_with_fd, FdReader, SendFdError};
