@@ -71,24 +71,23 @@ fn iovecs<B: BitmapSlice>(bufs: &[VolatileSlice<'_, B>], at: Cursor) -> Vec<libc
         .collect()
 }
 
-/// Writes every byte of `bufs`, in order, to the socket `fd`.
-pub fn write_all_vectored<B: BitmapSlice>(
-    fd: BorrowedFd<'_>,
+/// Calls `call` (a `writev` or `readv`) over what is left of `bufs` until every byte moved,
+/// retrying when interrupted; `moved` sees each buffer's newly moved range (buffer, start,
+/// length). A call that moves nothing ends it with `stalled`.
+fn move_all<B: BitmapSlice>(
     bufs: &[VolatileSlice<'_, B>],
+    stalled: io::ErrorKind,
+    call: impl Fn(&[libc::iovec]) -> isize,
+    mut moved: impl FnMut(usize, usize, usize),
 ) -> io::Result<()> {
     let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
     let mut at = Cursor::default();
     at.advance(&lens, 0, |_, _, _| {});
     while at.index < bufs.len() {
-        let iov = iovecs(bufs, at);
-        // SAFETY: each iovec covers mapped guest memory the borrowed VolatileSlices keep alive
-        // for this call (see `iovecs`); writev only reads it. The count fits an int (≤ IOV_MAX).
-        #[allow(unsafe_code)]
-        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
-        match r {
-            // r ≥ 0 here.
-            n if n > 0 => at.advance(&lens, n as usize, |_, _, _| {}),
-            0 => return Err(io::ErrorKind::WriteZero.into()),
+        match call(&iovecs(bufs, at)) {
+            // n > 0 here.
+            n if n > 0 => at.advance(&lens, n as usize, &mut moved),
+            0 => return Err(stalled.into()),
             _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -100,37 +99,43 @@ pub fn write_all_vectored<B: BitmapSlice>(
     Ok(())
 }
 
+/// Writes every byte of `bufs`, in order, to the socket `fd`.
+pub fn write_all_vectored<B: BitmapSlice>(
+    fd: BorrowedFd<'_>,
+    bufs: &[VolatileSlice<'_, B>],
+) -> io::Result<()> {
+    let writev = |iov: &[libc::iovec]| {
+        // SAFETY: each iovec covers mapped guest memory the borrowed VolatileSlices keep alive
+        // for this call (see `iovecs`); writev only reads it. The count fits an int (≤ IOV_MAX).
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int)
+        }
+    };
+    move_all(bufs, io::ErrorKind::WriteZero, writev, |_, _, _| {})
+}
+
 /// Fills every byte of `bufs`, in order, from the socket `fd`, marking what it wrote dirty in
 /// the slices' bitmaps (as vm-memory's own reads do).
 pub fn read_exact_vectored<B: BitmapSlice>(
     fd: BorrowedFd<'_>,
     bufs: &[VolatileSlice<'_, B>],
 ) -> io::Result<()> {
-    let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
-    let mut at = Cursor::default();
-    at.advance(&lens, 0, |_, _, _| {});
-    while at.index < bufs.len() {
-        let iov = iovecs(bufs, at);
+    let readv = |iov: &[libc::iovec]| {
         // SAFETY: each iovec covers mapped guest memory the borrowed VolatileSlices keep alive
-        // for this call (see `iovecs`), and any byte value is valid there. The count fits an int
-        // (≤ IOV_MAX).
+        // for this call (see `iovecs`), and any byte value is valid there. The count fits an
+        // int (≤ IOV_MAX).
         #[allow(unsafe_code)]
-        let r = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
-        match r {
-            // r ≥ 0 here.
-            n if n > 0 => at.advance(&lens, n as usize, |i, start, len| {
-                bufs[i].bitmap().mark_dirty(start, len)
-            }),
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+        unsafe {
+            libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int)
         }
-    }
-    Ok(())
+    };
+    move_all(
+        bufs,
+        io::ErrorKind::UnexpectedEof,
+        readv,
+        |i, start, len| bufs[i].bitmap().mark_dirty(start, len),
+    )
 }
 
 /// This thread's read and write system calls so far (`syscr`, `syscw` of
