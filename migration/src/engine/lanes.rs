@@ -356,6 +356,10 @@ fn lane_main(
     }
 }
 
+/// Entries shorter than this are written with their neighbours by one `writev` even where
+/// `sendfile` could send them: a call per scattered page costs more than the copy it saves.
+const SENDFILE_MIN_BYTES: u64 = 64 << 10;
+
 /// How a lane sends page data: on a Unix socket long runs by the kernel from the guest memory
 /// file (`sendfile`) while the file allows it, else (and scattered pages always) copied from the
 /// mapping by `writev`.
@@ -376,62 +380,47 @@ impl PageData {
         }
     }
 
-    /// True when page data is copied from the mapping (by `write`), not sent by the kernel.
+    /// True when page data is copied from the mapping, not sent by the kernel.
     fn copies(&self) -> bool {
         !self.from_file
     }
 
-    /// Sends `len` bytes of guest memory at `gpa` (inside one region); returns the bytes the
-    /// kernel sent from the file.
-    fn send(
+    /// Has the kernel send `len` bytes of guest memory at `gpa` (inside one region) from the
+    /// memory file; false when there is no file to send from, or `sendfile` refused it (then
+    /// this lane copies from now on): the caller copies those bytes.
+    fn send_from_file(
         &mut self,
-        conn: &mut Connection,
+        conn: &Connection,
         mem: &GuestMemoryMmap<GuestPageBitmap>,
         gpa: GuestAddress,
         len: u64,
-    ) -> Result<u64, MigrationError> {
-        let failed = |source| MigrationError::PageData {
-            direction: "send",
-            gpa: gpa.0,
-            len_bytes: len,
-            source,
+    ) -> Result<bool, MigrationError> {
+        let file = mem.find_region(gpa).and_then(|r| {
+            let at = r.to_region_addr(gpa)?;
+            r.file_offset().map(|f| (f.file(), f.start() + at.0))
+        });
+        let (Some((file, offset)), Some(sock)) = (file, conn.as_unix()) else {
+            return Ok(false);
         };
-        if self.from_file {
-            let file = mem.find_region(gpa).and_then(|r| {
-                let at = r.to_region_addr(gpa)?;
-                r.file_offset().map(|f| (f.file(), f.start() + at.0))
-            });
-            if let (Some((file, offset)), Some(sock)) = (file, conn.as_unix()) {
-                match send_file_range(sock.as_fd(), file, offset, len) {
-                    Ok(()) => return Ok(len),
-                    Err(SendFileError::Unsupported(e)) => {
-                        log::info!("page data copied from now on: sendfile refused: {e}");
-                        self.from_file = false;
-                    }
-                    Err(SendFileError::Failed { sent, source }) => {
-                        log::debug!("sendfile failed after {sent} of {len} bytes");
-                        return Err(failed(VolatileMemoryError::IOError(source)));
-                    }
-                }
+        match send_file_range(sock.as_fd(), file, offset, len) {
+            Ok(()) => Ok(true),
+            Err(SendFileError::Unsupported(e)) => {
+                log::info!("page data copied from now on: sendfile refused: {e}");
+                self.from_file = false;
+                Ok(false)
             }
-        }
-        let slice =
-            mem.get_slice(gpa, len as usize)
-                .map_err(|source| MigrationError::GuestMemory {
+            Err(SendFileError::Failed { sent, source }) => {
+                log::debug!("sendfile failed after {sent} of {len} bytes");
+                Err(MigrationError::PageData {
+                    direction: "send",
                     gpa: gpa.0,
                     len_bytes: len,
-                    source,
-                })?;
-        conn.write_all_volatile(&slice).map_err(failed)?;
-        Ok(0)
+                    source: VolatileMemoryError::IOError(source),
+                })
+            }
+        }
     }
-}
 
-/// Entries shorter than this are written with their neighbours by one `writev` even where
-/// `sendfile` could send them: a call per scattered page costs more than the copy it saves.
-const SENDFILE_MIN_BYTES: u64 = 64 << 10;
-
-impl PageData {
     /// Sends the `Data` entries' pages in order; returns the bytes the kernel sent from the
     /// file (`sendfile`, entries of [`SENDFILE_MIN_BYTES`] or more). The rest are copied: on a
     /// plain socket by one `writev` per
@@ -450,8 +439,10 @@ impl PageData {
             let len = e.len_bytes();
             if self.from_file && len >= SENDFILE_MIN_BYTES {
                 write_run(conn, &mut run, run_gpa)?;
-                from_file += self.send(conn, mem, e.gpa, len)?;
-                continue;
+                if self.send_from_file(conn, mem, e.gpa, len)? {
+                    from_file += len;
+                    continue;
+                }
             }
             if run.is_empty() {
                 run_gpa = e.gpa.0;

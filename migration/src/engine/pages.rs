@@ -440,8 +440,8 @@ impl PageWriter {
         src: &mut S,
     ) -> Result<(), MigrationError> {
         let mem = self.mem.clone();
+        let checked = !sums.is_empty();
         let mut sums = sums.iter();
-        let checked = sums.len() > 0;
         let mut group = ReadGroup::default();
         for e in entries {
             let len = e.len_bytes();
